@@ -1,0 +1,7 @@
+"""The network, its geometry, its summary table and its file format."""
+
+from unet3d.model.geometry import Geometry
+from unet3d.model.serialization import load_model, read_description, save_model
+from unet3d.model.unet import PRESETS, UNet, UNetConfig, count_parameters
+
+__all__ = ["Geometry", "PRESETS", "UNet", "UNetConfig", "count_parameters", "load_model", "read_description", "save_model"]

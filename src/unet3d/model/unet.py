@@ -1,0 +1,198 @@
+"""The 3D U-Net of Çiçek et al. (2016), configurable, and the 2D U-Net it was compared with.
+
+Both take and return 5-D tensors (N, C, Z, Y, X). The 2D variant applies 2D convolutions to
+every z-slice independently, so tiling, training and evaluation code never needs to know which
+one it holds; its geometry simply has no margin along z.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from unet3d.model import geometry
+
+NORMS = ("batch", "instance", "group", "none")
+PADDINGS = ("valid", "same")
+NORM_AT_TEST = ("running", "batch")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything needed to rebuild a network; stored inside every saved model."""
+
+    in_channels: int = 1
+    num_classes: int = 2
+    width: int = 32
+    levels: int = 4
+    padding: str = "valid"
+    norm: str = "batch"
+    dims: int = 3
+    norm_at_test: str = "running"
+
+    def __post_init__(self):
+        checks = [
+            (self.in_channels >= 1, "in_channels must be at least 1"),
+            (self.num_classes >= 2, "num_classes must be at least 2"),
+            (self.width >= 1, "width must be at least 1"),
+            (self.levels >= 1, "levels must be at least 1"),
+            (self.padding in PADDINGS, f"padding must be one of {PADDINGS}"),
+            (self.norm in NORMS, f"norm must be one of {NORMS}"),
+            (self.dims in (2, 3), "dims must be 2 or 3"),
+            (self.norm_at_test in NORM_AT_TEST, f"norm_at_test must be one of {NORM_AT_TEST}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def geometry(self) -> geometry.Geometry:
+        return geometry.Geometry(self.levels, self.padding, self.dims)
+
+
+PRESETS = {
+    # The paper's network: 3 channels in, 3 labels out, 32/64 ... 256/512, valid convolutions.
+    "paper": UNetConfig(in_channels=3, num_classes=3, width=32, levels=4, padding="valid", norm="batch"),
+}
+
+
+class TestTimeBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm that can keep using the current batch's statistics in eval mode.
+
+    The paper normalised with batch statistics at test time too (batch size 1); running
+    statistics are the usual choice. Either way running statistics are never updated in eval.
+    """
+
+    def __init__(self, num_features: int, dims: int, use_batch_stats_at_test: bool = False):
+        super().__init__(num_features)
+        self.dims = dims
+        self.use_batch_stats_at_test = use_batch_stats_at_test
+
+    def _check_input_dim(self, x):
+        if x.dim() != self.dims + 2:
+            raise ValueError(f"expected {self.dims + 2}-D input, got {x.dim()}-D")
+
+    def forward(self, x):
+        if self.training or not self.use_batch_stats_at_test:
+            return super().forward(x)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def _norm(kind: str, channels: int, dims: int, norm_at_test: str) -> nn.Module:
+    if kind == "batch":
+        return TestTimeBatchNorm(channels, dims, norm_at_test == "batch")
+    if kind == "instance":
+        return (nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d)(channels, affine=True)
+    if kind == "group":
+        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    return nn.Identity()
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3×3(×3) convolutions, each followed by normalization and ReLU."""
+
+    def __init__(self, config: UNetConfig, in_ch: int, mid_ch: int, out_ch: int):
+        conv = nn.Conv3d if config.dims == 3 else nn.Conv2d
+        pad = 1 if config.padding == "same" else 0
+        layers = []
+        for a, b in ((in_ch, mid_ch), (mid_ch, out_ch)):
+            layers += [
+                conv(a, b, kernel_size=3, padding=pad, bias=True),
+                _norm(config.norm, b, config.dims, config.norm_at_test),
+                nn.ReLU(inplace=True),
+            ]
+        super().__init__(*layers)
+
+
+def center_crop(x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Crop the trailing spatial axes of x symmetrically to `spatial` (valid-padding skips)."""
+    index = [slice(None)] * (x.dim() - len(spatial))
+    for have, want in zip(x.shape[-len(spatial):], spatial):
+        start = (have - want) // 2
+        index.append(slice(start, start + want))
+    return x[tuple(index)]
+
+
+class UNet(nn.Module):
+    """U-Net with an analysis and a synthesis path of `levels` resolution steps.
+
+    Level l's first convolution has width·2^l channels and its second doubles that (channels
+    doubled before pooling, as in the paper); each up-convolution keeps its channel count.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        dims, w = config.dims, config.width
+        conv_t = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.pool = (nn.MaxPool3d if dims == 3 else nn.MaxPool2d)(2)
+
+        self.encoders = nn.ModuleList()
+        channels = config.in_channels
+        for level in range(config.levels):
+            mid = w * 2**level
+            self.encoders.append(ConvBlock(config, channels, mid, 2 * mid))
+            channels = 2 * mid
+        self.upconvs = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for level in reversed(range(config.levels - 1)):
+            skip = w * 2 ** (level + 1)
+            self.upconvs.append(conv_t(channels, channels, kernel_size=2, stride=2, bias=False))
+            self.decoders.append(ConvBlock(config, channels + skip, skip, skip))
+            channels = skip
+        self.head = conv(channels, config.num_classes, kernel_size=1, bias=True)
+
+    @property
+    def geometry(self) -> geometry.Geometry:
+        return self.config.geometry
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, Z, Y, X) image → (N, classes, Z', Y', X') logits; Z' etc. per `geometry`."""
+        if x.dim() != 5:
+            raise ValueError(f"expected a 5-D tensor (N, C, Z, Y, X), got shape {tuple(x.shape)}")
+        if self.config.dims == 2:
+            n, c, z, y, xx = x.shape
+            slices = x.permute(0, 2, 1, 3, 4).reshape(n * z, c, y, xx)
+            out = self._forward_nd(slices)
+            return out.reshape(n, z, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+        return self._forward_nd(x)
+
+    def _forward_nd(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            x = encoder(x)
+            if level < self.config.levels - 1:
+                skips.append(x)
+                x = self.pool(x)
+        for upconv, decoder, skip in zip(self.upconvs, self.decoders, reversed(skips)):
+            x = upconv(x)
+            x = decoder(torch.cat([center_crop(skip, x.shape[2:]), x], dim=1))
+        return self.head(x)
+
+
+def count_parameters(model: nn.Module, include_norm: bool = False) -> int:
+    """Trainable parameters, counted as the paper does: convolutions only (weights and biases).
+
+    Normalization layers' scale and shift are left out unless `include_norm`; with them left out
+    the paper preset gives exactly the paper's 19,069,955.
+    """
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+    total = 0
+    for module in model.modules():
+        if isinstance(module, norm_types) and not include_norm:
+            continue
+        total += sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+    return total
