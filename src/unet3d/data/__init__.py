@@ -1,0 +1,1 @@
+"""Training data: label encoding, intensity normalization, patch sampling."""
