@@ -1,0 +1,155 @@
+"""Sparse label volumes: class values, the unlabeled value, and class indices for training.
+
+A sparse label volume holds class values and one *ignore label* that marks unannotated voxels.
+The ignore label is always given explicitly (0 when painting in napari or ilastik, 3 in the paper,
+255, ...), so "unlabeled" is never confused with "background".
+
+Class values rule: the classes are the first K non-negative integers other than the ignore label.
+    ignore 3,   K 3 → classes 0, 1, 2        (the paper: 0, 1, 2 and 3 = unlabeled)
+    ignore 0,   K 2 → classes 1, 2           (painting tools, 0 = not painted)
+    ignore 255, K 2 → classes 0, 1
+When K is not given it is inferred as the number of such integers up to the largest labeled value.
+The network predicts class *indices* 0..K-1; `decode_labels` maps them back to class values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from unet3d.errors import UserError
+
+UNLABELED = -1  # class index of unannotated voxels after encoding
+WEIGHT_MODES = ("inverse_sqrt", "inverse", "none")
+_BINCOUNT_LIMIT = 1 << 16  # above this value, finding the present values sorts instead of counting
+
+
+def class_values(num_classes: int, ignore_label: int) -> list[int]:
+    """The first `num_classes` non-negative integers other than `ignore_label`."""
+    if num_classes < 1:
+        raise ValueError(f"the number of classes must be at least 1, got {num_classes}")
+    values = [v for v in range(num_classes + 1) if v != ignore_label]
+    return values[:num_classes]
+
+
+def present_values(labels: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer array; counting is much faster than sorting for small labels."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return np.empty(0, dtype=np.int64)
+    low, high = int(labels.min()), int(labels.max())
+    if low >= 0 and high < _BINCOUNT_LIMIT:
+        return np.flatnonzero(np.bincount(labels.ravel(), minlength=high + 1))
+    return np.unique(labels).astype(np.int64)
+
+
+def infer_class_values(
+    labels_list: Sequence[np.ndarray],
+    ignore_label: int,
+    num_classes: int | None = None,
+    sources: Sequence[str] | None = None,
+) -> list[int]:
+    """Class values of a set of sparse label volumes (K given or inferred), checked against them.
+
+    Every class must have at least one annotated voxel somewhere: a class without any example
+    cannot be learned, and its absence usually means a wrong --ignore-label or --num-classes.
+    """
+    sources = list(sources) if sources is not None else [f"labels[{i}]" for i in range(len(labels_list))]
+    present = {name: present_values(labels) for name, labels in zip(sources, labels_list)}
+    labeled = {name: values[values != ignore_label] for name, values in present.items()}
+    if not any(values.size for values in labeled.values()):
+        raise UserError(f"{', '.join(sources)}: no annotated voxel (every voxel has the ignore label {ignore_label})")
+    for name, values in labeled.items():
+        if values.size and values[0] < 0:
+            raise UserError(f"{name}: label value {values[0]} is negative and not the ignore label {ignore_label}")
+    if num_classes is None:
+        largest = max(int(values[-1]) for values in labeled.values() if values.size)
+        num_classes = sum(1 for v in range(largest + 1) if v != ignore_label)
+    classes = class_values(num_classes, ignore_label)
+    for name, values in labeled.items():
+        unknown = np.setdiff1d(values, classes)
+        if unknown.size:
+            raise UserError(_unknown_value_message(name, int(unknown[0]), classes, ignore_label))
+    found = set(np.concatenate(list(labeled.values())).tolist())
+    missing = [v for v in classes if v not in found]
+    if missing:
+        raise UserError(
+            f"{', '.join(sources)}: no annotated voxel of class {', '.join(map(str, missing))} "
+            f"(classes {_listing(classes)}, ignore label {ignore_label}); a class without examples "
+            "cannot be learned — check the ignore label and the number of classes"
+        )
+    return classes
+
+
+def encode_labels(
+    labels: np.ndarray, class_values: Sequence[int], ignore_label: int, source: str = "labels"
+) -> np.ndarray:
+    """Class values → int64 class indices 0..K-1, and UNLABELED (-1) where labels == ignore_label."""
+    known = np.array(sorted([*class_values, ignore_label]), dtype=np.int64)
+    code = np.array([UNLABELED if v == ignore_label else list(class_values).index(v) for v in known], dtype=np.int64)
+    labels = np.asarray(labels)
+    position = np.searchsorted(known, labels).clip(0, known.size - 1)
+    valid = known[position] == labels
+    if not valid.all():
+        value = int(present_values(labels[~valid])[0])
+        raise UserError(_unknown_value_message(source, value, class_values, ignore_label))
+    return code[position]
+
+
+def decode_labels(indices: np.ndarray, class_values: Sequence[int]) -> np.ndarray:
+    """Class indices → class values, in the smallest unsigned dtype that holds them (uint8 usually)."""
+    values = np.asarray(class_values)
+    indices = np.asarray(indices)
+    if indices.size and (indices.min() < 0 or indices.max() >= values.size):
+        raise ValueError(f"class indices must lie in 0..{values.size - 1}, got {indices.min()}..{indices.max()}")
+    return values.astype(np.min_scalar_type(int(values.max())))[indices]
+
+
+def class_counts(encoded_list: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """Annotated voxels per class (int64, length K) over encoded volumes; unlabeled voxels not counted."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for encoded in encoded_list:
+        labeled = encoded[encoded >= 0]
+        counts += np.bincount(labeled.ravel(), minlength=num_classes)[:num_classes]
+    return counts
+
+
+def class_weights(counts, mode: str = "inverse_sqrt", manual: Sequence[float] | None = None) -> np.ndarray:
+    """Per-class loss weights (float64, length K) that balance frequent and rare classes.
+
+    inverse_sqrt: 1/sqrt(count), a moderate rebalancing; inverse: 1/count, every class then weighs
+    as much as any other in total; none: all 1. `manual` weights (one per class, ≥ 0) replace the
+    mode. Weights are scaled so that their mean over the annotated voxels is 1 — the scale does not
+    change the weighted cross-entropy (it divides by the summed weights), it only makes weights
+    readable. A class with no annotated voxel gets weight 0: it has no voxel to weigh.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if manual is not None:
+        weights = _manual_weights(manual, counts.size)
+    elif mode not in WEIGHT_MODES:
+        raise ValueError(f"class weight mode must be one of {WEIGHT_MODES}, got {mode!r}")
+    else:
+        exponent = {"inverse_sqrt": 0.5, "inverse": 1.0, "none": 0.0}[mode]
+        weights = np.zeros_like(counts)
+        present = counts > 0
+        weights[present] = counts[present] ** -exponent
+    total = float((counts * weights).sum())
+    if total <= 0:
+        raise UserError("class weights: the annotated voxels have a total weight of 0; give some class a positive weight")
+    return weights * (counts.sum() / total)
+
+
+def _manual_weights(manual: Sequence[float], num_classes: int) -> np.ndarray:
+    weights = np.asarray(manual, dtype=np.float64)
+    if weights.shape != (num_classes,) or not np.isfinite(weights).all() or (weights < 0).any():
+        raise UserError(f"class weights {list(manual)}: expected {num_classes} finite non-negative numbers, one per class")
+    return weights
+
+
+def _listing(values: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _unknown_value_message(source: str, value: int, classes: Sequence[int], ignore_label: int) -> str:
+    return f"{source}: label value {value} is neither a class ({_listing(classes)}) nor the ignore label {ignore_label}"
