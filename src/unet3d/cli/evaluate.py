@@ -1,0 +1,94 @@
+"""`unet3d evaluate`: IoU and Dice per class of a segmentation against a dense ground truth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from unet3d.errors import UserError
+from unet3d.evaluation import evaluate_volumes
+from unet3d.io import read_labels
+
+
+def background_value(text: str) -> int | None:
+    """An integer label value, or 'none' when every class counts as foreground."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer label value or 'none', got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="IoU and Dice per class of a segmentation against a dense ground truth",
+        description="Compare a predicted label volume with a dense ground truth, voxel by voxel, on "
+        "label values: IoU and Dice per class, and mean IoU over all classes and over the foreground "
+        "classes. A class found in neither volume has no score and is left out of the means. With "
+        "--exclude SPARSE only the voxels SPARSE leaves unlabeled are counted — the paper's measure "
+        "of how well a network trained on SPARSE generalises to the voxels nobody annotated.",
+    )
+    parser.add_argument("prediction", metavar="PREDICTION", help="predicted label volume (Z, Y, X); FILE:KEY for a dataset in a container")
+    parser.add_argument("truth", metavar="TRUTH", help="dense ground-truth label volume of the same shape")
+    parser.add_argument("--exclude", metavar="SPARSE",
+                        help="sparse label volume used for training: evaluate only the voxels where it holds the ignore label")
+    parser.add_argument("--ignore-label", type=int, metavar="N", help="the value of unlabeled voxels in SPARSE (required with --exclude)")
+    parser.add_argument("--background", type=background_value, default=0, metavar="N",
+                        help="label value left out of the foreground mean (default 0; 'none': every class is foreground)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if (args.exclude is None) != (args.ignore_label is None):
+        raise UserError("--exclude and --ignore-label go together: the ignore label says which voxels of SPARSE are unlabeled")
+    prediction = read_labels(args.prediction)[0]
+    truth = read_labels(args.truth)[0]
+    _check_shape(args.prediction, prediction.shape, args.truth, truth.shape)
+    exclude = None
+    if args.exclude is not None:
+        exclude = read_labels(args.exclude)[0]
+        _check_shape(args.exclude, exclude.shape, args.truth, truth.shape)
+    result = evaluate_volumes(prediction, truth, exclude, args.ignore_label, args.background)
+    if args.exclude is not None and result["voxels"] == 0:
+        raise UserError(f"{args.exclude}: every voxel is annotated (none holds the ignore label {args.ignore_label}); nothing to evaluate")
+    if args.json:
+        print(json.dumps({"prediction": args.prediction, "truth": args.truth, "exclude": args.exclude,
+                          "ignore_label": args.ignore_label, **result}))
+    else:
+        print(_table(args, result))
+    return 0
+
+
+def _check_shape(path: str, shape, truth_path: str, truth_shape) -> None:
+    if shape != truth_shape:
+        raise UserError(f"{path}: shape {_size(shape)} differs from {truth_path}: shape {_size(truth_shape)}")
+
+
+def _size(shape) -> str:
+    return "×".join(map(str, shape))
+
+
+def _table(args, result: dict) -> str:
+    lines = [f"{'class':>8} {'IoU':>7} {'Dice':>7} {'truth voxels':>14} {'predicted voxels':>17}"]
+    for entry in result["classes"]:
+        lines.append(f"{entry['value']:>8} {_score(entry['iou']):>7} {_score(entry['dice']):>7} "
+                     f"{entry['truth_voxels']:>14,} {entry['predicted_voxels']:>17,}")
+    values = [entry["value"] for entry in result["classes"]]
+    foreground = [v for v in values if v != result["background"]]
+    lines.append(f"mean IoU, all classes ({_listing(values)}): {_score(result['mean_iou'])}")
+    lines.append(f"mean IoU, foreground classes ({_listing(foreground)}): {_score(result['mean_iou_foreground'])}")
+    lines.append(f"mean Dice, all classes: {_score(result['mean_dice'])}; foreground classes: {_score(result['mean_dice_foreground'])}")
+    where = f", those holding the ignore label {args.ignore_label} in {args.exclude}" if args.exclude else ""
+    lines.append(f"evaluated voxels: {result['voxels']:,}{where}")
+    return "\n".join(lines)
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _listing(values) -> str:
+    return ", ".join(map(str, values)) or "none"
