@@ -8,7 +8,9 @@ axes and voxel spacing. Axis order is already the package's: NIfTI is reversed t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -73,8 +75,14 @@ class _Reversed:
 def _open_tiff(spec: VolumeSpec) -> Source:
     import tifffile
 
-    tif = tifffile.TiffFile(spec.path)
-    series = tif.series[0]
+    with _quiet("tifffile"):  # its log lines would precede our one-line error
+        tif = tifffile.TiffFile(spec.path)
+        try:
+            series = tif.series[0]
+            _check_complete(spec, tif, series)
+        except BaseException:
+            tif.close()
+            raise
     declared = tif.is_imagej or tif.is_ome or tif.is_shaped
     axes = series.axes if declared and "Q" not in series.axes else None
     meta = VolumeMeta(spec.text, "tiff", _tiff_spacing(tif), axes=axes)
@@ -83,7 +91,36 @@ def _open_tiff(spec: VolumeSpec) -> Source:
         tif.close()
         return Source(array, meta)
     except ValueError:
-        return Source(_Deferred(series.asarray, series.shape, series.dtype), meta, tif.close)
+        return Source(_Deferred(lambda: _quietly_read(series), series.shape, series.dtype), meta, tif.close)
+
+
+def _quietly_read(series) -> np.ndarray:
+    with _quiet("tifffile"):
+        return series.asarray()
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_complete(spec: VolumeSpec, tif, series) -> None:
+    """tifffile recovers what it can from a truncated file; say so instead of returning part of it."""
+    size = os.path.getsize(spec.path)
+    for page in series.pages:
+        if page is not None and any(o + n > size for o, n in zip(page.dataoffsets, page.databytecounts)):
+            raise UserError(f"{spec.text}: truncated TIFF file (image data beyond the end of the file)")
+    if tif.is_imagej and tif.imagej_metadata.get("images", 1) > len(series.pages):
+        found = len(series.pages)
+        raise UserError(f"{spec.text}: truncated TIFF file (ImageJ declares {tif.imagej_metadata['images']} images, found {found})")
+    if tif.is_shaped and np.prod(tif.shaped_metadata[0].get("shape", ())) > np.prod(series.shape):
+        raise UserError(f"{spec.text}: truncated TIFF file (declares shape {tuple(tif.shaped_metadata[0]['shape'])}, found {series.shape})")
 
 
 def _tiff_spacing(tif) -> tuple[float, float, float] | None:
@@ -172,19 +209,26 @@ def _ilastik_axes(attrs) -> str | None:
 def _open_zarr(spec: VolumeSpec) -> Source:
     import zarr
 
-    node = zarr.open(spec.path, mode="r")
-    if isinstance(node, zarr.Group):
-        names = sorted(name for name, member in node.members(max_depth=None) if isinstance(member, zarr.Array))
-        groups = {name for name, member in node.members(max_depth=None) if isinstance(member, zarr.Group)}
-        if spec.key in groups or (spec.key is None and _multiscales(node.attrs)):
-            node = node[spec.key] if spec.key else node
-        else:
-            node = node[_choose(spec, names, "dataset")]
-    if isinstance(node, zarr.Group):
-        return _open_ome_image(spec, node)
-    names = getattr(node.metadata, "dimension_names", None)
+    root = zarr.open(spec.path, mode="r")
+    if isinstance(root, zarr.Array):
+        return _plain_zarr_array(spec, root)
+    members = dict(root.members(max_depth=None))
+    if spec.key is None and _multiscales(root.attrs):
+        return _ome_level(spec, root, None)
+    if isinstance(members.get(spec.key), zarr.Group):
+        return _ome_level(spec, members[spec.key], None)
+    key = _choose(spec, sorted(n for n, m in members.items() if isinstance(m, zarr.Array)), "dataset")
+    parent, _, name = key.rpartition("/")
+    group = members.get(parent, root) if parent else root
+    if any(d["path"] == name for d in (_multiscales(group.attrs) or [{}])[0].get("datasets", [])):
+        return _ome_level(spec, group, name)  # one level of an OME-Zarr image, with the image's axes
+    return _plain_zarr_array(spec, members[key])
+
+
+def _plain_zarr_array(spec: VolumeSpec, array) -> Source:
+    names = getattr(array.metadata, "dimension_names", None)
     axes = "".join(names).upper() if names and all(isinstance(n, str) and len(n) == 1 for n in names) else None
-    return Source(node, VolumeMeta(spec.text, "zarr", _attribute_spacing(node.attrs), axes=axes))
+    return Source(array, VolumeMeta(spec.text, "zarr", _attribute_spacing(array.attrs), axes=axes))
 
 
 def _multiscales(attrs) -> list | None:
@@ -193,13 +237,13 @@ def _multiscales(attrs) -> list | None:
     return attrs.get("ome", attrs).get("multiscales")
 
 
-def _open_ome_image(spec: VolumeSpec, group) -> Source:
-    """The first (full-resolution) level of an OME-Zarr image, with its axes and scale."""
+def _ome_level(spec: VolumeSpec, group, path: str | None) -> Source:
+    """A level of an OME-Zarr image (default: the first, full-resolution one) with axes and scale."""
     multiscales = _multiscales(group.attrs)
     if not multiscales:
         raise UserError(f"{spec.text}: Zarr group is not an OME-Zarr image; name an array inside it")
     first = multiscales[0]
-    level = first["datasets"][0]
+    level = next(d for d in first["datasets"] if path is None or d["path"] == path)
     axes = "".join((a["name"] if isinstance(a, dict) else a)[0] for a in first.get("axes", [])).upper() or None
     scale = next((t["scale"] for t in level.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
     spacing = None

@@ -6,7 +6,7 @@ import numpy as np
 
 from unet3d.errors import UserError
 from unet3d.io.meta import VolumeMeta
-from unet3d.io.readers import Source, open_source, short_reason
+from unet3d.io.readers import FORMAT_NAMES, Source, open_source, short_reason
 from unet3d.io.spec import parse_spec
 
 KINDS = ("image", "labels")
@@ -44,7 +44,7 @@ class Volume:
         try:
             data = self._source.array[tuple(index)]
         except Exception as exc:  # truncated chunks or pages surface only when read
-            raise UserError(f"{self.meta.path}: cannot read ({short_reason(exc)})") from None
+            raise UserError(f"{self.meta.path}: cannot read {FORMAT_NAMES[self.meta.format]} file ({short_reason(exc)})") from None
         data = _owned(data)
         if self._channel is not None:
             data = np.moveaxis(data, self._channel - sum(d < self._channel for d in self._dropped), 0)

@@ -1,8 +1,9 @@
 """Writers that never leave a half-written output.
 
-Files are written under a temporary name and renamed into place. Writing one dataset into an
-existing HDF5 file or Zarr store copies the container first and renames the copy, so the other
-datasets survive and a crash leaves the old container intact. HDF5 and Zarr receive regions
+Files are written under a temporary name and renamed into place. Writing a named dataset
+(`file.h5:/pred`, `out.zarr:/pred`, `arrays.npz:pred`) into an existing container copies it first
+and renames the copy, so the other datasets survive and a crash leaves the old container intact;
+a spec without a key replaces the whole file. HDF5 and Zarr receive regions
 straight on disk (memory independent of the volume size); TIFF, NIfTI, .npy and .npz are
 assembled in a buffer (memory-mapped beside the output when large) and saved on success.
 """
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from unet3d.atomic import atomic_path
+from unet3d.errors import UserError
 from unet3d.io.meta import VolumeMeta
+from unet3d.io.readers import short_reason
 from unet3d.io.spec import VolumeSpec, parse_spec
 
 DEFAULT_KEY = {"hdf5": "data", "npz": "arr_0"}  # dataset name when the spec names none
@@ -110,9 +113,13 @@ class _HDF5Writer(VolumeWriter):
         import h5py
 
         tmp = self._cleanup.enter_context(atomic_path(self.spec.path))
-        if os.path.isfile(self.spec.path):
-            shutil.copyfile(self.spec.path, tmp)  # keep the other datasets of an existing file
-        file = self._cleanup.enter_context(h5py.File(tmp, "a"))
+        keep_existing = self.spec.key is not None and os.path.isfile(self.spec.path)
+        if keep_existing:
+            shutil.copyfile(self.spec.path, tmp)  # keep the other datasets of the file
+        try:
+            file = self._cleanup.enter_context(h5py.File(tmp, "a" if keep_existing else "w"))
+        except OSError as exc:
+            raise UserError(f"{self.spec.text}: cannot add a dataset to this HDF5 file ({short_reason(exc)})") from None
         key = self.spec.key or DEFAULT_KEY["hdf5"]
         if key in file:
             del file[key]
@@ -129,7 +136,10 @@ class _ZarrWriter(VolumeWriter):
         import zarr
 
         tmp = self._cleanup.enter_context(_atomic_directory(self.spec.path, keep_existing=self.spec.key is not None))
-        root = zarr.open_group(tmp, mode="a")
+        try:
+            root = zarr.open_group(tmp, mode="a")
+        except Exception as exc:  # an existing store that is not a readable Zarr group
+            raise UserError(f"{self.spec.text}: cannot add a dataset to this Zarr store ({short_reason(exc)})") from None
         group = root.create_group(self.spec.key, overwrite=True) if self.spec.key else root
         axes = "czyx"[4 - len(self.shape):]
         group.attrs["ome"] = _ome_metadata(axes, self._like.spacing if self._like else None)
