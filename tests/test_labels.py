@@ -10,6 +10,7 @@ from unet3d.data.labels import (
     encode_labels,
     infer_class_values,
     present_values,
+    value_indices,
 )
 from unet3d.data.sparse import sparsify
 from unet3d.errors import UserError
@@ -28,6 +29,15 @@ def test_present_values_agree_with_unique(values):
     rng = np.random.default_rng(0)
     labels = rng.choice(values, size=(4, 5, 6)).astype(np.int64)
     assert present_values(labels).tolist() == np.unique(labels).tolist()
+
+
+@pytest.mark.parametrize("values", [[0, 1, 2, 255], [-5, 0, 3], [70000, 2], [7]])
+def test_value_indices_find_each_voxels_value_or_minus_one(values):
+    rng = np.random.default_rng(0)
+    labels = rng.choice(values, size=(4, 5, 6)).astype(np.int64)
+    known = sorted(values[1:] + [1000])  # the first value is missing from the known values
+    expected = np.vectorize(lambda v: known.index(v) if v in known else -1)(labels)
+    assert np.array_equal(value_indices(labels, known), expected)
 
 
 def test_infer_class_values_on_the_papers_convention(nuclei):

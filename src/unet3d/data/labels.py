@@ -22,7 +22,6 @@ from unet3d.errors import UserError
 
 UNLABELED = -1  # class index of unannotated voxels after encoding
 WEIGHT_MODES = ("inverse_sqrt", "inverse", "none")
-_BINCOUNT_LIMIT = 1 << 16  # above this value, finding the present values sorts instead of counting
 
 
 def class_values(num_classes: int, ignore_label: int) -> list[int]:
@@ -34,14 +33,33 @@ def class_values(num_classes: int, ignore_label: int) -> list[int]:
 
 
 def present_values(labels: np.ndarray) -> np.ndarray:
-    """Sorted distinct values of an integer array; counting is much faster than sorting for small labels."""
-    labels = np.asarray(labels)
-    if labels.size == 0:
-        return np.empty(0, dtype=np.int64)
-    low, high = int(labels.min()), int(labels.max())
-    if low >= 0 and high < _BINCOUNT_LIMIT:
-        return np.flatnonzero(np.bincount(labels.ravel(), minlength=high + 1))
-    return np.unique(labels).astype(np.int64)
+    """Sorted distinct values (int64) of an integer array."""
+    return np.unique(_compact(np.asarray(labels))).astype(np.int64)
+
+
+def value_indices(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Position of every voxel's value in the sorted `values` (intp), -1 where it is not one of them.
+
+    Small non-negative labels use a lookup table, several times faster than a binary search on
+    volumes of tens of millions of voxels.
+    """
+    labels, values = _compact(np.asarray(labels)), np.asarray(values, dtype=np.int64)
+    if labels.dtype.kind == "u" and labels.dtype.itemsize <= 2:
+        table = np.full(int(labels.max(initial=0)) + 1, -1, dtype=np.intp)
+        inside = values[(values >= 0) & (values < table.size)]
+        table[inside] = np.searchsorted(values, inside)
+        return np.take(table, labels)
+    position = np.searchsorted(values, labels).clip(0, max(values.size - 1, 0))
+    found = values[position] == labels if values.size else np.zeros(labels.shape, dtype=bool)
+    return np.where(found, position, -1)
+
+
+def _compact(labels: np.ndarray) -> np.ndarray:
+    """The same integers in the smallest dtype that holds them: sorting and indexing get faster."""
+    if labels.size == 0 or labels.dtype.kind not in "iub":
+        return labels
+    smallest = np.result_type(np.min_scalar_type(int(labels.min())), np.min_scalar_type(int(labels.max())))
+    return labels.astype(smallest, copy=False)
 
 
 def infer_class_values(
@@ -88,13 +106,11 @@ def encode_labels(
     """Class values → int64 class indices 0..K-1, and UNLABELED (-1) where labels == ignore_label."""
     known = np.array(sorted([*class_values, ignore_label]), dtype=np.int64)
     code = np.array([UNLABELED if v == ignore_label else list(class_values).index(v) for v in known], dtype=np.int64)
-    labels = np.asarray(labels)
-    position = np.searchsorted(known, labels).clip(0, known.size - 1)
-    valid = known[position] == labels
-    if not valid.all():
-        value = int(present_values(labels[~valid])[0])
+    position = value_indices(labels, known)
+    if (position < 0).any():
+        value = int(present_values(np.asarray(labels)[position < 0])[0])
         raise UserError(_unknown_value_message(source, value, class_values, ignore_label))
-    return code[position]
+    return np.take(code, position)
 
 
 def decode_labels(indices: np.ndarray, class_values: Sequence[int]) -> np.ndarray:

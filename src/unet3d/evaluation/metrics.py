@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from unet3d.data.labels import present_values
+from unet3d.data.labels import present_values, value_indices
 
 _CHUNK = 1 << 22  # voxels per bincount call, so large volumes need little temporary memory
 
@@ -99,7 +99,7 @@ def evaluate_volumes(
     if mask is not None:
         prediction, truth = prediction[mask], truth[mask]
     values = np.union1d(present_values(truth), present_values(prediction))
-    confusion = confusion_matrix(np.searchsorted(values, prediction), np.searchsorted(values, truth), values.size)
+    confusion = confusion_matrix(value_indices(prediction, values), value_indices(truth, values), values.size)
     return scores(confusion, values.tolist(), background)
 
 
