@@ -8,7 +8,7 @@ import pytest
 import tifffile
 import zarr
 
-from conftest import shared_volume
+from conftest import EXAMPLE, shared_volume
 from unet3d.errors import UserError
 from unet3d.io import VolumeMeta, open_volume, parse_spec, read_image, read_labels, volume_writer, write_volume
 
@@ -61,7 +61,7 @@ def test_region_reads_equal_slicing_of_the_full_read(tmp_path, nuclei, ext):
 
 def test_compressed_tiff_region_reads(nuclei):
     image, _ = nuclei
-    with open_volume(str(shared_volume("nuclei_tiny", "image.tif"))) as volume:
+    with open_volume(str(EXAMPLE / "image.tif")) as volume:
         np.testing.assert_array_equal(volume.read(REGION)[0], image[REGION])
         np.testing.assert_array_equal(volume.read()[0], image)
 
@@ -245,7 +245,7 @@ def test_missing_hdf5_and_zarr_datasets(tmp_path, nuclei):
 @pytest.mark.parametrize("name", ["image.tif", "image.nii.gz", "image.nii", "image.h5", "image.npy", "image.npz", "bundled.tif"])
 def test_truncated_files(tmp_path, nuclei, name):
     if name == "bundled.tif":  # compressed pages, tifffile's own shape metadata
-        shutil.copyfile(shared_volume("nuclei_tiny", "image.tif"), tmp_path / name)
+        shutil.copyfile(EXAMPLE / "image.tif", tmp_path / name)
     else:
         write_volume(tmp_path / name, nuclei[0])
     size = os.path.getsize(tmp_path / name)

@@ -35,6 +35,7 @@ MEMMAP_BYTES = 1 << 30  # buffers larger than this live in a temporary file, not
 def write_volume(spec: str, array: np.ndarray, like: VolumeMeta | None = None) -> None:
     """Write a (Z, Y, X) or (C, Z, Y, X) array; the format follows the extension."""
     array = np.asarray(array)
+    array = array.astype(np.uint8) if array.dtype == bool else array  # no format stores 1-bit voxels alike
     parsed = parse_spec(spec)
     if parsed.format in _SAVERS:
         _check_shape(array.shape)
@@ -52,8 +53,9 @@ def volume_writer(spec: str, shape: tuple, dtype, like: VolumeMeta | None = None
     """
     parsed = parse_spec(spec)
     shape = _check_shape(tuple(int(n) for n in shape))
+    dtype = np.dtype(np.uint8) if np.dtype(dtype) == bool else np.dtype(dtype)
     writer = {"hdf5": _HDF5Writer, "zarr": _ZarrWriter}.get(parsed.format, _BufferedWriter)
-    return writer(parsed, shape, np.dtype(dtype), like, _chunks(shape, chunks))
+    return writer(parsed, shape, dtype, like, _chunks(shape, chunks))
 
 
 class VolumeWriter:
