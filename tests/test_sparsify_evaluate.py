@@ -157,6 +157,13 @@ def test_sparsify_command_refuses_an_ignore_label_used_by_the_truth(tmp_path, ex
     assert not (tmp_path / "s.tif").exists()
 
 
+def test_sparsify_command_refuses_to_keep_nothing(tmp_path, example_truth):
+    with pytest.raises(UserError, match="keeps no voxel"):
+        run_command("sparsify", [example_truth, "-o", str(tmp_path / "s.tif"), "--slices", "0,0,0", "--ignore-label", "9"])
+    with pytest.raises(UserError, match="--seed only applies to random slice positions"):
+        run_command("sparsify", [example_truth, "-o", str(tmp_path / "s.tif"), "--slices", "1,1,1", "--seed", "2", "--ignore-label", "9"])
+
+
 def test_evaluate_command_against_hand_computed_scores(tmp_path, capsys):
     truth = np.array([0, 0, 1, 1, 2, 2]).reshape(1, 2, 3).astype(np.uint8)
     prediction = np.array([0, 1, 1, 1, 0, 0]).reshape(1, 2, 3).astype(np.uint8)

@@ -54,6 +54,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     if args.seed is not None and not args.random:
         raise UserError("--seed only applies to random slice positions; add --random")
+    if args.slices is not None and not any(args.slices):
+        raise UserError("--slices 0,0,0 keeps no voxel; keep at least one slice")
     truth, meta = read_labels(args.truth)
     slices = args.slices or _slices_for_fraction(truth.shape, args.fraction)
     rng = np.random.default_rng(args.seed or 0) if args.random else None
