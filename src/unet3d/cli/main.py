@@ -10,7 +10,7 @@ from unet3d import __version__
 from unet3d.errors import UserError
 
 # Each module defines register(subparsers), which adds its parser and sets `run`.
-COMMANDS = ["summary"]
+COMMANDS = ["summary", "sparsify", "train", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,66 @@
+"""Everything that defines a training run, stored in checkpoints and model files."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from unet3d.augmentation import AugmentationConfig
+from unet3d.model.unet import UNetConfig
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle", "poly")
+LOSSES = ("ce", "dice_ce")
+CLASS_WEIGHTING = ("inverse_sqrt", "inverse", "none")
+
+
+@dataclass
+class TrainConfig:
+    network: UNetConfig
+    patch_shape: tuple[int, int, int] = (116, 132, 132)  # network input patch (Z, Y, X)
+    batch_size: int = 1
+    iterations: int = 2000
+    max_time: float | None = None  # seconds; the schedule anneals over whichever limit comes first
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.99  # SGD only (the original U-Net's value)
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup: float = 0.0  # fraction of the run with a linearly rising rate
+    loss: str = "ce"
+    class_weighting: str = "inverse_sqrt"
+    class_weights: list[float] | None = None  # manual weights override class_weighting
+    normalization: str = "zscore"
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    seed: int = 0
+    workers: int = 0  # DataLoader processes preparing patches while the network trains
+    channels_last: bool = True
+    amp: bool = False  # mixed precision (CUDA only)
+    checkpoint_every: float = 60.0  # seconds between checkpoints
+    validate_every: int = 200  # iterations; only with validation volumes
+    log_every: int = 10
+
+    def __post_init__(self):
+        for value, allowed, name in (
+            (self.optimizer, OPTIMIZERS, "optimizer"),
+            (self.schedule, SCHEDULES, "schedule"),
+            (self.loss, LOSSES, "loss"),
+            (self.class_weighting, CLASS_WEIGHTING, "class weighting"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.batch_size < 1 or self.iterations < 0 or self.learning_rate <= 0:
+            raise ValueError("batch size ≥ 1, iterations ≥ 0 and a positive learning rate are required")
+        self.patch_shape = tuple(self.patch_shape)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["network"] = self.network.to_dict()
+        values["augmentation"] = self.augmentation.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        values["network"] = UNetConfig.from_dict(values["network"])
+        values["augmentation"] = AugmentationConfig.from_dict(values["augmentation"])
+        return cls(**values)

@@ -1,0 +1,197 @@
+"""The optimisation loop: plain functions around one for-loop, no trainer class to subclass."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from unet3d.data.labels import class_counts, class_weights
+from unet3d.errors import UserError
+from unet3d.evaluation.metrics import confusion_matrix, scores
+from unet3d.inference import predict_array
+from unet3d.losses import make_loss
+from unet3d.model import UNet, save_model
+from unet3d.training.checkpoint import load_checkpoint, run_files, save_checkpoint
+from unet3d.training.config import TrainConfig
+from unet3d.training.dataset import PatchBatches, TrainingSet, batch_loader
+from unet3d.training.history import plot_curve, write_log
+from unet3d.training.schedule import learning_rate_factor, make_optimizer, run_progress
+
+
+@dataclass
+class TrainResult:
+    model: UNet
+    info: dict
+    iterations: int
+    seconds: float
+    stopped_by: str  # "iterations" or "time"
+    history: list[dict] = field(default_factory=list)
+
+
+def patch_geometry(config: TrainConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input, output) patch shapes: the requested input rounded to the nearest valid size."""
+    geometry = config.network.geometry
+    down = geometry.valid_input_shape(config.patch_shape, "down")
+    up = geometry.valid_input_shape(config.patch_shape, "up")
+    input_shape = tuple(d if d is not None else u for d, u in zip(down, up))
+    return input_shape, geometry.output_shape(input_shape)
+
+
+def model_info(config: TrainConfig, data: TrainingSet, iterations: int, seconds: float) -> dict:
+    """The description stored in the model file: everything prediction needs, and provenance."""
+    input_shape, output_shape = patch_geometry(config)
+    return {
+        "class_values": data.class_values,
+        "ignore_label": data.ignore_label,
+        "normalization": data.normalization,
+        "spacing": list(data.spacing),
+        "patch_shape": list(input_shape),
+        "output_shape": list(output_shape),
+        "training": {"iterations": iterations, "seconds": round(seconds, 1), "sources": data.sources,
+                     "config": config.to_dict()},
+    }
+
+
+def train(config: TrainConfig, data: TrainingSet, output, *, validation: TrainingSet | None = None,
+          resume: bool = False, device: str = "cpu", progress: bool = True) -> TrainResult:
+    """Train on sparse labels; writes the model, checkpoint, log and curve next to `output`."""
+    files = run_files(output)
+    if data.channels != config.network.in_channels or len(data.class_values) != config.network.num_classes:
+        raise UserError("the network's channels or classes do not match the training data")
+    torch.manual_seed(config.seed)
+    model = UNet(config.network).to(device)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate,
+                               config.momentum, config.weight_decay)
+    state = {"iteration": 0, "elapsed": 0.0, "history": [], "best": None}
+    if resume:
+        state = _restore(files["checkpoint"], config, model, optimizer)
+    counts = class_counts([l.numpy() for l in data.labels], len(data.class_values))
+    weights = class_weights(counts, config.class_weighting, config.class_weights)
+    loss_fn = make_loss(config.loss, torch.tensor(weights, dtype=torch.float32, device=device))
+    input_shape, output_shape = patch_geometry(config)
+    batches = PatchBatches(data, input_shape, output_shape, config.batch_size, config.augmentation, config.seed)
+    channels_last = config.channels_last and config.network.dims == 3
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+
+    step = _Step(model, optimizer, loss_fn, config, device, channels_last)
+    clock = _Clock(state["elapsed"])
+    last_checkpoint = time.monotonic()
+    stopped_by = "iterations"
+    iteration = state["iteration"]
+    bar = tqdm(total=config.iterations, initial=iteration, disable=not progress, unit="it", dynamic_ncols=True)
+    loader = batch_loader(batches, iteration, config.iterations, config.workers)
+    voxels = config.batch_size * math.prod(output_shape)
+    for images, targets in loader:
+        if config.max_time is not None and clock.elapsed() >= config.max_time:
+            stopped_by = "time"
+            break
+        fraction = run_progress(iteration, config.iterations, clock.elapsed(), config.max_time)
+        lr = config.learning_rate * learning_rate_factor(config.schedule, fraction, config.warmup)
+        loss = step(images, targets, lr)
+        if not math.isfinite(loss):
+            _save(files, model, config, data, state, optimizer, write_checkpoint=False)
+            raise UserError(f"loss became {loss} at iteration {iteration + 1}; stopped. The last good "
+                            f"checkpoint is kept in {files['checkpoint']} (try a lower --lr)")
+        iteration += 1
+        bar.update(1)
+        if iteration % config.log_every == 0 or iteration == config.iterations:
+            state["history"].append({"iteration": iteration, "loss": loss, "lr": lr,
+                                     "seconds": round(clock.elapsed(), 2)})
+            bar.set_postfix(loss=f"{loss:.4f}", vox_s=f"{voxels * (bar.format_dict.get('rate') or 0):.3g}")
+        if validation is not None and iteration % config.validate_every == 0:
+            _validate_and_keep_best(model, validation, state, iteration, files, config, data, device, clock)
+        state["iteration"], state["elapsed"] = iteration, clock.elapsed()
+        if time.monotonic() - last_checkpoint >= config.checkpoint_every:
+            _save(files, model, config, data, state, optimizer)
+            last_checkpoint = time.monotonic()
+    bar.close()
+    state["iteration"], state["elapsed"] = iteration, clock.elapsed()
+    if validation is not None and (not state["history"] or "val_mean_iou" not in state["history"][-1]):
+        _validate_and_keep_best(model, validation, state, iteration, files, config, data, device, clock)
+    _save(files, model, config, data, state, optimizer)
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    return TrainResult(model, model_info(config, data, iteration, state["elapsed"]), iteration,
+                       state["elapsed"], stopped_by, state["history"])
+
+
+class _Step:
+    """One optimisation step: forward, masked loss, backward, update."""
+
+    def __init__(self, model, optimizer, loss_fn, config: TrainConfig, device, channels_last: bool):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.device = device
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.amp = config.amp and str(device).startswith("cuda")
+
+    def __call__(self, images, targets, lr: float) -> float:
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        targets = targets.to(self.device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(images)
+        loss = self.loss_fn(logits.float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+class _Clock:
+    """Training seconds, continuing from what earlier (resumed) runs spent."""
+
+    def __init__(self, already: float):
+        self.start = time.monotonic() - already
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _restore(path: Path, config: TrainConfig, model, optimizer) -> dict:
+    checkpoint = load_checkpoint(path)
+    if TrainConfig.from_dict(checkpoint["config"]).network != config.network:
+        raise UserError(f"{path}: the checkpoint was trained with another network configuration")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return {key: checkpoint[key] for key in ("iteration", "elapsed", "history", "best")}
+
+
+def _save(files, model, config, data, state, optimizer, write_checkpoint: bool = True) -> None:
+    """Model file, resumable checkpoint, log and curve — each written atomically."""
+    if write_checkpoint:
+        clean = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_checkpoint(files["checkpoint"], {
+            "model": clean, "optimizer": optimizer.state_dict(), "config": config.to_dict(),
+            **{key: state[key] for key in ("iteration", "elapsed", "history", "best")},
+        })
+        save_model(files["model"], model, model_info(config, data, state["iteration"], state["elapsed"]))
+    write_log(files["log"], state["history"])
+    plot_curve(files["curve"], state["history"])
+
+
+def _validate_and_keep_best(model, validation, state, iteration, files, config, data, device, clock) -> None:
+    result = validate(model, validation, device)
+    state["history"].append({"iteration": iteration, "seconds": round(clock.elapsed(), 2), **result})
+    if state["best"] is None or result["val_mean_iou"] > state["best"]:
+        state["best"] = result["val_mean_iou"]
+        save_model(files["best"], model, model_info(config, data, iteration, clock.elapsed()))
+
+
+def validate(model, validation: TrainingSet, device: str = "cpu") -> dict:
+    """IoU per class on the annotated voxels of held-out volumes (their -1 voxels are ignored)."""
+    k = len(validation.class_values)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    for image, labels in zip(validation.images, validation.labels):
+        probabilities = predict_array(model, image.numpy(), device=device)
+        truth = labels.numpy()
+        confusion += confusion_matrix(probabilities.argmax(0), truth, k, mask=truth >= 0)
+    result = scores(confusion)
+    return {"val_mean_iou": result["mean_iou"], "val_iou": result["iou"]}
