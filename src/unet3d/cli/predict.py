@@ -1,0 +1,156 @@
+"""`unet3d predict`: segment a volume of any size with a saved model, tile by tile."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from unet3d.cli.options import int_triple
+from unet3d.errors import UserError
+from unet3d.inference import choose_output_tile, predict_volume
+from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, resolve_device
+from unet3d.io import open_volume, parse_spec
+from unet3d.model import load_model
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def memory_size(text: str) -> int:
+    """'2G', '512M', '1.5G' or a plain number of bytes (binary units) → bytes."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        size = float(value[: len(value) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2G or 512M, got {text!r}") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(size)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment a volume of any size with a saved model",
+        description="Segment IMAGE with MODEL and write the label map to OUTPUT (format from its "
+        "extension; the input's geometry, e.g. a NIfTI affine, is kept). Valid-padding models tile "
+        "seamlessly: output tiles edge to edge, context mirrored at the border, the result does "
+        "not depend on the tile size. Same-padding models blend overlapping windows. With HDF5 or "
+        "Zarr input and output, tiles are read and written one at a time, so volumes larger than "
+        "memory work.",
+    )
+    parser.add_argument("model", help="a model file written by `unet3d train`")
+    parser.add_argument("image", help="image volume: a path, or file.h5:/dataset, image.zarr:/key")
+    parser.add_argument("-o", "--output", required=True, help="label map to write (.tif .nii.gz .h5 .zarr .npy ...)")
+    parser.add_argument("--probabilities", metavar="FILE", help="also write class probabilities (K, Z, Y, X) as float16")
+    parser.add_argument("--uncertainty", metavar="FILE",
+                        help="also write per-voxel uncertainty: entropy of the probabilities / log K (0 certain, 1 uniform), float32")
+    parser.add_argument("--tile", type=int_triple, metavar="Z,Y,X",
+                        help="output tile size, rounded to the network's grid (default: the largest that fits --max-memory)")
+    parser.add_argument("--max-memory", type=memory_size, metavar="SIZE",
+                        help=f"memory for one batch of tiles, e.g. 2G or 512M (default {DEFAULT_MAX_MEMORY >> 30}G)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="tiles per forward pass (default 1)")
+    parser.add_argument("--overlap", type=float, default=0.25,
+                        help="same-padding models only: fraction by which blended windows overlap (default 0.25)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the probabilities over all 8 mirrorings of each "
+                        "tile; 8 forward passes, so 8x the time")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    parser.add_argument("--channel-axis", type=int, metavar="N", help="the image file's channel axis, if not detected")
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for PyTorch")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not 0 <= args.overlap < 1:
+        raise UserError(f"--overlap {args.overlap}: must be in [0, 1)")
+    device = _device(args.device)
+    outputs = [spec for spec in (args.output, args.probabilities, args.uncertainty) if spec]
+    _check_outputs(outputs, args.image)
+    model, info = load_model(args.model)
+    with open_volume(args.image, "image", args.channel_axis) as source:
+        _check_image(args.image, source.shape, args.model, model.config.in_channels)
+        tile = args.tile or _tile_for_budget(model.config, source.shape[1:], args.max_memory, args.batch_size)
+        summary = predict_volume(
+            model, info, source, args.output, args.probabilities, args.uncertainty,
+            tile=tile, batch_size=args.batch_size, tta=args.tta, device=str(device), overlap=args.overlap, progress=True,
+        )
+    _report(summary, outputs)
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device cuda: no CUDA device available to PyTorch {torch.__version__}")
+    return resolve_device(name)
+
+
+def _check_outputs(specs: list[str], image: str) -> None:
+    """Refuse outputs that cannot be written before any time is spent computing them."""
+    source = parse_spec(image)
+    seen = set()
+    for spec in specs:
+        parsed = parse_spec(spec)  # unknown extension → UserError
+        target = (os.path.realpath(parsed.path), parsed.key)
+        if target == (os.path.realpath(source.path), source.key):
+            raise UserError(f"{spec}: would overwrite the input image")
+        if target in seen:
+            raise UserError(f"{spec}: given for two outputs")
+        seen.add(target)
+        _check_writable(spec, Path(parsed.path), parsed.format)
+
+
+def _check_writable(spec: str, path: Path, fmt: str) -> None:
+    if path.is_dir() and fmt != "zarr":
+        raise UserError(f"{spec}: is a directory")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{spec}: cannot create the output, {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{spec}: cannot write to directory {parent}")
+
+
+def _check_image(spec: str, shape: tuple, model_path: str, in_channels: int) -> None:
+    if min(shape[1:]) < 1:
+        raise UserError(f"{spec}: empty volume of shape {tuple(shape[1:])} (Z, Y, X)")
+    if shape[0] != in_channels:
+        raise UserError(
+            f"{spec}: {shape[0]} channel(s), but {model_path} expects {in_channels} "
+            "(use --channel-axis if the channels were not detected)"
+        )
+
+
+def _tile_for_budget(config, shape, max_memory: int | None, batch_size: int) -> tuple[int, int, int]:
+    budget = max_memory or DEFAULT_MAX_MEMORY
+    try:
+        return choose_output_tile(config, shape, budget, batch_size)
+    except ValueError as exc:
+        raise UserError(f"--max-memory {budget / 2**20:.0f}M: too small, {exc}") from None
+
+
+def _report(summary: dict, outputs: list[str]) -> None:
+    shape = "x".join(map(str, summary["shape"]))
+    tile_in = "x".join(map(str, summary["input_tile"]))
+    tile_out = "x".join(map(str, summary["output_tile"]))
+    print(f"predicted {shape} voxels in {summary['tiles']} tile(s) of {tile_in} -> {tile_out}: "
+          f"{summary['seconds']:.1f} s, {summary['voxels_per_second']:,.0f} voxels/s")
+    print("labels: " + ", ".join(f"{value}: {share:.1%}" for value, share in summary["class_fractions"].items()))
+    for spec in outputs:
+        print(f"wrote {spec}")

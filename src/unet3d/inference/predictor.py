@@ -1,0 +1,235 @@
+"""Class probabilities for volumes of any size from a network that only ever sees one tile.
+
+Both entry points share one generator of (region, probabilities) pieces that together cover the
+volume exactly once: `predict_array` assembles them in memory, `predict_volume` writes labels,
+probabilities and uncertainty region by region, so its peak memory follows the tile size, not
+the volume size (for valid-padding networks; blended same-padding windows also hold one slab of
+window depth × the volume's Y × X).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from itertools import combinations
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from unet3d.data.normalization import apply_normalization
+from unet3d.inference.tiling import TilePlan, choose_output_tile, gaussian_weight, plan_tiles, read_mirrored
+from unet3d.model.unet import TestTimeBatchNorm, UNet
+
+DEFAULT_MAX_MEMORY = 1 << 30
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every running-statistics batch norm merged into the convolution
+    before it (one layer less per convolution, same output up to float rounding).
+
+    Batch norms that use the batch's own statistics at test time cannot be folded and stay.
+    """
+    model = copy.deepcopy(model)
+    for block in model.modules():
+        if not isinstance(block, nn.Sequential):
+            continue
+        layers = list(block.named_children())
+        for (_, conv), (name, norm) in zip(layers, layers[1:]):
+            if isinstance(conv, (nn.Conv2d, nn.Conv3d)) and _is_foldable(norm):
+                _fold_into(conv, norm)
+                setattr(block, name, nn.Identity())
+    return model
+
+
+def _is_foldable(norm: nn.Module) -> bool:
+    return isinstance(norm, TestTimeBatchNorm) and not norm.use_batch_stats_at_test and norm.running_var is not None
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Module, norm: TestTimeBatchNorm) -> None:
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+    conv.bias = nn.Parameter((bias - norm.running_mean) * scale + norm.bias)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def prepare_network(model: UNet, device: torch.device) -> UNet:
+    """The network as prediction runs it: batch norm folded, eval mode, on `device`, and for 3D
+    nets channels-last (measured 1.3-2.2x faster on CPU)."""
+    net = fold_batch_norm(model).to(device).eval()
+    return net.to(memory_format=torch.channels_last_3d) if net.config.dims == 3 else net
+
+
+def _autocast(device: torch.device):
+    """float16 autocast on CUDA; none on CPU, where bf16 autocast was measured far slower."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _flip_sets(dims: int) -> list[tuple[int, ...]]:
+    """Every combination of mirrored axes (8 in 3D; z is left alone by the per-slice 2D net)."""
+    axes = (2, 3, 4) if dims == 3 else (3, 4)
+    return [flip for r in range(len(axes) + 1) for flip in combinations(axes, r)]
+
+
+def tile_probabilities(net: UNet, batch: np.ndarray, device: torch.device, tta: bool = False) -> np.ndarray:
+    """Softmax probabilities (N, K, ...) of a batch of input tiles (N, C, ...); with `tta` the
+    mean over all mirrored versions of each tile."""
+    x = torch.from_numpy(batch).to(device)
+    if net.config.dims == 3:
+        x = x.to(memory_format=torch.channels_last_3d)
+    flips = _flip_sets(net.config.dims) if tta else [()]
+    total = None
+    with torch.inference_mode(), _autocast(device):
+        for axes in flips:
+            logits = net(torch.flip(x, axes) if axes else x)
+            probs = torch.softmax(logits.float(), dim=1)
+            probs = torch.flip(probs, axes) if axes else probs
+            total = probs if total is None else total + probs
+    return (total / len(flips)).contiguous().cpu().numpy()
+
+
+def _tile_outputs(net, read, plan: TilePlan, device, batch_size: int, tta: bool, progress: bool):
+    """(output start, probabilities over the tile's whole network output) per tile, in order."""
+    with tqdm(total=len(plan.starts), unit="tile", disable=not progress, desc="predict") as bar:
+        for first in range(0, len(plan.starts), batch_size):
+            starts = plan.starts[first:first + batch_size]
+            batch = np.stack([read_mirrored(read, plan.volume_shape, plan.input_start(s), plan.input_shape) for s in starts])
+            yield from zip(starts, tile_probabilities(net, batch.astype(np.float32, copy=False), device, tta))
+            bar.update(len(starts))
+
+
+def iter_regions(net, read, plan: TilePlan, device, batch_size: int = 1, tta: bool = False,
+                 progress: bool = False) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """Final probabilities (K, z, y, x) region by region; the regions tile the volume exactly."""
+    tiles = _tile_outputs(net, read, plan, device, batch_size, tta, progress)
+    if plan.blended:
+        yield from _blend_rows(tiles, plan)
+        return
+    for start, probs in tiles:
+        region = plan.output_region(start)
+        yield region, probs[(slice(None),) + _extent(region)]
+
+
+def _extent(region) -> tuple[slice, ...]:
+    return tuple(slice(0, r.stop - r.start) for r in region)
+
+
+def _blend_rows(tiles, plan: TilePlan):
+    """Weighted mean of overlapping windows. Windows arrive in z order, so everything above the
+    current window's z start is final and handed on at once: only about one window depth of
+    accumulators is ever held."""
+    _, height, width = plan.volume_shape
+    weight = gaussian_weight(plan.output_shape)
+    origin, acc, total = 0, None, np.zeros((0, height, width), np.float32)
+    for start, probs in tiles:
+        if acc is None:
+            acc = np.zeros((probs.shape[0], 0, height, width), np.float32)
+        if start[0] > origin:
+            done = start[0] - origin
+            yield (slice(origin, start[0]), slice(0, height), slice(0, width)), acc[:, :done] / total[:done]
+            acc, total, origin = acc[:, done:], total[done:], start[0]
+        region = plan.output_region(start)
+        grow = region[0].stop - origin - total.shape[0]
+        if grow > 0:
+            acc = np.concatenate([acc, np.zeros((acc.shape[0], grow, height, width), np.float32)], axis=1)
+            total = np.concatenate([total, np.zeros((grow, height, width), np.float32)])
+        local = (slice(region[0].start - origin, region[0].stop - origin),) + region[1:]
+        w = weight[_extent(region)]
+        acc[(slice(None),) + local] += w * probs[(slice(None),) + _extent(region)]
+        total[local] += w
+    yield (slice(origin, plan.volume_shape[0]), slice(0, height), slice(0, width)), acc / total
+
+
+def make_plan(model: UNet, shape, tile=None, max_memory: int | None = None, batch_size: int = 1,
+              overlap: float = 0.25) -> TilePlan:
+    """Tiles for a volume: `tile` (output tile size) if given, else the largest fitting the budget."""
+    if tile is None:
+        tile = choose_output_tile(model.config, shape, max_memory or DEFAULT_MAX_MEMORY, batch_size)
+    return plan_tiles(model.config, shape, tile, overlap)
+
+
+def predict_array(model: UNet, image: np.ndarray, *, tile=None, max_memory: int | None = None, batch_size: int = 1,
+                  tta: bool = False, device: str = "cpu", overlap: float = 0.25, progress: bool = False) -> np.ndarray:
+    """Class probabilities (K, Z, Y, X) float32 of a normalized (C, Z, Y, X) float32 image."""
+    if image.ndim != 4 or image.shape[0] != model.config.in_channels:
+        raise ValueError(f"expected a ({model.config.in_channels}, Z, Y, X) image, got shape {image.shape}")
+    plan = make_plan(model, image.shape[1:], tile, max_memory, batch_size, overlap)
+    device = resolve_device(device)
+    net = prepare_network(model, device)
+    out = np.empty((model.config.num_classes, *image.shape[1:]), np.float32)
+    read = lambda box: image[(slice(None),) + box]  # noqa: E731
+    for region, probs in iter_regions(net, read, plan, device, batch_size, tta, progress):
+        out[(slice(None),) + region] = probs
+    return out
+
+
+def normalized_entropy(probs: np.ndarray) -> np.ndarray:
+    """Entropy of the class probabilities over axis 0 divided by log K: 0 certain, 1 uniform."""
+    p = np.clip(probs, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=0) / np.log(probs.shape[0])
+
+
+def label_dtype(class_values) -> np.dtype:
+    return np.min_scalar_type(min(class_values)) if min(class_values) < 0 else np.min_scalar_type(max(class_values))
+
+
+def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,
+                   tile=None, max_memory: int | None = None, batch_size: int = 1, tta: bool = False,
+                   device: str = "cpu", overlap: float = 0.25, progress: bool = False) -> dict:
+    """Predict an opened volume and write the requested outputs region by region.
+
+    label_out: label values (argmax mapped through info['class_values']); prob_out: float16 class
+    probabilities (K, Z, Y, X); uncertainty_out: float32 normalized entropy. Outputs share the
+    source's geometry (affine, spacing). Returns a summary of what was done.
+    """
+    from unet3d.io import volume_writer
+
+    config = model.config
+    shape = tuple(source.shape[1:])
+    normalization = info.get("normalization") or {"method": "none", "channels": config.in_channels}
+    class_values = np.asarray(info.get("class_values") or range(config.num_classes))
+    plan = make_plan(model, shape, tile, max_memory, batch_size, overlap)
+    device = resolve_device(device)
+    net = prepare_network(model, device)
+    read = lambda box: apply_normalization(source.read(box), normalization)  # noqa: E731
+    counts = np.zeros(config.num_classes, np.int64)
+    began = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        def open_writer(spec, out_shape, dtype):
+            return stack.enter_context(volume_writer(spec, out_shape, dtype, like=source.meta)) if spec else None
+
+        values_dtype = label_dtype(class_values.tolist())
+        labels = open_writer(label_out, shape, values_dtype)
+        probabilities = open_writer(prob_out, (config.num_classes, *shape), np.float16)
+        uncertainty = open_writer(uncertainty_out, shape, np.float32)
+        for region, probs in iter_regions(net, read, plan, device, batch_size, tta, progress):
+            winners = probs.argmax(axis=0)
+            counts += np.bincount(winners.ravel(), minlength=config.num_classes)
+            if labels:
+                labels.write(region, class_values[winners].astype(values_dtype))
+            if probabilities:
+                probabilities.write(region, probs.astype(np.float16))
+            if uncertainty:
+                uncertainty.write(region, normalized_entropy(probs).astype(np.float32))
+    seconds = time.perf_counter() - began
+    return {
+        "shape": shape,
+        "tiles": len(plan.starts),
+        "input_tile": plan.input_shape,
+        "output_tile": plan.output_shape,
+        "seconds": seconds,
+        "voxels_per_second": float(np.prod(shape)) / max(seconds, 1e-9),
+        "class_fractions": {int(v): float(c) / counts.sum() for v, c in zip(class_values, counts)},
+    }

@@ -1,0 +1,210 @@
+"""Where the tiles of a volume go, what each one reads, and how big they may be.
+
+Valid-padding networks: output tiles are laid edge to edge on a grid that starts at voxel 0 with
+a step that is a multiple of 2^(levels-1), so every tile sees its input with the same pooling
+phase as one whole-volume forward pass would; each input tile carries the context margin its
+output needs, mirrored beyond the volume's border. The result then does not depend on the tile
+size (the paper's seamless tiling).
+
+Same-padding networks: their outputs near a tile border see zero padding instead of context, so
+windows overlap and are blended with a Gaussian weight that trusts each window's centre most.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from unet3d.model import Geometry, UNetConfig
+from unet3d.model.summary import layer_table
+
+# Peak resident memory of one forward pass over the summed size of all layer outputs (float32).
+# Measured with ru_maxrss in fresh processes (benchmarks/bench_predict.py --memory-factor): 0.34 to
+# 0.93 (inference frees each activation once used; same-padding nets sit near the top). 1.0 keeps
+# the budget an upper bound.
+ACTIVATION_PEAK_FACTOR = 1.0
+
+
+def reflect_index(indices: np.ndarray, n: int) -> np.ndarray:
+    """Map any integer positions into [0, n) by mirroring at the borders without repeating the
+    edge voxel (numpy's pad mode 'reflect', repeated as often as needed for tiny volumes)."""
+    if n == 1:
+        return np.zeros_like(indices)
+    period = 2 * (n - 1)
+    folded = np.mod(indices, period)
+    return np.where(folded > n - 1, period - folded, folded)
+
+
+def read_mirrored(read, shape, start, size) -> np.ndarray:
+    """The (C, *size) input at `start` (may be negative or reach past the volume's end).
+
+    `read(region)` returns the (C, z, y, x) data of a (Z, Y, X) tuple of slices inside the volume;
+    only the bounding box of the voxels the tile needs is read.
+    """
+    indices = [reflect_index(np.arange(s, s + k), n) for s, k, n in zip(start, size, shape)]
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
+    data = read(box)
+    inside = all(s >= 0 and s + k <= n for s, k, n in zip(start, size, shape))
+    if inside:
+        return data
+    local = [i - b.start for i, b in zip(indices, box)]
+    return data[(slice(None),) + np.ix_(*local)]
+
+
+def grid_step(geometry: Geometry, axis: int) -> int:
+    """Shift along an axis that moves the network's output by exactly as much: the spacing of
+    valid input sizes, 2^(levels-1) (1 along z for the 2D network)."""
+    first = geometry.valid_input_size_1d(1, axis, "up")
+    return geometry.valid_input_size_1d(first + 1, axis, "up") - first
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Every tile's output start (Z, Y, X); all tiles share one input size.
+
+    A tile's input starts at output start − `margin` and spans `input_shape`; of its network
+    output (`output_shape`, starting at the output start) the part inside the volume is used.
+    """
+
+    volume_shape: tuple[int, int, int]
+    input_shape: tuple[int, int, int]
+    output_shape: tuple[int, int, int]
+    margin: tuple[int, int, int]
+    starts: list[tuple[int, int, int]]
+    blended: bool
+
+    def input_start(self, start) -> tuple[int, ...]:
+        return tuple(s - m for s, m in zip(start, self.margin))
+
+    def output_region(self, start) -> tuple[slice, ...]:
+        """The part of a tile's output that lies inside the volume."""
+        return tuple(slice(s, min(s + k, n)) for s, k, n in zip(start, self.output_shape, self.volume_shape))
+
+
+def _grid(starts_per_axis) -> list[tuple[int, int, int]]:
+    return [(z, y, x) for z in starts_per_axis[0] for y in starts_per_axis[1] for x in starts_per_axis[2]]
+
+
+def edge_to_edge_plan(geometry: Geometry, volume_shape, output_tile) -> TilePlan:
+    """Valid padding: output tiles of `output_tile` (rounded down to the grid step) edge to edge.
+
+    A network output of that size is not always possible (for 4 levels outputs are 4 more than a
+    multiple of 8), so each tile runs the smallest valid input covering it and drops the excess
+    (the last tile's excess beyond the volume is dropped the same way).
+    """
+    steps = []
+    for axis, (n, t) in enumerate(zip(volume_shape, output_tile)):
+        g = grid_step(geometry, axis)
+        steps.append(min(max(g, t // g * g), _round_up(n, g)))
+    input_shape = geometry.input_shape_for_output(steps)
+    starts = _grid([range(0, n, step) for n, step in zip(volume_shape, steps)])
+    return TilePlan(tuple(volume_shape), input_shape, tuple(steps), geometry.margin(), starts, blended=False)
+
+
+def _window_starts(n: int, window: int, overlap: float) -> list[int]:
+    """Evenly spread window starts covering [0, n), neighbours overlapping by ≥ `overlap`·window."""
+    if n <= window:
+        return [0]
+    stride = max(1, int(window * (1 - overlap)))
+    count = math.ceil((n - window) / stride) + 1
+    return sorted({round(i * (n - window) / (count - 1)) for i in range(count)})
+
+
+def overlapping_plan(geometry: Geometry, volume_shape, window, overlap: float = 0.25) -> TilePlan:
+    """Same padding: windows of `window` (rounded up to a valid size) overlapping by `overlap`."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    window = geometry.valid_input_shape(window)
+    starts = _grid([_window_starts(n, w, overlap) for n, w in zip(volume_shape, window)])
+    return TilePlan(tuple(volume_shape), window, window, (0, 0, 0), starts, blended=True)
+
+
+def gaussian_weight(shape, sigma_fraction: float = 1 / 8) -> np.ndarray:
+    """Blending weight of a window: a Gaussian with σ = shape/8 per axis, normalised to peak 1 and
+    floored so the border voxels of a window that is alone there still count."""
+    axes = []
+    for n in shape:
+        x = np.arange(n) - (n - 1) / 2
+        axes.append(np.exp(-0.5 * (x / max(n * sigma_fraction, 1e-6)) ** 2))
+    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weight /= weight.max()
+    return np.maximum(weight, 1e-3).astype(np.float32)
+
+
+def plan_tiles(config: UNetConfig, volume_shape, output_tile, overlap: float = 0.25) -> TilePlan:
+    if config.padding == "valid":
+        return edge_to_edge_plan(config.geometry, volume_shape, output_tile)
+    return overlapping_plan(config.geometry, volume_shape, output_tile, overlap)
+
+
+def activation_bytes(config: UNetConfig):
+    """A function: valid input shape → summed float32 size of every layer's output.
+
+    Each layer's extent along an axis is an affine function of the input extent over valid
+    sizes, so two forward passes on the meta device (no memory, no time) give it for any shape.
+    """
+    geometry = config.geometry
+    small = np.array(geometry.valid_input_shape((1, 1, 1)))
+    step = np.array([grid_step(geometry, a) for a in range(3)])
+    rows = [layer_table(config, tuple(int(n) for n in shape)) for shape in (small, small + step)]
+    channels = np.array([out[0] for _, _, out, _ in rows[0]], dtype=np.float64)
+    extents = [np.array([out[1:] for _, _, out, _ in table], dtype=np.float64) for table in rows]
+    per_slice = extents[0].shape[1] == 2  # the 2D net folds z into the batch
+
+    def total(input_shape) -> float:
+        shape = np.array(input_shape)
+        grown = (shape - small) / step
+        spatial = grown[1:] if per_slice else grown
+        sizes = extents[0] + spatial * (extents[1] - extents[0])
+        voxels = sizes.prod(axis=1) * (shape[0] if per_slice else 1)
+        return 4.0 * float(channels @ voxels)
+
+    return total
+
+
+def estimate_tile_bytes(config: UNetConfig, input_shape, batch_size: int = 1, activations=None) -> int:
+    """Peak memory of one batch of tiles: activations, plus input and class probabilities."""
+    activations = activations or activation_bytes(config)
+    io_bytes = 4 * (config.in_channels + 2 * config.num_classes) * math.prod(input_shape)
+    return int(batch_size * (ACTIVATION_PEAK_FACTOR * activations(input_shape) + io_bytes))
+
+
+def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_size: int = 1) -> tuple[int, int, int]:
+    """Largest near-cubic output tile whose batch fits `max_memory` bytes.
+
+    Grows the smallest axis one grid step at a time (cubes waste the least margin), never beyond
+    the volume; ValueError if even the smallest tile does not fit.
+    """
+    geometry = config.geometry
+    steps = [grid_step(geometry, a) for a in range(3)]
+    caps = [_round_up(n, s) for n, s in zip(volume_shape, steps)]
+    activations = activation_bytes(config)
+
+    def need(tile):
+        return estimate_tile_bytes(config, _input_shape(config, tile), batch_size, activations)
+
+    tile = list(steps)
+    if need(tile) > max_memory:
+        raise ValueError(f"the smallest tile needs about {need(tile) / 2**20:.0f} MiB, more than the memory budget")
+    growing = [a for a in range(3) if tile[a] < caps[a]]
+    while growing:
+        axis = min(growing, key=lambda a: tile[a])
+        candidate = list(tile)
+        candidate[axis] += steps[axis]
+        if candidate[axis] <= caps[axis] and need(candidate) <= max_memory:
+            tile = candidate
+        else:
+            growing.remove(axis)
+    return tuple(tile)
+
+
+def _input_shape(config: UNetConfig, output_tile) -> tuple[int, ...]:
+    if config.padding == "valid":
+        return config.geometry.input_shape_for_output(output_tile)
+    return config.geometry.valid_input_shape(output_tile)
