@@ -79,6 +79,8 @@ def test_plain_crop_is_numpy_slicing(nuclei):
 def test_outside_the_volume_image_is_mirrored_and_labels_unlabeled(nuclei, center, shape):
     image, labels = normalized(nuclei[0]), torch.from_numpy(nuclei[1].astype(np.int64))
     img, lab = sample_patch(image, labels, center, shape, np.random.default_rng(0))
+    as_stored = sample_patch(image, torch.from_numpy(nuclei[1]), center, shape, np.random.default_rng(0))
+    assert torch.equal(as_stored[1], lab)  # uint8 labels too: -1 does not wrap around
     start = np.floor(np.asarray(center) + 0.5).astype(int) - np.asarray(shape) // 2
     want_image, want_labels = mirrored_reference(image, labels, start, shape)
     assert np.array_equal(img.numpy(), want_image)
@@ -222,3 +224,13 @@ def test_bad_arguments_are_rejected(nuclei_volume):
         sample_patch(image, labels[:-1], (15, 30, 28), (8, 8, 8), np.random.default_rng(0))
     with pytest.raises(ValueError, match="three positive"):
         sample_patch(image, labels, (15, 30, 28), (8, 0, 8), np.random.default_rng(0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_gives_the_cpu_patch(nuclei_volume):
+    image, labels = nuclei_volume
+    config = AugmentationConfig()
+    cpu = sample_patch(image, labels, (15, 30, 28), (28, 56, 56), np.random.default_rng(4), config)
+    gpu = sample_patch(image.cuda(), labels.cuda(), (15, 30, 28), (28, 56, 56), np.random.default_rng(4), config)
+    assert gpu[0].is_cuda and torch.allclose(gpu[0].cpu(), cpu[0], atol=1e-3)
+    assert (gpu[1].cpu() == cpu[1]).float().mean() > 0.999  # rounding ties may differ on a few voxels

@@ -220,7 +220,7 @@ def window(image: torch.Tensor, labels: torch.Tensor, start, shape) -> tuple[tor
         view[axis] = int(n)
         inside &= ((wanted >= 0) & (wanted < size)).reshape(view)
     image_patch = _gather_box(image, image_index, first_axis=1)
-    label_patch = _gather_box(labels, label_index, first_axis=0)
+    label_patch = _gather_box(labels, label_index, first_axis=0).long()  # -1 must fit, also for uint8 labels
     return image_patch, label_patch.masked_fill_(~inside, -1)
 
 
