@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from unet3d.baselines import ILASTIK_SCALES, feature_names, filter_features, random_forest_segment
+from unet3d.baselines.features import symmetric_eigenvalues_3x3
+from unet3d.data.labels import encode_labels
+from unet3d.data.sparse import sparsify
+from unet3d.evaluation.metrics import evaluate_volumes
+
+IGNORE = 255
+
+
+def test_feature_bank_has_ilastiks_61_features_per_channel_all_finite(nuclei):
+    image, _ = nuclei
+    crop = image[:10, :24, :24].astype(np.float32)
+    two_channels = np.stack([crop, np.sqrt(crop)])
+    features = filter_features(two_channels, ILASTIK_SCALES)
+    names = feature_names(2, ILASTIK_SCALES)
+    assert features.shape == (122, 10, 24, 24) and len(names) == len(set(names)) == 122
+    assert features.dtype == np.float32 and np.isfinite(features).all()
+    row = {name: f for name, f in zip(names, features)}
+    hessian = sum(row[f"hessian_of_gaussian_eigenvalue_{i}(sigma=1.6, channel=1)"] for i in range(3))
+    np.testing.assert_allclose(row["laplacian_of_gaussian(sigma=1.6, channel=1)"], hessian, rtol=1e-3, atol=1e-3)
+    tensor = [row[f"structure_tensor_eigenvalue_{i}(sigma=3.5, channel=0)"] for i in range(3)]
+    assert (tensor[0] >= tensor[1]).all() and (tensor[1] >= tensor[2]).all()
+    assert tensor[2].min() >= -1e-3 * tensor[0].max()  # a structure tensor is positive semi-definite
+
+
+@pytest.mark.parametrize("spacing", [None, (2.5, 1.0, 1.0), (10.0, 1.0, 1.0)])
+def test_hessian_of_a_quadratic_is_exact_in_physical_units(spacing):
+    """f = 3x² + y² − 2z² + xy/2 in physical coordinates: Hessian eigenvalues 6.06, 1.94, −4 everywhere."""
+    ratios = np.ones(3) if spacing is None else np.asarray(spacing) / min(spacing)
+    z, y, x = np.meshgrid(*(np.arange(24) * r for r in ratios), indexing="ij")
+    quadratic = (3 * x**2 + y**2 - 2 * z**2 + 0.5 * x * y).astype(np.float32)
+    scales = (0.7, 1.6)
+    features = filter_features(quadratic[None], scales, spacing)[:, 10:14, 10:14, 10:14]  # away from the border
+    expected = np.linalg.eigvalsh([[-4, 0, 0], [0, 2, 0.5], [0, 0.5, 6]])[::-1]
+    for name, values in zip(feature_names(1, scales), features):
+        if name.startswith("hessian_of_gaussian_eigenvalue_"):
+            np.testing.assert_allclose(values, expected[int(name[31])], rtol=1e-4, atol=1e-4)
+        elif name.startswith("laplacian_of_gaussian"):
+            np.testing.assert_allclose(values, 4.0, rtol=1e-4)
+
+
+def test_closed_form_eigenvalues_match_lapack_including_degenerate_matrices():
+    rng = np.random.default_rng(0)
+    matrices = rng.normal(size=(4000, 3, 3)) * 10.0 ** rng.integers(-4, 4, size=(4000, 1, 1))
+    matrices = matrices + matrices.transpose(0, 2, 1)
+    matrices[:500] = np.eye(3) * rng.normal(size=(500, 1, 1))  # triple eigenvalue
+    matrices[500:1000] = np.diag([1.0, 1.0, -2.0])  # double eigenvalue
+    matrices[1000:1500] = 0.0
+    entries = [matrices[:, i, j] for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))]
+    expected = np.linalg.eigvalsh(matrices)[:, ::-1].T
+    scale = np.abs(matrices).max(axis=(1, 2))
+    assert (np.abs(symmetric_eigenvalues_3x3(*entries) - expected) <= 1e-9 * scale + 1e-300).all()
+
+
+def _sparse_indices(truth: np.ndarray, slices) -> tuple[np.ndarray, np.ndarray]:
+    """(sparse label values with IGNORE, int64 class indices with -1) of the paper's slice rule."""
+    sparse = sparsify(truth, slices, ignore_label=IGNORE)
+    return sparse, encode_labels(sparse, range(int(truth.max()) + 1), IGNORE)
+
+
+@pytest.mark.parametrize("slices", [(1, 1, 1), (3, 3, 2)])
+def test_forest_densifies_nuclei_far_above_chance(nuclei, slices):
+    image, truth = nuclei
+    sparse, indices = _sparse_indices(truth, slices)
+    result = random_forest_segment(image[None], indices, n_trees=30)
+    assert result.labels.shape == truth.shape and result.probabilities.shape == (3,) + truth.shape
+    np.testing.assert_allclose(result.probabilities.sum(axis=0), 1.0, rtol=1e-5)
+    assert (result.labels == result.probabilities.argmax(axis=0)).all()
+    ious = [c["iou"] for c in evaluate_volumes(result.labels, truth, sparse, IGNORE)["classes"]]
+    # Guessing by the class frequencies (62/24/14 %) gives IoUs of p/(2 − p): 0.44/0.14/0.08.
+    assert ious[0] > 0.7 and ious[1] > 0.35 and ious[2] > 0.15, ious
+
+
+def test_seeded_forest_is_deterministic_and_cap_on_training_voxels_is_honoured(nuclei):
+    image, truth = nuclei
+    _, indices = _sparse_indices(truth[:16], (1, 1, 1))
+    runs = [random_forest_segment(image[None, :16], indices, n_trees=8, seed=3, max_train_voxels=500) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].probabilities, runs[1].probabilities)
+    other_seed = random_forest_segment(image[None, :16], indices, n_trees=8, seed=4, max_train_voxels=500)
+    assert not np.array_equal(runs[0].probabilities, other_seed.probabilities)
+
+
+def test_unannotated_volume_is_refused(nuclei):
+    image, _ = nuclei
+    with pytest.raises(ValueError, match="no voxel"):
+        random_forest_segment(image[None], np.full(image.shape, -1, dtype=np.int64))
+    with pytest.raises(ValueError, match="shape"):
+        random_forest_segment(image[None], np.zeros(image.shape[1:], dtype=np.int64))
