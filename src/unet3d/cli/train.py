@@ -95,6 +95,8 @@ def register(subparsers) -> None:
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--amp", action="store_true", help="bf16 mixed precision (CUDA only)")
     run.add_argument("--validate-every", type=int, default=200, help="iterations between validations")
+    run.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                     help="seconds between checkpoints (model file and resumable state)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run that wrote MODEL.checkpoint.pt from where it stopped")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -159,6 +161,7 @@ def _config(args, data) -> TrainConfig:
             weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup, loss=args.loss,
             class_weighting=args.class_weighting, class_weights=args.class_weights,
             normalization=args.normalization, augmentation=augmentation, seed=args.seed, workers=args.workers,
-            amp=args.amp, validate_every=args.validate_every)
+            amp=args.amp, validate_every=args.validate_every,
+            checkpoint_every=args.checkpoint_every)
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -193,5 +193,5 @@ def validate(model, validation: TrainingSet, device: str = "cpu") -> dict:
         probabilities = predict_array(model, image.numpy(), device=device)
         truth = labels.numpy()
         confusion += confusion_matrix(probabilities.argmax(0), truth, k, mask=truth >= 0)
-    result = scores(confusion)
-    return {"val_mean_iou": result["mean_iou"], "val_iou": result["iou"]}
+    result = scores(confusion, validation.class_values, background=None)
+    return {"val_mean_iou": result["mean_iou"], "val_iou": [c["iou"] for c in result["classes"]]}

@@ -1,0 +1,166 @@
+"""Training on the bundled nuclei example with only a few orthogonal slices annotated."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from unet3d.augmentation import AugmentationConfig
+from unet3d.data.sparse import sparsify
+from unet3d.errors import UserError
+from unet3d.evaluation import evaluate_volumes
+from unet3d.inference import predict_array
+from unet3d.model import UNet, UNetConfig, load_model
+from unet3d.training import TrainConfig, train
+from unet3d.training.checkpoint import load_checkpoint, run_files
+from unet3d.training.dataset import PatchBatches, prepare_training_set
+from unet3d.training.trainer import patch_geometry
+
+IGNORE = 255
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(
+        network=UNetConfig(in_channels=1, num_classes=3, width=4, levels=2, padding="valid"),
+        patch_shape=(28, 36, 36), iterations=8, learning_rate=3e-3, checkpoint_every=0.0, log_every=1,
+        augmentation=AugmentationConfig(elastic_sigma=0.0),
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture
+def sparse_nuclei(nuclei):
+    image, labels = nuclei
+    sparse = sparsify(labels, (3, 3, 2), IGNORE)
+    return image[None].astype(np.float32), labels, sparse
+
+
+def unannotated_iou(model, data, labels, sparse) -> dict:
+    probabilities = predict_array(model, data.images[0].numpy())
+    return evaluate_volumes(probabilities.argmax(0), labels, exclude=sparse, ignore_label=IGNORE)
+
+
+def test_short_training_learns_from_a_few_slices(sparse_nuclei, tmp_path):
+    image, labels, sparse = sparse_nuclei
+    data = prepare_training_set([image], [sparse], IGNORE)
+    config = tiny_config(network=UNetConfig(in_channels=1, num_classes=3, width=8, levels=2, padding="valid"),
+                         patch_shape=(28, 44, 44), batch_size=2, iterations=120, checkpoint_every=1e9,
+                         log_every=10, augmentation=AugmentationConfig(enabled=False))
+    untrained = UNet(config.network).eval()
+    before = unannotated_iou(untrained, data, labels, sparse)
+    result = train(config, data, tmp_path / "m.safetensors", progress=False)
+    after = unannotated_iou(result.model, data, labels, sparse)
+    interior = next(c for c in after["classes"] if c["value"] == 1)
+    assert after["mean_iou_foreground"] > before["mean_iou_foreground"] + 0.2
+    assert interior["iou"] > 0.5  # measured 0.70; an untrained net or chance stays far lower
+    files = run_files(tmp_path / "m.safetensors")
+    assert all(files[k].exists() for k in ("model", "checkpoint", "log", "curve"))
+    loaded, info = load_model(files["model"])
+    assert info["class_values"] == [0, 1, 2] and info["ignore_label"] == IGNORE
+    assert info["normalization"]["method"] == "zscore"
+
+
+def test_resume_equals_an_uninterrupted_run(sparse_nuclei, tmp_path):
+    image, _, sparse = sparse_nuclei
+    data = prepare_training_set([image], [sparse], IGNORE)
+    whole = train(tiny_config(iterations=6), data, tmp_path / "a.safetensors", progress=False)
+    train(tiny_config(iterations=3), data, tmp_path / "b.safetensors", progress=False)
+    resumed = train(tiny_config(iterations=6), data, tmp_path / "b.safetensors", resume=True, progress=False)
+    assert resumed.iterations == 6
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert [e["loss"] for e in whole.history] == [e["loss"] for e in resumed.history]
+
+
+def test_batches_depend_only_on_seed_and_iteration(sparse_nuclei):
+    image, _, sparse = sparse_nuclei
+    data = prepare_training_set([image], [sparse], IGNORE)
+    input_shape, output_shape = patch_geometry(tiny_config())
+    batches = PatchBatches(data, input_shape, output_shape, 2, AugmentationConfig(), seed=5)
+    x3, y3 = batches[3]
+    assert torch.equal(x3, batches[3][0]) and torch.equal(y3, batches[3][1])
+    assert not torch.equal(x3, batches[4][0])
+    assert x3.shape == (2, 1, *input_shape) and y3.shape == (2, *output_shape)
+    assert all((y >= 0).any() for y in y3)  # every target patch holds annotated voxels
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sparse_nuclei, tmp_path, monkeypatch):
+    import unet3d.training.trainer as trainer
+
+    image, _, sparse = sparse_nuclei
+    data = prepare_training_set([image], [sparse], IGNORE)
+    real = trainer.make_loss
+
+    def failing_loss(name, weights):
+        loss, calls = real(name, weights), []
+
+        def wrapped(logits, target):
+            calls.append(1)
+            return loss(logits, target) * (float("nan") if len(calls) == 3 else 1.0)
+        return wrapped
+
+    monkeypatch.setattr(trainer, "make_loss", failing_loss)
+    with pytest.raises(UserError, match="loss became nan at iteration 3"):
+        train(tiny_config(iterations=6), data, tmp_path / "m.safetensors", progress=False)
+    checkpoint = load_checkpoint(run_files(tmp_path / "m.safetensors")["checkpoint"])
+    assert checkpoint["iteration"] == 2
+    load_model(tmp_path / "m.safetensors")
+
+
+def test_sigkill_leaves_loadable_files(tmp_path):
+    """Kill a training process while it checkpoints every step: what is on disk must load."""
+    from conftest import EXAMPLE
+
+    sparse_path = tmp_path / "sparse.tif"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-m", "unet3d.cli.main"]
+    subprocess.run(cli + ["sparsify", str(EXAMPLE / "labels.tif"), "-o", str(sparse_path), "--slices", "2,2,1",
+                          "--ignore-label", "255"], check=True, env=env, capture_output=True)
+    model = tmp_path / "m.safetensors"
+    proc = subprocess.Popen(cli + ["train", "--images", str(EXAMPLE / "image.tif"), "--labels", str(sparse_path),
+                                   "--ignore-label", "255", "-o", str(model), "--width", "4", "--levels", "2",
+                                   "--patch", "28,36,36", "--iterations", "100000", "--quiet",
+                                   "--checkpoint-every", "0"],
+                            env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    files = run_files(model)
+    deadline = time.monotonic() + 120
+    while not files["checkpoint"].exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(files["checkpoint"])["iteration"] >= 1
+    load_model(files["model"])
+
+
+@pytest.mark.parametrize("problem, make, message", [
+    ("shape", lambda img, sp: ([img], [sp[:-1]]), "image shape .* and label shape .* differ"),
+    ("empty", lambda img, sp: ([img], [np.full_like(sp, IGNORE)]), "no annotated voxel"),
+    ("channels", lambda img, sp: ([img, np.concatenate([img, img])], [sp, sp]), "2 channel"),
+])
+def test_bad_training_data_is_refused(sparse_nuclei, problem, make, message):
+    image, _, sparse = sparse_nuclei
+    images, labels = make(image, sparse)
+    with pytest.raises(UserError, match=message):
+        prepare_training_set(images, labels, IGNORE)
+
+
+def test_ignore_label_colliding_with_a_declared_class(sparse_nuclei):
+    image, _, sparse = sparse_nuclei
+    with pytest.raises(UserError, match="ignore label 2 is also one of the declared classes"):
+        prepare_training_set([image], [sparse], 2, class_values=[0, 1, 2])
+
+
+def test_volume_smaller_than_the_patch_is_padded(sparse_nuclei, tmp_path):
+    image, _, sparse = sparse_nuclei
+    data = prepare_training_set([image[:, :10, :12, :14]], [sparse[:10, :12, :14]], IGNORE,
+                                class_values=[0, 1, 2])
+    result = train(tiny_config(iterations=2), data, tmp_path / "m.safetensors", progress=False)
+    assert result.iterations == 2
