@@ -1,0 +1,159 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from unet3d.data.normalization import apply_normalization, fit_normalization
+from unet3d.inference import choose_output_tile, estimate_tile_bytes, fold_batch_norm, plan_tiles, predict_array, reflect_index
+from unet3d.inference.tiling import gaussian_weight, grid_step
+from unet3d.model import UNet, UNetConfig
+from unet3d.model import unet
+
+
+def trained_looking(config: UNetConfig, seed: int = 0) -> UNet:
+    """A random network whose batch norms hold non-trivial running statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = UNet(config)
+    for module in model.modules():
+        if isinstance(module, unet.TestTimeBatchNorm):
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def normalized(image: np.ndarray) -> np.ndarray:
+    image = image[None].astype(np.float32)
+    return apply_normalization(image, fit_normalization([image]))
+
+
+def whole_volume_probabilities(model: UNet, image: np.ndarray) -> np.ndarray:
+    """One forward pass over the whole mirror-padded volume: what tiling must reproduce."""
+    geometry = model.geometry
+    shape = image.shape[1:]
+    margin = geometry.margin()
+    needed = geometry.valid_input_shape([n + 2 * m for n, m in zip(shape, margin)])
+    padding = [(0, 0)] + [(m, k - n - m) for n, m, k in zip(shape, margin, needed)]
+    padded = torch.from_numpy(np.pad(image, padding, mode="reflect"))[None]
+    with torch.no_grad():
+        probs = torch.softmax(model(padded), dim=1)[0].numpy()
+    return probs[(slice(None),) + tuple(slice(0, n) for n in shape)]
+
+
+def test_reflect_index_is_numpys_reflect_padding_even_far_beyond_tiny_volumes():
+    for n in (1, 2, 5):
+        values = np.arange(n)
+        expected = np.pad(values, (23, 31), mode="reflect")
+        assert np.array_equal(values[reflect_index(np.arange(-23, n + 31), n)], expected)
+
+
+def test_tiles_reproduce_one_whole_volume_pass(nuclei):
+    image = normalized(nuclei[0])
+    model = trained_looking(UNetConfig(in_channels=1, num_classes=3, width=2, levels=3))
+    tiled = predict_array(model, image, tile=(16, 32, 24))
+    assert len(plan_tiles(model.config, image.shape[1:], (16, 32, 24)).starts) == 2 * 2 * 3
+    np.testing.assert_allclose(tiled, whole_volume_probabilities(model, image), atol=1e-5)
+
+
+def test_result_does_not_depend_on_tile_size_or_batch(nuclei):
+    image = normalized(nuclei[0])[:, :, :48, :48]
+    model = trained_looking(UNetConfig(in_channels=1, num_classes=3, width=2, levels=3), seed=1)
+    small = predict_array(model, image, tile=(8, 24, 24))
+    large = predict_array(model, image, tile=(24, 40, 32), batch_size=2)
+    np.testing.assert_allclose(small, large, atol=1e-5)
+    assert np.array_equal(small.argmax(0), large.argmax(0))
+
+
+def test_mirroring_tta_is_tile_size_invariant_too(nuclei):
+    image = normalized(nuclei[0])[:, :16, :30, :30]
+    model = trained_looking(UNetConfig(in_channels=1, num_classes=3, width=2, levels=2), seed=1)
+    small = predict_array(model, image, tile=(8, 16, 16), tta=True)
+    large = predict_array(model, image, tile=(16, 30, 30), tta=True, batch_size=2)
+    np.testing.assert_allclose(small, large, atol=1e-5)
+    plain = predict_array(model, image, tile=(16, 30, 30))
+    assert np.abs(plain - small).max() > 1e-3  # the mirrored passes did change something
+
+
+def test_volume_smaller_than_the_margin_is_mirrored_repeatedly():
+    from unet3d.io import read_image
+
+    from conftest import shared_volume
+
+    image, _ = read_image(str(shared_volume("hippocampus", "images", "hippocampus_001.nii.gz")))
+    crop = normalized(image[0, :12, :30, :9])
+    model = trained_looking(UNetConfig(in_channels=1, num_classes=3, width=2, levels=3), seed=2)
+    assert min(crop.shape[1:]) < model.geometry.margin()[0]
+    np.testing.assert_allclose(predict_array(model, crop, tile=(8, 8, 8)), whole_volume_probabilities(model, crop), atol=1e-5)
+
+
+def test_two_dimensional_net_tiles_seamlessly(nuclei):
+    image = normalized(nuclei[0])[:, :12]
+    model = trained_looking(UNetConfig(in_channels=1, num_classes=3, width=2, levels=3, dims=2), seed=3)
+    assert grid_step(model.geometry, 0) == 1
+    np.testing.assert_allclose(predict_array(model, image, tile=(5, 16, 24)), whole_volume_probabilities(model, image), atol=1e-5)
+
+
+def test_fold_batch_norm_is_exact_and_leaves_batch_statistics_alone(nuclei):
+    x = torch.from_numpy(normalized(nuclei[0])[None, :, :16, :32, :32])
+    model = trained_looking(UNetConfig(in_channels=1, num_classes=3, width=4, levels=3, padding="same"))
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, unet.TestTimeBatchNorm) for m in folded.modules())
+    assert any(isinstance(m, unet.TestTimeBatchNorm) for m in model.modules())  # the original is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    paper_style = trained_looking(UNetConfig(in_channels=1, num_classes=3, width=4, levels=3, padding="same", norm_at_test="batch"))
+    kept = fold_batch_norm(paper_style)
+    assert sum(isinstance(m, unet.TestTimeBatchNorm) for m in kept.modules()) == 2 * 5  # two per convolution block
+
+
+class PointwiseNet(nn.Module):
+    """Same-padding stand-in whose probabilities are a known function of each voxel alone, so
+    every correctly normalized blend of windows must give exactly that function back."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = UNetConfig(in_channels=1, num_classes=2, levels=3, padding="same")
+
+    def forward(self, x):
+        return torch.cat([x, -x], dim=1)
+
+
+def test_same_padding_windows_cover_every_voxel_and_weights_normalize(nuclei):
+    image = normalized(nuclei[0])
+    plan = plan_tiles(PointwiseNet().config, image.shape[1:], (16, 24, 24), overlap=0.5)
+    coverage = np.zeros(image.shape[1:], int)
+    for start in plan.starts:
+        coverage[plan.output_region(start)] += 1
+    assert coverage.min() >= 1 and coverage.max() > 1
+    probs = predict_array(PointwiseNet(), image, tile=(16, 24, 24), overlap=0.5)
+    expected = 1 / (1 + np.exp(-2 * image[0]))
+    np.testing.assert_allclose(probs[0], expected, atol=1e-5)
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+
+
+def test_same_padding_unet_blends_smoothly(nuclei):
+    image = normalized(nuclei[0])[:, :, :40, :40]
+    model = trained_looking(UNetConfig(in_channels=1, num_classes=2, width=2, levels=3, padding="same"))
+    one_window = predict_array(model, image, tile=(32, 40, 40))
+    blended = predict_array(model, image, tile=(16, 24, 24), overlap=0.5)
+    np.testing.assert_allclose(blended.sum(0), 1, atol=1e-5)
+    assert (one_window.argmax(0) == blended.argmax(0)).mean() > 0.9
+
+
+def test_gaussian_weight_trusts_the_centre():
+    weight = gaussian_weight((8, 16, 16))
+    assert weight.max() == weight[3:5, 7:9, 7:9].min() and weight.min() > 0
+
+
+def test_memory_budget_picks_larger_tiles_for_more_memory():
+    config = UNetConfig(in_channels=1, num_classes=3, width=8, levels=4)
+    small = choose_output_tile(config, (200, 200, 200), 256 << 20)
+    large = choose_output_tile(config, (200, 200, 200), 1 << 30)
+    assert np.prod(large) > np.prod(small)
+    for tile, budget in ((small, 256 << 20), (large, 1 << 30)):
+        assert estimate_tile_bytes(config, config.geometry.input_shape_for_output(tile)) <= budget
+        assert all(t % 8 == 0 for t in tile)
+    assert choose_output_tile(config, (20, 30, 30), 4 << 30) == (24, 32, 32)  # never beyond the volume
+    with pytest.raises(ValueError, match="smallest tile"):
+        choose_output_tile(config, (200, 200, 200), 1 << 20)

@@ -1,0 +1,163 @@
+import argparse
+import re
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import EXAMPLE, shared_volume
+from unet3d.cli import predict
+from unet3d.data.normalization import apply_normalization, fit_normalization
+from unet3d.errors import UserError
+from unet3d.inference import choose_output_tile, predict_array
+from unet3d.io import read_image, write_volume
+from unet3d.model import UNet, UNetConfig, save_model
+from unet3d.model import unet
+
+
+def run_predict(*argv: str) -> None:
+    parser = argparse.ArgumentParser()
+    predict.register(parser.add_subparsers())
+    args = parser.parse_args(["predict", *map(str, argv)])
+    args.run(args)
+
+
+def make_model(path, image: np.ndarray, class_values, in_channels: int = 1, padding: str = "valid") -> tuple[UNet, dict]:
+    """A small random network with non-trivial batch-norm statistics, saved as training would."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(in_channels=in_channels, num_classes=len(class_values), width=2, levels=3, padding=padding))
+    for module in model.modules():
+        if isinstance(module, unet.TestTimeBatchNorm):
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.5, 2.0)
+    info = {
+        "class_values": list(class_values),
+        "ignore_label": 255,
+        "normalization": fit_normalization([image.astype(np.float32)]),
+        "spacing": None,
+        "patch_shape": [44, 44, 44],
+    }
+    save_model(path, model, info)
+    return model.eval(), info
+
+
+@pytest.fixture
+def ovule_crop(tmp_path):
+    """A real 24×96×80 crop of the ovule stack, in an HDF5 file: (path spec, (1, Z, Y, X) array)."""
+    with h5py.File(shared_volume("ovule", "ovule.h5"), "r") as f:
+        raw = f["raw"][20:44, 50:146, 60:140]
+    path = tmp_path / "crop.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("raw", data=raw, chunks=(8, 32, 32))
+    return f"{path}:/raw", raw[None]
+
+
+def expected_labels(model, info, image, **options) -> tuple[np.ndarray, np.ndarray]:
+    probs = predict_array(model, apply_normalization(image, info["normalization"]), **options)
+    return np.asarray(info["class_values"])[probs.argmax(0)], probs
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_hdf5_streaming_equals_in_memory_prediction(tmp_path, ovule_crop, capsys, padding):
+    spec, image = ovule_crop
+    model, info = make_model(tmp_path / "m.safetensors", image, [1, 2], padding=padding)
+    out = tmp_path / "pred.h5"
+    run_predict(tmp_path / "m.safetensors", spec, "-o", f"{out}:/labels", "--probabilities", tmp_path / "probs.h5",
+                "--max-memory", "24M", "--device", "cpu")
+    tiles = int(re.search(r"in (\d+) tile", capsys.readouterr().out).group(1))
+    assert tiles > 1  # the budget forced more than one tile
+    with h5py.File(out, "r") as f:
+        labels = f["labels"][...]
+    with h5py.File(tmp_path / "probs.h5", "r") as f:
+        probs = f["data"][...]
+    budget_tile = choose_output_tile(model.config, image.shape[1:], 24 << 20)
+    expected, expected_probs = expected_labels(model, info, image, tile=budget_tile)
+    assert probs.dtype == np.float16 and probs.shape == (2, *image.shape[1:])
+    np.testing.assert_allclose(probs, expected_probs, atol=1e-3)
+    assert np.array_equal(labels, expected)
+
+
+def test_zarr_streaming_with_uncertainty(tmp_path, ovule_crop):
+    _, image = ovule_crop
+    write_volume(str(tmp_path / "crop.zarr"), image[0])
+    model, info = make_model(tmp_path / "m.safetensors", image, [1, 2])
+    run_predict(tmp_path / "m.safetensors", tmp_path / "crop.zarr", "-o", tmp_path / "pred.zarr",
+                "--uncertainty", tmp_path / "uncertainty.zarr", "--tile", "8,32,32", "--batch-size", "3")
+    labels = np.asarray(zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")["0"])
+    uncertainty = np.asarray(zarr.open_group(str(tmp_path / "uncertainty.zarr"), mode="r")["0"])
+    expected, probs = expected_labels(model, info, image, tile=(24, 96, 80))
+    assert np.array_equal(labels, expected)
+    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1))).sum(0) / np.log(2)
+    np.testing.assert_allclose(uncertainty, entropy, atol=1e-4)
+    assert 0 <= uncertainty.min() and uncertainty.max() <= 1
+
+
+def test_nifti_output_keeps_the_input_geometry(tmp_path):
+    source = shared_volume("hippocampus", "images", "hippocampus_001.nii.gz")
+    image, _ = read_image(str(source))
+    make_model(tmp_path / "m.safetensors", image, [0, 1, 2])
+    out = tmp_path / "labels.nii.gz"
+    run_predict(tmp_path / "m.safetensors", source, "-o", out, "--probabilities", tmp_path / "probs.npy", "--tta")
+    original, written = nib.load(source), nib.load(out)
+    assert written.shape == original.shape
+    np.testing.assert_array_equal(written.affine, original.affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
+    probs = np.load(tmp_path / "probs.npy")
+    assert probs.shape == (3, *image.shape[1:]) and np.allclose(probs.astype(np.float32).sum(0), 1, atol=3e-3)
+
+
+@pytest.fixture
+def nuclei_model(tmp_path, nuclei):
+    make_model(tmp_path / "m.safetensors", nuclei[0][None], [0, 1, 2])
+    return tmp_path / "m.safetensors"
+
+
+def test_channel_mismatch_is_reported(tmp_path, nuclei):
+    make_model(tmp_path / "two.safetensors", np.stack([nuclei[0]] * 2), [0, 1, 2], in_channels=2)
+    with pytest.raises(UserError, match=r"image\.tif: 1 channel\(s\), but .*two\.safetensors expects 2"):
+        run_predict(tmp_path / "two.safetensors", EXAMPLE / "image.tif", "-o", tmp_path / "out.tif")
+
+
+def test_unwritable_output_is_refused_before_computing(tmp_path, nuclei_model):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(UserError, match="afile is not a directory"):
+        run_predict(nuclei_model, EXAMPLE / "image.tif", "-o", tmp_path / "out.tif",
+                    "--probabilities", tmp_path / "afile" / "probs.h5")
+    assert not (tmp_path / "out.tif").exists()
+    (tmp_path / "folder.tif").mkdir()
+    with pytest.raises(UserError, match="folder.tif: is a directory"):
+        run_predict(nuclei_model, EXAMPLE / "image.tif", "-o", tmp_path / "folder.tif")
+
+
+def test_unknown_extension_and_overwriting_the_input_are_refused(tmp_path, nuclei_model):
+    with pytest.raises(UserError, match=r"out\.xyz: unknown file extension"):
+        run_predict(nuclei_model, EXAMPLE / "image.tif", "-o", tmp_path / "out.xyz")
+    with pytest.raises(UserError, match="would overwrite the input image"):
+        run_predict(nuclei_model, EXAMPLE / "image.tif", "-o", EXAMPLE / "image.tif")
+
+
+def test_empty_image_is_refused(tmp_path, nuclei_model):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 40, 40), np.float32))
+    with pytest.raises(UserError, match=r"empty\.npy: empty volume of shape \(0, 40, 40\)"):
+        run_predict(nuclei_model, tmp_path / "empty.npy", "-o", tmp_path / "out.npy")
+
+
+def test_memory_budget_too_small_is_reported(tmp_path, nuclei_model):
+    with pytest.raises(UserError, match=r"--max-memory 1M: too small, the smallest tile needs about"):
+        run_predict(nuclei_model, EXAMPLE / "image.tif", "-o", tmp_path / "out.tif", "--max-memory", "1M")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_missing_cuda_is_reported(tmp_path, nuclei_model):
+    with pytest.raises(UserError, match="--device cuda: no CUDA device"):
+        run_predict(nuclei_model, EXAMPLE / "image.tif", "-o", tmp_path / "out.tif", "--device", "cuda")
+
+
+def test_memory_sizes_parse():
+    assert predict.memory_size("2G") == 2 << 30 and predict.memory_size("512MiB") == 512 << 20
+    assert predict.memory_size("1.5k") == 1536 and predict.memory_size("4096") == 4096
+    with pytest.raises(argparse.ArgumentTypeError):
+        predict.memory_size("lots")
