@@ -58,7 +58,8 @@ def run(args) -> int:
         print(json.dumps({"prediction": args.prediction, "truth": args.truth, "exclude": args.exclude,
                           "ignore_label": args.ignore_label, **result}))
     else:
-        print(_table(args, result))
+        where = f", those holding the ignore label {args.ignore_label} in {args.exclude}" if args.exclude else ""
+        print(score_table(result, where))
     return 0
 
 
@@ -71,7 +72,8 @@ def _size(shape) -> str:
     return "×".join(map(str, shape))
 
 
-def _table(args, result: dict) -> str:
+def score_table(result: dict, where: str = "") -> str:
+    """The per-class IoU/Dice table printed by evaluate, densify and demo."""
     lines = [f"{'class':>8} {'IoU':>7} {'Dice':>7} {'truth voxels':>14} {'predicted voxels':>17}"]
     for entry in result["classes"]:
         lines.append(f"{entry['value']:>8} {_score(entry['iou']):>7} {_score(entry['dice']):>7} "
@@ -81,7 +83,6 @@ def _table(args, result: dict) -> str:
     lines.append(f"mean IoU, all classes ({_listing(values)}): {_score(result['mean_iou'])}")
     lines.append(f"mean IoU, foreground classes ({_listing(foreground)}): {_score(result['mean_iou_foreground'])}")
     lines.append(f"mean Dice, all classes: {_score(result['mean_dice'])}; foreground classes: {_score(result['mean_dice_foreground'])}")
-    where = f", those holding the ignore label {args.ignore_label} in {args.exclude}" if args.exclude else ""
     lines.append(f"evaluated voxels: {result['voxels']:,}{where}")
     return "\n".join(lines)
 

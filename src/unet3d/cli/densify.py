@@ -1,0 +1,97 @@
+"""`unet3d densify`: the semi-automatic workflow in one command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from unet3d.cli.evaluate import score_table
+from unet3d.cli.train import float_list, resolve_device
+from unet3d.errors import UserError
+from unet3d.evaluation import evaluate_volumes
+from unet3d.evaluation.figures import overlay_figure
+from unet3d.io import read_image, read_labels, write_volume
+from unet3d.io.spec import EXTENSIONS, parse_spec
+from unet3d.workflows.densify import densify
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "densify",
+        help="segment a whole volume from a few annotated slices of it",
+        description="Semi-automatic segmentation: train on the annotated voxels of SPARSE (every voxel holding "
+        "the ignore label is unlabeled), then segment every voxel of IMAGE. Besides SEGMENTATION it writes the "
+        "trained model (reusable with `unet3d predict`) and a PNG of slices with the result overlaid.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("image", help="image volume (.tif .nii.gz .h5:/dataset .zarr .npy ...)")
+    parser.add_argument("sparse", help="sparse labels of the same volume")
+    parser.add_argument("-o", "--output", required=True, metavar="SEGMENTATION", help="segmentation to write")
+    parser.add_argument("--ignore-label", type=int, required=True, metavar="N",
+                        help="the value of unannotated voxels (0 for napari/ilastik painting, 3 in the paper, 255, ...)")
+    parser.add_argument("--num-classes", type=int, metavar="K", help="number of classes (default: inferred)")
+    parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS", help="training time budget")
+    parser.add_argument("--seed", type=int, default=0, help="makes a CPU run reproducible (with --iterations)")
+    parser.add_argument("--iterations", type=int, default=100_000, help="training steps at most")
+    parser.add_argument("--model", metavar="MODEL", help="where to write the model (default: SEGMENTATION's name + .model.safetensors)")
+    parser.add_argument("--overlay", metavar="PNG", help="slices with the result overlaid (default: SEGMENTATION's name + .overlay.png)")
+    parser.add_argument("--probabilities", metavar="FILE", help="also write class probabilities (K, Z, Y, X) float16")
+    parser.add_argument("--truth", metavar="TRUTH", help="dense ground truth: report IoU on the unannotated voxels")
+    parser.add_argument("--channel-axis", type=int, help="channel axis of a multi-channel image (default: detected)")
+    parser.add_argument("--spacing", type=float_list, metavar="Z,Y,X", help="voxel spacing (default: from the file)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+def output_base(spec: str) -> Path:
+    """SEGMENTATION's path without its volume extension (seg.nii.gz → seg)."""
+    path = parse_spec(spec).path
+    for extension in EXTENSIONS:
+        if path.lower().endswith(extension):
+            return Path(path[: -len(extension)])
+    return Path(path)
+
+
+def run(args) -> int:
+    image, meta = read_image(args.image, args.channel_axis)
+    sparse, _ = read_labels(args.sparse)
+    truth = read_labels(args.truth)[0] if args.truth else None
+    if truth is not None and truth.shape != sparse.shape:
+        raise UserError(f"{args.truth}: shape {truth.shape} differs from {args.sparse}: {sparse.shape}")
+    report = densify_and_write(image, sparse, meta, args.output, args.ignore_label, model=args.model,
+                               overlay=args.overlay, probabilities=args.probabilities, truth=truth,
+                               max_time=args.max_time, iterations=args.iterations, seed=args.seed,
+                               num_classes=args.num_classes, spacing=args.spacing, source=args.image,
+                               device=resolve_device(args.device), progress=not args.quiet)
+    print(report)
+    return 0
+
+
+def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, model=None, overlay=None,
+                      probabilities=None, truth=None, max_time=120.0, iterations=100_000, seed=0,
+                      num_classes=None, spacing=None, source="image", device="cpu", progress=True) -> str:
+    """Run densify and write segmentation, model, overlay (and probabilities); returns a report."""
+    base = output_base(output)
+    model = model or f"{base}.model.safetensors"
+    overlay = overlay or f"{base}.overlay.png"
+    if image.shape[1:] != sparse.shape:
+        raise UserError(f"{source}: image shape {image.shape[1:]} and sparse label shape {sparse.shape} differ")
+    result = densify(image, sparse, ignore_label, model, max_time=max_time, iterations=iterations, seed=seed,
+                     num_classes=num_classes,
+                     spacing=spacing or meta.spacing, source=source, progress=progress, device=device)
+    write_volume(output, result.segmentation, like=meta)
+    if probabilities:
+        write_volume(probabilities, result.probabilities.astype("float16"), like=meta)
+    lines = [f"trained {result.iterations} iterations in {result.seconds:.0f} s",
+             f"wrote {output} (segmentation), {model} (model), {overlay} (overlay)"]
+    title = f"unet3d densify: {Path(source).name}"
+    if truth is not None:
+        scores = evaluate_volumes(result.segmentation, truth, exclude=sparse, ignore_label=ignore_label)
+        lines += ["IoU on the unannotated voxels:", score_table(scores)]
+        title += f" — foreground IoU {scores['mean_iou_foreground']:.3f} on unannotated voxels"
+        lines.append("json: " + json.dumps({"mean_iou_foreground": scores["mean_iou_foreground"],
+                                            "iou": {c["value"]: c["iou"] for c in scores["classes"]}}))
+    overlay_figure(overlay, image, result.segmentation, result.info["class_values"], title=title)
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Pictures that say more than numbers: slices of a volume with a segmentation overlaid."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unet3d.atomic import atomic_path
+
+_COLORS = np.array([
+    [0.0, 0.0, 0.0], [0.95, 0.3, 0.2], [0.2, 0.7, 0.95], [0.95, 0.8, 0.1], [0.4, 0.9, 0.3],
+    [0.8, 0.35, 0.9], [1.0, 0.55, 0.1], [0.3, 0.3, 0.95], [0.6, 0.6, 0.6],
+])
+
+
+def _gray(plane: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(plane, (1, 99.5))
+    return np.clip((plane - low) / max(high - low, 1e-9), 0, 1)
+
+
+def _overlay(gray: np.ndarray, labels: np.ndarray, class_values, alpha: float) -> np.ndarray:
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    for index, value in enumerate(class_values):
+        if index == 0:  # the first class (background, usually) stays unpainted
+            continue
+        mask = labels == value
+        rgb[mask] = (1 - alpha) * rgb[mask] + alpha * _COLORS[1 + (index - 1) % (len(_COLORS) - 1)]
+    return rgb
+
+
+def overlay_figure(path, image: np.ndarray, segmentation: np.ndarray, class_values, *, title: str = "",
+                   positions=None, alpha: float = 0.45) -> None:
+    """PNG of the middle (or given) slice along each axis: image, and image with the segmentation.
+
+    image: (C, Z, Y, X) or (Z, Y, X) — the first channel is shown; segmentation: (Z, Y, X) values.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    image = image[0] if image.ndim == 4 else image
+    positions = positions or [n // 2 for n in segmentation.shape]
+    names = ("Z", "Y", "X")
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7), dpi=100, squeeze=False)
+    for axis, position in enumerate(positions):
+        plane = np.take(image, position, axis=axis).astype(np.float32)
+        labels = np.take(segmentation, position, axis=axis)
+        gray = _gray(plane)
+        axes[0, axis].imshow(gray, cmap="gray", interpolation="nearest")
+        axes[0, axis].set_title(f"image, {names[axis]} = {position}")
+        axes[1, axis].imshow(_overlay(gray, labels, class_values, alpha), interpolation="nearest")
+        axes[1, axis].set_title(f"segmentation, {names[axis]} = {position}")
+        for row in axes[:, axis]:
+            row.set_axis_off()
+    handles = [Patch(color=_COLORS[1 + (i - 1) % (len(_COLORS) - 1)], label=f"class {v}")
+               for i, v in enumerate(class_values) if i > 0]
+    fig.legend(handles=handles, loc="lower center", ncol=max(1, len(handles)), frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

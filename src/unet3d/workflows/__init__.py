@@ -1,0 +1,1 @@
+"""End-to-end jobs built from the parts: densify a sparsely annotated volume."""

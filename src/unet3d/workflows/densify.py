@@ -1,0 +1,57 @@
+"""Semi-automatic segmentation: learn from the annotated slices of a volume, segment all of it.
+
+The defaults are chosen for a CPU and a few minutes: a small valid-padding U-Net (seamless
+tiles), patches sized to the volume, Adam with a cosine schedule annealed over the time budget,
+class-balanced sampling and weights, and the paper's augmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from unet3d.augmentation import AugmentationConfig
+from unet3d.data.labels import decode_labels
+from unet3d.inference import predict_array
+from unet3d.model import UNet, UNetConfig
+from unet3d.training import TrainConfig, train
+from unet3d.training.dataset import TrainingSet, prepare_training_set
+
+TARGET_PATCH = (16, 40, 40)  # output voxels per patch along (Z, Y, X), capped by the volume
+
+
+@dataclass
+class DensifyResult:
+    segmentation: np.ndarray  # (Z, Y, X) class values
+    probabilities: np.ndarray  # (K, Z, Y, X) float32
+    model: UNet
+    info: dict
+    iterations: int
+    seconds: float
+
+
+def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: int = 100_000, seed: int = 0,
+                   width: int = 8, levels: int = 3) -> TrainConfig:
+    """The densify recipe for this volume: network, patch, optimiser, schedule, augmentation."""
+    network = UNetConfig(in_channels=data.channels, num_classes=len(data.class_values), width=width,
+                         levels=levels, padding="valid", norm="batch")
+    shape = tuple(min(int(n), t) for n, t in zip(data.images[0].shape[1:], TARGET_PATCH))
+    patch = network.geometry.input_shape_for_output(shape)
+    return TrainConfig(network=network, patch_shape=patch, batch_size=2, iterations=iterations,
+                       max_time=max_time, optimizer="adam", learning_rate=3e-3, schedule="cosine", warmup=0.05,
+                       loss="ce", class_weighting="inverse_sqrt", augmentation=AugmentationConfig(),
+                       seed=seed, checkpoint_every=30.0, log_every=10)
+
+
+def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path, *, config: TrainConfig | None = None,
+            max_time: float = 120.0, iterations: int = 100_000, seed: int = 0, spacing=None, num_classes: int | None = None,
+            source: str = "image", progress: bool = True, device: str = "cpu") -> DensifyResult:
+    """Train on the annotated voxels of `sparse`, then predict every voxel of `image`."""
+    data = prepare_training_set([image], [sparse], ignore_label, sources=[source], num_classes=num_classes,
+                                spacing=spacing)
+    config = config or default_config(data, max_time=max_time, iterations=iterations, seed=seed)
+    result = train(config, data, model_path, progress=progress, device=device)
+    probabilities = predict_array(result.model, data.images[0].numpy(), device=device, progress=progress)
+    segmentation = decode_labels(probabilities.argmax(0), data.class_values)
+    return DensifyResult(segmentation, probabilities, result.model, result.info, result.iterations, result.seconds)
