@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from unet3d.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
@@ -16,8 +18,11 @@ def atomic_path(path: str | os.PathLike):
     complete new one.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise UserError(f"{target}: cannot be written ({exc.strerror or exc})") from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should get the usual mode
     try:

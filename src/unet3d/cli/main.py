@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"unet3d {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions, vanished files: still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"unet3d {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"unet3d {args.command}: interrupted", file=sys.stderr)
         return 130
