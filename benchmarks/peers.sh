@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates (or completes) .venv-bench: unet3d plus the peer libraries the benchmarks compare with,
+# kept out of the product environment so .venv stays small.
+#   pytorch-3dunet: installed without its training extras (tensorboard, torchvision); the model
+#   code needs only scikit-image and PyYAML besides torch.
+#   MONAI: BasicUNet, UNet and sliding_window_inference.
+# Usage: bash benchmarks/peers.sh   (from the repository root; TORCH=... to pick another build)
+set -euo pipefail
+VENV="${VENV_BENCH:-.venv-bench}"
+TORCH="${TORCH:-torch==2.13.0}"
+test -x "$VENV/bin/python" || python3 -m venv "$VENV"
+# Naming torch on every install keeps pip from swapping the CPU build for another one.
+"$VENV/bin/pip" install --quiet "$TORCH" numpy scipy h5py tifffile scikit-image pyyaml monai==1.6.1 onnx onnxruntime
+"$VENV/bin/pip" install --quiet --no-deps pytorch3dunet==1.9.6
+"$VENV/bin/pip" install --quiet --no-deps -e .
+"$VENV/bin/python" -c "import monai, pytorch3dunet.unet3d.model, unet3d; print('peer environment ready:', '$VENV')"
