@@ -164,3 +164,17 @@ def test_volume_smaller_than_the_patch_is_padded(sparse_nuclei, tmp_path):
                                 class_values=[0, 1, 2])
     result = train(tiny_config(iterations=2), data, tmp_path / "m.safetensors", progress=False)
     assert result.iterations == 2
+
+
+def test_validation_logs_iou_and_keeps_the_best_model(sparse_nuclei, tmp_path):
+    image, labels, sparse = sparse_nuclei
+    data = prepare_training_set([image], [sparse], IGNORE)
+    held_out = np.where(sparse == IGNORE, labels, IGNORE).astype(np.uint8)  # the voxels not trained on
+    validation = prepare_training_set([image], [held_out], IGNORE, class_values=data.class_values,
+                                      normalization=data.normalization)
+    result = train(tiny_config(iterations=4, validate_every=2), data, tmp_path / "m.safetensors",
+                   validation=validation, progress=False)
+    scores = [e for e in result.history if "val_mean_iou" in e]
+    assert [e["iteration"] for e in scores] == [2, 4]
+    assert all(0 <= e["val_mean_iou"] <= 1 and len(e["val_iou"]) == 3 for e in scores)
+    assert run_files(tmp_path / "m.safetensors")["best"].exists()
