@@ -1,0 +1,105 @@
+"""The volumes the experiments run on, loaded as (image (C, Z, Y, X), dense truth (Z, Y, X)).
+
+nuclei_tiny is the example bundled with the package, so the quick run needs nothing else; the
+others come from the shared data folder (UNET3D_SHARED_DATA, else ../shared/data beside the
+repository) and are never copied into the repository.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unet3d.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "src" / "unet3d" / "examples" / "nuclei_tiny"
+EM_VNC_SPACING = (50.0, 4.6, 4.6)  # nm (Z, Y, X): serial sections are 10× thicker than the pixels
+QUARTER = 512
+# Fixed hippocampus cases (the first ones by file name) for the per-volume experiments, and a
+# fixed split for the fully automatic one: train on TRAIN_CASES, segment the unseen TEST_CASES.
+HIPPOCAMPUS_CASES = ("001", "003", "004", "006", "007")
+HIPPOCAMPUS_TRAIN = ("001", "003", "004", "006", "007", "008", "011", "014", "015", "017")
+HIPPOCAMPUS_TEST = ("019", "020", "023", "024", "025")
+
+
+@dataclass
+class Volume:
+    name: str  # dataset/case, used in run ids and file names
+    image: np.ndarray  # (C, Z, Y, X)
+    truth: np.ndarray  # (Z, Y, X) int64 class values 0..K-1
+    spacing: tuple[float, float, float] | None
+    background: int | None  # class left out of the foreground mean (None: all classes count)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.truth.max()) + 1
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("UNET3D_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise UserError(f"{path}: real data not found (set UNET3D_SHARED_DATA to the shared data folder)")
+    return path
+
+
+def nuclei_tiny() -> Volume:
+    import tifffile
+
+    image = tifffile.imread(EXAMPLE / "image.tif")[None]
+    truth = tifffile.imread(EXAMPLE / "labels.tif").astype(np.int64)
+    return Volume("nuclei_tiny", image, truth, None, 0)
+
+
+def ovule() -> Volume:
+    import h5py
+
+    with h5py.File(_require(shared_data() / "ovule" / "ovule.h5"), "r") as f:
+        image, truth = f["raw"][:][None], f["labels"][:].astype(np.int64)
+    return Volume("ovule", image, truth, None, 0)
+
+
+def em_vnc_quarter(index: int) -> Volume:
+    """Quarter 0..3 of the 20×1024×1024 stack: rows then columns of 512×512 tiles.
+
+    Class 0 is membrane, not background, so every class counts in the mean.
+    """
+    import tifffile
+
+    folder = shared_data() / "em_vnc"
+    row, column = divmod(index, 2)
+    region = (slice(None), slice(row * QUARTER, (row + 1) * QUARTER), slice(column * QUARTER, (column + 1) * QUARTER))
+    image = tifffile.imread(_require(folder / "image.tif"))[region]
+    truth = tifffile.imread(_require(folder / "labels.tif"))[region].astype(np.int64)
+    return Volume(f"em_vnc_q{index}", image[None], truth, EM_VNC_SPACING, None)
+
+
+def hippocampus(case: str) -> Volume:
+    """One MRI case, NIfTI (x, y, z) turned into (z, y, x); images and labels cast on load."""
+    import nibabel
+
+    folder = shared_data() / "hippocampus"
+    name = f"hippocampus_{case}.nii.gz"
+    zyx = lambda path: np.asarray(nibabel.load(_require(path)).dataobj).transpose(2, 1, 0)  # noqa: E731
+    image = zyx(folder / "images" / name).astype(np.float32)[None]
+    truth = np.rint(zyx(folder / "labels" / name)).astype(np.int64)
+    return Volume(f"hippocampus_{case}", image, truth, None, 0)
+
+
+def load(name: str) -> Volume:
+    """A volume by its run-id name: nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN."""
+    if name == "nuclei_tiny":
+        return nuclei_tiny()
+    if name == "ovule":
+        return ovule()
+    if name.startswith("em_vnc_q"):
+        return em_vnc_quarter(int(name.removeprefix("em_vnc_q")))
+    if name.startswith("hippocampus_"):
+        return hippocampus(name.removeprefix("hippocampus_"))
+    raise UserError(f"{name}: unknown volume (nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN)")

@@ -1,0 +1,170 @@
+"""Re-run the 3D U-Net paper's experiments on the public volumes and write a Markdown report.
+
+Usage: .venv/bin/python experiments/paper/run.py [--quick] [--out results/paper] [--budget SECONDS]
+           [--only slices,crossval,automatic] [--datasets nuclei_tiny,ovule,hippocampus,em_vnc]
+           [--methods unet3d,unet3d_nobn,unet2d,forest,unet3d_dense] [--slices 1,1,1 4,4,3]
+
+Every finished run is appended to OUT/results.jsonl, so an interrupted run resumes by skipping
+the runs recorded there with the same budget; OUT/report.md and OUT/figures/ are rebuilt after
+each run. --quick uses only the bundled nuclei_tiny example and a few seconds per training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `experiments` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+from tqdm import tqdm
+
+from experiments.paper import data, protocols, report
+from experiments.paper.methods import METHODS
+from experiments.paper.protocols import EXPERIMENTS, SLICE_SETTINGS, Run
+
+PER_VOLUME = {"nuclei_tiny": ["nuclei_tiny"], "ovule": ["ovule"], "em_vnc": ["em_vnc_q0"],
+              "hippocampus": [f"hippocampus_{c}" for c in data.HIPPOCAMPUS_CASES]}
+VOXELS = {"nuclei_tiny": 31 * 61 * 57, "ovule": 64 * 200 * 200, "em_vnc": 20 * 512 * 512, "hippocampus": 36 * 50 * 35}
+PREDICT_SECONDS_PER_VOXEL = 2e-5  # small U-Net on 2 CPU cores, measured roughly; for the estimate only
+FOREST_SECONDS_PER_VOXEL = 4e-5
+
+
+def full_plan(methods=METHODS, datasets=None, settings=SLICE_SETTINGS, only=EXPERIMENTS) -> list[Run]:
+    volumes = {g: v for g, v in PER_VOLUME.items() if datasets is None or g in datasets}
+    keep = lambda wanted: [m for m in wanted if m in methods]  # noqa: E731
+    runs = []
+    if "slices" in only:
+        runs += protocols.slice_runs(volumes, keep(("unet3d", "forest", "unet3d_dense")), settings)
+    if "crossval" in only:
+        runs += protocols.crossval_runs(volumes, keep(("unet3d", "unet3d_nobn", "unet2d", "forest")))
+    if "automatic" in only:
+        splits = {"em_vnc": protocols.em_vnc_splits(),
+                  "hippocampus": [(data.HIPPOCAMPUS_TRAIN, data.HIPPOCAMPUS_TEST)]}
+        runs += protocols.automatic_runs({g: s for g, s in splits.items() if datasets is None or g in datasets}, keep(METHODS))
+    return runs
+
+
+def quick_plan() -> list[Run]:
+    """nuclei_tiny only: one slice setting with the peers, and one cross-validation subset."""
+    volumes = {"nuclei_tiny": ["nuclei_tiny"]}
+    return (protocols.slice_runs(volumes, ("unet3d", "forest", "unet3d_dense"), ("3,3,2",))
+            + protocols.crossval_runs(volumes, ("unet3d",), folds=[0]))
+
+
+def estimate_seconds(run: Run, budget: float) -> float:
+    """Rough duration of a run: the training budget plus prediction, or the forest's features and fit."""
+    voxels = VOXELS[run.group] * len(run.test)
+    if run.method == "forest":
+        return FOREST_SECONDS_PER_VOXEL * (VOXELS[run.group] * len(run.train) + voxels)
+    return budget + PREDICT_SECONDS_PER_VOXEL * voxels + 3
+
+
+def load_records(path: Path) -> list[dict]:
+    """Records in order, the last one per run id winning; a line cut short by an interruption is skipped."""
+    records = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records.pop(record["id"], None)
+            records[record["id"]] = record
+    return list(records.values())
+
+
+def finished(records: list[dict], budget: float) -> set[str]:
+    """Ids of runs to skip: trained with this budget, or forests (they have no training budget)."""
+    return {r["id"] for r in records if r["budget"] == budget or r["method"] == "forest"}
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One JSON line, flushed to disk before the next run starts."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    import torch
+
+    return f"{model}, {os.cpu_count()} CPU cores, torch {torch.__version__} on CPU ({torch.get_num_threads()} threads)"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="bundled nuclei_tiny only, a few seconds per run (CI)")
+    parser.add_argument("--out", type=Path, default=Path("results/paper"), help="results folder")
+    parser.add_argument("--budget", type=float, help="seconds of training per run (default 600, quick 5)")
+    parser.add_argument("--only", help=f"comma-separated experiments: {','.join(EXPERIMENTS)}")
+    parser.add_argument("--datasets", help="comma-separated: nuclei_tiny,ovule,hippocampus,em_vnc")
+    parser.add_argument("--methods", help=f"comma-separated: {','.join(METHODS)}")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 on a crowded machine)")
+    parser.add_argument("--slices", nargs="+", help=f"slice settings of the slices experiment (default {' '.join(SLICE_SETTINGS)})")
+    args = parser.parse_args(argv)
+    args.budget = args.budget if args.budget is not None else (5.0 if args.quick else 600.0)
+    for name, allowed in (("only", EXPERIMENTS), ("datasets", tuple(PER_VOLUME)), ("methods", METHODS)):
+        value = getattr(args, name)
+        if value is not None:
+            chosen = value.split(",")
+            unknown = [c for c in chosen if c not in allowed]
+            if unknown:
+                parser.error(f"--{name}: unknown {', '.join(unknown)} (choose from {', '.join(allowed)})")
+            setattr(args, name, chosen)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        runs = quick_plan()
+    else:
+        runs = full_plan(args.methods or METHODS, args.datasets, tuple(args.slices or SLICE_SETTINGS), args.only or EXPERIMENTS)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    done = finished(load_records(results), args.budget)
+    todo = [r for r in runs if r.id not in done]
+    expected = sum(estimate_seconds(r, args.budget) for r in todo)
+    print(f"{len(runs)} runs planned, {len(runs) - len(todo)} already in {results}; {len(todo)} to run, "
+          f"about {expected / 3600:.1f} h ({expected / 60:.0f} min) at {args.budget:g} s of training each", flush=True)
+    command = "python experiments/paper/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    for run in tqdm(todo, unit="run", dynamic_ncols=True):
+        tqdm.write(f"{run.id} …")
+        record = protocols.execute(run, args.budget, args.out / "figures")
+        append_record(results, record)
+        tqdm.write(f"{run.id}: mean IoU {record['mean_iou']:.3f} in {record['seconds']:.0f} s")
+        _write_report(args, results, command, runs, time.perf_counter() - started)
+    path = _write_report(args, results, command, runs, time.perf_counter() - started)
+    print(f"wrote {path}")
+    return 0
+
+
+def _write_report(args, results: Path, command: str, runs: list[Run], seconds: float) -> Path:
+    records = load_records(results)
+    planned = {r.id for r in runs}
+    header = [f"- command: `{command}`", f"- training budget per run: {args.budget:g} s; seed {protocols.SEED}",
+              f"- machine: {machine()}",
+              f"- runs: {sum(r['id'] in planned for r in records)} of {len(runs)} planned finished; "
+              f"{sum(r['seconds'] for r in records) / 60:.1f} min of run time recorded, "
+              f"{seconds / 60:.1f} min in this invocation"]
+    return report.write_report(records, args.out, header)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The paper's experiment runner: protocols, methods, resumable records, and the quick run end to end."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import REPO, shared_volume
+
+if str(REPO) not in sys.path:  # experiments/ lives beside src/, not inside the installed package
+    sys.path.insert(0, str(REPO))
+
+from experiments.paper import data, protocols, run  # noqa: E402
+from experiments.paper.methods import IGNORE, _network_variant, segment  # noqa: E402
+from unet3d.data.sparse import positions_for  # noqa: E402
+from unet3d.training.dataset import prepare_training_set  # noqa: E402
+from unet3d.workflows.densify import default_config  # noqa: E402
+
+
+def test_quick_run_records_every_run_writes_report_and_resumes(tmp_path):
+    assert run.main(["--quick", "--out", str(tmp_path), "--budget", "2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [r.id for r in run.quick_plan()]
+    for record in records:
+        assert 0.0 <= record["mean_iou"] <= 1.0 and record["scores"][0]["voxels"] > 0
+        dense = record["method"] == "unet3d_dense"
+        assert (record["labeled_fraction"] == 1.0) == dense and 0.0 < record["labeled_fraction"] <= 1.0
+    sparse_scored = records[0]["scores"][0]["voxels"]
+    assert sparse_scored == round((1 - records[0]["labeled_fraction"]) * 31 * 61 * 57)  # only unannotated voxels
+    report = (tmp_path / "report.md").read_text()
+    assert "## 1. Number of annotated slices" in report and "## 2. Semi-automatic" in report
+    assert "| 3,3,2 |" in report and "random forest" in report and "4 of 4 planned finished" in report
+    figures = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
+    assert "iou_vs_labeled.png" in figures and len(figures) == 1 + len(records)
+
+    assert run.main(["--quick", "--out", str(tmp_path), "--budget", "2"]) == 0  # resumes: nothing left to run
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_crossval_subsets_partition_the_annotated_slices(nuclei):
+    _, truth = nuclei
+    subsets = protocols.crossval_subsets(truth.shape)
+    assert [sum(len(axis) for axis in subset) for subset in subsets] == [4, 4, 3]
+    assert all(sum(1 for axis in subset if axis) >= 2 for subset in subsets)  # slices of several orientations
+    for axis, positions in enumerate(positions_for(truth.shape, protocols.CROSSVAL_SLICES)):
+        assert sorted(p for subset in subsets for p in subset[axis]) == positions
+
+
+@pytest.mark.parametrize("fold", range(3))
+def test_crossval_scores_only_held_out_voxels_no_training_slice_covers(nuclei, fold):
+    _, truth = nuclei
+    sparse, scored = protocols.crossval_split(truth, fold)
+    annotated = sparse != IGNORE
+    np.testing.assert_array_equal(sparse[annotated], truth[annotated])
+    assert scored.any() and not (scored & annotated).any()
+    held_out = protocols.crossval_subsets(truth.shape)[fold]
+    on_held_out = np.zeros(truth.shape, bool)
+    for axis, positions in enumerate(held_out):
+        on_held_out[(slice(None),) * axis + (positions,)] = True
+    np.testing.assert_array_equal(scored, on_held_out & ~annotated)
+
+
+def test_2d_variant_keeps_output_patch_and_needs_no_z_context(nuclei):
+    image, truth = nuclei
+    training = prepare_training_set([image[None]], [np.where(truth == 0, IGNORE, truth)], IGNORE, class_values=[1, 2])
+    config = default_config(training, max_time=1)
+    flat = _network_variant(config, "unet2d")
+    assert flat.network.dims == 2 and flat.patch_shape[0] == flat.network.geometry.output_shape(flat.patch_shape)[0]
+    assert flat.network.geometry.output_shape(flat.patch_shape) == config.network.geometry.output_shape(config.patch_shape)
+    assert _network_variant(config, "unet3d_nobn").network.norm == "none"
+
+
+@pytest.mark.parametrize("method", ["unet2d", "forest"])
+def test_methods_train_on_some_volumes_and_segment_another(nuclei, method, tmp_path):
+    image, truth = nuclei
+    halves = [data.Volume(f"part{i}", image[None, :, :, 28 * i:28 * i + 28], truth[:, :, 28 * i:28 * i + 28].astype(np.int64),
+                          None, 0) for i in range(2)]
+    held_out = data.Volume("held_out", image[None, :, 30:], truth[:, 30:].astype(np.int64), None, 0)
+    sparse = [protocols.sparsify(v.truth, (2, 2, 1), ignore_label=IGNORE) for v in halves]
+    result = segment(method, halves, sparse, [held_out], budget=1.0, seed=0, workdir=tmp_path)
+    assert result.class_values == [0, 1, 2]
+    assert result.labels[0].shape == held_out.truth.shape
+    assert set(np.unique(result.labels[0])) <= {0, 1, 2}
+
+
+def test_em_vnc_quarters_tile_the_stack():
+    image = tifffile.imread(shared_volume("em_vnc", "image.tif"))
+    quarters = [data.em_vnc_quarter(i) for i in range(4)]
+    assert all(q.image.shape == (1, 20, 512, 512) and q.truth.shape == (20, 512, 512) for q in quarters)
+    top = np.concatenate([quarters[0].image[0], quarters[1].image[0]], axis=2)
+    bottom = np.concatenate([quarters[2].image[0], quarters[3].image[0]], axis=2)
+    np.testing.assert_array_equal(np.concatenate([top, bottom], axis=1), image)
+    assert quarters[0].background is None and quarters[0].spacing == data.EM_VNC_SPACING
+
+
+def test_hippocampus_cases_exist_and_the_split_is_disjoint():
+    for case in {*data.HIPPOCAMPUS_CASES, *data.HIPPOCAMPUS_TRAIN, *data.HIPPOCAMPUS_TEST}:
+        shared_volume("hippocampus", "images", f"hippocampus_{case}.nii.gz")
+    assert not set(data.HIPPOCAMPUS_TRAIN) & set(data.HIPPOCAMPUS_TEST)
+    volume = data.load(f"hippocampus_{data.HIPPOCAMPUS_CASES[0]}")
+    assert volume.image.shape[1:] == volume.truth.shape and set(np.unique(volume.truth)) == {0, 1, 2}
+
+
+def test_records_resume_last_wins_and_cut_lines_are_skipped(tmp_path):
+    path = tmp_path / "results.jsonl"
+    run.append_record(path, {"id": "a", "budget": 5.0, "mean_iou": 0.1})
+    run.append_record(path, {"id": "b", "budget": 5.0, "mean_iou": 0.2})
+    run.append_record(path, {"id": "a", "budget": 9.0, "mean_iou": 0.3})
+    with open(path, "a") as f:
+        f.write('{"id": "c", "budg')  # interrupted mid-line
+    records = run.load_records(path)
+    assert [(r["id"], r["mean_iou"]) for r in records] == [("b", 0.2), ("a", 0.3)]
+
+
+def test_unknown_dataset_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--datasets", "ovule,kidney"])
+    assert "unknown kidney" in capsys.readouterr().err
