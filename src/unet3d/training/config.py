@@ -11,6 +11,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "poly")
 LOSSES = ("ce", "dice_ce")
 CLASS_WEIGHTING = ("inverse_sqrt", "inverse", "none")
+CLOCKS = ("wall", "cpu")
 
 
 @dataclass
@@ -20,6 +21,7 @@ class TrainConfig:
     batch_size: int = 1
     iterations: int = 2000
     max_time: float | None = None  # seconds; the schedule anneals over whichever limit comes first
+    clock: str = "wall"  # what max_time counts: wall seconds, or this process's CPU seconds (shared machines)
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     momentum: float = 0.99  # SGD only (the original U-Net's value)
@@ -45,6 +47,7 @@ class TrainConfig:
             (self.schedule, SCHEDULES, "schedule"),
             (self.loss, LOSSES, "loss"),
             (self.class_weighting, CLASS_WEIGHTING, "class weighting"),
+            (self.clock, CLOCKS, "clock"),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

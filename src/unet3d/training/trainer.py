@@ -81,7 +81,7 @@ def train(config: TrainConfig, data: TrainingSet, output, *, validation: Trainin
         model = model.to(memory_format=torch.channels_last_3d)
 
     step = _Step(model, optimizer, loss_fn, config, device, channels_last)
-    clock = _Clock(state["elapsed"])
+    clock = _Clock(state["elapsed"], config.clock)
     last_checkpoint = time.monotonic()
     stopped_by = "iterations"
     iteration = state["iteration"]
@@ -146,13 +146,14 @@ class _Step:
 
 
 class _Clock:
-    """Training seconds, continuing from what earlier (resumed) runs spent."""
+    """Training seconds (wall, or CPU of this process), continuing from what earlier runs spent."""
 
-    def __init__(self, already: float):
-        self.start = time.monotonic() - already
+    def __init__(self, already: float, kind: str = "wall"):
+        self.now = time.process_time if kind == "cpu" else time.monotonic
+        self.start = self.now() - already
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return self.now() - self.start
 
 
 def _restore(path: Path, config: TrainConfig, model, optimizer) -> dict:

@@ -1,0 +1,116 @@
+"""Shared protocol of the densify ablation: volumes, the paper's slice rule, forest and U-Net runs.
+
+Every run is scored the same way: keep k orthogonal slices per axis of the ground truth, train on
+those voxels only, report IoU per class on all other voxels (mean over foreground classes).
+Budgets and costs are CPU seconds of this process (all its threads), because the cores are
+shared: wall seconds would mostly measure whoever else is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from unet3d.baselines import random_forest_segment
+from unet3d.data.labels import decode_labels, encode_labels
+from unet3d.data.sparse import sparsify
+from unet3d.evaluation import evaluate_volumes
+from unet3d.inference import predict_array
+from unet3d.training import train
+from unet3d.training.dataset import prepare_training_set
+from unet3d.workflows.densify import default_config
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+IGNORE = 255
+EM_VNC_SPACING = (50.0, 4.6, 4.6)  # nm (Z, Y, X)
+FOREST_TRAIN_VOXELS = 100_000  # as benchmarks/bench_forest.py
+
+
+def load_volume(name: str) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+    """(image (1, Z, Y, X) float32, truth (Z, Y, X) int64, spacing or None); hippocampus_NNN picks a case."""
+    if name == "nuclei_tiny":
+        import tifffile
+
+        folder = REPO / "src" / "unet3d" / "examples" / "nuclei_tiny"
+        return (tifffile.imread(folder / "image.tif")[None].astype(np.float32),
+                tifffile.imread(folder / "labels.tif").astype(np.int64), None)
+    if name == "ovule":
+        import h5py
+
+        with h5py.File(SHARED_DATA / "ovule" / "ovule.h5", "r") as f:
+            return f["raw"][:][None].astype(np.float32), f["labels"][:].astype(np.int64), None
+    if name == "em_vnc":
+        import tifffile
+
+        quarter = (slice(None), slice(0, 512), slice(0, 512))
+        image = tifffile.imread(SHARED_DATA / "em_vnc" / "image.tif")[quarter]
+        truth = tifffile.imread(SHARED_DATA / "em_vnc" / "labels.tif")[quarter].astype(np.int64)
+        return image[None].astype(np.float32), truth, EM_VNC_SPACING
+    if name.startswith("hippocampus_"):
+        import nibabel
+
+        folder = SHARED_DATA / "hippocampus"
+        zyx = lambda path: np.asarray(nibabel.load(path).dataobj).transpose(2, 1, 0)  # noqa: E731
+        file = f"{name}.nii.gz"
+        return (zyx(folder / "images" / file)[None].astype(np.float32),
+                np.rint(zyx(folder / "labels" / file)).astype(np.int64), None)
+    raise SystemExit(f"unknown volume {name!r}")
+
+
+def hippocampus_cases(count: int) -> list[str]:
+    return [p.name.removesuffix(".nii.gz") for p in sorted((SHARED_DATA / "hippocampus" / "images").glob("*.nii.gz"))[:count]]
+
+
+def training_set(image, truth, slices, spacing):
+    """(TrainingSet of the kept slices, sparse label volume with IGNORE elsewhere)."""
+    sparse = sparsify(truth, slices, IGNORE)
+    classes = sorted(int(v) for v in np.unique(truth))
+    data = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=spacing)
+    return data, sparse
+
+
+def score(prediction, truth, sparse) -> dict:
+    scores = evaluate_volumes(prediction, truth, exclude=sparse, ignore_label=IGNORE)
+    return {"foreground": scores["mean_iou_foreground"], "iou": {c["value"]: c["iou"] for c in scores["classes"]}}
+
+
+class Cost:
+    """CPU and wall seconds spent between construction and `stop()`."""
+
+    def __init__(self):
+        self.cpu, self.wall = time.process_time(), time.perf_counter()
+
+    def stop(self) -> dict:
+        return {"cpu": time.process_time() - self.cpu, "wall": time.perf_counter() - self.wall}
+
+
+def run_forest(image, truth, slices, spacing, seed: int = 0) -> dict:
+    """The ilastik-style random forest on the same slices: scores and CPU/wall cost."""
+    sparse = sparsify(truth, slices, IGNORE)
+    classes = sorted(int(v) for v in np.unique(truth))
+    cost = Cost()
+    result = random_forest_segment(image, encode_labels(sparse, classes, IGNORE), spacing=spacing, seed=seed,
+                                   max_train_voxels=FOREST_TRAIN_VOXELS)
+    spent = cost.stop()
+    return {**score(decode_labels(result.labels, classes), truth, sparse), **spent}
+
+
+def run_unet(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, recipe=None, tta: bool = False) -> dict:
+    """Densify's recipe (changed by `recipe(config) -> config`) trained for `cpu_budget` CPU seconds."""
+    data, sparse = training_set(image, truth, slices, spacing)
+    config = default_config(data, max_time=cpu_budget, seed=seed)
+    config = dataclasses.replace(config, clock="cpu", checkpoint_every=1e9)
+    if recipe is not None:
+        config = recipe(config)
+    cost = Cost()
+    with tempfile.TemporaryDirectory() as folder:
+        result = train(config, data, Path(folder) / "model.safetensors", progress=False)
+    probabilities = predict_array(result.model, data.images[0].numpy(), tta=tta)
+    spent = cost.stop()
+    prediction = decode_labels(probabilities.argmax(0), data.class_values)
+    return {**score(prediction, truth, sparse), **spent, "iterations": result.iterations}

@@ -1,0 +1,73 @@
+"""Foreground IoU against CPU seconds: densify at several budgets next to the random forest.
+
+Usage: .venv/bin/python experiments/ablation/curve.py [--volume nuclei_tiny] [--slices 3,3,2]
+           [--budgets 20 60 120] [--seeds 0 1] [--output docs/figures/densify_vs_forest.png]
+
+Each budget is a separate run (the schedule anneals over the whole budget, so a snapshot of a
+longer run would not show what a shorter one reaches). The forest is one point: its CPU seconds
+for features, fit and prediction, and its IoU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_volume, run_forest, run_unet  # noqa: E402
+
+from unet3d.atomic import atomic_path  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volume", default="nuclei_tiny")
+    parser.add_argument("--slices", default="3,3,2")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[20.0, 60.0, 120.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--output", type=Path, default=Path("docs/figures/densify_vs_forest.png"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    slices = tuple(int(k) for k in args.slices.split(","))
+    image, truth, spacing = load_volume(args.volume)
+    forest = run_forest(image, truth, slices, spacing)
+    print(f"forest: fg IoU {forest['foreground']:.3f}, {forest['cpu']:.0f} CPU s, {forest['wall']:.0f} wall s")
+    points = []
+    for budget in args.budgets:
+        runs = [run_unet(image, truth, slices, spacing, budget, seed=seed) for seed in args.seeds]
+        fg = [r["foreground"] for r in runs]
+        cpu = float(np.mean([r["cpu"] for r in runs]))
+        points.append((cpu, float(np.mean(fg)), float(np.std(fg))))
+        print(f"densify {budget:.0f} CPU s budget: fg IoU {np.mean(fg):.3f} ± {np.std(fg):.3f}, "
+              f"{cpu:.0f} CPU s with prediction, {np.mean([r['wall'] for r in runs]):.0f} wall s", flush=True)
+    plot(args.output, points, forest, f"{args.volume}, slices {args.slices}, seeds {args.seeds}")
+
+
+def plot(path: Path, points, forest, title: str) -> None:
+    cpu, mean, std = (np.array(v) for v in zip(*points))
+    figure, axes = plt.subplots(figsize=(4.5, 3.2), dpi=90)
+    axes.errorbar(cpu, mean, yerr=std, marker="o", capsize=3, label="densify (U-Net)")
+    axes.scatter([forest["cpu"]], [forest["foreground"]], marker="s", color="C3", zorder=3, label="random forest")
+    axes.set_xlabel("CPU seconds (train + predict)")
+    axes.set_ylabel("foreground IoU, unannotated voxels")
+    axes.set_title(title, fontsize=8)
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()

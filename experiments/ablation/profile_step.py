@@ -1,0 +1,87 @@
+"""Where does a densify training step spend its CPU time? Patch preparation vs forward/backward.
+
+Usage: .venv/bin/python experiments/ablation/profile_step.py [--steps N]
+
+Prints CPU seconds (process time, all threads) per step for a few network/patch/augmentation
+variants on the bundled nuclei example. CPU time rather than wall time because the machine's
+cores are shared: wall time would measure the neighbours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from unet3d.augmentation import AugmentationConfig
+from unet3d.losses import make_loss
+from unet3d.model import UNet, UNetConfig
+from unet3d.training.dataset import PatchBatches
+
+from common import load_volume, training_set  # noqa: E402  (experiments/ablation on sys.path)
+
+VARIANTS = {
+    # name: (padding, width, levels, output patch, batch, augmentation)
+    "valid w8 L3 out16x40x40 b2 paper-aug": ("valid", 8, 3, (16, 40, 40), 2, AugmentationConfig()),
+    "valid w8 L3 out16x40x40 b2 flips": ("valid", 8, 3, (16, 40, 40), 2, "flips"),
+    "same w8 L3 16x40x40 b2 paper-aug": ("same", 8, 3, (16, 40, 40), 2, AugmentationConfig()),
+    "same w8 L3 16x40x40 b2 flips": ("same", 8, 3, (16, 40, 40), 2, "flips"),
+    "same w16 L4 32x64x64 b1 flips": ("same", 16, 4, (32, 64, 64), 1, "flips"),
+}
+
+
+def flips_only() -> AugmentationConfig:
+    return AugmentationConfig(rotation_deg=0.0, scale=(1.0, 1.0), elastic_sigma=0.0, gamma=(1.0, 1.0),
+                              intensity_scale=(1.0, 1.0), intensity_shift=(0.0, 0.0))
+
+
+def profile(data, padding, width, levels, output, batch, augmentation, steps) -> tuple[float, float, float]:
+    network = UNetConfig(in_channels=data.channels, num_classes=len(data.class_values), width=width,
+                         levels=levels, padding=padding, norm="batch")
+    shape = tuple(min(int(n), t) for n, t in zip(data.images[0].shape[1:], output))
+    input_shape = network.geometry.input_shape_for_output(shape) if padding == "valid" else \
+        network.geometry.valid_input_shape(shape, "up")
+    output_shape = network.geometry.output_shape(input_shape)
+    batches = PatchBatches(data, input_shape, output_shape, batch, augmentation, seed=0)
+    torch.manual_seed(0)
+    model = UNet(network).to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    loss_fn = make_loss("ce", None)
+    prep = compute = 0.0
+    for i in range(steps + 1):
+        t0 = time.process_time()
+        images, targets = batches[i]
+        t1 = time.process_time()
+        logits = model(images.contiguous(memory_format=torch.channels_last_3d))
+        loss = loss_fn(logits, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        t2 = time.process_time()
+        if i:  # the first step warms up allocators and kernels
+            prep, compute = prep + t1 - t0, compute + t2 - t1
+    voxels = batch * math.prod(output_shape)
+    return prep / steps, compute / steps, voxels, input_shape
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    image, truth, spacing = load_volume("nuclei_tiny")
+    data, _ = training_set(image, truth, (3, 3, 2), spacing)
+    print(f"torch threads: {torch.get_num_threads()}\n")
+    print("| variant | input patch | CPU s/step: patches | network | labelled output voxels per CPU s |")
+    print("|---|---|---|---|---|")
+    for name, (padding, width, levels, output, batch, augmentation) in VARIANTS.items():
+        augmentation = flips_only() if augmentation == "flips" else augmentation
+        prep, compute, voxels, input_shape = profile(data, padding, width, levels, output, batch, augmentation,
+                                                     args.steps)
+        print(f"| {name} | {'×'.join(map(str, input_shape))} | {prep:.3f} | {compute:.3f} | "
+              f"{voxels / (prep + compute):.3g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
