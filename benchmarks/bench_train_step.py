@@ -283,18 +283,22 @@ TRAIN_HEADER = ("| configuration | parameters | input → output | s/step | outp
                 "| GFLOP/step | GFLOP/s (of conv peak) | time ÷ unet3d same |\n|---|---:|---|---:|---:|---:|---:|---:|---:|")
 
 
-def run_all(cases: list[dict], peer_python: str | None, timeout: float, shared: bool) -> list[dict]:
-    """Results in the order of `cases`: one fresh process per case, or with `shared` one process
-    per environment (quick mode: far fewer interpreter starts, but peak memory is cumulative)."""
+def run_all(cases: list[dict], peer_python: str | None, timeout: float, shared: bool):
+    """Results in the order of `cases`, yielded as they come: one fresh process per case, or with
+    `shared` one process per environment (quick mode: far fewer interpreter starts, but the peak
+    memory is cumulative)."""
+    skipped = {"error": "skipped: no peer environment (bash benchmarks/peers.sh)"}
     python_of = [peer_python if case.get("peer") else sys.executable for case in cases]
-    results: list[dict] = [{"error": "skipped: no peer environment (bash benchmarks/peers.sh)"}] * len(cases)
-    groups = [[i for i, p in enumerate(python_of) if p == python] for python in {p for p in python_of if p}]
     if not shared:
-        groups = [[i] for group in groups for i in group]
-    for group in sorted(groups):
-        for i, result in zip(group, run_cases([cases[i] for i in group], python_of[group[0]], timeout)):
+        for case, python in zip(cases, python_of):
+            yield run_in_fresh_process(case, python, timeout) if python else skipped
+        return
+    results = [skipped] * len(cases)
+    for python in {p for p in python_of if p}:
+        group = [i for i, p in enumerate(python_of) if p == python]
+        for i, result in zip(group, run_cases([cases[i] for i in group], python, timeout)):
             results[i] = result
-    return results
+    yield from results
 
 
 def print_train_tables(tables, peer_python: str | None, timeout: float, peak_gflops: float | None, shared: bool) -> None:
@@ -306,7 +310,7 @@ def print_train_tables(tables, peer_python: str | None, timeout: float, peak_gfl
         for case in table:
             result = next(results)
             reference = reference or result
-            print(format_train_row(case, result, peak_gflops, reference))
+            print(format_train_row(case, result, peak_gflops, reference), flush=True)
 
 
 def print_peak(case: dict, timeout: float) -> float | None:
@@ -355,6 +359,7 @@ def main() -> None:
     if args.case:
         child_main(json.loads(args.case))
         return
+    sys.stdout.reconfigure(line_buffering=True)  # rows appear as they are measured, even in a file
     repeats = args.repeats or (1 if args.quick else 3)
     peer_python = peer_environment(args.peer_python)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPU(s); median of {repeats} "
