@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.unet3d-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install bench bench-quick experiments clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,22 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Full benchmarks: peers (MONAI, pytorch-3dunet) live in .venv-bench, created by peers.sh.
+bench: $(STAMP)
+	bash benchmarks/peers.sh
+	.venv-bench/bin/python benchmarks/bench_train_step.py
+	.venv-bench/bin/python benchmarks/bench_predict.py
+	$(BIN)/python benchmarks/bench_augmentation.py
+	$(BIN)/python benchmarks/bench_forest.py
+
+# Short runs that keep the benchmark code working (no timing assertions); part of CI.
+bench-quick: $(STAMP)
+	for f in benchmarks/bench_*.py; do $(BIN)/python $$f --quick || exit 1; done
+
+# The paper's experiments on the real volumes in ../shared/data (hours; resumable).
+experiments: $(STAMP)
+	$(BIN)/python experiments/paper/run.py --out results/paper
 
 clean:
 	rm -rf $(VENV) demo-output
