@@ -104,13 +104,15 @@ def test_hippocampus_cases_exist_and_the_split_is_disjoint():
 
 def test_records_resume_last_wins_and_cut_lines_are_skipped(tmp_path):
     path = tmp_path / "results.jsonl"
-    run.append_record(path, {"id": "a", "budget": 5.0, "mean_iou": 0.1})
-    run.append_record(path, {"id": "b", "budget": 5.0, "mean_iou": 0.2})
-    run.append_record(path, {"id": "a", "budget": 9.0, "mean_iou": 0.3})
+    run.append_record(path, {"id": "a", "budget": 5.0, "method": "unet3d", "mean_iou": 0.1})
+    run.append_record(path, {"id": "b", "budget": 5.0, "method": "unet3d", "mean_iou": 0.2})
+    run.append_record(path, {"id": "a", "budget": 9.0, "method": "unet3d", "mean_iou": 0.3})
+    run.append_record(path, {"id": "f", "budget": 5.0, "method": "forest", "mean_iou": 0.4})
     with open(path, "a") as f:
         f.write('{"id": "c", "budg')  # interrupted mid-line
     records = run.load_records(path)
-    assert [(r["id"], r["mean_iou"]) for r in records] == [("b", 0.2), ("a", 0.3)]
+    assert [(r["id"], r["mean_iou"]) for r in records] == [("b", 0.2), ("a", 0.3), ("f", 0.4)]
+    assert run.finished(records, 9.0) == {"a", "f"}  # a forest has no training budget: never rerun
 
 
 def test_unknown_dataset_is_refused(capsys):

@@ -158,9 +158,9 @@ def write_report(records: list[dict], out: Path, header: list[str]) -> Path:
             "## 3. Fully automatic (the paper's Table 3)", automatic, PAPER_AUTOMATIC,
             "Train on (4,4,3) slices of each training volume (dense method: every voxel), segment unseen "
             "volumes, IoU on all their voxels. em_vnc: four 20×512×512 quarters, each held out once.")
-    lines += ["## Runs", "", "| run | labeled % | mean IoU | iterations | seconds (train / predict / total) |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {r['id']} | {100 * r['labeled_fraction']:.1f} | {_fmt(r['mean_iou'])} | {r['iterations'] or '–'} | "
+    lines += ["## Runs", "", "| run | budget s | labeled % | mean IoU | iterations | seconds (train / predict / total) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['id']} | {r['budget']:g} | {100 * r['labeled_fraction']:.1f} | {_fmt(r['mean_iou'])} | {r['iterations'] or '–'} | "
               f"{r['seconds_train']} / {r['seconds_predict']} / {r['seconds']} |" for r in records]
     path = out / "report.md"
     with atomic_path(path) as tmp:

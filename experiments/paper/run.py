@@ -82,7 +82,7 @@ def load_records(path: Path) -> list[dict]:
 
 
 def finished(records: list[dict], budget: float) -> set[str]:
-    """Ids of runs to skip: trained with this budget, or forests (they have no training budget)."""
+    """Ids of the runs done with this training budget, and of every forest (it has no training budget)."""
     return {r["id"] for r in records if r["budget"] == budget or r["method"] == "forest"}
 
 
@@ -106,14 +106,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="bundled nuclei_tiny only, a few seconds per run (CI)")
     parser.add_argument("--out", type=Path, default=Path("results/paper"), help="results folder")
-    parser.add_argument("--budget", type=float, help="seconds of training per run (default 600, quick 5)")
+    parser.add_argument("--budget", type=float, help="seconds of training per run (default 300, quick 5)")
     parser.add_argument("--only", help=f"comma-separated experiments: {','.join(EXPERIMENTS)}")
     parser.add_argument("--datasets", help="comma-separated: nuclei_tiny,ovule,hippocampus,em_vnc")
     parser.add_argument("--methods", help=f"comma-separated: {','.join(METHODS)}")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the records, run nothing")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 on a crowded machine)")
     parser.add_argument("--slices", nargs="+", help=f"slice settings of the slices experiment (default {' '.join(SLICE_SETTINGS)})")
     args = parser.parse_args(argv)
-    args.budget = args.budget if args.budget is not None else (5.0 if args.quick else 600.0)
+    args.budget = args.budget if args.budget is not None else (5.0 if args.quick else 300.0)
     for name, allowed in (("only", EXPERIMENTS), ("datasets", tuple(PER_VOLUME)), ("methods", METHODS)):
         value = getattr(args, name)
         if value is not None:
@@ -138,9 +139,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     done = finished(load_records(results), args.budget)
-    todo = [r for r in runs if r.id not in done]
+    todo = [] if args.report_only else [r for r in runs if r.id not in done]
     expected = sum(estimate_seconds(r, args.budget) for r in todo)
-    print(f"{len(runs)} runs planned, {len(runs) - len(todo)} already in {results}; {len(todo)} to run, "
+    print(f"{len(runs)} runs planned, {len(done & {r.id for r in runs})} already in {results}; {len(todo)} to run, "
           f"about {expected / 3600:.1f} h ({expected / 60:.0f} min) at {args.budget:g} s of training each", flush=True)
     command = "python experiments/paper/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
 
 
 def _write_report(args, results: Path, command: str, runs: list[Run], seconds: float) -> Path:
-    records = load_records(results)
+    current = finished(load_records(results), args.budget)  # the report never mixes training budgets
+    records = [r for r in load_records(results) if r["id"] in current]
     planned = {r.id for r in runs}
     header = [f"- command: `{command}`", f"- training budget per run: {args.budget:g} s; seed {protocols.SEED}",
               f"- machine: {machine()}",
