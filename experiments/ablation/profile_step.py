@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,7 +22,8 @@ from unet3d.losses import make_loss
 from unet3d.model import UNet, UNetConfig
 from unet3d.training.dataset import PatchBatches
 
-from common import load_volume, training_set  # noqa: E402  (experiments/ablation on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_volume, training_set  # noqa: E402
 
 VARIANTS = {
     # name: (padding, width, levels, output patch, batch, augmentation)
@@ -37,7 +40,7 @@ def flips_only() -> AugmentationConfig:
                               intensity_scale=(1.0, 1.0), intensity_shift=(0.0, 0.0))
 
 
-def profile(data, padding, width, levels, output, batch, augmentation, steps) -> tuple[float, float, float]:
+def profile(data, padding, width, levels, output, batch, augmentation, steps) -> tuple:
     network = UNetConfig(in_channels=data.channels, num_classes=len(data.class_values), width=width,
                          levels=levels, padding=padding, norm="batch")
     shape = tuple(min(int(n), t) for n, t in zip(data.images[0].shape[1:], output))
@@ -69,7 +72,9 @@ def profile(data, padding, width, levels, output, batch, augmentation, steps) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     image, truth, spacing = load_volume("nuclei_tiny")
     data, _ = training_set(image, truth, (3, 3, 2), spacing)
     print(f"torch threads: {torch.get_num_threads()}\n")

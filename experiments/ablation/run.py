@@ -37,14 +37,11 @@ def _valid_padding(config):
     return dataclasses.replace(config, patch_shape=config.network.geometry.input_shape_for_output(config.patch_shape))
 
 
-FLIPS_ONLY = AugmentationConfig(rotation_deg=0.0, scale=(1.0, 1.0), elastic_sigma=0.0, gamma=(1.0, 1.0),
-                                intensity_scale=(1.0, 1.0), intensity_shift=(0.0, 0.0))
-
 # name → (change of densify's default_config, test-time flips)
 VARIANTS = {
     "default": (lambda c: c, False),
     "valid_padding": (_valid_padding, False),
-    "flips_only": (lambda c: dataclasses.replace(c, augmentation=FLIPS_ONLY), False),
+    "paper_augmentation": (lambda c: dataclasses.replace(c, augmentation=AugmentationConfig()), False),
     "lr1e-2_onecycle": (lambda c: dataclasses.replace(c, learning_rate=1e-2, schedule="onecycle"), False),
     "dice_ce": (lambda c: dataclasses.replace(c, loss="dice_ce"), False),
     "width16": (lambda c: _network(c, width=16), False),
