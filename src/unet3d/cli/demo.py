@@ -6,7 +6,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-from unet3d.cli.densify import densify_and_write
+from unet3d.cli.densify import add_run_options, densify_and_write
 from unet3d.cli.train import resolve_device
 from unet3d.data.sparse import labeled_fraction, positions_for, sparsify
 from unet3d.io import read_image, read_labels, write_volume
@@ -28,8 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", default="demo-output", metavar="DIR", help="folder for the results")
     parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS", help="training time budget")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -52,6 +51,7 @@ def run(args) -> int:
     print(f"training for up to {args.max_time:.0f} s on these slices alone ...")
     report = densify_and_write(image, sparse, meta, str(out / "segmentation.tif"), IGNORE, truth=truth,
                                max_time=args.max_time, seed=args.seed, source=image_path,
-                               device=resolve_device(args.device), progress=not args.quiet)
+                               device=resolve_device(args.device), threads=args.threads,
+                               progress=not args.quiet)
     print(report)
     return 0

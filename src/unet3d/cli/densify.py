@@ -13,7 +13,7 @@ from unet3d.evaluation import evaluate_volumes
 from unet3d.evaluation.figures import overlay_figure
 from unet3d.io import read_image, read_labels, write_volume
 from unet3d.io.spec import EXTENSIONS, parse_spec
-from unet3d.workflows.densify import densify
+from unet3d.workflows.densify import THREADS, densify
 
 
 def register(subparsers) -> None:
@@ -40,9 +40,17 @@ def register(subparsers) -> None:
     parser.add_argument("--truth", metavar="TRUTH", help="dense ground truth: report IoU on the unannotated voxels")
     parser.add_argument("--channel-axis", type=int, help="channel axis of a multi-channel image (default: detected)")
     parser.add_argument("--spacing", type=float_list, metavar="Z,Y,X", help="voxel spacing (default: from the file)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_options(parser)
     parser.set_defaults(run=run)
+
+
+def add_run_options(parser) -> None:
+    """Device, threads and progress options shared by densify and demo."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="torch CPU threads; one wastes least CPU with densify's small network, more may be "
+                        "faster on an idle machine with many cores")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def output_base(spec: str) -> Path:
@@ -64,14 +72,16 @@ def run(args) -> int:
                                overlay=args.overlay, probabilities=args.probabilities, truth=truth,
                                max_time=args.max_time, iterations=args.iterations, seed=args.seed,
                                num_classes=args.num_classes, spacing=args.spacing, source=args.image,
-                               device=resolve_device(args.device), progress=not args.quiet)
+                               device=resolve_device(args.device), threads=args.threads,
+                               progress=not args.quiet)
     print(report)
     return 0
 
 
 def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, model=None, overlay=None,
                       probabilities=None, truth=None, max_time=120.0, iterations=100_000, seed=0,
-                      num_classes=None, spacing=None, source="image", device="cpu", progress=True) -> str:
+                      num_classes=None, spacing=None, source="image", device="cpu", threads=THREADS,
+                      progress=True) -> str:
     """Run densify and write segmentation, model, overlay (and probabilities); returns a report."""
     base = output_base(output)
     model = model or f"{base}.model.safetensors"
@@ -80,7 +90,8 @@ def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, mo
         raise UserError(f"{source}: image shape {image.shape[1:]} and sparse label shape {sparse.shape} differ")
     result = densify(image, sparse, ignore_label, model, max_time=max_time, iterations=iterations, seed=seed,
                      num_classes=num_classes,
-                     spacing=spacing or meta.spacing, source=source, progress=progress, device=device)
+                     spacing=spacing or meta.spacing, source=source, progress=progress, device=device,
+                     threads=threads)
     write_volume(output, result.segmentation, like=meta)
     if probabilities:
         write_volume(probabilities, result.probabilities.astype("float16"), like=meta)
