@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from unet3d.cli.evaluate import score_table
-from unet3d.cli.train import float_list, resolve_device
+from unet3d.cli.options import float_list
+from unet3d.cli.train import resolve_device
 from unet3d.errors import UserError
 from unet3d.evaluation import evaluate_volumes
 from unet3d.evaluation.figures import overlay_figure

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unet3d.augmentation import AugmentationConfig
-from unet3d.cli.options import add_network_options, int_triple, network_config
+from unet3d.cli.options import add_network_options, float_list, int_list, int_triple, network_config
 from unet3d.errors import UserError
 from unet3d.io import read_image, read_labels
 from unet3d.training import TrainConfig, train
@@ -14,20 +14,6 @@ from unet3d.training.config import CLASS_WEIGHTING, LOSSES, OPTIMIZERS, SCHEDULE
 from unet3d.training.dataset import prepare_training_set
 
 DEFAULT_NETWORK = dict(width=16, levels=4, padding="valid", norm="batch")
-
-
-def float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def register(subparsers) -> None:
