@@ -79,6 +79,7 @@ def register(subparsers) -> None:
     run.add_argument("--seed", type=int, default=0, help="makes a CPU run reproducible")
     run.add_argument("--workers", type=int, default=0, help="processes preparing augmented patches in the background")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, all cores)")
     run.add_argument("--amp", action="store_true", help="bf16 mixed precision (CUDA only)")
     run.add_argument("--validate-every", type=int, default=200, help="iterations between validations")
     run.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
@@ -108,6 +109,10 @@ def load_pairs(images, labels, channel_axis):
 
 def run_train(args) -> int:
     device = resolve_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     images, labels, meta = load_pairs(args.images, args.labels, args.channel_axis)
     spacing = args.spacing or meta.spacing
     data = prepare_training_set(images, labels, args.ignore_label, sources=args.images,
