@@ -1,21 +1,21 @@
 """Prediction speed and peak memory: unet3d's tiling vs MONAI's sliding_window_inference.
 
-Every measurement runs in a fresh process (peak resident memory from ru_maxrss, minus the
-process's memory before predicting), with the same network weights for both. MONAI lives in a
-separate environment so the product's stays small:
+Every measurement runs in a fresh process (peak resident memory from /proc/self/status VmHWM,
+minus the process's memory before predicting), with the same network weights for both. MONAI
+lives in a separate environment so the product's stays small:
 
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install torch==2.13.0 monai numpy scipy h5py tifffile
     .venv-bench/bin/pip install -e . --no-deps
-    .venv-bench/bin/python benchmarks/bench_predict.py [--quick]
+    .venv-bench/bin/python benchmarks/bench_predict.py [--quick] [--repeats 3] [--max-memory 2048]
 
-Also: `--streaming` measures peak memory of HDF5→HDF5 prediction of a volume several times
-larger than the memory budget; `--memory-factor` measures the activation peak factor.
-"""
+Also: `--streaming` measures peak memory of HDF5→HDF5 and Zarr→Zarr prediction for volumes of
+growing size under one memory budget; `--memory-factor` measures the activation peak factor."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -33,7 +33,13 @@ OVULE = REPO.parent / "shared" / "data" / "ovule" / "ovule.h5"
 
 
 def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far. ru_maxrss is not used where /proc exists:
+    a child started with vfork (as subprocess does) inherits its parent's peak in ru_maxrss."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_volume(name: str, quick: bool) -> np.ndarray:
@@ -70,7 +76,7 @@ def measure_one(job: dict) -> dict:
     before = rss_mib()
     began = time.perf_counter()
     if job["engine"] == "unet3d":
-        predict_array(model, image, tile=job["tile"], overlap=0.25)
+        predict_array(model, image, tile=job["tile"], batch_size=job["batch"], overlap=job["overlap"])
     else:
         from monai.inferers import sliding_window_inference
 
@@ -80,7 +86,8 @@ def measure_one(job: dict) -> dict:
             return torch.softmax(net(x.contiguous(memory_format=torch.channels_last_3d)), dim=1)
 
         with torch.inference_mode():
-            sliding_window_inference(torch.from_numpy(image)[None], job["tile"], 1, predictor, overlap=0.25, mode="gaussian")
+            sliding_window_inference(torch.from_numpy(image)[None], job["tile"], job["batch"], predictor,
+                                     overlap=job["overlap"], mode=job["mode"])
     seconds = time.perf_counter() - began
     return {"seconds": seconds, "voxels_per_second": math.prod(image.shape[1:]) / seconds, "peak_mib": rss_mib() - before}
 
@@ -92,10 +99,42 @@ def run_child(job: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def comparison(args) -> None:
+def comparison_cases(shape, width: int, levels: int, budget: int, with_monai: bool, batch_sizes=(1, 2, 4),
+                     overlaps=(0.25, 0.5)) -> list[tuple[str, str, dict]]:
+    """(predictor, tiles, job) per case. Every case uses the same budget and the same weights
+    (the seed fixes them; valid and same nets have identical parameters). MONAI runs the
+    same-padding net with our same-padding window, the largest that fits the budget."""
     from unet3d.inference import choose_output_tile
     from unet3d.model import UNetConfig
 
+    valid = UNetConfig(width=width, levels=levels, padding="valid", num_classes=2)
+    same = UNetConfig(width=width, levels=levels, padding="same", num_classes=2)
+    cases = []
+    for batch in batch_sizes:
+        try:
+            tile = choose_output_tile(valid, shape, budget, batch)
+        except ValueError:  # not even the smallest tiles fit the budget this many at a time
+            continue
+        tiles = f"{_x(valid.geometry.input_shape_for_output(tile))}→{_x(tile)}, {batch} per batch"
+        cases.append(("unet3d valid, edge to edge", tiles, {"engine": "unet3d", "padding": "valid", "tile": tile, "batch": batch, "overlap": 0.25}))
+    window = same.geometry.valid_input_shape(choose_output_tile(same, shape, budget))
+    for overlap in overlaps:
+        cases.append(("unet3d same, Gaussian blend", f"{_x(window)}, overlap {overlap}",
+                      {"engine": "unet3d", "padding": "same", "tile": window, "batch": 1, "overlap": overlap}))
+    for mode in ("constant", "gaussian") if with_monai else ():
+        for overlap in overlaps:
+            cases.append((f"MONAI same, {mode} blend", f"{_x(window)}, overlap {overlap}",
+                          {"engine": "monai", "padding": "same", "tile": window, "batch": 1, "overlap": overlap, "mode": mode}))
+    return cases
+
+
+def _x(shape) -> str:
+    return "×".join(map(str, shape))
+
+
+def comparison(args) -> None:
+    """Median over repeats of every case, repeats interleaved so load changes hit all cases alike;
+    ratios are to MONAI's fastest configuration on the same volume."""
     try:
         import monai  # noqa: F401
     except ImportError:
@@ -105,66 +144,90 @@ def comparison(args) -> None:
     else:
         have_monai = True
     width, levels = (4, 3) if args.quick else (16, 4)
-    volumes = ["ovule", "synthetic"]
-    print(f"network width {width}, {levels} levels, 2 classes; {torch.get_num_threads()} threads; overlap 0.25 (Gaussian)\n")
-    print("| volume | unet3d network | unet3d tiles (in→out) | unet3d voxels/s | unet3d peak MiB | MONAI network | MONAI roi | MONAI voxels/s | MONAI peak MiB | speed ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for volume in volumes:
+    budget = (args.max_memory or (48 if args.quick else 1024)) << 20
+    repeats = 1 if args.quick else args.repeats
+    print(f"network width {width}, {levels} levels, 2 classes; {args.threads} threads; budget {budget >> 20} MiB; "
+          f"median of {repeats} fresh processes per case\n")
+    print("| volume | predictor | tiles | voxels/s | peak MiB | speed vs fastest MONAI |")
+    print("|---|---|---|---|---|---|")
+    for volume in args.compare:
         shape = load_volume(volume, args.quick).shape[1:]
-        for padding in ("same", "valid"):
-            config = UNetConfig(width=width, levels=levels, padding=padding, num_classes=2)
-            tile = choose_output_tile(config, shape, (args.max_memory or (48 if args.quick else 512)) << 20)
-            job = {"volume": volume, "quick": args.quick, "width": width, "levels": levels, "threads": args.threads}
-            ours = run_child({**job, "engine": "unet3d", "padding": padding, "tile": tile})
-            if padding == "valid":
-                tile_in = config.geometry.input_shape_for_output(tile)
-            else:
-                tile_in = config.geometry.valid_input_shape(tile)
-            # MONAI always with a same-padding net: for the valid row, windows as large as our input tiles
-            roi = UNetConfig(width=width, levels=levels, padding="same").geometry.valid_input_shape(
-                [min(t, config.geometry.valid_input_size_1d(n, a)) for a, (t, n) in enumerate(zip(tile_in, shape))])
-            theirs = run_child({**job, "engine": "monai", "padding": "same", "tile": roi}) if have_monai else None
-            t_in, t_out = "x".join(map(str, tile_in)), "x".join(map(str, tile))
-            row = f"| {volume} {'x'.join(map(str, shape))} | {padding} | {t_in}→{t_out} | {ours['voxels_per_second']:,.0f} | {ours['peak_mib']:.0f} |"
-            if theirs:
-                ratio = ours["voxels_per_second"] / theirs["voxels_per_second"]
-                row += f" same | {'x'.join(map(str, roi))} | {theirs['voxels_per_second']:,.0f} | {theirs['peak_mib']:.0f} | {ratio:.2f} |"
-            else:
-                row += " - | - | - | - | - |"
-            print(row, flush=True)
+        cases = comparison_cases(shape, width, levels, budget, have_monai, args.batch_sizes, args.overlaps)
+        job = {"volume": volume, "quick": args.quick, "width": width, "levels": levels, "threads": args.threads}
+        runs = [[] for _ in cases]
+        for _ in range(repeats):
+            for case, found in zip(cases, runs):
+                found.append(run_child({**job, **case[2]}))
+        medians = [{key: float(np.median([r[key] for r in found])) for key in found[0]} for found in runs]
+        fastest_monai = max((m["voxels_per_second"] for (name, _, _), m in zip(cases, medians) if name.startswith("MONAI")), default=None)
+        for (name, tiles, _), m in zip(cases, medians):
+            ratio = f"{m['voxels_per_second'] / fastest_monai:.2f}" if fastest_monai else "-"
+            print(f"| {volume} {_x(shape)} | {name} | {tiles} | {m['voxels_per_second']:,.0f} | {m['peak_mib']:.0f} | {ratio} |", flush=True)
+
+
+STREAM_SHAPES = ((64, 256, 256), (128, 512, 512), (256, 512, 512))
 
 
 def streaming(args) -> None:
-    """Peak memory of HDF5→HDF5 prediction for a volume several times the memory budget."""
-    import h5py
+    """Peak memory of disk-to-disk prediction (labels, probabilities, uncertainty) for volumes
+    up to several times the memory budget: one fresh process per volume, same network and budget."""
+    shapes = ((32, 128, 128), (64, 256, 256)) if args.quick else args.volumes or STREAM_SHAPES
+    budget = args.max_memory or 128
+    width, levels = 4, 2
+    print(f"valid network width {width}, {levels} levels; --max-memory {budget}M; {args.threads} threads; "
+          "outputs: labels, float16 probabilities, float32 uncertainty\n")
+    print("| format | volume (Z×Y×X) | input MiB | outputs MiB | tiles (input) | baseline RSS MiB | peak RSS MiB | peak − baseline MiB | voxels/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for fmt, suffix in (("HDF5", ".h5"), ("Zarr", ".zarr")):
+        if fmt.lower() not in args.formats:
+            continue
+        for shape in shapes:
+            with tempfile.TemporaryDirectory(prefix="unet3d-stream-") as folder:
+                source = write_noise_volume(Path(folder) / f"input{suffix}", shape)
+                job = {"mode": "stream", "source": source, "folder": folder, "suffix": suffix, "budget": budget,
+                       "width": width, "levels": levels, "threads": args.threads}
+                r = run_child(job)
+            voxels = math.prod(shape)
+            print(f"| {fmt} | {'×'.join(map(str, shape))} | {voxels * 4 / 2**20:.0f} | {voxels * (1 + 2 * 2 + 4) / 2**20:.0f} | "
+                  f"{r['tiles']} ({'×'.join(map(str, r['input_tile']))}) | {r['baseline_mib']:.0f} | {r['peak_mib']:.0f} | "
+                  f"{r['peak_mib'] - r['baseline_mib']:.0f} | {r['voxels_per_second']:,.0f} |", flush=True)
 
+
+def write_noise_volume(path: Path, shape) -> str:
+    """A chunked float32 volume of Gaussian noise, written slab by slab (never whole in memory)."""
+    rng = np.random.default_rng(0)
+    if path.suffix == ".h5":
+        import h5py
+
+        file = h5py.File(path, "w")
+        data = file.create_dataset("raw", shape, np.float32, chunks=(32, 64, 64))
+        spec = f"{path}:/raw"
+    else:
+        import zarr
+
+        file = contextlib.nullcontext()
+        data = zarr.create_array(str(path), shape=shape, dtype=np.float32, chunks=(32, 64, 64))
+        spec = str(path)
+    with file:
+        for z in range(0, shape[0], 32):
+            data[z:z + 32] = rng.normal(size=(min(32, shape[0] - z), *shape[1:])).astype(np.float32)
+    return spec
+
+
+def stream_one(job: dict) -> dict:
+    """Runs inside the child process: one volume from disk to disk."""
     from unet3d.inference import predict_volume
-    from unet3d.inference.predictor import prepare_network, tile_probabilities
     from unet3d.io import open_volume
 
-    shape = (64, 256, 256) if args.quick else (256, 512, 512)
-    budget = 32 << 20
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(dir=REPO) as folder:
-        source = Path(folder) / "big.h5"
-        with h5py.File(source, "w") as f:
-            data = f.create_dataset("raw", shape, np.float32, chunks=(32, 64, 64))
-            rng = np.random.default_rng(0)
-            for z in range(0, shape[0], 32):
-                data[z:z + 32] = rng.normal(size=(min(32, shape[0] - z), *shape[1:])).astype(np.float32)
-        model = network("valid", 2, 3)
-        warm_up = np.zeros((1, 1, *model.geometry.valid_input_shape((72, 72, 72))), np.float32)
-        tile_probabilities(prepare_network(model, torch.device("cpu")), warm_up, torch.device("cpu"))
-        before = rss_mib()  # after PyTorch's one-off allocations (kernels, thread pools)
-        with open_volume(f"{source}:/raw") as volume:
-            summary = predict_volume(model, {}, volume, f"{folder}/labels.h5", uncertainty_out=f"{folder}/u.h5",
-                                     max_memory=budget, device="cpu")
-        grown = rss_mib() - before
-    input_mib = math.prod(shape) * 4 / 2**20
-    print(f"volume {'x'.join(map(str, shape))} float32 = {input_mib:.0f} MiB (probabilities in memory would be "
-          f"{2 * input_mib:.0f} MiB); budget {budget >> 20} MiB; {summary['tiles']} tiles of "
-          f"{'x'.join(map(str, summary['input_tile']))}; peak memory growth while predicting: {grown:.0f} MiB; "
-          f"{summary['voxels_per_second']:,.0f} voxels/s")
+    torch.set_num_threads(job["threads"])
+    model = network("valid", job["width"], job["levels"])
+    out = Path(job["folder"]) / "out"
+    with open_volume(job["source"]) as volume:
+        baseline = rss_mib()  # torch, the model and the file's library loaded
+        summary = predict_volume(model, {}, volume, f"{out}.labels{job['suffix']}", f"{out}.probs{job['suffix']}",
+                                 f"{out}.uncertainty{job['suffix']}", max_memory=job["budget"] << 20, device="cpu")
+    return {"baseline_mib": baseline, "peak_mib": rss_mib(), "tiles": summary["tiles"],
+            "input_tile": summary["input_tile"], "voxels_per_second": summary["voxels_per_second"]}
 
 
 def memory_factor(args) -> None:
@@ -196,14 +259,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small volumes and network (under a minute)")
     parser.add_argument("--streaming", action="store_true", help="peak memory of HDF5 streaming instead")
+    parser.add_argument("--compare", type=lambda t: t.split(","), default=["ovule", "synthetic"],
+                        help="volumes to compare on: ovule, synthetic or both (default)")
+    parser.add_argument("--batch-sizes", type=lambda t: [int(b) for b in t.split(",")], default=[1, 2, 4])
+    parser.add_argument("--overlaps", type=lambda t: [float(o) for o in t.split(",")], default=[0.25, 0.5])
+    parser.add_argument("--volumes", type=lambda t: [tuple(map(int, v.split("x"))) for v in t.split(",")],
+                        help="--streaming: volume shapes, e.g. 64x256x256,256x512x512")
+    parser.add_argument("--formats", default="hdf5,zarr", help="--streaming: hdf5, zarr or both (default)")
     parser.add_argument("--memory-factor", action="store_true", help="activation peak factor instead")
-    parser.add_argument("--max-memory", type=int, help="MiB for the tile choice (default 48, full run 512)")
+    parser.add_argument("--max-memory", type=int, help="MiB for the tile choice (default 48 with --quick, else 1024; --streaming 128)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per case; the median is reported")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--factor-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure_one(json.loads(args.child))))
+        job = json.loads(args.child)
+        print(json.dumps(stream_one(job) if job.get("mode") == "stream" else measure_one(job)))
     elif args.factor_child:
         factor_child(json.loads(args.factor_child))
     elif args.streaming:

@@ -1,4 +1,5 @@
 import argparse
+import os
 import re
 
 import h5py
@@ -130,6 +131,19 @@ def test_unwritable_output_is_refused_before_computing(tmp_path, nuclei_model):
     (tmp_path / "folder.tif").mkdir()
     with pytest.raises(UserError, match="folder.tif: is a directory"):
         run_predict(nuclei_model, EXAMPLE / "image.tif", "-o", tmp_path / "folder.tif")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be created")
+def test_output_in_a_folder_that_refuses_files_is_refused_before_computing(tmp_path, nuclei_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(predict, "predict_volume", lambda *args, **kwargs: calls.append(args))
+    assert os.access("/proc", os.W_OK)  # permission bits alone would let it through
+    with pytest.raises(UserError, match=r"/proc/x\.tif: cannot write to directory /proc"):
+        run_predict(nuclei_model, EXAMPLE / "image.tif", "-o", "/proc/x.tif")
+    assert calls == []
+    before = set(tmp_path.iterdir())
+    predict._check_outputs([str(tmp_path / "new" / "folder" / "out.tif")], str(EXAMPLE / "image.tif"))
+    assert set(tmp_path.iterdir()) == before  # probed in the nearest existing folder, probe removed
 
 
 def test_unknown_extension_and_overwriting_the_input_are_refused(tmp_path, nuclei_model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -116,15 +117,21 @@ def _check_outputs(specs: list[str], image: str) -> None:
 
 
 def _check_writable(spec: str, path: Path, fmt: str) -> None:
+    """Create and remove a file where the output's temporary file will go: permission bits alone
+    miss read-only or virtual file systems (/proc) and privileged users."""
     if path.is_dir() and fmt != "zarr":
         raise UserError(f"{spec}: is a directory")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{spec}: cannot create the output, {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{spec}: cannot write to directory {parent}")
+    folder = path.parent
+    while not folder.exists():  # the writer creates missing folders from the nearest existing one
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{spec}: cannot create the output, {folder} is not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise UserError(f"{spec}: cannot write to directory {folder} ({exc.strerror or exc})") from None
+    os.close(handle)
+    os.remove(probe)
 
 
 def _check_image(spec: str, shape: tuple, model_path: str, in_channels: int) -> None:
