@@ -94,6 +94,16 @@ def append_record(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def source_version() -> str:
+    """The commit the code came from, marked dirty when src/ has uncommitted changes (recipes may differ)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "src") else "")
+
+
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -144,10 +154,10 @@ def main(argv=None) -> int:
     print(f"{len(runs)} runs planned, {len(done & {r.id for r in runs})} already in {results}; {len(todo)} to run, "
           f"about {expected / 3600:.1f} h ({expected / 60:.0f} min) at {args.budget:g} s of training each", flush=True)
     command = "python experiments/paper/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    started = time.perf_counter()
+    started, version = time.perf_counter(), source_version()
     for run in tqdm(todo, unit="run", dynamic_ncols=True):
         tqdm.write(f"{run.id} …")
-        record = protocols.execute(run, args.budget, args.out / "figures")
+        record = protocols.execute(run, args.budget, args.out / "figures") | {"source": version}
         append_record(results, record)
         tqdm.write(f"{run.id}: mean IoU {record['mean_iou']:.3f} in {record['seconds']:.0f} s")
         _write_report(args, results, command, runs, time.perf_counter() - started)
