@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from timing import median_time
 from unet3d.augmentation import AugmentationConfig, sample_patch
 from unet3d.augmentation import spatial
 from unet3d.model import UNet, UNetConfig
@@ -93,16 +92,6 @@ def elasticdeform_patch(image, labels, center, shape, rng, config):
     return img, lab
 
 
-def time_call(function, repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def training_step_time(shape, repeats: int) -> float | None:
     """Forward + backward of a width-16, 4-level valid U-Net on one patch, or None for an invalid size."""
     config = UNetConfig(width=16, levels=4, num_classes=3)
@@ -116,7 +105,7 @@ def training_step_time(shape, repeats: int) -> float | None:
         model.zero_grad()
         torch.nn.functional.cross_entropy(model(x), target).backward()
 
-    return time_call(step, max(1, repeats // 3))
+    return median_time(step, max(1, repeats // 3))
 
 
 def main() -> None:
@@ -146,13 +135,13 @@ def main() -> None:
         center = tuple((n - 1) / 2 for n in lab.shape)
         rng = np.random.default_rng(0)
         torch.set_num_threads(1)
-        crop = time_call(lambda: sample_patch(img, lab, center, shape, rng, None), repeats)
-        single = time_call(lambda: sample_patch(img, lab, center, shape, rng, config), repeats)
+        crop = median_time(lambda: sample_patch(img, lab, center, shape, rng, None), repeats)
+        single = median_time(lambda: sample_patch(img, lab, center, shape, rng, config), repeats)
         torch.set_num_threads(threads)
-        parallel = time_call(lambda: sample_patch(img, lab, center, shape, rng, config), repeats)
+        parallel = median_time(lambda: sample_patch(img, lab, center, shape, rng, config), repeats)
         skip_others = args.quick and np.prod(shape) > 1_000_000
-        scipy_time = None if skip_others else time_call(lambda: scipy_patch(img, lab, center, shape, rng, config), repeats)
-        ed_time = None if skip_others or not have_elasticdeform else time_call(
+        scipy_time = None if skip_others else median_time(lambda: scipy_patch(img, lab, center, shape, rng, config), repeats)
+        ed_time = None if skip_others or not have_elasticdeform else median_time(
             lambda: elasticdeform_patch(img, lab, center, shape, rng, config), repeats)
         step = training_step_time(shape, repeats)
         cells = [f"{1000 * t:.0f}" if t is not None else "-" for t in (crop, single, parallel, scipy_time, ed_time, step)]

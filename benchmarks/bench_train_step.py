@@ -29,14 +29,14 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from timing import median_time
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PEER_PYTHON = REPO / ".venv-bench" / "bin" / "python"
@@ -100,16 +100,6 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def median_time(function, repeats: int) -> float:
-    function()  # warm-up: allocator, kernel selection, compilation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def training_step(model, x, target, optimizer, case: dict):
