@@ -49,8 +49,8 @@ def add_run_options(parser) -> None:
     """Device, threads and progress options shared by densify and demo."""
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=THREADS,
-                        help="torch CPU threads; one wastes least CPU with densify's small network, more may be "
-                        "faster on an idle machine with many cores")
+                        help="torch CPU threads (default: all cores); 1 costs least CPU on a machine busy with "
+                        "other work")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
