@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.ensemble import RandomForestClassifier
 
 from experiments.paper.data import Volume
 from unet3d.baselines import filter_features, random_forest_segment
+from unet3d.baselines.forest import make_forest, predict_probabilities
 from unet3d.data.labels import decode_labels, encode_labels, present_values
 from unet3d.data.normalization import apply_normalization
 from unet3d.inference import predict_array
@@ -35,7 +35,6 @@ UNET_METHODS = ("unet3d", "unet3d_nobn", "unet2d", "unet3d_dense")
 METHODS = ("unet3d", "unet3d_nobn", "unet2d", "forest", "unet3d_dense")
 FOREST_TREES = 100
 FOREST_TRAIN_VOXELS = 100_000  # random sample of the annotated voxels (fit time grows fast with it)
-_PREDICT_CHUNK = 1 << 18
 
 
 @dataclasses.dataclass
@@ -114,19 +113,15 @@ def _forest_across_volumes(train_volumes, sparse, test_volumes, classes, seed) -
             annotated = np.sort(rng.choice(annotated, share, replace=False))
         samples.append(features[:, annotated].T)
         targets.append(encoded[annotated])
-    forest = RandomForestClassifier(n_estimators=FOREST_TREES, n_jobs=-1, random_state=seed)
+    forest = make_forest(FOREST_TREES, seed)
     forest.fit(np.concatenate(samples), np.concatenate(targets))
     seconds_train = time.perf_counter() - start
     start = time.perf_counter()
-    labels = [decode_labels(_forest_predict(forest, v), classes) for v in test_volumes]
+    labels = [decode_labels(_forest_predict(forest, v, len(classes)), classes) for v in test_volumes]
     return Segmentation(labels, classes, None, seconds_train, time.perf_counter() - start)
 
 
-def _forest_predict(forest: RandomForestClassifier, volume: Volume) -> np.ndarray:
-    """Most probable class index per voxel, predicted chunk by chunk to bound memory."""
+def _forest_predict(forest, volume: Volume, num_classes: int) -> np.ndarray:
+    """Most probable class index per voxel of a test volume."""
     features = filter_features(volume.image, spacing=volume.spacing).reshape(-1, volume.truth.size)
-    out = np.empty(volume.truth.size, dtype=np.int64)
-    for start in range(0, out.size, _PREDICT_CHUNK):
-        chunk = np.ascontiguousarray(features[:, start:start + _PREDICT_CHUNK].T)
-        out[start:start + chunk.shape[0]] = forest.predict(chunk)
-    return out.reshape(volume.truth.shape)
+    return predict_probabilities(forest, features, num_classes).argmax(0).reshape(volume.truth.shape)

@@ -23,7 +23,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `experiments` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numpy as np
 from tqdm import tqdm
 
 from experiments.paper import data, protocols, report

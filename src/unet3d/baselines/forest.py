@@ -56,7 +56,7 @@ def random_forest_segment(
     seconds_fit = time.perf_counter() - start
 
     start = time.perf_counter()
-    probabilities = _predict(forest, features, num_classes).reshape((num_classes,) + sparse.shape)
+    probabilities = predict_probabilities(forest, features, num_classes).reshape((num_classes,) + sparse.shape)
     seconds_predict = time.perf_counter() - start
 
     labels = probabilities.argmax(axis=0).astype(np.int64)
@@ -79,12 +79,17 @@ def _fit(features: np.ndarray, sparse: np.ndarray, n_trees: int, seed: int, max_
     if max_train_voxels is not None and annotated.size > max_train_voxels:
         rng = np.random.default_rng(seed)
         annotated = np.sort(rng.choice(annotated, max_train_voxels, replace=False))
-    forest = RandomForestClassifier(n_estimators=n_trees, n_jobs=-1, random_state=seed)
+    forest = make_forest(n_trees, seed)
     forest.fit(features[:, annotated].T, sparse[annotated])
     return forest
 
 
-def _predict(forest: RandomForestClassifier, features: np.ndarray, num_classes: int) -> np.ndarray:
+def make_forest(n_trees: int = 100, seed: int = 0) -> RandomForestClassifier:
+    """ilastik's classifier: a random forest of `n_trees` trees on every core."""
+    return RandomForestClassifier(n_estimators=n_trees, n_jobs=-1, random_state=seed)
+
+
+def predict_probabilities(forest: RandomForestClassifier, features: np.ndarray, num_classes: int) -> np.ndarray:
     """(K, N) probabilities, chunk by chunk; rows of classes the forest never saw stay 0."""
     probabilities = np.zeros((num_classes, features.shape[1]), dtype=np.float32)
     for start in range(0, features.shape[1], _PREDICT_CHUNK):
