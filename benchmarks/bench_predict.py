@@ -10,7 +10,7 @@ lives in a separate environment so the product's stays small:
     .venv-bench/bin/python benchmarks/bench_predict.py [--quick] [--repeats 3] [--max-memory 2048]
 
 Also: `--streaming` measures peak memory of HDF5→HDF5 and Zarr→Zarr prediction for volumes of
-growing size under one memory budget; `--memory-factor` measures the activation peak factor."""
+growing size under one memory budget; `--memory-model` compares the tile memory estimate with measured peaks."""
 
 from __future__ import annotations
 
@@ -230,29 +230,40 @@ def stream_one(job: dict) -> dict:
             "input_tile": summary["input_tile"], "voxels_per_second": summary["voxels_per_second"]}
 
 
-def memory_factor(args) -> None:
-    """Peak memory of one forward pass over the summed layer outputs, for a few networks."""
-    for width, levels, padding, n in ((8, 4, "valid", 140), (4, 4, "valid", 180), (8, 3, "same", 96), (16, 4, "valid", 124)):
-        job = {"width": width, "levels": levels, "padding": padding, "n": n, "threads": args.threads}
-        out = subprocess.run([sys.executable, __file__, "--factor-child", json.dumps(job)], capture_output=True, text=True)
-        print(out.stdout.strip() or out.stderr[-500:])
+MODEL_CASES = ((4, 2, "valid", 1, 82), (8, 3, "valid", 1, 100), (8, 3, "same", 1, 96), (16, 4, "valid", 1, 156),
+               (16, 4, "valid", 3, 100), (16, 4, "same", 1, 144), (32, 4, "valid", 1, 132))
 
 
-def factor_child(job: dict) -> None:
+def memory_model(args) -> None:
+    """The tile memory estimate that sizes tiles (unet3d.inference.memory) against the measured
+    peak of one tile's prediction, one fresh process per network."""
+    print("| network (width, levels, padding) | channels | input tile | estimate MiB | measured MiB | measured / estimate |")
+    print("|---|---|---|---|---|---|")
+    for width, levels, padding, channels, n in MODEL_CASES:
+        job = {"mode": "model", "width": width, "levels": levels, "padding": padding, "channels": channels, "n": n,
+               "threads": args.threads}
+        r = run_child(job)
+        print(f"| {width}, {levels}, {padding} | {channels} | {_x(r['shape'])} | {r['estimate_mib']:.0f} | "
+              f"{r['peak_mib']:.0f} | {r['peak_mib'] / r['estimate_mib']:.2f} |", flush=True)
+
+
+def model_one(job: dict) -> dict:
+    """Runs inside the child process: the peak of one tile against its estimate."""
+    from unet3d.inference import estimate_tile_bytes
+    from unet3d.inference.memory import fix_mmap_threshold
     from unet3d.inference.predictor import prepare_network, tile_probabilities
-    from unet3d.inference.tiling import activation_bytes
+    from unet3d.model import UNet, UNetConfig
 
     torch.set_num_threads(job["threads"])
-    model = network(job["padding"], job["width"], job["levels"])
-    net = prepare_network(model, torch.device("cpu"))
-    shape = model.geometry.valid_input_shape((job["n"],) * 3)
-    x = np.random.default_rng(0).normal(size=(1, 1, *shape)).astype(np.float32)
+    fix_mmap_threshold()
+    config = UNetConfig(in_channels=job["channels"], num_classes=2, width=job["width"], levels=job["levels"],
+                        padding=job["padding"])
+    net = prepare_network(UNet(config).eval(), torch.device("cpu"))
+    shape = config.geometry.valid_input_shape((job["n"],) * 3)
     before = rss_mib()
+    x = np.random.default_rng(0).normal(size=(1, job["channels"], *shape)).astype(np.float32)
     tile_probabilities(net, x, torch.device("cpu"))
-    peak = rss_mib() - before
-    total = activation_bytes(model.config)(shape) / 2**20
-    print(f"width {job['width']} levels {job['levels']} {job['padding']} input {shape}: peak {peak:.0f} MiB, "
-          f"summed activations {total:.0f} MiB, factor {peak / total:.2f}")
+    return {"shape": shape, "peak_mib": rss_mib() - before, "estimate_mib": estimate_tile_bytes(config, shape) / 2**20}
 
 
 def main() -> None:
@@ -266,22 +277,20 @@ def main() -> None:
     parser.add_argument("--volumes", type=lambda t: [tuple(map(int, v.split("x"))) for v in t.split(",")],
                         help="--streaming: volume shapes, e.g. 64x256x256,256x512x512")
     parser.add_argument("--formats", default="hdf5,zarr", help="--streaming: hdf5, zarr or both (default)")
-    parser.add_argument("--memory-factor", action="store_true", help="activation peak factor instead")
+    parser.add_argument("--memory-model", action="store_true", help="tile memory estimate against measured peaks instead")
     parser.add_argument("--max-memory", type=int, help="MiB for the tile choice (default 48 with --quick, else 1024; --streaming 128)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per case; the median is reported")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--factor-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         job = json.loads(args.child)
-        print(json.dumps(stream_one(job) if job.get("mode") == "stream" else measure_one(job)))
-    elif args.factor_child:
-        factor_child(json.loads(args.factor_child))
+        runner = {"stream": stream_one, "model": model_one}.get(job.get("mode"), measure_one)
+        print(json.dumps(runner(job)))
     elif args.streaming:
         streaming(args)
-    elif args.memory_factor:
-        memory_factor(args)
+    elif args.memory_model:
+        memory_model(args)
     else:
         comparison(args)
 

@@ -7,7 +7,8 @@ from unet3d.inference.predictor import (
     predict_volume,
     tile_probabilities,
 )
-from unet3d.inference.tiling import TilePlan, choose_output_tile, estimate_tile_bytes, plan_tiles, reflect_index
+from unet3d.inference.memory import estimate_tile_bytes
+from unet3d.inference.tiling import TilePlan, choose_output_tile, plan_tiles, reflect_index
 
 __all__ = [
     "TilePlan", "choose_output_tile", "estimate_tile_bytes", "fold_batch_norm", "normalized_entropy",

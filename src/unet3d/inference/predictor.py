@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unet3d.data.normalization import apply_normalization
+from unet3d.inference.memory import fix_mmap_threshold
 from unet3d.inference.tiling import TilePlan, choose_output_tile, gaussian_weight, plan_tiles, read_mirrored
 from unet3d.model.unet import TestTimeBatchNorm, UNet
 
@@ -196,6 +197,7 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     """
     from unet3d.io import volume_writer
 
+    fix_mmap_threshold()  # otherwise the heap grows tile after tile
     config = model.config
     shape = tuple(source.shape[1:])
     normalization = info.get("normalization") or {"method": "none", "channels": config.in_channels}

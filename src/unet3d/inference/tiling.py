@@ -17,15 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unet3d.inference.memory import estimate_tile_bytes
 from unet3d.model import Geometry, UNetConfig
-from unet3d.model.summary import layer_table
-
-# Peak resident memory of one forward pass over the summed size of all layer outputs (float32).
-# Measured with ru_maxrss in fresh processes (benchmarks/bench_predict.py --memory-factor): 0.34 to
-# 0.93 (inference frees each activation once used; same-padding nets sit near the top). 1.0 keeps
-# the budget an upper bound.
-ACTIVATION_PEAK_FACTOR = 1.0
-
 
 def reflect_index(indices: np.ndarray, n: int) -> np.ndarray:
     """Map any integer positions into [0, n) by mirroring at the borders without repeating the
@@ -143,52 +136,29 @@ def plan_tiles(config: UNetConfig, volume_shape, output_tile, overlap: float = 0
     return overlapping_plan(config.geometry, volume_shape, output_tile, overlap)
 
 
-def activation_bytes(config: UNetConfig):
-    """A function: valid input shape → summed float32 size of every layer's output.
-
-    Each layer's extent along an axis is an affine function of the input extent over valid
-    sizes, so two forward passes on the meta device (no memory, no time) give it for any shape.
-    """
-    geometry = config.geometry
-    small = np.array(geometry.valid_input_shape((1, 1, 1)))
-    step = np.array([grid_step(geometry, a) for a in range(3)])
-    rows = [layer_table(config, tuple(int(n) for n in shape)) for shape in (small, small + step)]
-    channels = np.array([out[0] for _, _, out, _ in rows[0]], dtype=np.float64)
-    extents = [np.array([out[1:] for _, _, out, _ in table], dtype=np.float64) for table in rows]
-    per_slice = extents[0].shape[1] == 2  # the 2D net folds z into the batch
-
-    def total(input_shape) -> float:
-        shape = np.array(input_shape)
-        grown = (shape - small) / step
-        spatial = grown[1:] if per_slice else grown
-        sizes = extents[0] + spatial * (extents[1] - extents[0])
-        voxels = sizes.prod(axis=1) * (shape[0] if per_slice else 1)
-        return 4.0 * float(channels @ voxels)
-
-    return total
-
-
-def estimate_tile_bytes(config: UNetConfig, input_shape, batch_size: int = 1, activations=None) -> int:
-    """Peak memory of one batch of tiles: activations, plus input and class probabilities."""
-    activations = activations or activation_bytes(config)
-    io_bytes = 4 * (config.in_channels + 2 * config.num_classes) * math.prod(input_shape)
-    return int(batch_size * (ACTIVATION_PEAK_FACTOR * activations(input_shape) + io_bytes))
-
-
 def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_size: int = 1) -> tuple[int, int, int]:
-    """Largest near-cubic output tile whose batch fits `max_memory` bytes.
-
-    Grows the smallest axis one grid step at a time (cubes waste the least margin), never beyond
-    the volume; ValueError if even the smallest tile does not fit.
+    """The output tile for a volume whose batch fits `max_memory` bytes: the near-cubic tile, or
+    for valid padding the fitting tile whose tiles read the fewest input voxels in all, since
+    every tile pays the context margin again. ValueError if even the smallest tile does not fit.
     """
-    geometry = config.geometry
-    steps = [grid_step(geometry, a) for a in range(3)]
-    caps = [_round_up(n, s) for n, s in zip(volume_shape, steps)]
-    activations = activation_bytes(config)
-
     def need(tile):
-        return estimate_tile_bytes(config, _input_shape(config, tile), batch_size, activations)
+        return estimate_tile_bytes(config, _input_shape(config, tile), batch_size)
 
+    tile = near_cubic_tile(config, volume_shape, max_memory, need)
+    if config.padding != "valid":
+        return tile
+    bytes_per_voxel = need(tile) / math.prod(_input_shape(config, tile))
+    for candidate in _tiles_by_work(config, volume_shape, max_memory / bytes_per_voxel):
+        if candidate == tile or need(candidate) <= max_memory:
+            return candidate
+    return tile
+
+
+def near_cubic_tile(config: UNetConfig, volume_shape, max_memory: int, need) -> tuple[int, int, int]:
+    """Largest tile with need(tile) ≤ max_memory grown one grid step at a time along its smallest
+    axis, never beyond the volume."""
+    steps = [grid_step(config.geometry, a) for a in range(3)]
+    caps = [_round_up(n, s) for n, s in zip(volume_shape, steps)]
     tile = list(steps)
     if need(tile) > max_memory:
         raise ValueError(f"the smallest tile needs about {need(tile) / 2**20:.0f} MiB, more than the memory budget")
@@ -202,6 +172,31 @@ def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_
         else:
             growing.remove(axis)
     return tuple(tile)
+
+
+def tiles_read_voxels(config: UNetConfig, volume_shape, tile) -> int:
+    """Input voxels the network reads to predict a volume with valid-padding `tile`s: its work."""
+    return math.prod(-(-n // k) for n, k in zip(volume_shape, tile)) * math.prod(_input_shape(config, tile))
+
+
+def _tiles_by_work(config: UNetConfig, volume_shape, max_input_voxels: float) -> list[tuple[int, int, int]]:
+    """Valid-padding tiles whose input has at most `max_input_voxels`, least work first. Along
+    each axis only the smallest tile for each tile count is a candidate."""
+    sizes = [_balanced_sizes(n, grid_step(config.geometry, a)) for a, n in enumerate(volume_shape)]
+    margin = [2 * m for m in config.geometry.margin()]
+    inputs = [[t + m for t in axis] for axis, m in zip(sizes, margin)]
+    candidates = []
+    for tz, iz in zip(sizes[0], inputs[0]):
+        for ty, iy in zip(sizes[1], inputs[1]):
+            fitting = [tx for tx, ix in zip(sizes[2], inputs[2]) if iz * iy * ix <= max_input_voxels]
+            if fitting:
+                candidates.append((tz, ty, fitting[-1]))
+    return sorted(candidates, key=lambda t: (tiles_read_voxels(config, volume_shape, t), -math.prod(t)))
+
+
+def _balanced_sizes(n: int, step: int) -> list[int]:
+    """Ascending tile sizes that cover n with k equal tiles (rounded up to the step), k = 1, 2, …"""
+    return sorted({_round_up(-(-n // k), step) for k in range(1, -(-n // step) + 1)})
 
 
 def _input_shape(config: UNetConfig, output_tile) -> tuple[int, ...]:

@@ -1,0 +1,68 @@
+import sys
+
+import pytest
+import torch
+
+from unet3d.inference import choose_output_tile, estimate_tile_bytes
+from unet3d.inference.memory import _LiveBytes, fix_mmap_threshold, forward_peak_bytes
+from unet3d.inference.predictor import prepare_network
+from unet3d.inference.tiling import _input_shape, near_cubic_tile, tiles_read_voxels
+from unet3d.model import UNet, UNetConfig
+
+MIB = 1 << 20
+
+
+def test_live_bytes_counts_views_once_and_forgets_freed_tensors():
+    counter = _LiveBytes()
+    with counter:
+        a = torch.empty(MIB // 4)  # 1 MiB
+        view = a[10:]
+        b = a + 1  # 2 MiB alive
+        del a, view
+        c = b * 2  # a freed: still 2 MiB
+        c.relu_()  # in place: no new storage
+        del b, c
+    assert counter.peak == 2 * MIB and not counter.live
+
+
+@pytest.mark.parametrize("config", [
+    UNetConfig(in_channels=1, num_classes=3, width=4, levels=3, padding="valid"),
+    UNetConfig(in_channels=3, num_classes=2, width=4, levels=2, padding="same", norm="none"),
+    UNetConfig(in_channels=3, num_classes=2, width=4, levels=2, padding="valid", dims=2),
+])
+def test_meta_replay_matches_a_real_forward_pass(config):
+    """The weightless replay holds exactly the bytes a real inference pass holds (plus scratch)."""
+    shape = config.geometry.valid_input_shape((20, 28, 28))
+    net = prepare_network(UNet(config).eval(), torch.device("cpu"))
+    counter = _LiveBytes()
+    with torch.inference_mode(), counter:
+        x = torch.randn(1, config.in_channels, *shape)
+        x = x.contiguous(memory_format=torch.channels_last_3d) if config.dims == 3 else x
+        logits = net(x)
+        probabilities = torch.softmax(logits, dim=1).contiguous()
+        del x, logits, probabilities
+    assert forward_peak_bytes(config, shape) == counter.peak + counter.scratch
+
+
+@pytest.mark.parametrize("volume", [(20, 512, 512), (64, 200, 200), (256, 512, 512)])
+def test_valid_tiles_read_less_than_near_cubic_ones(volume):
+    """Tiles shaped by the volume: never more work than near-cubic ones, and within the budget."""
+    config = UNetConfig(in_channels=1, num_classes=2, width=16, levels=4, padding="valid")
+    budget = 2048 * MIB
+
+    def need(tile):
+        return estimate_tile_bytes(config, _input_shape(config, tile))
+
+    tile = choose_output_tile(config, volume, budget)
+    cube = near_cubic_tile(config, volume, budget, need)
+    assert need(tile) <= budget
+    assert tiles_read_voxels(config, volume, tile) < tiles_read_voxels(config, volume, cube)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_mmap_threshold_is_set_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert fix_mmap_threshold()
