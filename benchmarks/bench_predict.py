@@ -53,7 +53,7 @@ def load_volume(name: str, quick: bool) -> np.ndarray:
     else:
         from scipy.ndimage import gaussian_filter
 
-        n = 48 if quick else 160
+        n = 48 if quick else 256
         raw = gaussian_filter(np.random.default_rng(0).normal(size=(n, n, n)).astype(np.float32), 2)
     return ((raw - raw.mean()) / raw.std())[None]
 
@@ -80,10 +80,14 @@ def measure_one(job: dict) -> dict:
     else:
         from monai.inferers import sliding_window_inference
 
-        net = prepare_network(model, torch.device("cpu"))  # same folded, channels-last network
+        if job["prepared"]:  # the folded, channels-last network unet3d runs
+            net = prepare_network(model, torch.device("cpu"))
+            layout = torch.channels_last_3d
+        else:  # the module as a MONAI user holds it after training
+            net, layout = model, torch.contiguous_format
 
         def predictor(x):
-            return torch.softmax(net(x.contiguous(memory_format=torch.channels_last_3d)), dim=1)
+            return torch.softmax(net(x.contiguous(memory_format=layout)), dim=1)
 
         with torch.inference_mode():
             sliding_window_inference(torch.from_numpy(image)[None], job["tile"], job["batch"], predictor,
@@ -103,8 +107,12 @@ def comparison_cases(shape, width: int, levels: int, budget: int, with_monai: bo
                      overlaps=(0.25, 0.5)) -> list[tuple[str, str, dict]]:
     """(predictor, tiles, job) per case. Every case uses the same budget and the same weights
     (the seed fixes them; valid and same nets have identical parameters). MONAI runs the
-    same-padding net with our same-padding window, the largest that fits the budget."""
+    same-padding net with the near-cubic window, the largest that fits the budget (what a user
+    who maximises `roi_size` would pick), given either our prepared network (batch norm folded,
+    channels-last) or the module as trained; and once with unet3d's volume-shaped window."""
     from unet3d.inference import choose_output_tile
+    from unet3d.inference.memory import estimate_tile_bytes
+    from unet3d.inference.tiling import near_cubic_tile
     from unet3d.model import UNetConfig
 
     valid = UNetConfig(width=width, levels=levels, padding="valid", num_classes=2)
@@ -117,14 +125,23 @@ def comparison_cases(shape, width: int, levels: int, budget: int, with_monai: bo
             continue
         tiles = f"{_x(valid.geometry.input_shape_for_output(tile))}→{_x(tile)}, {batch} per batch"
         cases.append(("unet3d valid, edge to edge", tiles, {"engine": "unet3d", "padding": "valid", "tile": tile, "batch": batch, "overlap": 0.25}))
-    window = same.geometry.valid_input_shape(choose_output_tile(same, shape, budget))
+    cube = near_cubic_tile(same, shape, budget, lambda t: estimate_tile_bytes(same, t))
     for overlap in overlaps:
+        window = choose_output_tile(same, shape, budget, overlap=overlap)
         cases.append(("unet3d same, Gaussian blend", f"{_x(window)}, overlap {overlap}",
                       {"engine": "unet3d", "padding": "same", "tile": window, "batch": 1, "overlap": overlap}))
-    for mode in ("constant", "gaussian") if with_monai else ():
-        for overlap in overlaps:
-            cases.append((f"MONAI same, {mode} blend", f"{_x(window)}, overlap {overlap}",
-                          {"engine": "monai", "padding": "same", "tile": window, "batch": 1, "overlap": overlap, "mode": mode}))
+        if not with_monai:
+            continue
+        for mode in ("constant", "gaussian"):
+            cases.append((f"MONAI same, {mode} blend", f"{_x(cube)}, overlap {overlap}",
+                          {"engine": "monai", "padding": "same", "tile": cube, "batch": 1, "overlap": overlap,
+                           "mode": mode, "prepared": True, "reference": True}))
+        cases.append(("MONAI same, constant blend, module as trained", f"{_x(cube)}, overlap {overlap}",
+                      {"engine": "monai", "padding": "same", "tile": cube, "batch": 1, "overlap": overlap,
+                       "mode": "constant", "prepared": False}))
+        cases.append(("MONAI same, constant blend, unet3d's window", f"{_x(window)}, overlap {overlap}",
+                      {"engine": "monai", "padding": "same", "tile": window, "batch": 1, "overlap": overlap,
+                       "mode": "constant", "prepared": True}))
     return cases
 
 
@@ -134,7 +151,7 @@ def _x(shape) -> str:
 
 def comparison(args) -> None:
     """Median over repeats of every case, repeats interleaved so load changes hit all cases alike;
-    ratios are to MONAI's fastest configuration on the same volume."""
+    ratios are to MONAI's fastest configuration with the near-cubic window on the same volume."""
     try:
         import monai  # noqa: F401
     except ImportError:
@@ -159,7 +176,7 @@ def comparison(args) -> None:
             for case, found in zip(cases, runs):
                 found.append(run_child({**job, **case[2]}))
         medians = [{key: float(np.median([r[key] for r in found])) for key in found[0]} for found in runs]
-        fastest_monai = max((m["voxels_per_second"] for (name, _, _), m in zip(cases, medians) if name.startswith("MONAI")), default=None)
+        fastest_monai = max((m["voxels_per_second"] for (_, _, job), m in zip(cases, medians) if job.get("reference")), default=None)
         for (name, tiles, _), m in zip(cases, medians):
             ratio = f"{m['voxels_per_second'] / fastest_monai:.2f}" if fastest_monai else "-"
             print(f"| {volume} {_x(shape)} | {name} | {tiles} | {m['voxels_per_second']:,.0f} | {m['peak_mib']:.0f} | {ratio} |", flush=True)

@@ -6,7 +6,7 @@ import torch
 from unet3d.inference import choose_output_tile, estimate_tile_bytes
 from unet3d.inference.memory import _LiveBytes, fix_mmap_threshold, forward_peak_bytes
 from unet3d.inference.predictor import prepare_network
-from unet3d.inference.tiling import _input_shape, near_cubic_tile, tiles_read_voxels
+from unet3d.inference.tiling import _input_shape, near_cubic_tile, tiles_work
 from unet3d.model import UNet, UNetConfig
 
 MIB = 1 << 20
@@ -56,7 +56,7 @@ def test_valid_tiles_read_less_than_near_cubic_ones(volume):
     tile = choose_output_tile(config, volume, budget)
     cube = near_cubic_tile(config, volume, budget, need)
     assert need(tile) <= budget
-    assert tiles_read_voxels(config, volume, tile) < tiles_read_voxels(config, volume, cube)
+    assert tiles_work(config, volume, tile) < tiles_work(config, volume, cube)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")

@@ -86,7 +86,7 @@ def run(args) -> int:
     model, info = load_model(args.model)
     with open_volume(args.image, "image", args.channel_axis) as source:
         _check_image(args.image, source.shape, args.model, model.config.in_channels)
-        tile = args.tile or _tile_for_budget(model.config, source.shape[1:], args.max_memory, args.batch_size)
+        tile = args.tile or _tile_for_budget(model.config, source.shape[1:], args.max_memory, args.batch_size, args.overlap)
         summary = predict_volume(
             model, info, source, args.output, args.probabilities, args.uncertainty,
             tile=tile, batch_size=args.batch_size, tta=args.tta, device=str(device), overlap=args.overlap, progress=True,
@@ -144,10 +144,10 @@ def _check_image(spec: str, shape: tuple, model_path: str, in_channels: int) -> 
         )
 
 
-def _tile_for_budget(config, shape, max_memory: int | None, batch_size: int) -> tuple[int, int, int]:
+def _tile_for_budget(config, shape, max_memory: int | None, batch_size: int, overlap: float) -> tuple[int, int, int]:
     budget = max_memory or DEFAULT_MAX_MEMORY
     try:
-        return choose_output_tile(config, shape, budget, batch_size)
+        return choose_output_tile(config, shape, budget, batch_size, overlap)
     except ValueError as exc:
         raise UserError(f"--max-memory {budget / 2**20:.0f}M: too small, {exc}") from None
 

@@ -157,7 +157,7 @@ def make_plan(model: UNet, shape, tile=None, max_memory: int | None = None, batc
               overlap: float = 0.25) -> TilePlan:
     """Tiles for a volume: `tile` (output tile size) if given, else the largest fitting the budget."""
     if tile is None:
-        tile = choose_output_tile(model.config, shape, max_memory or DEFAULT_MAX_MEMORY, batch_size)
+        tile = choose_output_tile(model.config, shape, max_memory or DEFAULT_MAX_MEMORY, batch_size, overlap)
     return plan_tiles(model.config, shape, tile, overlap)
 
 

@@ -136,19 +136,21 @@ def plan_tiles(config: UNetConfig, volume_shape, output_tile, overlap: float = 0
     return overlapping_plan(config.geometry, volume_shape, output_tile, overlap)
 
 
-def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_size: int = 1) -> tuple[int, int, int]:
-    """The output tile for a volume whose batch fits `max_memory` bytes: the near-cubic tile, or
-    for valid padding the fitting tile whose tiles read the fewest input voxels in all, since
-    every tile pays the context margin again. ValueError if even the smallest tile does not fit.
+def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_size: int = 1,
+                       overlap: float = 0.25) -> tuple[int, int, int]:
+    """The output tile (the window, for same padding) for a volume whose batch fits `max_memory`
+    bytes, shaped by the volume so the network does the least work: valid tiles each pay the
+    context margin again, same-padding windows their overlap. Same-padding windows stay at least
+    as thick as the near-cubic window (thin windows see zero padding almost everywhere).
+    ValueError if even the smallest tile does not fit.
     """
     def need(tile):
         return estimate_tile_bytes(config, _input_shape(config, tile), batch_size)
 
     tile = near_cubic_tile(config, volume_shape, max_memory, need)
-    if config.padding != "valid":
-        return tile
     bytes_per_voxel = need(tile) / math.prod(_input_shape(config, tile))
-    for candidate in _tiles_by_work(config, volume_shape, max_memory / bytes_per_voxel):
+    thinnest = 0 if config.padding == "valid" else min(tile)
+    for candidate in _tiles_by_work(config, volume_shape, overlap, max_memory / bytes_per_voxel, thinnest):
         if candidate == tile or need(candidate) <= max_memory:
             return candidate
     return tile
@@ -174,29 +176,44 @@ def near_cubic_tile(config: UNetConfig, volume_shape, max_memory: int, need) -> 
     return tuple(tile)
 
 
-def tiles_read_voxels(config: UNetConfig, volume_shape, tile) -> int:
-    """Input voxels the network reads to predict a volume with valid-padding `tile`s: its work."""
-    return math.prod(-(-n // k) for n, k in zip(volume_shape, tile)) * math.prod(_input_shape(config, tile))
+def tiles_work(config: UNetConfig, volume_shape, tile, overlap: float = 0.25) -> int:
+    """Input voxels the network reads to predict the volume with this tile size: its work."""
+    axes = [_axis_cost(config, n, a, size, overlap) for a, (n, size) in enumerate(zip(volume_shape, tile))]
+    return math.prod(count for count, _ in axes) * math.prod(size for _, size in axes)
 
 
-def _tiles_by_work(config: UNetConfig, volume_shape, max_input_voxels: float) -> list[tuple[int, int, int]]:
-    """Valid-padding tiles whose input has at most `max_input_voxels`, least work first. Along
-    each axis only the smallest tile for each tile count is a candidate."""
-    sizes = [_balanced_sizes(n, grid_step(config.geometry, a)) for a, n in enumerate(volume_shape)]
-    margin = [2 * m for m in config.geometry.margin()]
-    inputs = [[t + m for t in axis] for axis, m in zip(sizes, margin)]
-    candidates = []
-    for tz, iz in zip(sizes[0], inputs[0]):
-        for ty, iy in zip(sizes[1], inputs[1]):
-            fitting = [tx for tx, ix in zip(sizes[2], inputs[2]) if iz * iy * ix <= max_input_voxels]
+def _axis_cost(config: UNetConfig, n: int, axis: int, size: int, overlap: float) -> tuple[int, int]:
+    """(tiles along the axis, input size of each) for an output tile or window of `size`."""
+    if config.padding == "valid":
+        return -(-n // size), size + 2 * config.geometry.margin()[axis]
+    return len(_window_starts(n, size, overlap)), size
+
+
+def _axis_options(config: UNetConfig, n: int, axis: int, overlap: float, thinnest: int) -> list[tuple[int, int, int]]:
+    """(size, tiles along the axis, input size) for the smallest size giving each tile count;
+    sizes below `thinnest` are left out unless the axis is shorter."""
+    step = grid_step(config.geometry, axis)
+    cap = _round_up(n, step)
+    smallest = {}
+    for size in range(min(_round_up(thinnest, step), cap) or step, cap + 1, step):
+        count, input_size = _axis_cost(config, n, axis, size, overlap)
+        smallest.setdefault(count, (size, count, input_size))
+    return sorted(smallest.values())
+
+
+def _tiles_by_work(config: UNetConfig, volume_shape, overlap: float, max_input_voxels: float,
+                   thinnest: int = 0) -> list[tuple[int, int, int]]:
+    """Tiles whose input has at most `max_input_voxels`, least work first (then larger first)."""
+    axes = [_axis_options(config, n, a, overlap, thinnest) for a, n in enumerate(volume_shape)]
+    ranked = []
+    for z in axes[0]:
+        for y in axes[1]:
+            fitting = [x for x in axes[2] if z[2] * y[2] * x[2] <= max_input_voxels]
             if fitting:
-                candidates.append((tz, ty, fitting[-1]))
-    return sorted(candidates, key=lambda t: (tiles_read_voxels(config, volume_shape, t), -math.prod(t)))
-
-
-def _balanced_sizes(n: int, step: int) -> list[int]:
-    """Ascending tile sizes that cover n with k equal tiles (rounded up to the step), k = 1, 2, …"""
-    return sorted({_round_up(-(-n // k), step) for k in range(1, -(-n // step) + 1)})
+                x = min(fitting, key=lambda o: (o[1] * o[2], -o[0]))
+                tile = (z[0], y[0], x[0])
+                ranked.append((z[1] * y[1] * x[1] * z[2] * y[2] * x[2], -math.prod(tile), tile))
+    return [tile for *_, tile in sorted(ranked)]
 
 
 def _input_shape(config: UNetConfig, output_tile) -> tuple[int, ...]:
