@@ -6,7 +6,7 @@ import torch
 from unet3d.inference import choose_output_tile, estimate_tile_bytes
 from unet3d.inference.memory import _LiveBytes, fix_mmap_threshold, forward_peak_bytes
 from unet3d.inference.predictor import prepare_network
-from unet3d.inference.tiling import _input_shape, near_cubic_tile, tiles_work
+from unet3d.inference.tiling import _input_shape, blend_bytes, near_cubic_tile, tiles_work
 from unet3d.model import UNet, UNetConfig
 
 MIB = 1 << 20
@@ -66,3 +66,16 @@ def test_mmap_threshold_is_set_on_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
     assert fix_mmap_threshold()
+
+
+def test_blended_windows_count_their_accumulators_and_stay_thick():
+    config = UNetConfig(in_channels=1, num_classes=3, width=8, levels=3, padding="same")
+    volume, budget = (64, 200, 200), 512 * MIB
+
+    def network_bytes(window):
+        return estimate_tile_bytes(config, window)
+
+    window = choose_output_tile(config, volume, budget)
+    assert network_bytes(window) + blend_bytes(config, volume, window) <= budget
+    assert min(window) >= min(near_cubic_tile(config, volume, budget, network_bytes))
+    assert tiles_work(config, volume, window) < tiles_work(config, volume, near_cubic_tile(config, volume, budget, network_bytes))

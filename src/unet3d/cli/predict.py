@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import torch
 
 from unet3d.cli.options import int_triple
 from unet3d.errors import UserError
-from unet3d.inference import choose_output_tile, predict_volume
+from unet3d.inference import choose_output_tile, estimate_tile_bytes, predict_volume
 from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, resolve_device
+from unet3d.inference.tiling import blend_bytes
 from unet3d.io import open_volume, parse_spec
 from unet3d.model import load_model
 
@@ -147,9 +149,14 @@ def _check_image(spec: str, shape: tuple, model_path: str, in_channels: int) -> 
 def _tile_for_budget(config, shape, max_memory: int | None, batch_size: int, overlap: float) -> tuple[int, int, int]:
     budget = max_memory or DEFAULT_MAX_MEMORY
     try:
-        return choose_output_tile(config, shape, budget, batch_size, overlap)
+        tile = choose_output_tile(config, shape, budget, batch_size, overlap)
     except ValueError as exc:
         raise UserError(f"--max-memory {budget / 2**20:.0f}M: too small, {exc}") from None
+    accumulators = blend_bytes(config, shape, tile)
+    if accumulators and estimate_tile_bytes(config, tile, batch_size) + accumulators > budget:
+        print(f"note: blending windows over {shape[1]}×{shape[2]} planes holds about {accumulators / 2**20:.0f} MiB "
+              "beyond --max-memory (a valid-padding model streams within it)", file=sys.stderr)
+    return tile
 
 
 def _report(summary: dict, outputs: list[str]) -> None:

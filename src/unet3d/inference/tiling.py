@@ -20,6 +20,9 @@ import numpy as np
 from unet3d.inference.memory import estimate_tile_bytes
 from unet3d.model import Geometry, UNetConfig
 
+MAX_TILE_CHECKS = 64  # exact memory estimates tried on the best-ranked tiles before the near-cubic one wins
+
+
 def reflect_index(indices: np.ndarray, n: int) -> np.ndarray:
     """Map any integer positions into [0, n) by mirroring at the borders without repeating the
     edge voxel (numpy's pad mode 'reflect', repeated as often as needed for tiny volumes)."""
@@ -140,20 +143,36 @@ def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_
                        overlap: float = 0.25) -> tuple[int, int, int]:
     """The output tile (the window, for same padding) for a volume whose batch fits `max_memory`
     bytes, shaped by the volume so the network does the least work: valid tiles each pay the
-    context margin again, same-padding windows their overlap. Same-padding windows stay at least
-    as thick as the near-cubic window (thin windows see zero padding almost everywhere).
-    ValueError if even the smallest tile does not fit.
+    context margin again, same-padding windows their overlap.
+
+    Same-padding windows stay at least as thick as the near-cubic window (a thin window sees zero
+    padding almost everywhere), and their blending accumulators count against the budget; where
+    no such window fits (very large Y × X planes), the near-cubic window is returned and
+    blend_bytes says how far the budget is exceeded. ValueError if even the smallest tile does
+    not fit.
     """
-    def need(tile):
+    def tile_bytes(tile):
         return estimate_tile_bytes(config, _input_shape(config, tile), batch_size)
 
-    tile = near_cubic_tile(config, volume_shape, max_memory, need)
-    bytes_per_voxel = need(tile) / math.prod(_input_shape(config, tile))
+    tile = near_cubic_tile(config, volume_shape, max_memory, tile_bytes)
+    per_voxel = tile_bytes(tile) / math.prod(_input_shape(config, tile))
+
+    def roughly_fits(candidate, input_voxels):
+        return per_voxel * input_voxels + blend_bytes(config, volume_shape, candidate) <= max_memory
+
     thinnest = 0 if config.padding == "valid" else min(tile)
-    for candidate in _tiles_by_work(config, volume_shape, overlap, max_memory / bytes_per_voxel, thinnest):
-        if candidate == tile or need(candidate) <= max_memory:
-            return candidate
-    return tile
+    ranked = _tiles_by_work(config, volume_shape, overlap, roughly_fits, thinnest)
+    fitting = (c for c in ranked[:MAX_TILE_CHECKS] if tile_bytes(c) + blend_bytes(config, volume_shape, c) <= max_memory)
+    return next(fitting, tile)
+
+
+def blend_bytes(config: UNetConfig, volume_shape, window) -> int:
+    """Accumulators of blended windows: weighted class sums and weights over one window depth of
+    the volume's Y × X, twice while a new row of windows extends them (0 for valid padding)."""
+    if config.padding == "valid":
+        return 0
+    _, height, width = volume_shape
+    return 2 * 4 * (config.num_classes + 1) * min(window[0], volume_shape[0]) * height * width
 
 
 def near_cubic_tile(config: UNetConfig, volume_shape, max_memory: int, need) -> tuple[int, int, int]:
@@ -201,14 +220,13 @@ def _axis_options(config: UNetConfig, n: int, axis: int, overlap: float, thinnes
     return sorted(smallest.values())
 
 
-def _tiles_by_work(config: UNetConfig, volume_shape, overlap: float, max_input_voxels: float,
-                   thinnest: int = 0) -> list[tuple[int, int, int]]:
-    """Tiles whose input has at most `max_input_voxels`, least work first (then larger first)."""
+def _tiles_by_work(config: UNetConfig, volume_shape, overlap: float, roughly_fits, thinnest: int = 0) -> list[tuple[int, int, int]]:
+    """Tiles for which roughly_fits(tile, input voxels) holds, least work first (then larger first)."""
     axes = [_axis_options(config, n, a, overlap, thinnest) for a, n in enumerate(volume_shape)]
     ranked = []
     for z in axes[0]:
         for y in axes[1]:
-            fitting = [x for x in axes[2] if z[2] * y[2] * x[2] <= max_input_voxels]
+            fitting = [x for x in axes[2] if roughly_fits((z[0], y[0], x[0]), z[2] * y[2] * x[2])]
             if fitting:
                 x = min(fitting, key=lambda o: (o[1] * o[2], -o[0]))
                 tile = (z[0], y[0], x[0])
