@@ -73,6 +73,8 @@ def measure_one(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     image = load_volume(job["volume"], job["quick"])
     model = network(job["padding"], job["width"], job["levels"])
+    if job["engine"] == "pytorch3dunet":
+        return pytorch3dunet_one(job, image, model)
     before = rss_mib()
     began = time.perf_counter()
     if job["engine"] == "unet3d":
@@ -96,6 +98,52 @@ def measure_one(job: dict) -> dict:
     return {"seconds": seconds, "voxels_per_second": math.prod(image.shape[1:]) / seconds, "peak_mib": rss_mib() - before}
 
 
+class _ChannelsLastSoftmax(torch.nn.Module):
+    """Our prepared network as a module that takes any layout and returns probabilities."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.softmax(self.net(x.contiguous(memory_format=torch.channels_last_3d)), dim=1)
+
+
+def halo_for(window, overlap: float) -> tuple[int, ...]:
+    """pytorch-3dunet's halo that reads as much context per window as MONAI's overlap does."""
+    return tuple(round(w * overlap / 2) for w in window)
+
+
+def pytorch3dunet_one(job: dict, image: np.ndarray, model) -> dict:
+    """pytorch-3dunet's StandardPredictor: patches of window − 2·halo laid edge to edge, each read
+    with its halo (mirrored at the volume's border) and cropped back; labels written to HDF5."""
+    import h5py
+    from pytorch3dunet.datasets.hdf5 import StandardHDF5Dataset
+    from pytorch3dunet.datasets.utils import default_prediction_collate
+    from pytorch3dunet.unet3d.config import TorchDevice
+    from pytorch3dunet.unet3d.predictor import StandardPredictor
+    from torch.utils.data import DataLoader
+
+    from unet3d.inference.predictor import prepare_network
+
+    halo = halo_for(job["tile"], job["overlap"])
+    patch = [w - 2 * h for w, h in zip(job["tile"], halo)]
+    with tempfile.TemporaryDirectory(prefix="unet3d-p3d-") as folder:
+        path = Path(folder) / "input.h5"
+        with h5py.File(path, "w") as f:
+            f["raw"] = image[0]
+        net = _ChannelsLastSoftmax(prepare_network(model, torch.device("cpu")))
+        before = rss_mib()
+        began = time.perf_counter()
+        dataset = StandardHDF5Dataset(str(path), "test", {"name": "SliceBuilder", "patch_shape": patch, "stride_shape": patch,
+                                                           "halo_shape": list(halo)},
+                                      {"raw": [{"name": "ToTensor", "expand_dims": True}]})
+        loader = DataLoader(dataset, batch_size=job["batch"], collate_fn=default_prediction_collate)
+        StandardPredictor(net, folder, 2, TorchDevice.CPU, save_segmentation=True)(loader)
+        seconds = time.perf_counter() - began
+    return {"seconds": seconds, "voxels_per_second": math.prod(image.shape[1:]) / seconds, "peak_mib": rss_mib() - before}
+
+
 def run_child(job: dict) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
     if out.returncode:
@@ -103,7 +151,7 @@ def run_child(job: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def comparison_cases(shape, width: int, levels: int, budget: int, with_monai: bool, batch_sizes=(1, 2, 4),
+def comparison_cases(shape, width: int, levels: int, budget: int, with_peers: bool, batch_sizes=(1, 2, 4),
                      overlaps=(0.25, 0.5)) -> list[tuple[str, str, dict]]:
     """(predictor, tiles, job) per case. Every case uses the same budget and the same weights
     (the seed fixes them; valid and same nets have identical parameters). MONAI runs the
@@ -130,7 +178,7 @@ def comparison_cases(shape, width: int, levels: int, budget: int, with_monai: bo
         window = choose_output_tile(same, shape, budget, overlap=overlap)
         cases.append(("unet3d same, Gaussian blend", f"{_x(window)}, overlap {overlap}",
                       {"engine": "unet3d", "padding": "same", "tile": window, "batch": 1, "overlap": overlap}))
-        if not with_monai:
+        if not with_peers:
             continue
         for mode in ("constant", "gaussian"):
             cases.append((f"MONAI same, {mode} blend", f"{_x(cube)}, overlap {overlap}",
@@ -142,6 +190,10 @@ def comparison_cases(shape, width: int, levels: int, budget: int, with_monai: bo
         cases.append(("MONAI same, constant blend, unet3d's window", f"{_x(window)}, overlap {overlap}",
                       {"engine": "monai", "padding": "same", "tile": window, "batch": 1, "overlap": overlap,
                        "mode": "constant", "prepared": True}))
+        halo = halo_for(cube, overlap)
+        if all(w - 2 * h >= 64 for w, h in zip(cube[1:], halo[1:])):  # pytorch-3dunet's least patch height, width
+            cases.append(("pytorch-3dunet StandardPredictor, halo", f"{_x(cube)}, halo {_x(halo)}",
+                          {"engine": "pytorch3dunet", "padding": "same", "tile": cube, "batch": 1, "overlap": overlap}))
     return cases
 
 
@@ -154,12 +206,13 @@ def comparison(args) -> None:
     ratios are to MONAI's fastest configuration with the near-cubic window on the same volume."""
     try:
         import monai  # noqa: F401
+        import pytorch3dunet  # noqa: F401
     except ImportError:
-        print("MONAI is not installed in this environment: create .venv-bench as this script's docstring says; "
-              "only unet3d rows are measured.\n")
-        have_monai = False
+        print("MONAI or pytorch-3dunet is not installed in this environment: run benchmarks/peers.sh (creates "
+              ".venv-bench); only unet3d rows are measured.\n")
+        have_peers = False
     else:
-        have_monai = True
+        have_peers = True
     width, levels = (4, 3) if args.quick else (16, 4)
     budget = (args.max_memory or (48 if args.quick else 1024)) << 20
     repeats = 1 if args.quick else args.repeats
@@ -169,7 +222,7 @@ def comparison(args) -> None:
     print("|---|---|---|---|---|---|")
     for volume in args.compare:
         shape = load_volume(volume, args.quick).shape[1:]
-        cases = comparison_cases(shape, width, levels, budget, have_monai, args.batch_sizes, args.overlaps)
+        cases = comparison_cases(shape, width, levels, budget, have_peers, args.batch_sizes, args.overlaps)
         job = {"volume": volume, "quick": args.quick, "width": width, "levels": levels, "threads": args.threads}
         runs = [[] for _ in cases]
         for _ in range(repeats):
