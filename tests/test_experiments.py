@@ -71,6 +71,22 @@ def test_2d_variant_keeps_output_patch_and_needs_no_z_context(nuclei):
     assert _network_variant(config, "unet3d_nobn").network.norm == "none"
 
 
+def test_2d_variant_of_a_volume_smaller_than_the_patch():
+    """A hippocampus crop (36×50×35) cuts the patch to sizes the 3D net would round; the 2D net too."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 36, 50, 35)).astype(np.float32)
+    sparse = protocols.sparsify(rng.integers(0, 3, size=(36, 50, 35)), (1, 1, 1), ignore_label=IGNORE)
+    training = prepare_training_set([image], [sparse], IGNORE, class_values=[0, 1, 2])
+    flat = _network_variant(default_config(training, max_time=1), "unet2d")
+    assert flat.network.geometry.output_shape(flat.patch_shape)[2] >= 35
+
+
+def test_every_planned_run_names_loadable_volumes():
+    names = {name for r in run.full_plan() for name in (*r.train, *r.test)}
+    assert all(n in ("nuclei_tiny", "ovule") or n.startswith(("em_vnc_q", "hippocampus_")) for n in names)
+    assert {f"hippocampus_{c}" for c in data.HIPPOCAMPUS_TEST} <= names
+
+
 @pytest.mark.parametrize("method", ["unet2d", "forest"])
 def test_methods_train_on_some_volumes_and_segment_another(nuclei, method, tmp_path):
     image, truth = nuclei

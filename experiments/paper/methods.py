@@ -68,7 +68,8 @@ def _network_variant(config, method: str):
     if method == "unet2d":
         network = dataclasses.replace(config.network, dims=2)
         # Same output patch; a 2D net needs no context along z, so its input is only grown in-plane.
-        output = config.network.geometry.output_shape(config.patch_shape)
+        geometry = config.network.geometry  # patches of small volumes are cut to the volume, maybe to no valid size
+        output = geometry.output_shape(geometry.valid_input_shape(config.patch_shape))
         return dataclasses.replace(config, network=network, patch_shape=network.geometry.input_shape_for_output(output))
     return config
 

@@ -45,8 +45,9 @@ def full_plan(methods=METHODS, datasets=None, settings=SLICE_SETTINGS, only=EXPE
     if "crossval" in only:
         runs += protocols.crossval_runs(volumes, keep(("unet3d", "unet3d_nobn", "unet2d", "forest")))
     if "automatic" in only:
+        hippocampus = lambda cases: tuple(f"hippocampus_{c}" for c in cases)  # noqa: E731
         splits = {"em_vnc": protocols.em_vnc_splits(),
-                  "hippocampus": [(data.HIPPOCAMPUS_TRAIN, data.HIPPOCAMPUS_TEST)]}
+                  "hippocampus": [(hippocampus(data.HIPPOCAMPUS_TRAIN), hippocampus(data.HIPPOCAMPUS_TEST))]}
         runs += protocols.automatic_runs({g: s for g, s in splits.items() if datasets is None or g in datasets}, keep(METHODS))
     return runs
 
