@@ -1,0 +1,74 @@
+"""Does ilastik's filter bank, given to the U-Net as extra input channels, raise densify's IoU?
+
+Usage: .venv/bin/python experiments/ablation/input_features.py VOLUME SLICES VARIANT SEED BUDGET
+  VOLUME   nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN
+  SLICES   k per axis, e.g. 1,1,1
+  VARIANT  plain (the image), features (+ 61 filters at ilastik's seven scales),
+           features_small (+ the filters at scales 1 and 3.5 only)
+  BUDGET   seconds: the filters' CPU time is taken out of the training time
+
+Prints one JSON line: foreground IoU on the voxels no slice annotates, iterations, CPU seconds.
+Findings are in docs/ablation.md ("Filter-bank input channels").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+import torch
+
+from experiments.paper import data, protocols
+from experiments.paper.methods import IGNORE, annotated_classes
+from unet3d.baselines import filter_features
+from unet3d.data.labels import decode_labels
+from unet3d.data.normalization import apply_normalization
+from unet3d.inference import predict_array
+from unet3d.training import train
+from unet3d.training.dataset import prepare_training_set
+from unet3d.workflows.densify import default_config
+
+SCALES = {"features": None, "features_small": (1.0, 3.5)}
+
+
+def with_features(volume: data.Volume, variant: str) -> np.ndarray:
+    if variant == "plain":
+        return volume.image
+    scales = SCALES[variant]
+    extra = filter_features(volume.image, spacing=volume.spacing) if scales is None else \
+        filter_features(volume.image, scales=scales, spacing=volume.spacing)
+    return np.concatenate([volume.image, extra])
+
+
+def main(name: str, slices: str, variant: str, seed: int, budget: float) -> dict:
+    torch.set_num_threads(1)
+    volume = data.load(name)
+    sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
+    start = time.process_time()
+    image = with_features(volume, variant)
+    seconds_features = time.process_time() - start
+    classes = annotated_classes([sparse])
+    training = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=volume.spacing)
+    config = default_config(training, max_time=max(budget - seconds_features, 5), seed=seed)
+    with tempfile.TemporaryDirectory() as folder:
+        result = train(config, training, Path(folder) / "model.safetensors", progress=False)
+    probabilities = predict_array(result.model, apply_normalization(image, training.normalization))
+    labels = decode_labels(probabilities.argmax(0), classes)
+    score = protocols._score(volume, labels, sparse == IGNORE)
+    return {"volume": name, "slices": slices, "variant": variant, "seed": seed, "budget": budget,
+            "features_s": round(seconds_features, 1), "iterations": result.iterations,
+            "mean_iou": round(score["mean_iou"], 4), "iou": {k: round(v, 3) for k, v in score["iou"].items()},
+            "cpu_s": round(time.process_time() - start, 1)}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 6 or sys.argv[3] not in ("plain", *SCALES):
+        sys.exit(__doc__)
+    print(json.dumps(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))))
