@@ -120,6 +120,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name in datasets:
         cases = load_cases(name, 2 if args.quick else 5)
+        if not cases:
+            print(f"| {name} | – | – | skipped: no volumes under {SHARED_DATA} | – | – | – |", flush=True)
+            continue
         label = f"{name} ({len(cases)} cases)" if name == "hippocampus" else name
         for slices in slice_list:
             result = combine([run_case(*case, slices, args.max_train_voxels) for case in cases])
