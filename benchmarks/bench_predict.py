@@ -221,6 +221,9 @@ def comparison(args) -> None:
     print("| volume | predictor | tiles | voxels/s | peak MiB | speed vs fastest MONAI |")
     print("|---|---|---|---|---|---|")
     for volume in args.compare:
+        if volume == "ovule" and not OVULE.exists():
+            print(f"| ovule | skipped: {OVULE} not found | – | – | – | – |", flush=True)
+            continue
         shape = load_volume(volume, args.quick).shape[1:]
         cases = comparison_cases(shape, width, levels, budget, have_peers, args.batch_sizes, args.overlaps)
         job = {"volume": volume, "quick": args.quick, "width": width, "levels": levels, "threads": args.threads}
