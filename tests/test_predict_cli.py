@@ -175,3 +175,14 @@ def test_memory_sizes_parse():
     assert predict.memory_size("1.5k") == 1536 and predict.memory_size("4096") == 4096
     with pytest.raises(argparse.ArgumentTypeError):
         predict.memory_size("lots")
+
+
+def test_blending_beyond_the_budget_is_said(tmp_path, capsys):
+    """Accumulators over a wide plane that no acceptable window fits: predict says by how much."""
+    image = np.random.default_rng(0).normal(size=(8, 512, 512)).astype(np.float32)
+    write_volume(str(tmp_path / "wide.npy"), image)
+    make_model(tmp_path / "m.safetensors", image[None], [0, 1], padding="same")
+    run_predict(tmp_path / "m.safetensors", tmp_path / "wide.npy", "-o", tmp_path / "labels.npy", "--max-memory", "32M")
+    assert re.search(r"note: blending windows over 512×512 planes holds about \d+ MiB beyond --max-memory",
+                     capsys.readouterr().err)
+    assert np.load(tmp_path / "labels.npy").shape == image.shape
