@@ -28,6 +28,7 @@ import torch
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE, annotated_classes
 from unet3d.baselines import filter_features
+from unet3d.baselines.features import DEFAULT_SCALES
 from unet3d.data.labels import decode_labels
 from unet3d.data.normalization import apply_normalization
 from unet3d.inference import predict_array
@@ -35,16 +36,13 @@ from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
 from unet3d.workflows.densify import default_config
 
-SCALES = {"features": None, "features_small": (1.0, 3.5)}
+SCALES = {"features": DEFAULT_SCALES, "features_small": (1.0, 3.5)}
 
 
 def with_features(volume: data.Volume, variant: str) -> np.ndarray:
     if variant == "plain":
         return volume.image
-    scales = SCALES[variant]
-    extra = filter_features(volume.image, spacing=volume.spacing) if scales is None else \
-        filter_features(volume.image, scales=scales, spacing=volume.spacing)
-    return np.concatenate([volume.image, extra])
+    return np.concatenate([volume.image, filter_features(volume.image, scales=SCALES[variant], spacing=volume.spacing)])
 
 
 def main(name: str, slices: str, variant: str, seed: int, budget: float) -> dict:

@@ -220,7 +220,7 @@ def _axis_options(config: UNetConfig, n: int, axis: int, overlap: float, thinnes
     return sorted(smallest.values())
 
 
-def _tiles_by_work(config: UNetConfig, volume_shape, overlap: float, roughly_fits, thinnest: int = 0) -> list[tuple[int, int, int]]:
+def _tiles_by_work(config: UNetConfig, volume_shape, overlap: float, roughly_fits, thinnest: int) -> list[tuple[int, int, int]]:
     """Tiles for which roughly_fits(tile, input voxels) holds, least work first (then larger first)."""
     axes = [_axis_options(config, n, a, overlap, thinnest) for a, n in enumerate(volume_shape)]
     ranked = []
