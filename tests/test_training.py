@@ -78,6 +78,22 @@ def test_resume_equals_an_uninterrupted_run(sparse_nuclei, tmp_path):
     assert [e["loss"] for e in whole.history] == [e["loss"] for e in resumed.history]
 
 
+def test_training_continues_from_a_given_network(sparse_nuclei, tmp_path):
+    image, _, sparse = sparse_nuclei
+    data = prepare_training_set([image], [sparse], IGNORE)
+    first = train(tiny_config(iterations=3), data, tmp_path / "a.safetensors", progress=False)
+    start = {k: v.clone() for k, v in first.model.state_dict().items()}
+    fresh = train(tiny_config(iterations=3), data, tmp_path / "b.safetensors", progress=False)
+    continued = train(tiny_config(iterations=3), data, tmp_path / "c.safetensors", progress=False, network=first.model)
+    assert continued.model is first.model
+    weight = "encoders.0.0.weight"
+    assert not torch.equal(continued.model.state_dict()[weight], start[weight])  # it trained on
+    assert not torch.equal(continued.model.state_dict()[weight], fresh.model.state_dict()[weight])  # from there
+    other = UNet(UNetConfig(in_channels=1, num_classes=3, width=8, levels=2, padding="valid"))
+    with pytest.raises(UserError, match="configuration"):
+        train(tiny_config(), data, tmp_path / "d.safetensors", progress=False, network=other)
+
+
 def test_batches_depend_only_on_seed_and_iteration(sparse_nuclei):
     image, _, sparse = sparse_nuclei
     data = prepare_training_set([image], [sparse], IGNORE)

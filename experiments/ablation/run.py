@@ -47,6 +47,9 @@ VARIANTS = {
     "width16": (lambda c: _network(c, width=16), False),
     "batch1": (lambda c: dataclasses.replace(c, batch_size=1), False),
     "tta": (lambda c: c, True),
+    "patch8x56x56": (lambda c: dataclasses.replace(c, patch_shape=(8, 56, 56)), False),
+    "patch4x80x80": (lambda c: dataclasses.replace(c, patch_shape=(4, 80, 80)), False),
+    "unet2d_4x80x80": (lambda c: dataclasses.replace(_network(c, dims=2), patch_shape=(4, 80, 80)), False),
 }
 QUICK = {"volumes": ["nuclei_tiny"], "slices": [(3, 3, 2)], "seeds": [0], "budget": 30.0}
 

@@ -59,13 +59,19 @@ def model_info(config: TrainConfig, data: TrainingSet, iterations: int, seconds:
 
 
 def train(config: TrainConfig, data: TrainingSet, output, *, validation: TrainingSet | None = None,
-          resume: bool = False, device: str = "cpu", progress: bool = True) -> TrainResult:
-    """Train on sparse labels; writes the model, checkpoint, log and curve next to `output`."""
+          resume: bool = False, device: str = "cpu", progress: bool = True, network: UNet | None = None) -> TrainResult:
+    """Train on sparse labels; writes the model, checkpoint, log and curve next to `output`.
+
+    `network` starts training from that network (fine-tuning, or a variant of UNet) instead of a
+    freshly initialised one; its configuration must be `config.network`.
+    """
     files = run_files(output)
     if data.channels != config.network.in_channels or len(data.class_values) != config.network.num_classes:
         raise UserError("the network's channels or classes do not match the training data")
+    if network is not None and network.config != config.network:
+        raise UserError("the network to start from does not have the configuration being trained")
     torch.manual_seed(config.seed)
-    model = UNet(config.network).to(device)
+    model = (network or UNet(config.network)).to(device)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate,
                                config.momentum, config.weight_decay)
     state = {"iteration": 0, "elapsed": 0.0, "history": [], "best": None}
