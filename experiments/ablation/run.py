@@ -49,6 +49,8 @@ VARIANTS = {
     "tta": (lambda c: c, True),
     "patch8x56x56": (lambda c: dataclasses.replace(c, patch_shape=(8, 56, 56)), False),
     "patch4x80x80": (lambda c: dataclasses.replace(c, patch_shape=(4, 80, 80)), False),
+    "levels4": (lambda c: _network(c, levels=4), False),
+    "levels4_8x64x64": (lambda c: dataclasses.replace(_network(c, levels=4), patch_shape=(8, 64, 64)), False),
     "unet2d_4x80x80": (lambda c: dataclasses.replace(_network(c, dims=2), patch_shape=(4, 80, 80)), False),
 }
 QUICK = {"volumes": ["nuclei_tiny"], "slices": [(3, 3, 2)], "seeds": [0], "budget": 30.0}

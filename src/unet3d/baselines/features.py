@@ -83,6 +83,22 @@ def filter_features(
     return out
 
 
+def input_feature_spec(spacing: Sequence[float] | None, scales: Sequence[float] = DEFAULT_SCALES) -> dict:
+    """How a network's extra input channels are made; stored in the model so prediction redoes it."""
+    return {"bank": "ilastik", "scales": [float(s) for s in scales],
+            "spacing": None if spacing is None else [float(s) for s in spacing]}
+
+
+def with_input_features(image: np.ndarray, spec: dict) -> np.ndarray:
+    """(C, Z, Y, X) image → the image followed by its filter bank, as `spec` describes."""
+    return np.concatenate([np.asarray(image, dtype=np.float32), filter_features(image, spec["scales"], spec["spacing"])])
+
+
+def raw_channels(network_channels: int, spec: dict | None) -> int:
+    """Image channels a network expects before its filter-bank channels are added."""
+    return network_channels if spec is None else network_channels // (1 + len(feature_names(1, spec["scales"])))
+
+
 def _spacing_ratios(spacing: Sequence[float] | None) -> tuple[float, float, float]:
     if spacing is None:
         return (1.0, 1.0, 1.0)

@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     parser.add_argument("--truth", metavar="TRUTH", help="dense ground truth: report IoU on the unannotated voxels")
     parser.add_argument("--channel-axis", type=int, help="channel axis of a multi-channel image (default: detected)")
     parser.add_argument("--spacing", type=float_list, metavar="Z,Y,X", help="voxel spacing (default: from the file)")
+    parser.add_argument("--filter-features", action="store_true",
+                        help="also give the network ilastik's filter bank (61 filters per channel, computed for the "
+                        "whole volume in memory) as input channels: helped on electron microscopy, not on small "
+                        "light-microscopy or MRI volumes (docs/ablation.md)")
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -74,7 +78,7 @@ def run(args) -> int:
                                max_time=args.max_time, iterations=args.iterations, seed=args.seed,
                                num_classes=args.num_classes, spacing=args.spacing, source=args.image,
                                device=resolve_device(args.device), threads=args.threads,
-                               progress=not args.quiet)
+                               progress=not args.quiet, filter_features=args.filter_features)
     print(report)
     return 0
 
@@ -82,7 +86,7 @@ def run(args) -> int:
 def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, model=None, overlay=None,
                       probabilities=None, truth=None, max_time=120.0, iterations=100_000, seed=0,
                       num_classes=None, spacing=None, source="image", device="cpu", threads=THREADS,
-                      progress=True) -> str:
+                      progress=True, filter_features=False) -> str:
     """Run densify and write segmentation, model, overlay (and probabilities); returns a report."""
     base = output_base(output)
     model = model or f"{base}.model.safetensors"
@@ -92,7 +96,7 @@ def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, mo
     result = densify(image, sparse, ignore_label, model, max_time=max_time, iterations=iterations, seed=seed,
                      num_classes=num_classes,
                      spacing=spacing or meta.spacing, source=source, progress=progress, device=device,
-                     threads=threads)
+                     threads=threads, filter_features=filter_features)
     write_volume(output, result.segmentation, like=meta)
     if probabilities:
         write_volume(probabilities, result.probabilities.astype("float16"), like=meta)

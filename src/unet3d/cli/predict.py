@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from unet3d.baselines.features import raw_channels
 from unet3d.cli.options import int_triple
 from unet3d.errors import UserError
 from unet3d.inference import choose_output_tile, estimate_tile_bytes, predict_volume
@@ -87,7 +88,8 @@ def run(args) -> int:
     _check_outputs(outputs, args.image)
     model, info = load_model(args.model)
     with open_volume(args.image, "image", args.channel_axis) as source:
-        _check_image(args.image, source.shape, args.model, model.config.in_channels)
+        features = info.get("input_features")
+        _check_image(args.image, source.shape, args.model, raw_channels(model.config.in_channels, features))
         tile = args.tile or _tile_for_budget(model.config, source.shape[1:], args.max_memory, args.batch_size, args.overlap)
         summary = predict_volume(
             model, info, source, args.output, args.probabilities, args.uncertainty,

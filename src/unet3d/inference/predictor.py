@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from unet3d.data.normalization import apply_normalization
 from unet3d.inference.memory import fix_mmap_threshold
+from unet3d.baselines.features import with_input_features
 from unet3d.inference.tiling import TilePlan, choose_output_tile, gaussian_weight, plan_tiles, read_mirrored
 from unet3d.model.unet import TestTimeBatchNorm, UNet
 
@@ -186,6 +187,15 @@ def label_dtype(class_values) -> np.dtype:
     return np.min_scalar_type(min(class_values)) if min(class_values) < 0 else np.min_scalar_type(max(class_values))
 
 
+def region_reader(source, normalization: dict, input_features: dict | None):
+    """box → the network's normalized input there. Filter-bank inputs are made once for the whole
+    volume (in memory: 62 float32 channels per image channel), as training made them."""
+    if input_features is None:
+        return lambda box: apply_normalization(source.read(box), normalization)
+    inputs = apply_normalization(with_input_features(source.read(), input_features), normalization)
+    return lambda box: inputs[(slice(None),) + box]
+
+
 def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,
                    tile=None, max_memory: int | None = None, batch_size: int = 1, tta: bool = False,
                    device: str = "cpu", overlap: float = 0.25, progress: bool = False) -> dict:
@@ -205,7 +215,7 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     plan = make_plan(model, shape, tile, max_memory, batch_size, overlap)
     device = resolve_device(device)
     net = prepare_network(model, device)
-    read = lambda box: apply_normalization(source.read(box), normalization)  # noqa: E731
+    read = region_reader(source, normalization, info.get("input_features"))
     counts = np.zeros(config.num_classes, np.int64)
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:

@@ -29,6 +29,7 @@ class TrainingSet:
     normalization: dict
     spacing: tuple[float, float, float]
     sources: list[str]
+    input_features: dict | None = None  # filter-bank channels appended to the images (baselines.features)
 
     @property
     def channels(self) -> int:
@@ -45,11 +46,13 @@ def prepare_training_set(
     class_values: list[int] | None = None,
     normalization: str | dict = "zscore",
     spacing=None,
+    input_features: dict | None = None,
 ) -> TrainingSet:
     """Check, encode and normalize (C, Z, Y, X) images with their sparse (Z, Y, X) labels.
 
     `normalization` is a method name (fitted here on these images) or an already fitted spec
-    (validation volumes must use the training statistics).
+    (validation volumes must use the training statistics). `input_features` records that the
+    images already carry filter-bank channels made as it describes, so prediction can redo them.
     """
     sources = sources or [f"volume {i}" for i in range(len(images))]
     _check_volumes(images, labels, sources)
@@ -62,7 +65,8 @@ def prepare_training_set(
     spec = normalization if isinstance(normalization, dict) else fit_normalization(images, normalization)
     normalized = [torch.from_numpy(apply_normalization(image, spec)) for image in images]
     spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
-    return TrainingSet(normalized, encoded, list(class_values), ignore_label, spec, spacing, list(sources))
+    return TrainingSet(normalized, encoded, list(class_values), ignore_label, spec, spacing, list(sources),
+                       input_features)
 
 
 def _check_volumes(images, labels, sources) -> None:

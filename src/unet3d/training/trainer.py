@@ -46,7 +46,9 @@ def patch_geometry(config: TrainConfig) -> tuple[tuple[int, ...], tuple[int, ...
 def model_info(config: TrainConfig, data: TrainingSet, iterations: int, seconds: float) -> dict:
     """The description stored in the model file: everything prediction needs, and provenance."""
     input_shape, output_shape = patch_geometry(config)
+    features = {"input_features": data.input_features} if data.input_features else {}
     return {
+        **features,
         "class_values": data.class_values,
         "ignore_label": data.ignore_label,
         "normalization": data.normalization,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from unet3d.augmentation import AugmentationConfig
+from unet3d.baselines.features import input_feature_spec, with_input_features
 from unet3d.data.labels import decode_labels
 from unet3d.inference import predict_array
 from unet3d.model import UNet, UNetConfig
@@ -80,13 +81,17 @@ def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: in
 def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path, *, config: TrainConfig | None = None,
             max_time: float = 120.0, iterations: int = 100_000, seed: int = 0, spacing=None, num_classes: int | None = None,
             source: str = "image", progress: bool = True, device: str = "cpu",
-            threads: int | None = THREADS) -> DensifyResult:
+            threads: int | None = THREADS, filter_features: bool = False) -> DensifyResult:
     """Train on the annotated voxels of `sparse`, then predict every voxel of `image`.
 
     `threads` is torch's CPU thread count while densify runs (None keeps the current setting).
+    `filter_features` gives the network ilastik's filter bank of the whole volume as extra input
+    channels (docs/ablation.md: +0.14 IoU on serial-section EM, none on small nuclei or MRI crops).
     """
-    data = prepare_training_set([image], [sparse], ignore_label, sources=[source], num_classes=num_classes,
-                                spacing=spacing)
+    features = input_feature_spec(spacing) if filter_features else None
+    inputs = with_input_features(image, features) if features else image
+    data = prepare_training_set([inputs], [sparse], ignore_label, sources=[source], num_classes=num_classes,
+                                spacing=spacing, input_features=features)
     config = config or default_config(data, max_time=max_time, iterations=iterations, seed=seed)
     with torch_threads(threads):
         result = train(config, data, model_path, progress=progress, device=device)
