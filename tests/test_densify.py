@@ -75,3 +75,13 @@ def test_filter_feature_inputs_are_remade_by_predict(sparse_nuclei, tmp_path):
     predicted, _ = read_labels(str(tmp_path / "seg.tif"))
     # Same network, same inputs; only the tiling may differ (blended windows), so a few voxels may flip.
     assert (predicted == result.segmentation).mean() > 0.99
+
+
+def test_filter_features_too_large_for_memory_are_refused_by_name():
+    from unet3d.baselines.features import check_feature_memory, input_feature_spec
+    from unet3d.errors import UserError
+
+    spec = input_feature_spec(None)
+    check_feature_memory("small.tif", (1, 31, 61, 57), spec)  # a few MiB: fine
+    with pytest.raises(UserError, match=r"^huge\.tif: filter-bank inputs for 4096×4096×4096 voxels need about"):
+        check_feature_memory("huge.tif", (1, 4096, 4096, 4096), spec)

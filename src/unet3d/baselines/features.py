@@ -15,10 +15,13 @@ scale is finished before the next starts, so memory stays at the output plus a f
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from unet3d.errors import UserError
 
 ILASTIK_SCALES = (0.3, 0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
 DEFAULT_SCALES = ILASTIK_SCALES  # the forest, not the filter bank, dominates the run time
@@ -92,6 +95,20 @@ def input_feature_spec(spacing: Sequence[float] | None, scales: Sequence[float] 
 def with_input_features(image: np.ndarray, spec: dict) -> np.ndarray:
     """(C, Z, Y, X) image → the image followed by its filter bank, as `spec` describes."""
     return np.concatenate([np.asarray(image, dtype=np.float32), filter_features(image, spec["scales"], spec["spacing"])])
+
+
+def check_feature_memory(name: str, shape, spec: dict | None) -> None:
+    """One-line error naming `name` when a (C, Z, Y, X) volume's filter-bank inputs cannot fit in the
+    free memory (the bank, the image joined to it and its normalized copy live at once)."""
+    if spec is None or not hasattr(os, "sysconf"):
+        return
+    channels, *spatial = shape
+    needed = 3 * 4 * channels * (1 + len(feature_names(1, spec["scales"]))) * math.prod(spatial)
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if needed > free:
+        raise UserError(f"{name}: filter-bank inputs for {'×'.join(map(str, spatial))} voxels need about "
+                        f"{needed / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB are free; use a model "
+                        "trained without --filter-features, or a smaller volume")
 
 
 def raw_channels(network_channels: int, spec: dict | None) -> int:
