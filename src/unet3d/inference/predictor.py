@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from unet3d.baselines.features import with_input_features
 from unet3d.data.normalization import apply_normalization
 from unet3d.inference.memory import fix_mmap_threshold
-from unet3d.baselines.features import with_input_features
 from unet3d.inference.tiling import TilePlan, choose_output_tile, gaussian_weight, plan_tiles, read_mirrored
 from unet3d.model.unet import TestTimeBatchNorm, UNet
 

@@ -73,7 +73,7 @@ def train(config: TrainConfig, data: TrainingSet, output, *, validation: Trainin
     if network is not None and network.config != config.network:
         raise UserError("the network to start from does not have the configuration being trained")
     torch.manual_seed(config.seed)
-    model = (network or UNet(config.network)).to(device)
+    model = (network if network is not None else UNet(config.network)).to(device)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate,
                                config.momentum, config.weight_decay)
     state = {"iteration": 0, "elapsed": 0.0, "history": [], "best": None}
