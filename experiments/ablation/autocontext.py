@@ -35,7 +35,7 @@ import torch
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE, annotated_classes
 from unet3d.baselines import filter_features
-from unet3d.baselines.forest import make_forest, predict_probabilities
+from unet3d.baselines.forest import fit_forest, predict_probabilities
 from unet3d.data.labels import UNLABELED, decode_labels, encode_labels
 from unet3d.data.normalization import apply_normalization
 from unet3d.inference import predict_array
@@ -56,29 +56,21 @@ def block_folds(shape) -> np.ndarray:
     return (index[0][:, None, None] + index[1][None, :, None] + index[2][None, None, :]) % FOLDS
 
 
-def fit(features, labels, voxels, seed, trees=TREES):
-    rng = np.random.default_rng(seed)
-    if voxels.size > TRAIN_VOXELS:
-        voxels = np.sort(rng.choice(voxels, TRAIN_VOXELS, replace=False))
-    forest = make_forest(trees, seed)
-    forest.fit(features[:, voxels].T, labels[voxels])
-    return forest
-
-
 def forest_probabilities(image, encoded, spacing, seed, out_of_fold: bool) -> np.ndarray:
     """(K, Z, Y, X) forest probabilities; out-of-fold on annotated voxels when asked."""
     num_classes = int(encoded.max()) + 1
     features = filter_features(image, spacing=spacing).reshape(-1, encoded.size)
     labels = encoded.reshape(-1)
     annotated = np.flatnonzero(labels != UNLABELED)
-    probabilities = predict_probabilities(fit(features, labels, annotated, seed), features, num_classes)
+    probabilities = predict_probabilities(fit_forest(features, labels, annotated, TREES, seed, TRAIN_VOXELS), features,
+                                          num_classes)
     if out_of_fold:
         folds = block_folds(encoded.shape).reshape(-1)
         for fold in range(FOLDS):
             held_out = annotated[folds[annotated] == fold]
             trained = annotated[folds[annotated] != fold]
             if held_out.size and trained.size:
-                forest = fit(features, labels, trained, seed + 1 + fold, TREES // FOLDS)
+                forest = fit_forest(features, labels, trained, TREES // FOLDS, seed + 1 + fold, TRAIN_VOXELS)
                 probabilities[:, held_out] = predict_probabilities(forest, features[:, held_out], num_classes)
     return probabilities.reshape((num_classes,) + encoded.shape)
 

@@ -103,7 +103,7 @@ def check_feature_memory(name: str, shape, spec: dict | None) -> None:
     if spec is None or not hasattr(os, "sysconf"):
         return
     channels, *spatial = shape
-    needed = 3 * 4 * channels * (1 + len(feature_names(1, spec["scales"]))) * math.prod(spatial)
+    needed = 3 * 4 * channels * (1 + _bank_size(spec)) * math.prod(spatial)
     free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if needed > free:
         raise UserError(f"{name}: filter-bank inputs for {'×'.join(map(str, spatial))} voxels need about "
@@ -113,7 +113,12 @@ def check_feature_memory(name: str, shape, spec: dict | None) -> None:
 
 def raw_channels(network_channels: int, spec: dict | None) -> int:
     """Image channels a network expects before its filter-bank channels are added."""
-    return network_channels if spec is None else network_channels // (1 + len(feature_names(1, spec["scales"])))
+    return network_channels if spec is None else network_channels // (1 + _bank_size(spec))
+
+
+def _bank_size(spec: dict) -> int:
+    """Filters per image channel."""
+    return len(feature_names(1, spec["scales"]))
 
 
 def _spacing_ratios(spacing: Sequence[float] | None) -> tuple[float, float, float]:

@@ -52,7 +52,8 @@ def random_forest_segment(
     seconds_features = time.perf_counter() - start
 
     start = time.perf_counter()
-    forest = _fit(features, sparse.reshape(-1), n_trees, seed, max_train_voxels)
+    labels = sparse.reshape(-1)
+    forest = fit_forest(features, labels, np.flatnonzero(labels != UNLABELED), n_trees, seed, max_train_voxels)
     seconds_fit = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -74,13 +75,15 @@ def _check_inputs(image: np.ndarray, sparse: np.ndarray) -> None:
         raise ValueError("sparse labels annotate no voxel: nothing to train on")
 
 
-def _fit(features: np.ndarray, sparse: np.ndarray, n_trees: int, seed: int, max_train_voxels: int | None):
-    annotated = np.flatnonzero(sparse != UNLABELED)
-    if max_train_voxels is not None and annotated.size > max_train_voxels:
+def fit_forest(features: np.ndarray, labels: np.ndarray, voxels: np.ndarray, n_trees: int = 100, seed: int = 0,
+               max_train_voxels: int | None = None) -> RandomForestClassifier:
+    """A forest fitted on (F, N) features at the flat indices `voxels` of (N,) labels, at most
+    `max_train_voxels` of them (a seeded sample)."""
+    if max_train_voxels is not None and voxels.size > max_train_voxels:
         rng = np.random.default_rng(seed)
-        annotated = np.sort(rng.choice(annotated, max_train_voxels, replace=False))
+        voxels = np.sort(rng.choice(voxels, max_train_voxels, replace=False))
     forest = make_forest(n_trees, seed)
-    forest.fit(features[:, annotated].T, sparse[annotated])
+    forest.fit(features[:, voxels].T, labels[voxels])
     return forest
 
 
