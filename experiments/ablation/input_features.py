@@ -27,8 +27,7 @@ import torch
 
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE, annotated_classes
-from unet3d.baselines import filter_features
-from unet3d.baselines.features import DEFAULT_SCALES
+from unet3d.baselines.features import DEFAULT_SCALES, input_feature_spec, with_input_features
 from unet3d.data.labels import decode_labels
 from unet3d.data.normalization import apply_normalization
 from unet3d.inference import predict_array
@@ -40,9 +39,10 @@ SCALES = {"features": DEFAULT_SCALES, "features_small": (1.0, 3.5)}
 
 
 def with_features(volume: data.Volume, variant: str) -> np.ndarray:
+    """The network's input as `densify --filter-features` makes it (with this variant's scales)."""
     if variant == "plain":
         return volume.image
-    return np.concatenate([volume.image, filter_features(volume.image, scales=SCALES[variant], spacing=volume.spacing)])
+    return with_input_features(volume.image, input_feature_spec(volume.spacing, SCALES[variant]))
 
 
 def main(name: str, slices: str, variant: str, seed: int, budget: float) -> dict:

@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from unet3d.baselines.features import check_feature_memory, input_feature_spec
 from unet3d.cli.evaluate import score_table
 from unet3d.cli.options import float_list
 from unet3d.cli.train import resolve_device
@@ -94,8 +93,6 @@ def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, mo
     overlay = overlay or f"{base}.overlay.png"
     if image.shape[1:] != sparse.shape:
         raise UserError(f"{source}: image shape {image.shape[1:]} and sparse label shape {sparse.shape} differ")
-    if filter_features:
-        check_feature_memory(source, image.shape, input_feature_spec(spacing or meta.spacing))
     result = densify(image, sparse, ignore_label, model, max_time=max_time, iterations=iterations, seed=seed,
                      num_classes=num_classes,
                      spacing=spacing or meta.spacing, source=source, progress=progress, device=device,
