@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 from scipy import ndimage
 
 from tests.conftest import shared_volume
-from unet3d.augmentation import AugmentationConfig, sample_patch
+from unet3d.augmentation import AugmentationConfig, sample_patch, spatial
 from unet3d.augmentation.spatial import random_elastic_field, random_linear_map, spline_interpolation_matrix
 
 SPATIAL_ONLY = dict(gamma=(1.0, 1.0), intensity_scale=(1.0, 1.0), intensity_shift=(0.0, 0.0))
@@ -89,12 +90,26 @@ def test_outside_the_volume_image_is_mirrored_and_labels_unlabeled(nuclei, cente
 
 @pytest.mark.parametrize("center, shape", [((15, 30, 28), (21, 40, 40)), ((0, 60, 3), (30, 44, 35)), ((15, 30, 28), (70, 90, 80))])
 def test_neutral_augmentation_reproduces_the_crop(nuclei, center, shape):
-    """The resampling path with an identity transform lands on the same voxels as the crop."""
+    """Augmentation whose every range is neutral gives the crop, bit for bit."""
     image, labels = normalized(nuclei[0]), torch.from_numpy(nuclei[1].astype(np.int64))
     crop = sample_patch(image, labels, center, shape, np.random.default_rng(0))
-    resampled = sample_patch(image, labels, center, shape, np.random.default_rng(0), AugmentationConfig(**NO_AUGMENTATION))
-    assert torch.allclose(resampled[0], crop[0], atol=1e-4)
-    assert torch.equal(resampled[1], crop[1])
+    neutral = sample_patch(image, labels, center, shape, np.random.default_rng(0), AugmentationConfig(**NO_AUGMENTATION))
+    assert torch.equal(neutral[0], crop[0]) and torch.equal(neutral[1], crop[1])
+
+
+@pytest.mark.parametrize("center, shape", [((15, 30, 28), (16, 40, 40)), ((0, 60, 3), (15, 41, 36)), ((15, 30, 28), (70, 90, 81))])
+def test_flips_are_copied_exactly_as_resampling_would_place_them(nuclei, center, shape):
+    """Flip-only transforms skip interpolation; the copy must land where resampling would."""
+    image, labels = normalized(nuclei[0]), torch.from_numpy(nuclei[1].astype(np.int64))
+    for flips in itertools.product([1.0, -1.0], repeat=3):
+        linear = np.diag(flips)
+        flipped = spatial.flips_of(linear)
+        assert np.array_equal(flipped, np.asarray(flips) < 0)
+        copied = spatial.flipped_crop(image, labels, center, shape, flipped)
+        resampled = spatial.sample_transformed(image, labels, center, shape, linear, None)
+        assert torch.allclose(copied[0], resampled[0], atol=1e-4)
+        assert torch.equal(copied[1], resampled[1])
+    assert spatial.flips_of(np.diag([1.0, 1.1, -1.0])) is None
 
 
 def test_labels_stay_aligned_with_the_image(nuclei_volume):

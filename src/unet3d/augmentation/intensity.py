@@ -20,6 +20,8 @@ def random_intensity(image: torch.Tensor, rng: np.random.Generator, config: Augm
     gamma = np.exp(rng.uniform(math.log(config.gamma[0]), math.log(config.gamma[1]), size=channels))
     slope = rng.uniform(*config.intensity_scale, size=channels)
     shift = rng.uniform(*config.intensity_shift, size=channels)
+    if np.all(gamma == 1.0) and np.all(slope == 1.0) and np.all(shift == 0.0):
+        return image  # switched off (flips-only training): spare a pass over every channel
     out = image.clone()
     for channel, g, a, b in zip(out, gamma, slope, shift):
         apply_gamma_(channel, float(g)).mul_(float(a)).add_(float(b))

@@ -26,7 +26,12 @@ def sample_patch(image: torch.Tensor, labels: torch.Tensor, center, shape, rng: 
         return image_patch.float(), label_patch.long()
     linear = spatial.random_linear_map(rng, config, spacing)
     displacement = spatial.random_elastic_field(rng, config, shape, spacing, device=image.device)
-    image_patch, label_patch = spatial.sample_transformed(image, labels, center, shape, linear, displacement)
+    flipped = spatial.flips_of(linear) if displacement is None else None
+    if flipped is not None:  # nothing to interpolate: a copy is exact and, for many channels, far cheaper
+        image_patch, label_patch = spatial.flipped_crop(image, labels, center, shape, flipped)
+        image_patch = image_patch.float()
+    else:
+        image_patch, label_patch = spatial.sample_transformed(image, labels, center, shape, linear, displacement)
     return random_intensity(image_patch, rng, config), label_patch
 
 

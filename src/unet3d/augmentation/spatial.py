@@ -203,6 +203,28 @@ def mirror_index(q: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(folded > size - 1, period - folded, folded)
 
 
+def flips_of(linear: np.ndarray) -> np.ndarray | None:
+    """The flipped axes when the linear map only mirrors axes (no rotation or zoom), else None."""
+    signs = np.sign(np.diag(linear))
+    return signs < 0 if np.allclose(linear, np.diag(signs), atol=1e-9) else None
+
+
+def flipped_crop(image: torch.Tensor, labels: torch.Tensor, center, shape,
+                 flipped: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """What sample_transformed gives for a pure flip, copied instead of interpolated.
+
+    The mirror image of the window about the pivot voxel: along a flipped axis of even length the
+    offsets -n/2 … n/2-1 become n/2 … -n/2+1, one voxel further than the unflipped window.
+    """
+    shape = np.asarray(shape)
+    start = patch_start(center, shape) + (flipped & (shape % 2 == 0))
+    image_patch, label_patch = window(image, labels, start, shape)
+    axes = [int(a) for a in np.flatnonzero(flipped)]
+    if not axes:
+        return image_patch, label_patch
+    return image_patch.flip([1 + a for a in axes]), label_patch.flip(axes)
+
+
 def crop(image: torch.Tensor, labels: torch.Tensor, center, shape) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact window around `center` (image values copied bit for bit)."""
     return window(image, labels, patch_start(center, shape), shape)
