@@ -4,8 +4,7 @@ Usage: .venv/bin/python experiments/ablation/input_features.py VOLUME SLICES VAR
   VOLUME   nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN
   SLICES   k per axis, e.g. 1,1,1
   VARIANT  plain (the image), features (+ 61 filters at ilastik's seven scales),
-           features_small (+ the filters at scales 1 and 3.5 only),
-           features_projN (+ 61 filters mixed into N channels by a 1×1×1 convolution first)
+           features_small (+ the filters at scales 1 and 3.5 only)
   BUDGET   seconds: the filters' CPU time is taken out of the training time
 
 Prints one JSON line: foreground IoU on the voxels no slice annotates, iterations, CPU seconds.
@@ -14,7 +13,6 @@ Findings are in docs/ablation.md ("Filter-bank input channels").
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import tempfile
@@ -38,14 +36,13 @@ from unet3d.training.dataset import prepare_training_set
 from unet3d.workflows.densify import default_config
 
 SCALES = {"features": DEFAULT_SCALES, "features_small": (1.0, 3.5)}
-PROJECTIONS = {"features_proj8": 8, "features_proj16": 16}
 
 
 def with_features(volume: data.Volume, variant: str) -> np.ndarray:
     """The network's input as `densify --filter-features` makes it (with this variant's scales)."""
     if variant == "plain":
         return volume.image
-    return with_input_features(volume.image, input_feature_spec(volume.spacing, SCALES.get(variant, DEFAULT_SCALES)))
+    return with_input_features(volume.image, input_feature_spec(volume.spacing, SCALES[variant]))
 
 
 def main(name: str, slices: str, variant: str, seed: int, budget: float) -> dict:
@@ -58,8 +55,6 @@ def main(name: str, slices: str, variant: str, seed: int, budget: float) -> dict
     classes = annotated_classes([sparse])
     training = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=volume.spacing)
     config = default_config(training, max_time=max(budget - seconds_features, 5), seed=seed)
-    if variant in PROJECTIONS:
-        config.network = dataclasses.replace(config.network, projection=PROJECTIONS[variant])
     with tempfile.TemporaryDirectory() as folder:
         result = train(config, training, Path(folder) / "model.safetensors", progress=False)
     probabilities = predict_array(result.model, apply_normalization(image, training.normalization))
@@ -72,6 +67,6 @@ def main(name: str, slices: str, variant: str, seed: int, budget: float) -> dict
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 6 or sys.argv[3] not in ("plain", *SCALES, *PROJECTIONS):
+    if len(sys.argv) != 6 or sys.argv[3] not in ("plain", *SCALES):
         sys.exit(__doc__)
     print(json.dumps(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))))

@@ -32,7 +32,6 @@ class UNetConfig:
     norm: str = "batch"
     dims: int = 3
     norm_at_test: str = "running"
-    projection: int = 0
 
     def __post_init__(self):
         checks = [
@@ -44,7 +43,6 @@ class UNetConfig:
             (self.norm in NORMS, f"norm must be one of {NORMS}"),
             (self.dims in (2, 3), "dims must be 2 or 3"),
             (self.norm_at_test in NORM_AT_TEST, f"norm_at_test must be one of {NORM_AT_TEST}"),
-            (self.projection >= 0, "projection must be 0 (none) or a channel count"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,9 +130,6 @@ class UNet(nn.Module):
 
     Level l's first convolution has width·2^l channels and its second doubles that (channels
     doubled before pooling, as in the paper); each up-convolution keeps its channel count.
-    `projection` channels, when set, come from a 1×1×1 convolution of the input: with a filter
-    bank of dozens of channels as input it makes the first 3×3×3 convolution as cheap as for
-    an image of a few channels.
     """
 
     def __init__(self, config: UNetConfig):
@@ -145,9 +140,8 @@ class UNet(nn.Module):
         conv = nn.Conv3d if dims == 3 else nn.Conv2d
         self.pool = (nn.MaxPool3d if dims == 3 else nn.MaxPool2d)(2)
 
-        self.projection = conv(config.in_channels, config.projection, kernel_size=1) if config.projection else None
         self.encoders = nn.ModuleList()
-        channels = config.projection or config.in_channels
+        channels = config.in_channels
         for level in range(config.levels):
             mid = w * 2**level
             self.encoders.append(ConvBlock(config, channels, mid, 2 * mid))
@@ -177,8 +171,6 @@ class UNet(nn.Module):
         return self._forward_nd(x)
 
     def _forward_nd(self, x: torch.Tensor) -> torch.Tensor:
-        if self.projection is not None:
-            x = self.projection(x)
         skips = []
         for level, encoder in enumerate(self.encoders):
             x = encoder(x)
