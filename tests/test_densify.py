@@ -85,3 +85,22 @@ def test_filter_features_too_large_for_memory_are_refused_by_name():
     check_feature_memory("small.tif", (1, 31, 61, 57), spec)  # a few MiB: fine
     with pytest.raises(UserError, match=r"^huge\.tif: filter-bank inputs for 4096×4096×4096 voxels need about"):
         check_feature_memory("huge.tif", (1, 4096, 4096, 4096), spec)
+
+
+def test_filter_features_by_default_only_with_enough_annotation_and_memory(sparse_nuclei):
+    from unet3d.errors import UserError
+    from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED, choose_inputs
+
+    image, _, sparse = sparse_nuclei
+    few = choose_inputs(None, image.shape, sparse, IGNORE, None, "nuclei.tif")
+    assert few[0] is None and "annotated voxels" in few[1]  # about 18k annotated: the image alone
+    painted = np.zeros((20, 100, 100), np.uint8)  # every voxel annotated: 200k
+    assert painted.size >= FILTER_FEATURES_MIN_ANNOTATED
+    spec, why = choose_inputs(None, (1, *painted.shape), painted, IGNORE, (2.0, 1.0, 1.0), "big.tif")
+    assert spec["bank"] == "ilastik" and spec["spacing"] == [2.0, 1.0, 1.0] and "200,000" in why
+    huge = (1, 4096, 4096, 4096)
+    spec, why = choose_inputs(None, huge, painted, IGNORE, None, "huge.tif")
+    assert spec is None and why.startswith("the image alone: huge.tif: filter-bank inputs")
+    with pytest.raises(UserError, match=r"^huge\.tif: filter-bank inputs"):
+        choose_inputs(True, huge, painted, IGNORE, None, "huge.tif")
+    assert choose_inputs(False, (1, *painted.shape), painted, IGNORE, None, "big.tif")[0] is None

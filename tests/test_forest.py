@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from unet3d.baselines import ILASTIK_SCALES, feature_names, filter_features, random_forest_segment
-from unet3d.baselines.features import symmetric_eigenvalues_3x3
+from unet3d.baselines.features import input_feature_spec, symmetric_eigenvalues_3x3, with_input_features
 from unet3d.data.labels import encode_labels
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import evaluate_volumes
@@ -24,6 +24,8 @@ def test_feature_bank_has_ilastiks_61_features_per_channel_all_finite(nuclei):
     tensor = [row[f"structure_tensor_eigenvalue_{i}(sigma=3.5, channel=0)"] for i in range(3)]
     assert (tensor[0] >= tensor[1]).all() and (tensor[1] >= tensor[2]).all()
     assert tensor[2].min() >= -1e-3 * tensor[0].max()  # a structure tensor is positive semi-definite
+    network_input = with_input_features(two_channels, input_feature_spec(None, ILASTIK_SCALES))
+    assert np.array_equal(network_input, np.concatenate([two_channels, features]))
 
 
 @pytest.mark.parametrize("spacing", [None, (2.5, 1.0, 1.0), (10.0, 1.0, 1.0)])

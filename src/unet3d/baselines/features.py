@@ -61,9 +61,10 @@ def feature_names(channels: int, scales: Sequence[float] = DEFAULT_SCALES) -> li
 
 
 def filter_features(
-    image: np.ndarray, scales: Sequence[float] = DEFAULT_SCALES, spacing: Sequence[float] | None = None
+    image: np.ndarray, scales: Sequence[float] = DEFAULT_SCALES, spacing: Sequence[float] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Filter bank of a (C, Z, Y, X) image → (F, Z, Y, X) float32, rows named by `feature_names`.
+    """Filter bank of a (C, Z, Y, X) image → (F, Z, Y, X) float32 (in `out` if given), rows named by `feature_names`.
 
     `spacing` is the voxel size per axis (Z, Y, X) in any unit. A scale σ is in voxels of the finest
     axis; coarser axes get σ divided by their spacing ratio and derivatives are taken per finest
@@ -75,7 +76,11 @@ def filter_features(
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be positive, got {tuple(scales)}")
     ratios = _spacing_ratios(spacing)
-    out = np.empty((len(feature_names(image.shape[0], scales)),) + image.shape[1:], dtype=np.float32)
+    shape = (len(feature_names(image.shape[0], scales)),) + image.shape[1:]
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
     row = 0
     for channel in image:
         volume = np.asarray(channel, dtype=np.float32)
@@ -93,22 +98,33 @@ def input_feature_spec(spacing: Sequence[float] | None, scales: Sequence[float] 
 
 
 def with_input_features(image: np.ndarray, spec: dict) -> np.ndarray:
-    """(C, Z, Y, X) image → the image followed by its filter bank, as `spec` describes."""
-    return np.concatenate([np.asarray(image, dtype=np.float32), filter_features(image, spec["scales"], spec["spacing"])])
+    """(C, Z, Y, X) image → the image followed by its filter bank, as `spec` describes (one allocation)."""
+    channels = image.shape[0]
+    joined = np.empty((channels * (1 + _bank_size(spec)),) + image.shape[1:], dtype=np.float32)
+    joined[:channels] = image
+    filter_features(image, spec["scales"], spec["spacing"], out=joined[channels:])
+    return joined
+
+
+def feature_memory_shortfall(name: str, shape, spec: dict | None) -> str | None:
+    """Why a (C, Z, Y, X) volume's filter-bank inputs cannot fit in the free memory (the image joined
+    to its bank and the normalized copy live at once), in one line naming `name`; None if they fit."""
+    if spec is None or not hasattr(os, "sysconf"):
+        return None
+    channels, *spatial = shape
+    needed = 2 * 4 * channels * (1 + _bank_size(spec)) * math.prod(spatial)
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if needed <= free:
+        return None
+    return (f"{name}: filter-bank inputs for {'×'.join(map(str, spatial))} voxels need about "
+            f"{needed / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB are free")
 
 
 def check_feature_memory(name: str, shape, spec: dict | None) -> None:
-    """One-line error naming `name` when a (C, Z, Y, X) volume's filter-bank inputs cannot fit in the
-    free memory (the bank, the image joined to it and its normalized copy live at once)."""
-    if spec is None or not hasattr(os, "sysconf"):
-        return
-    channels, *spatial = shape
-    needed = 3 * 4 * channels * (1 + _bank_size(spec)) * math.prod(spatial)
-    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    if needed > free:
-        raise UserError(f"{name}: filter-bank inputs for {'×'.join(map(str, spatial))} voxels need about "
-                        f"{needed / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB are free; use a model "
-                        "trained without --filter-features, or a smaller volume")
+    """Refuse by name a volume whose filter-bank inputs cannot fit in the free memory."""
+    problem = feature_memory_shortfall(name, shape, spec)
+    if problem:
+        raise UserError(f"{problem}; use a model trained without filter features, or a smaller volume")
 
 
 def raw_channels(network_channels: int, spec: dict | None) -> int:

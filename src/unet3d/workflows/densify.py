@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from unet3d.augmentation import AugmentationConfig
-from unet3d.baselines.features import check_feature_memory, input_feature_spec, with_input_features
+from unet3d.baselines.features import (check_feature_memory, feature_memory_shortfall, input_feature_spec,
+                                       with_input_features)
 from unet3d.data.labels import decode_labels
 from unet3d.inference import predict_array
 from unet3d.model import UNet, UNetConfig
@@ -42,6 +43,11 @@ FLIPS_ONLY = AugmentationConfig(rotation_deg=0.0, scale=(1.0, 1.0), elastic_sigm
 # machine busy with other work waiting threads spin, and one thread (--threads 1) costs least CPU.
 THREADS = None
 TARGET_PATCH = (16, 40, 40)  # voxels per training patch along (Z, Y, X), capped by the volume
+# Annotated voxels from which ilastik's filter bank is added to the input by default. Measured
+# (docs/ablation.md): +0.14 IoU with 282k and 1.1M annotated voxels of serial-section EM, +0.03
+# with 181k on the ovule; -0.04 to -0.20 with 5-7k on small nuclei and MRI crops, where the
+# network fits the 61 extra channels to the few labels.
+FILTER_FEATURES_MIN_ANNOTATED = 50_000
 
 
 @contextmanager
@@ -64,6 +70,7 @@ class DensifyResult:
     info: dict
     iterations: int
     seconds: float
+    inputs: str  # what the network was given, and why
 
 
 def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: int = 100_000, seed: int = 0,
@@ -78,24 +85,47 @@ def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: in
                        seed=seed, checkpoint_every=30.0, log_every=10)
 
 
+def choose_inputs(filter_features: bool | None, image_shape, sparse: np.ndarray, ignore_label: int, spacing,
+                  source: str) -> tuple[dict | None, str]:
+    """The filter-bank spec to train with (None: the image alone) and one line saying why.
+
+    None decides from the annotation: the bank when at least FILTER_FEATURES_MIN_ANNOTATED voxels
+    are annotated and it fits in free memory. True insists (and refuses a volume that would not fit).
+    """
+    if filter_features is False:
+        return None, "the image alone (filter features off)"
+    spec = input_feature_spec(spacing)
+    if filter_features:
+        check_feature_memory(source, image_shape, spec)
+        return spec, "the image and ilastik's filter bank (asked for)"
+    annotated = int(np.count_nonzero(sparse != ignore_label))
+    if annotated < FILTER_FEATURES_MIN_ANNOTATED:
+        return None, (f"the image alone: {annotated:,} annotated voxels; the filter bank is added "
+                      f"from {FILTER_FEATURES_MIN_ANNOTATED:,} on")
+    shortfall = feature_memory_shortfall(source, image_shape, spec)
+    if shortfall:
+        return None, f"the image alone: {shortfall}"
+    return spec, f"the image and ilastik's filter bank ({annotated:,} annotated voxels)"
+
+
 def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path, *, config: TrainConfig | None = None,
             max_time: float = 120.0, iterations: int = 100_000, seed: int = 0, spacing=None, num_classes: int | None = None,
             source: str = "image", progress: bool = True, device: str = "cpu",
-            threads: int | None = THREADS, filter_features: bool = False) -> DensifyResult:
+            threads: int | None = THREADS, filter_features: bool | None = None) -> DensifyResult:
     """Train on the annotated voxels of `sparse`, then predict every voxel of `image`.
 
     `threads` is torch's CPU thread count while densify runs (None keeps the current setting).
     `filter_features` gives the network ilastik's filter bank of the whole volume as extra input
-    channels (docs/ablation.md: +0.14 IoU on serial-section EM, none on small nuclei or MRI crops).
+    channels: True always, False never, None when enough voxels are annotated (`choose_inputs`).
     """
-    features = input_feature_spec(spacing) if filter_features else None
-    check_feature_memory(source, image.shape, features)
-    inputs = with_input_features(image, features) if features else image
-    data = prepare_training_set([inputs], [sparse], ignore_label, sources=[source], num_classes=num_classes,
+    features, inputs = choose_inputs(filter_features, image.shape, sparse, ignore_label, spacing, source)
+    network_input = with_input_features(image, features) if features else image
+    data = prepare_training_set([network_input], [sparse], ignore_label, sources=[source], num_classes=num_classes,
                                 spacing=spacing, input_features=features)
     config = config or default_config(data, max_time=max_time, iterations=iterations, seed=seed)
     with torch_threads(threads):
         result = train(config, data, model_path, progress=progress, device=device)
         probabilities = predict_array(result.model, data.images[0].numpy(), device=device, progress=progress)
     segmentation = decode_labels(probabilities.argmax(0), data.class_values)
-    return DensifyResult(segmentation, probabilities, result.model, result.info, result.iterations, result.seconds)
+    return DensifyResult(segmentation, probabilities, result.model, result.info, result.iterations, result.seconds,
+                         inputs)
