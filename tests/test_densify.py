@@ -57,10 +57,11 @@ def test_default_recipe_trains_same_padding_patches_inside_the_volume(sparse_nuc
     assert config.augmentation.flip and config.augmentation.rotation_deg == 0 and config.augmentation.elastic_sigma == 0
 
 
-def test_filter_feature_inputs_are_remade_by_predict(sparse_nuclei, tmp_path):
+def test_filter_feature_inputs_are_remade_by_predict(sparse_nuclei, tmp_path, monkeypatch):
     """A densify model trained on filter-bank channels segments a volume file with `unet3d predict`."""
     import tifffile
 
+    from unet3d.baselines.features import region_with_input_features
     from unet3d.cli import main
     from unet3d.io import read_labels
 
@@ -70,21 +71,33 @@ def test_filter_feature_inputs_are_remade_by_predict(sparse_nuclei, tmp_path):
     assert result.model.config.in_channels == 1 + 61  # the image and ilastik's 61 filters
     assert result.info["input_features"]["bank"] == "ilastik"
     tifffile.imwrite(tmp_path / "image.tif", image[0])
-    assert main.main(["predict", str(tmp_path / "m.safetensors"), str(tmp_path / "image.tif"),
-                      "-o", str(tmp_path / "seg.tif")]) == 0
-    predicted, _ = read_labels(str(tmp_path / "seg.tif"))
+
+    def predict(name: str, *options: str) -> np.ndarray:
+        assert main.main(["predict", str(tmp_path / "m.safetensors"), str(tmp_path / "image.tif"),
+                          "-o", str(tmp_path / name), *options]) == 0
+        return read_labels(str(tmp_path / name))[0]
+
     # Same network, same inputs; only the tiling may differ (blended windows), so a few voxels may flip.
-    assert (predicted == result.segmentation).mean() > 0.99
+    assert (predict("seg.tif") == result.segmentation).mean() > 0.99
+    # Short of memory for the whole volume's bank, predict makes it tile by tile: the same inputs.
+    whole_volume = predict("whole.tif", "--tile", "16,32,32")
+    from unet3d.inference import predictor
+
+    regions = []
+    monkeypatch.setattr(predictor, "feature_memory_shortfall", lambda *args: "short of memory")
+    monkeypatch.setattr(predictor, "region_with_input_features",
+                        lambda *args: regions.append(args[2]) or region_with_input_features(*args))
+    assert (predict("tiles.tif", "--tile", "16,32,32") == whole_volume).mean() > 0.999
+    assert len(regions) > 1
 
 
-def test_filter_features_too_large_for_memory_are_refused_by_name():
-    from unet3d.baselines.features import check_feature_memory, input_feature_spec
-    from unet3d.errors import UserError
+def test_filter_features_too_large_for_memory_are_named():
+    from unet3d.baselines.features import feature_memory_shortfall, input_feature_spec
 
     spec = input_feature_spec(None)
-    check_feature_memory("small.tif", (1, 31, 61, 57), spec)  # a few MiB: fine
-    with pytest.raises(UserError, match=r"^huge\.tif: filter-bank inputs for 4096×4096×4096 voxels need about"):
-        check_feature_memory("huge.tif", (1, 4096, 4096, 4096), spec)
+    assert feature_memory_shortfall("small.tif", (1, 31, 61, 57), spec) is None  # a few MiB: fine
+    problem = feature_memory_shortfall("huge.tif", (1, 4096, 4096, 4096), spec)
+    assert problem.startswith("huge.tif: filter-bank inputs for 4096×4096×4096 voxels need about")
 
 
 def test_filter_features_by_default_only_with_enough_annotation_and_memory(sparse_nuclei):
@@ -101,6 +114,6 @@ def test_filter_features_by_default_only_with_enough_annotation_and_memory(spars
     huge = (1, 4096, 4096, 4096)
     spec, why = choose_inputs(None, huge, painted, IGNORE, None, "huge.tif")
     assert spec is None and why.startswith("the image alone: huge.tif: filter-bank inputs")
-    with pytest.raises(UserError, match=r"^huge\.tif: filter-bank inputs"):
+    with pytest.raises(UserError, match=r"^huge\.tif: filter-bank inputs.*--filter-features off"):
         choose_inputs(True, huge, painted, IGNORE, None, "huge.tif")
     assert choose_inputs(False, (1, *painted.shape), painted, IGNORE, None, "big.tif")[0] is None

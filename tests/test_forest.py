@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from unet3d.baselines import ILASTIK_SCALES, feature_names, filter_features, random_forest_segment
-from unet3d.baselines.features import input_feature_spec, symmetric_eigenvalues_3x3, with_input_features
+from unet3d.baselines.features import (bank_halo, input_feature_spec, region_with_input_features,
+                                       symmetric_eigenvalues_3x3, with_input_features)
 from unet3d.data.labels import encode_labels
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import evaluate_volumes
@@ -26,6 +27,28 @@ def test_feature_bank_has_ilastiks_61_features_per_channel_all_finite(nuclei):
     assert tensor[2].min() >= -1e-3 * tensor[0].max()  # a structure tensor is positive semi-definite
     network_input = with_input_features(two_channels, input_feature_spec(None, ILASTIK_SCALES))
     assert np.array_equal(network_input, np.concatenate([two_channels, features]))
+
+
+@pytest.mark.parametrize("spacing", [None, (3.0, 1.0, 1.0)])
+def test_a_region_of_the_bank_is_computed_from_the_region_and_its_halo(nuclei, spacing):
+    """Prediction streams filter-bank inputs region by region; they must equal the whole volume's."""
+    image = nuclei[0][None].astype(np.float32)
+    spec = input_feature_spec(spacing, (0.3, 1.0, 1.6))
+    halo = bank_halo(spec)
+    assert halo == ((3 if spacing else 8), 8, 8)  # 1.6: gradient 3.5σ → 6, then 0.8 smoothing 3σ → 2
+    whole = with_input_features(image, spec)
+    reads = []
+
+    def read(box):
+        reads.append(box)
+        return image[(slice(None),) + box]
+
+    for box in [(slice(10, 20), slice(20, 40), slice(20, 40)), (slice(0, 5), slice(50, 61), slice(3, 30))]:
+        region = region_with_input_features(read, image.shape[1:], box, spec)
+        np.testing.assert_allclose(region, whole[(slice(None),) + box], rtol=1e-5, atol=1e-5)
+    z = halo[0]
+    assert reads == [(slice(10 - z, 20 + z), slice(12, 48), slice(12, 48)),  # grown by the halo
+                     (slice(0, 5 + z), slice(42, 61), slice(0, 38))]  # clipped at the volume's faces
 
 
 @pytest.mark.parametrize("spacing", [None, (2.5, 1.0, 1.0), (10.0, 1.0, 1.0)])

@@ -106,6 +106,28 @@ def with_input_features(image: np.ndarray, spec: dict) -> np.ndarray:
     return joined
 
 
+def bank_halo(spec: dict) -> tuple[int, int, int]:
+    """Voxels beyond a region, per axis (Z, Y, X), that its filter bank reads: the widest kernel
+    chain (a second derivative, or a gradient smoothed again for the structure tensor)."""
+    def reach(sigma: float, smoothing_only: bool) -> int:
+        if smoothing_only:
+            return _radius(sigma, 0)
+        return max(_radius(sigma, 2), _radius(sigma, 1) + _radius(_OUTER_RATIO * sigma, 0))
+
+    return tuple(max(reach(scale / ratio, scale < SMOOTHING_ONLY_BELOW) for scale in spec["scales"])
+                 for ratio in _spacing_ratios(spec["spacing"]))
+
+
+def region_with_input_features(read, volume_shape, box: tuple[slice, ...], spec: dict) -> np.ndarray:
+    """with_input_features of the whole volume, cropped to `box`, without computing the whole volume:
+    the bank is made from the box grown by `bank_halo` (clipped at the volume's faces, where the
+    filters mirror as they do for the whole volume), so the values are the same."""
+    halo = bank_halo(spec)
+    grown = tuple(slice(max(b.start - h, 0), min(b.stop + h, n)) for b, h, n in zip(box, halo, volume_shape))
+    inside = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
+    return with_input_features(read(grown), spec)[(slice(None),) + inside]
+
+
 def feature_memory_shortfall(name: str, shape, spec: dict | None) -> str | None:
     """Why a (C, Z, Y, X) volume's filter-bank inputs cannot fit in the free memory (the image joined
     to its bank and the normalized copy live at once), in one line naming `name`; None if they fit."""
@@ -118,13 +140,6 @@ def feature_memory_shortfall(name: str, shape, spec: dict | None) -> str | None:
         return None
     return (f"{name}: filter-bank inputs for {'×'.join(map(str, spatial))} voxels need about "
             f"{needed / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB are free")
-
-
-def check_feature_memory(name: str, shape, spec: dict | None) -> None:
-    """Refuse by name a volume whose filter-bank inputs cannot fit in the free memory."""
-    problem = feature_memory_shortfall(name, shape, spec)
-    if problem:
-        raise UserError(f"{problem}; use a model trained without filter features, or a smaller volume")
 
 
 def raw_channels(network_channels: int, spec: dict | None) -> int:
@@ -195,7 +210,7 @@ def gaussian_kernel(sigma: float, order: int) -> np.ndarray:
     so that they are exact on polynomials of their order (x for the first, x²/2 for the second):
     truncated Gaussian derivatives are neither, badly so when σ is near or under one voxel.
     """
-    radius = max(int((_WINDOW + 0.5 * order) * sigma + 0.5), 1)
+    radius = _radius(sigma, order)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     kernel = np.exp(-0.5 * (x / sigma) ** 2)
     if order == 0:
@@ -203,6 +218,11 @@ def gaussian_kernel(sigma: float, order: int) -> np.ndarray:
     kernel *= x if order == 1 else x**2 / sigma**2 - 1
     kernel -= kernel.mean()
     return kernel / (np.sum(kernel * x**order) / math.factorial(order))
+
+
+def _radius(sigma: float, order: int) -> int:
+    """Half-width of gaussian_kernel(sigma, order) in voxels."""
+    return max(int((_WINDOW + 0.5 * order) * sigma + 0.5), 1)
 
 
 def _symmetric_eigenvalues(entries: list[np.ndarray], out: np.ndarray) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from unet3d.baselines.features import check_feature_memory, raw_channels
+from unet3d.baselines.features import feature_memory_shortfall, raw_channels
 from unet3d.cli.options import int_triple
 from unet3d.errors import UserError
 from unet3d.inference import choose_output_tile, estimate_tile_bytes, predict_volume
@@ -90,7 +90,9 @@ def run(args) -> int:
     with open_volume(args.image, "image", args.channel_axis) as source:
         features = info.get("input_features")
         _check_image(args.image, source.shape, args.model, raw_channels(model.config.in_channels, features))
-        check_feature_memory(args.image, source.shape, features)
+        if feature_memory_shortfall(args.image, source.shape, features):
+            print(f"{args.image}: the filter bank of the whole volume does not fit in free memory; "
+                  "computing it tile by tile (slower)")
         tile = args.tile or _tile_for_budget(model.config, source.shape[1:], args.max_memory, args.batch_size, args.overlap)
         summary = predict_volume(
             model, info, source, args.output, args.probabilities, args.uncertainty,

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from unet3d.augmentation import AugmentationConfig
-from unet3d.baselines.features import (check_feature_memory, feature_memory_shortfall, input_feature_spec,
-                                       with_input_features)
+from unet3d.baselines.features import feature_memory_shortfall, input_feature_spec, with_input_features
 from unet3d.data.labels import decode_labels
+from unet3d.errors import UserError
 from unet3d.inference import predict_array
 from unet3d.model import UNet, UNetConfig
 from unet3d.training import TrainConfig, train
@@ -99,14 +99,15 @@ def choose_inputs(filter_features: bool | None, image_shape, sparse: np.ndarray,
     if filter_features is False:
         return None, "the image alone (filter features off)"
     spec = input_feature_spec(spacing)
+    shortfall = feature_memory_shortfall(source, image_shape, spec)
     if filter_features:
-        check_feature_memory(source, image_shape, spec)
+        if shortfall:
+            raise UserError(f"{shortfall}; train without it (--filter-features off) or on a smaller volume")
         return spec, "the image and ilastik's filter bank (asked for)"
     annotated = int(np.count_nonzero(sparse != ignore_label))
     if annotated < FILTER_FEATURES_MIN_ANNOTATED:
         return None, (f"the image alone: {annotated:,} annotated voxels; the filter bank is added "
                       f"from {FILTER_FEATURES_MIN_ANNOTATED:,} on")
-    shortfall = feature_memory_shortfall(source, image_shape, spec)
     if shortfall:
         return None, f"the image alone: {shortfall}"
     return spec, f"the image and ilastik's filter bank ({annotated:,} annotated voxels)"
