@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from unet3d.errors import UserError
 
 ILASTIK_SCALES = (0.3, 0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
 DEFAULT_SCALES = ILASTIK_SCALES  # the forest, not the filter bank, dominates the run time
