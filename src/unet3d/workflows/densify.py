@@ -51,9 +51,9 @@ FLIPS_ONLY = AugmentationConfig(rotation_deg=0.0, scale=(1.0, 1.0), elastic_sigm
 THREADS = None
 TARGET_PATCH = (16, 40, 40)  # voxels per training patch along (Z, Y, X), capped by the volume
 # Annotated voxels from which ilastik's filter bank is added to the input by default. Measured
-# (docs/ablation.md): +0.14 IoU with 282k and 1.1M annotated voxels of serial-section EM, +0.03
-# with 181k on the ovule; -0.04 to -0.20 with 5-7k on small nuclei and MRI crops, where the
-# network fits the 61 extra channels to the few labels.
+# (docs/ablation.md): +0.14 IoU with 282k and 1.1M annotated voxels of serial-section EM, +0.02
+# and +0.03 with 65k and 181k on the ovule; -0.06 to -0.16 with 5-7k on small nuclei and MRI
+# crops, where the network fits the 61 extra channels to the few labels.
 FILTER_FEATURES_MIN_ANNOTATED = 50_000
 
 
