@@ -52,6 +52,7 @@ VARIANTS = {
     "levels4": (lambda c: _network(c, levels=4), False),
     "levels4_8x64x64": (lambda c: dataclasses.replace(_network(c, levels=4), patch_shape=(8, 64, 64)), False),
     "unet2d_4x80x80": (lambda c: dataclasses.replace(_network(c, dims=2), patch_shape=(4, 80, 80)), False),
+    "patch32x56x56_batch1": (lambda c: dataclasses.replace(c, patch_shape=(32, 56, 56), batch_size=1), False),
 }
 QUICK = {"volumes": ["nuclei_tiny"], "slices": [(3, 3, 2)], "seeds": [0], "budget": 30.0}
 
