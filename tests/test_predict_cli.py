@@ -10,7 +10,7 @@ import torch
 import zarr
 
 from conftest import EXAMPLE, shared_volume
-from unet3d.cli import predict
+from unet3d.cli import main, predict
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.errors import UserError
 from unet3d.inference import choose_output_tile, predict_array
@@ -186,3 +186,12 @@ def test_blending_beyond_the_budget_is_said(tmp_path, capsys):
     assert re.search(r"note: blending windows over 512×512 planes holds about \d+ MiB beyond --max-memory",
                      capsys.readouterr().err)
     assert np.load(tmp_path / "labels.npy").shape == image.shape
+
+
+@pytest.mark.parametrize("command", main.COMMANDS)
+def test_every_subcommand_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and f"unet3d {command}" in text
+    assert "(default: None)" not in text  # unset options say nothing rather than "None"

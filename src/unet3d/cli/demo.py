@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from importlib import resources
 from pathlib import Path
 
 from unet3d.cli.densify import add_run_options, densify_and_write
+from unet3d.cli.options import DefaultsHelpFormatter
 from unet3d.cli.train import resolve_device
 from unet3d.data.sparse import labeled_fraction, positions_for, sparsify
 from unet3d.io import read_image, read_labels, write_volume
@@ -23,7 +23,7 @@ def register(subparsers) -> None:
         "nuclei crop, 31×61×57 voxels; StarDist, BSD-3-Clause), train on them alone, segment the whole "
         "volume, report IoU on the voxels that were not annotated, and write the segmentation, the model "
         "and a PNG of slices with the result overlaid.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("-o", "--output", default="demo-output", metavar="DIR", help="folder for the results")
     parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS", help="training time budget")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from unet3d.cli.evaluate import score_table
-from unet3d.cli.options import float_list
+from unet3d.cli.options import DefaultsHelpFormatter, float_list
 from unet3d.cli.train import resolve_device
 from unet3d.errors import UserError
 from unet3d.evaluation import evaluate_volumes
@@ -26,7 +25,7 @@ def register(subparsers) -> None:
         description="Semi-automatic segmentation: train on the annotated voxels of SPARSE (every voxel holding "
         "the ignore label is unlabeled), then segment every voxel of IMAGE. Besides SEGMENTATION it writes the "
         "trained model (reusable with `unet3d predict`) and a PNG of slices with the result overlaid.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("image", help="image volume (.tif .nii.gz .h5:/dataset .zarr .npy ...)")
     parser.add_argument("sparse", help="sparse labels of the same volume")

@@ -7,6 +7,15 @@ import argparse
 from unet3d.model.unet import NORMS, PADDINGS, PRESETS, UNetConfig
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: …)" only where there is a default and the help does not already state one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def int_triple(text: str) -> tuple[int, int, int]:
     """'Z,Y,X' or a single 'N' (meaning N,N,N) → three positive ints."""
     try:

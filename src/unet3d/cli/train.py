@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 
 from unet3d.augmentation import AugmentationConfig
-from unet3d.cli.options import add_network_options, float_list, int_list, int_triple, network_config
+from unet3d.cli.options import (DefaultsHelpFormatter, add_network_options, float_list, int_list, int_triple,
+                                network_config)
 from unet3d.errors import UserError
 from unet3d.io import read_image, read_labels
 from unet3d.training import TrainConfig, train
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
         "a few slices); every voxel holding the ignore label has weight 0 in the loss. Writes MODEL "
         "(safetensors, usable by `unet3d predict`) and, beside it, MODEL.checkpoint.pt (for --resume), "
         "MODEL.best.safetensors (with validation), MODEL.log.jsonl and MODEL.curve.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--images", nargs="+", required=True, metavar="IMAGE",
