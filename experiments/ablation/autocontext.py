@@ -19,7 +19,6 @@ Prints one JSON line: foreground IoU on the voxels no slice annotates, iteration
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import tempfile
@@ -32,6 +31,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
+from experiments.ablation.common import cpu_budget_config
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE, annotated_classes
 from unet3d.baselines import filter_features
@@ -42,7 +42,6 @@ from unet3d.inference import predict_array
 from unet3d.model import UNet
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows.densify import default_config
 
 FOLDS = 3
 TRAIN_VOXELS = 100_000  # as the forest baseline
@@ -110,8 +109,7 @@ def main(name: str, slices: str, variant: str, seed: int, budget: float) -> dict
         prediction = probabilities
     else:
         training = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=volume.spacing)
-        config = dataclasses.replace(default_config(training, max_time=max(budget - forest_s, 5), seed=seed),
-                                     clock="cpu", checkpoint_every=1e9)
+        config = cpu_budget_config(training, max(budget - forest_s, 5), seed)
         torch.manual_seed(seed)
         network = residual_network(len(classes), training.normalization)(config.network) \
             if variant == "residual" else None

@@ -100,11 +100,16 @@ def run_forest(image, truth, slices, spacing, seed: int = 0) -> dict:
     return {**score(decode_labels(result.labels, classes), truth, sparse), **spent}
 
 
+def cpu_budget_config(data, cpu_budget: float, seed: int, **changes):
+    """Densify's recipe stopping after `cpu_budget` CPU seconds of this process, without checkpoints."""
+    return dataclasses.replace(default_config(data, max_time=cpu_budget, seed=seed), clock="cpu",
+                               checkpoint_every=1e9, **changes)
+
+
 def run_unet(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, recipe=None, tta: bool = False) -> dict:
     """Densify's recipe (changed by `recipe(config) -> config`) trained for `cpu_budget` CPU seconds."""
     data, sparse = training_set(image, truth, slices, spacing)
-    config = default_config(data, max_time=cpu_budget, seed=seed)
-    config = dataclasses.replace(config, clock="cpu", checkpoint_every=1e9)
+    config = cpu_budget_config(data, cpu_budget, seed)
     if recipe is not None:
         config = recipe(config)
     cost = Cost()

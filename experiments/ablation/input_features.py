@@ -14,7 +14,6 @@ Findings are in docs/ablation.md ("Filter-bank input channels").
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import tempfile
@@ -27,6 +26,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
+from experiments.ablation.common import cpu_budget_config
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE, annotated_classes
 from unet3d.baselines.features import DEFAULT_SCALES, input_feature_spec, with_input_features
@@ -35,7 +35,6 @@ from unet3d.data.normalization import apply_normalization
 from unet3d.inference import predict_array
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows.densify import default_config
 
 SCALES = {"features": DEFAULT_SCALES, "features_small": (1.0, 3.5)}
 
@@ -56,9 +55,7 @@ def main(name: str, slices: str, variant: str, seed: int, budget: float, loss: s
     seconds_features = time.process_time() - start
     classes = annotated_classes([sparse])
     training = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=volume.spacing)
-    config = dataclasses.replace(default_config(training, max_time=max(budget - seconds_features, 5), seed=seed),
-                                 clock="cpu", checkpoint_every=1e9)
-    config = dataclasses.replace(config, loss=loss or config.loss)
+    config = cpu_budget_config(training, max(budget - seconds_features, 5), seed, **({"loss": loss} if loss else {}))
     with tempfile.TemporaryDirectory() as folder:
         result = train(config, training, Path(folder) / "model.safetensors", progress=False)
     probabilities = predict_array(result.model, apply_normalization(image, training.normalization))
