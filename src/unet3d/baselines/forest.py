@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
@@ -24,7 +24,7 @@ _PREDICT_CHUNK = 1 << 18  # voxels per predict_proba call
 class ForestResult:
     labels: np.ndarray  # (Z, Y, X) int64 class indices, the most probable class per voxel
     probabilities: np.ndarray  # (K, Z, Y, X) float32; classes absent from the annotation get 0
-    seconds_features: float
+    seconds_features: float  # 0 when the features came precomputed
     seconds_fit: float
     seconds_predict: float
 
@@ -45,23 +45,34 @@ def random_forest_segment(
     (fit time grows faster than linearly with it); None trains on all of them, as ilastik does.
     """
     _check_inputs(image, sparse)
-    num_classes = int(sparse.max()) + 1
-
     start = time.perf_counter()
-    features = filter_features(image, scales, spacing).reshape(-1, sparse.size)
+    features = filter_features(image, scales, spacing)
     seconds_features = time.perf_counter() - start
+    result = segment_features(features, sparse, n_trees=n_trees, seed=seed, max_train_voxels=max_train_voxels)
+    return replace(result, seconds_features=seconds_features)
+
+
+def segment_features(features: np.ndarray, sparse: np.ndarray, *, n_trees: int = 100, seed: int = 0,
+                     max_train_voxels: int | None = None, n_jobs: int = -1,
+                     num_classes: int | None = None) -> ForestResult:
+    """The forest's segmentation from an (F, Z, Y, X) feature stack already computed (the filter bank
+    densify also gives its network) and sparse (Z, Y, X) class indices, -1 unlabeled.
+
+    `num_classes` (default: the largest annotated index + 1) sets the probabilities' rows."""
+    num_classes = num_classes or int(sparse.max()) + 1
+    flat = features.reshape(features.shape[0], -1)
+    labels = sparse.reshape(-1)
 
     start = time.perf_counter()
-    labels = sparse.reshape(-1)
-    forest = fit_forest(features, labels, np.flatnonzero(labels != UNLABELED), n_trees, seed, max_train_voxels)
+    forest = fit_forest(flat, labels, np.flatnonzero(labels != UNLABELED), n_trees, seed, max_train_voxels, n_jobs)
     seconds_fit = time.perf_counter() - start
 
     start = time.perf_counter()
-    probabilities = predict_probabilities(forest, features, num_classes).reshape((num_classes,) + sparse.shape)
+    probabilities = predict_probabilities(forest, flat, num_classes).reshape((num_classes,) + sparse.shape)
     seconds_predict = time.perf_counter() - start
 
     labels = probabilities.argmax(axis=0).astype(np.int64)
-    return ForestResult(labels, probabilities, seconds_features, seconds_fit, seconds_predict)
+    return ForestResult(labels, probabilities, 0.0, seconds_fit, seconds_predict)
 
 
 def _check_inputs(image: np.ndarray, sparse: np.ndarray) -> None:
@@ -76,20 +87,20 @@ def _check_inputs(image: np.ndarray, sparse: np.ndarray) -> None:
 
 
 def fit_forest(features: np.ndarray, labels: np.ndarray, voxels: np.ndarray, n_trees: int = 100, seed: int = 0,
-               max_train_voxels: int | None = None) -> RandomForestClassifier:
+               max_train_voxels: int | None = None, n_jobs: int = -1) -> RandomForestClassifier:
     """A forest fitted on (F, N) features at the flat indices `voxels` of (N,) labels, at most
     `max_train_voxels` of them (a seeded sample)."""
     if max_train_voxels is not None and voxels.size > max_train_voxels:
         rng = np.random.default_rng(seed)
         voxels = np.sort(rng.choice(voxels, max_train_voxels, replace=False))
-    forest = make_forest(n_trees, seed)
+    forest = make_forest(n_trees, seed, n_jobs)
     forest.fit(features[:, voxels].T, labels[voxels])
     return forest
 
 
-def make_forest(n_trees: int = 100, seed: int = 0) -> RandomForestClassifier:
-    """ilastik's classifier: a random forest of `n_trees` trees on every core."""
-    return RandomForestClassifier(n_estimators=n_trees, n_jobs=-1, random_state=seed)
+def make_forest(n_trees: int = 100, seed: int = 0, n_jobs: int = -1) -> RandomForestClassifier:
+    """ilastik's classifier: a random forest of `n_trees` trees on `n_jobs` cores (-1: all)."""
+    return RandomForestClassifier(n_estimators=n_trees, n_jobs=n_jobs, random_state=seed)
 
 
 def predict_probabilities(forest: RandomForestClassifier, features: np.ndarray, num_classes: int) -> np.ndarray:

@@ -48,7 +48,7 @@ def run(args) -> int:
     print(f"example: {image_path} ({'×'.join(map(str, truth.shape))} voxels, Z×Y×X)")
     print(f"annotated slices kept: Z {positions[0]}, Y {positions[1]}, X {positions[2]} — "
           f"{labeled_fraction(sparse, IGNORE):.1%} of the voxels; the rest is unlabeled ({IGNORE})")
-    print(f"training for up to {args.max_time:.0f} s on these slices alone ...")
+    print(f"learning from these slices alone for up to {args.max_time:.0f} s ...")
     report = densify_and_write(image, sparse, meta, str(out / "segmentation.tif"), IGNORE, truth=truth,
                                max_time=args.max_time, seed=args.seed, source=image_path,
                                device=resolve_device(args.device), threads=args.threads,

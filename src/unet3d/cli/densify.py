@@ -15,7 +15,7 @@ from unet3d.io import read_image, read_labels, write_volume
 from unet3d.io.spec import EXTENSIONS, parse_spec
 from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED, THREADS, densify
 
-FILTER_FEATURE_CHOICES = {"auto": None, "on": True, "off": False}
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
 
 def register(subparsers) -> None:
@@ -42,12 +42,16 @@ def register(subparsers) -> None:
     parser.add_argument("--truth", metavar="TRUTH", help="dense ground truth: report IoU on the unannotated voxels")
     parser.add_argument("--channel-axis", type=int, help="channel axis of a multi-channel image (default: detected)")
     parser.add_argument("--spacing", type=float_list, metavar="Z,Y,X", help="voxel spacing (default: from the file)")
-    parser.add_argument("--filter-features", choices=FILTER_FEATURE_CHOICES, default="auto",
+    parser.add_argument("--filter-features", choices=AUTO_ON_OFF, default="auto",
                         help="also give the network ilastik's filter bank (61 filters per channel, computed for the "
                         "whole volume in memory) as input channels; auto: when at least "
                         f"{FILTER_FEATURES_MIN_ANNOTATED:,} voxels are annotated and the bank fits in memory "
                         "(it lifted EM by 0.14 IoU and lowered small nuclei and MRI crops with a few thousand "
                         "annotated voxels: docs/ablation.md)")
+    parser.add_argument("--forest", choices=AUTO_ON_OFF, default="auto",
+                        help="also fit ilastik's random forest on the filter bank of the annotated voxels and take "
+                        "the geometric mean of its probabilities and the network's (its time comes out of "
+                        "--max-time); auto: when the bank fits in memory. The model file holds the network alone")
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -82,7 +86,7 @@ def run(args) -> int:
                                num_classes=args.num_classes, spacing=args.spacing, source=args.image,
                                device=resolve_device(args.device), threads=args.threads,
                                progress=not args.quiet,
-                               filter_features=FILTER_FEATURE_CHOICES[args.filter_features])
+                               filter_features=AUTO_ON_OFF[args.filter_features], forest=AUTO_ON_OFF[args.forest])
     print(report)
     return 0
 
@@ -90,7 +94,7 @@ def run(args) -> int:
 def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, model=None, overlay=None,
                       probabilities=None, truth=None, max_time=120.0, iterations=100_000, seed=0,
                       num_classes=None, spacing=None, source="image", device="cpu", threads=THREADS,
-                      progress=True, filter_features=None) -> str:
+                      progress=True, filter_features=None, forest=None) -> str:
     """Run densify and write segmentation, model, overlay (and probabilities); returns a report."""
     base = output_base(output)
     model = model or f"{base}.model.safetensors"
@@ -100,17 +104,23 @@ def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, mo
     result = densify(image, sparse, ignore_label, model, max_time=max_time, iterations=iterations, seed=seed,
                      num_classes=num_classes,
                      spacing=spacing or meta.spacing, source=source, progress=progress, device=device,
-                     threads=threads, filter_features=filter_features)
+                     threads=threads, filter_features=filter_features, forest=forest)
     write_volume(output, result.segmentation, like=meta)
     if probabilities:
         write_volume(probabilities, result.probabilities.astype("float16"), like=meta)
-    lines = [f"input: {result.inputs}",
+    lines = [f"input: {result.inputs}", f"result: {result.blend}",
+             *([f"filter bank and random forest in {result.forest_seconds:.0f} s"] if result.components else []),
              f"trained {result.iterations} iterations in {result.seconds:.0f} s",
              f"wrote {output} (segmentation), {model} (model), {overlay} (overlay)"]
     title = f"unet3d densify: {Path(source).name}"
     if truth is not None:
         scores = evaluate_volumes(result.segmentation, truth, exclude=sparse, ignore_label=ignore_label)
         lines += ["IoU on the unannotated voxels:", score_table(scores)]
+        if result.components:
+            alone = {name: evaluate_volumes(segmentation, truth, exclude=sparse, ignore_label=ignore_label)
+                     for name, segmentation in result.components.items()}
+            lines.append("foreground IoU alone: " + ", ".join(
+                f"{name} {scores_alone['mean_iou_foreground']:.3f}" for name, scores_alone in alone.items()))
         title += f" — foreground IoU {scores['mean_iou_foreground']:.3f} on unannotated voxels"
         lines.append("json: " + json.dumps({"mean_iou_foreground": scores["mean_iou_foreground"],
                                             "iou": {c["value"]: c["iou"] for c in scores["classes"]}}))

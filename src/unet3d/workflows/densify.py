@@ -27,14 +27,22 @@ random forest's features): +0.14 IoU on serial-section EM, +0.02 to +0.03 on the
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from unet3d.augmentation import AugmentationConfig
-from unet3d.baselines.features import feature_memory_shortfall, input_feature_spec, with_input_features
+from unet3d.baselines.features import (
+    feature_memory_shortfall,
+    filter_features,
+    input_feature_spec,
+    with_input_features,
+)
+from unet3d.baselines.forest import segment_features
 from unet3d.data.labels import decode_labels
 from unet3d.errors import UserError
 from unet3d.inference import predict_array
@@ -55,6 +63,13 @@ TARGET_PATCH = (16, 40, 40)  # voxels per training patch along (Z, Y, X), capped
 # and +0.03 with 65k and 181k on the ovule; -0.06 to -0.16 with 5-7k on small nuclei and MRI
 # crops, where the network fits the 61 extra channels to the few labels.
 FILTER_FEATURES_MIN_ANNOTATED = 50_000
+# The forest fits on a seeded sample of at most this many annotated voxels (its fit time grows
+# faster than linearly; the forest baseline of the experiments uses the same cap).
+FOREST_TRAIN_VOXELS = 100_000
+# However long the forest takes, the network trains for at least this share of the time budget.
+MIN_TRAINING_SHARE = 0.25
+# A model's probability floor in the blend: one model's zero lowers a class, never vetoes it.
+BLEND_FLOOR = 1e-4
 
 
 @contextmanager
@@ -76,12 +91,15 @@ class DensifyResult:
     model: UNet
     info: dict
     iterations: int
-    seconds: float
+    seconds: float  # of training
     inputs: str  # what the network was given, and why
+    blend: str  # whether the random forest was blended in, and why
+    forest_seconds: float = 0.0  # of the filter bank and the forest, taken out of the time budget
+    components: dict[str, np.ndarray] = field(default_factory=dict)  # "network", "forest": each one's segmentation
 
 
 def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: int = 100_000, seed: int = 0,
-                   width: int = 8, levels: int = 3) -> TrainConfig:
+                   width: int = 8, levels: int = 3, clock: str = "wall") -> TrainConfig:
     """The densify recipe for this volume: network, patch, optimiser, schedule, augmentation."""
     network = UNetConfig(in_channels=data.channels, num_classes=len(data.class_values), width=width,
                          levels=levels, padding="same", norm="batch")
@@ -89,7 +107,7 @@ def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: in
     return TrainConfig(network=network, patch_shape=shape, batch_size=2, iterations=iterations,
                        max_time=max_time, optimizer="adam", learning_rate=3e-3, schedule="cosine", warmup=0.05,
                        loss="dice_ce", class_weighting="inverse_sqrt", augmentation=FLIPS_ONLY,
-                       seed=seed, checkpoint_every=30.0, log_every=10)
+                       seed=seed, checkpoint_every=30.0, log_every=10, clock=clock)
 
 
 def choose_inputs(filter_features: bool | None, image_shape, sparse: np.ndarray, ignore_label: int, spacing,
@@ -101,39 +119,90 @@ def choose_inputs(filter_features: bool | None, image_shape, sparse: np.ndarray,
     """
     if filter_features is False:
         return None, "the image alone (filter features off)"
-    spec = input_feature_spec(spacing)
-    shortfall = feature_memory_shortfall(source, image_shape, spec)
+    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing))
     if filter_features:
         if shortfall:
             raise UserError(f"{shortfall}; train without it (--filter-features off) or on a smaller volume")
-        return spec, "the image and ilastik's filter bank (asked for)"
+        return input_feature_spec(spacing), "the image and ilastik's filter bank (asked for)"
     annotated = int(np.count_nonzero(sparse != ignore_label))
     if annotated < FILTER_FEATURES_MIN_ANNOTATED:
         return None, (f"the image alone: {annotated:,} annotated voxels; the filter bank is added "
                       f"from {FILTER_FEATURES_MIN_ANNOTATED:,} on")
     if shortfall:
         return None, f"the image alone: {shortfall}"
-    return spec, f"the image and ilastik's filter bank ({annotated:,} annotated voxels)"
+    return input_feature_spec(spacing), f"the image and ilastik's filter bank ({annotated:,} annotated voxels)"
+
+
+def choose_forest(forest: bool | None, image_shape, spacing, source: str) -> tuple[bool, str]:
+    """Whether to blend in the random forest, and one line saying why: by default whenever the
+    filter bank it reads fits in free memory. True insists (and refuses a volume that would not fit)."""
+    if forest is False:
+        return False, "the network alone (forest off)"
+    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing))
+    if shortfall:
+        if forest:
+            raise UserError(f"{shortfall}; densify without the forest (--forest off) or a smaller volume")
+        return False, f"the network alone: {shortfall}"
+    return True, "the network and a random forest on ilastik's filter bank, geometric mean of their probabilities"
+
+
+def geometric_mean(first: np.ndarray, second: np.ndarray, floor: float = BLEND_FLOOR) -> np.ndarray:
+    """Normalized geometric mean of two (K, ...) probability maps: a class wins where both models
+    find it likely, and a confident model outvotes an unsure one."""
+    blended = np.sqrt((first + floor) * (second + floor), dtype=np.float32)
+    blended /= blended.sum(axis=0, keepdims=True)
+    return blended
+
+
+def forest_probabilities(image: np.ndarray, network_input: np.ndarray, data: TrainingSet, seed: int,
+                         threads: int | None, progress: bool) -> np.ndarray:
+    """(K, Z, Y, X) probabilities of the random forest on the filter bank, fitted on the annotated
+    voxels: the network's own bank channels when it has them, else a bank made here."""
+    with tqdm(total=2, desc="random forest: filter bank", disable=not progress, dynamic_ncols=True) as bar:
+        has_bank = data.input_features is not None
+        bank = network_input[image.shape[0]:] if has_bank else filter_features(image, spacing=data.spacing)
+        bar.update()
+        bar.set_description("random forest: fit and predict")
+        result = segment_features(bank, data.labels[0].numpy(), seed=seed, max_train_voxels=FOREST_TRAIN_VOXELS,
+                                  n_jobs=threads or -1, num_classes=len(data.class_values))
+        bar.update()
+    return result.probabilities
 
 
 def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path, *, config: TrainConfig | None = None,
             max_time: float = 120.0, iterations: int = 100_000, seed: int = 0, spacing=None, num_classes: int | None = None,
-            source: str = "image", progress: bool = True, device: str = "cpu",
-            threads: int | None = THREADS, filter_features: bool | None = None) -> DensifyResult:
+            source: str = "image", progress: bool = True, device: str = "cpu", threads: int | None = THREADS,
+            filter_features: bool | None = None, forest: bool | None = None, clock: str = "wall") -> DensifyResult:
     """Train on the annotated voxels of `sparse`, then predict every voxel of `image`.
 
-    `threads` is torch's CPU thread count while densify runs (None keeps the current setting).
-    `filter_features` gives the network ilastik's filter bank of the whole volume as extra input
-    channels: True always, False never, None when enough voxels are annotated (`choose_inputs`).
+    `max_time` covers the filter bank, the forest and training (`clock`: wall or CPU seconds of
+    this process; None: `iterations` alone stops training); prediction comes on top. `threads` is
+    the CPU thread count of the network and the forest (None: torch's setting, every core for the
+    forest). `filter_features` gives the network ilastik's filter bank of the whole volume as extra
+    input channels: True always, False never, None when enough voxels are annotated
+    (`choose_inputs`). `forest` blends a random forest on the same bank into the result: True
+    always, False never, None when the bank fits in memory (`choose_forest`). The model file holds
+    the network alone.
     """
+    now = time.process_time if clock == "cpu" else time.monotonic
+    start = now()
     features, inputs = choose_inputs(filter_features, image.shape, sparse, ignore_label, spacing, source)
+    use_forest, blend = choose_forest(forest, image.shape, spacing, source)
     network_input = with_input_features(image, features) if features else image
     data = prepare_training_set([network_input], [sparse], ignore_label, sources=[source], num_classes=num_classes,
                                 spacing=spacing, input_features=features)
-    config = config or default_config(data, max_time=max_time, iterations=iterations, seed=seed)
+    forest_probs = forest_probabilities(image, network_input, data, seed, threads, progress) if use_forest else None
+    del network_input
+    spent = now() - start
+    training_time = None if max_time is None else max(max_time - spent, max_time * MIN_TRAINING_SHARE)
+    config = config or default_config(data, max_time=training_time, iterations=iterations, seed=seed, clock=clock)
     with torch_threads(threads):
         result = train(config, data, model_path, progress=progress, device=device)
         probabilities = predict_array(result.model, data.images[0].numpy(), device=device, progress=progress)
-    segmentation = decode_labels(probabilities.argmax(0), data.class_values)
-    return DensifyResult(segmentation, probabilities, result.model, result.info, result.iterations, result.seconds,
-                         inputs)
+    decode = lambda p: decode_labels(p.argmax(0), data.class_values)  # noqa: E731
+    components = {}
+    if forest_probs is not None:
+        components = {"network": decode(probabilities), "forest": decode(forest_probs)}
+        probabilities = geometric_mean(probabilities, forest_probs)
+    return DensifyResult(decode(probabilities), probabilities, result.model, result.info, result.iterations,
+                         result.seconds, inputs, blend, spent, components)

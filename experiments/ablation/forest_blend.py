@@ -1,0 +1,90 @@
+"""Does averaging the U-Net's and the random forest's class probabilities beat either alone?
+
+Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED BUDGET
+  VOLUME   nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN
+  SLICES   k per axis, e.g. 1,1,1
+  BUDGET   CPU seconds of this process for everything: the filter bank, the forest (fit and
+           prediction) and the U-Net; the U-Net trains for what the first two leave
+
+The filter bank is computed once and serves both the forest and, when densify would add it
+(`choose_inputs`), the network's input. The U-Net is densify's recipe. Prints one JSON line:
+foreground IoU on the voxels no slice annotates for the forest, the U-Net and their blends
+(arithmetic and geometric mean of the probabilities), each with and without test-time flips.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+import torch
+
+from experiments.ablation.common import FOREST_TRAIN_VOXELS, cpu_budget_config
+from experiments.paper import data, protocols
+from experiments.paper.methods import IGNORE, annotated_classes
+from unet3d.baselines.features import DEFAULT_SCALES, filter_features
+from unet3d.baselines.forest import fit_forest, predict_probabilities
+from unet3d.data.labels import decode_labels, encode_labels
+from unet3d.data.normalization import apply_normalization
+from unet3d.inference import predict_array
+from unet3d.training import train
+from unet3d.training.dataset import prepare_training_set
+from unet3d.workflows.densify import choose_inputs
+
+
+def forest_probabilities(bank: np.ndarray, sparse: np.ndarray, classes: list[int], seed: int) -> np.ndarray:
+    labels = encode_labels(sparse, classes, IGNORE).reshape(-1)
+    features = bank.reshape(bank.shape[0], -1)
+    forest = fit_forest(features, labels, np.flatnonzero(labels >= 0), seed=seed, max_train_voxels=FOREST_TRAIN_VOXELS)
+    return predict_probabilities(forest, features, len(classes)).reshape((len(classes),) + sparse.shape)
+
+
+def blends(forest: np.ndarray, unet: np.ndarray) -> dict[str, np.ndarray]:
+    eps = 1e-4
+    return {"mean": (forest + unet) / 2, "geometric": np.log(forest + eps) + np.log(unet + eps)}
+
+
+def main(name: str, slices: str, seed: int, budget: float) -> dict:
+    torch.set_num_threads(1)
+    volume = data.load(name)
+    sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
+    classes = annotated_classes([sparse])
+    start = time.process_time()
+    bank = filter_features(volume.image, DEFAULT_SCALES, volume.spacing)
+    forest = forest_probabilities(bank, sparse, classes, seed)
+    seconds_forest = time.process_time() - start
+    spec, inputs = choose_inputs(None, volume.image.shape, sparse, IGNORE, volume.spacing, name)
+    image = np.concatenate([volume.image, bank]) if spec else volume.image
+    del bank
+    training = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=volume.spacing,
+                                    input_features=spec)
+    config = cpu_budget_config(training, max(budget - (time.process_time() - start), 5), seed)
+    with tempfile.TemporaryDirectory() as folder:
+        result = train(config, training, Path(folder) / "model.safetensors", progress=False)
+    normalized = apply_normalization(image, training.normalization)
+    unet = predict_array(result.model, normalized)
+    seconds_total = time.process_time() - start
+    unet_tta = predict_array(result.model, normalized, tta=True)
+    seconds_tta = time.process_time() - start - seconds_total
+
+    mask = sparse == IGNORE
+    score = lambda p: round(protocols._score(volume, decode_labels(p.argmax(0), classes), mask)["mean_iou"], 4)  # noqa: E731
+    scores = {"forest": score(forest), "unet": score(unet), "unet_tta": score(unet_tta)}
+    scores |= {k: score(v) for k, v in blends(forest, unet).items()}
+    scores |= {f"{k}_tta": score(v) for k, v in blends(forest, unet_tta).items()}
+    return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "inputs": inputs,
+            "forest_s": round(seconds_forest, 1), "iterations": result.iterations, "cpu_s": round(seconds_total, 1),
+            "tta_extra_s": round(seconds_tta, 1), "fg_iou": scores}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5:
+        sys.exit(__doc__)
+    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))))
