@@ -176,8 +176,34 @@ def test_densify_command_reports_the_blend_and_each_model_alone(sparse_nuclei, t
     assert main.main(["densify", *args]) == 0
     report = capsys.readouterr().out
     assert "result: the network and a random forest" in report
+    assert "predicted the 8 mirrored volumes, averaged" in report  # a small volume: seconds of 120
     assert "foreground IoU alone: network " in report and ", forest " in report
     assert all((tmp_path / f).exists() for f in ("seg.tif", "seg.model.safetensors", "seg.overlay.png"))
-    assert main.main(["densify", *args, "--forest", "off"]) == 0
+    assert main.main(["densify", *args, "--forest", "off", "--tta", "off"]) == 0
     report = capsys.readouterr().out
     assert "result: the network alone (forest off)" in report and "foreground IoU alone" not in report
+    assert "predicted once" in report
+
+
+def test_test_time_flips_are_added_when_cheap_against_the_budget(nuclei):
+    from itertools import count
+
+    from unet3d.inference import predict_array
+    from unet3d.model import UNet, UNetConfig
+    from unet3d.workflows.densify import predict_with_tta
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(in_channels=1, num_classes=3, width=4, levels=2, padding="same")).eval()
+    image = nuclei[0][None, :8, :24, :24].astype(np.float32)
+    one_second_per_call = count().__next__  # the timed prediction "takes" 1 s
+    flipped = predict_array(model, image, tta=True)
+    plain = predict_array(model, image)
+    assert not np.allclose(flipped, plain)
+    probabilities, used = predict_with_tta(model, image, None, 80.0, one_second_per_call, "cpu", False)
+    assert used and np.allclose(probabilities, flipped)  # 8 more seconds ≤ 10 % of 80
+    probabilities, used = predict_with_tta(model, image, None, 79.0, one_second_per_call, "cpu", False)
+    assert not used and np.allclose(probabilities, plain)
+    assert not predict_with_tta(model, image, None, None, one_second_per_call, "cpu", False)[1]  # no budget
+    assert predict_with_tta(model, image, True, 1.0, one_second_per_call, "cpu", False)[1]
+    assert not predict_with_tta(model, image, False, 1e9, one_second_per_call, "cpu", False)[1]

@@ -1,10 +1,11 @@
 """Does averaging the U-Net's and the random forest's class probabilities beat either alone?
 
-Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED BUDGET
+Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED BUDGET [notta]
   VOLUME   nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN
   SLICES   k per axis, e.g. 1,1,1
   BUDGET   CPU seconds of this process for everything: the filter bank, the forest (fit and
            prediction) and the U-Net; the U-Net trains for what the first two leave
+  notta    skip the scores with test-time flips (8 more predictions: minutes on large volumes)
 
 The filter bank is computed once and serves both the forest and, when densify would add it
 (`choose_inputs`), the network's input. The U-Net is densify's recipe. Prints one JSON line:
@@ -51,7 +52,7 @@ def blends(forest: np.ndarray, unet: np.ndarray) -> dict[str, np.ndarray]:
     return {"mean": (forest + unet) / 2, "geometric": np.log(forest + eps) + np.log(unet + eps)}
 
 
-def main(name: str, slices: str, seed: int, budget: float) -> dict:
+def main(name: str, slices: str, seed: int, budget: float, tta: bool = True) -> dict:
     torch.set_num_threads(1)
     volume = data.load(name)
     sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
@@ -71,20 +72,21 @@ def main(name: str, slices: str, seed: int, budget: float) -> dict:
     normalized = apply_normalization(image, training.normalization)
     unet = predict_array(result.model, normalized)
     seconds_total = time.process_time() - start
-    unet_tta = predict_array(result.model, normalized, tta=True)
+    unet_tta = predict_array(result.model, normalized, tta=True) if tta else None
     seconds_tta = time.process_time() - start - seconds_total
 
     mask = sparse == IGNORE
     score = lambda p: round(protocols._score(volume, decode_labels(p.argmax(0), classes), mask)["mean_iou"], 4)  # noqa: E731
-    scores = {"forest": score(forest), "unet": score(unet), "unet_tta": score(unet_tta)}
+    scores = {"forest": score(forest), "unet": score(unet)}
     scores |= {k: score(v) for k, v in blends(forest, unet).items()}
-    scores |= {f"{k}_tta": score(v) for k, v in blends(forest, unet_tta).items()}
+    if tta:
+        scores |= {"unet_tta": score(unet_tta)} | {f"{k}_tta": score(v) for k, v in blends(forest, unet_tta).items()}
     return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "inputs": inputs,
             "forest_s": round(seconds_forest, 1), "iterations": result.iterations, "cpu_s": round(seconds_total, 1),
             "tta_extra_s": round(seconds_tta, 1), "fg_iou": scores}
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5:
+    if len(sys.argv) not in (5, 6) or sys.argv[5:] not in ([], ["notta"]):
         sys.exit(__doc__)
-    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))))
+    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), tta=len(sys.argv) == 5)))

@@ -13,7 +13,7 @@ from unet3d.evaluation import evaluate_volumes
 from unet3d.evaluation.figures import overlay_figure
 from unet3d.io import read_image, read_labels, write_volume
 from unet3d.io.spec import EXTENSIONS, parse_spec
-from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED, THREADS, densify
+from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED, THREADS, TTA_MAX_SHARE, densify
 
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     parser.add_argument("--ignore-label", type=int, required=True, metavar="N",
                         help="the value of unannotated voxels (0 for napari/ilastik painting, 3 in the paper, 255, ...)")
     parser.add_argument("--num-classes", type=int, metavar="K", help="number of classes (default: inferred)")
-    parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS", help="training time budget")
+    parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS",
+                        help="time for the filter bank, the forest and training (prediction comes on top)")
     parser.add_argument("--seed", type=int, default=0, help="makes a CPU run reproducible (with --iterations)")
     parser.add_argument("--iterations", type=int, default=100_000, help="training steps at most")
     parser.add_argument("--model", metavar="MODEL", help="where to write the model (default: SEGMENTATION's name + .model.safetensors)")
@@ -52,6 +53,9 @@ def register(subparsers) -> None:
                         help="also fit ilastik's random forest on the filter bank of the annotated voxels and take "
                         "the geometric mean of its probabilities and the network's (its time comes out of "
                         "--max-time); auto: when the bank fits in memory. The model file holds the network alone")
+    parser.add_argument("--tta", choices=AUTO_ON_OFF, default="auto",
+                        help="average the network's predictions of the 8 mirrored volumes; auto: when that costs at "
+                        f"most {TTA_MAX_SHARE:.0%} of --max-time (a small volume)")
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -86,7 +90,8 @@ def run(args) -> int:
                                num_classes=args.num_classes, spacing=args.spacing, source=args.image,
                                device=resolve_device(args.device), threads=args.threads,
                                progress=not args.quiet,
-                               filter_features=AUTO_ON_OFF[args.filter_features], forest=AUTO_ON_OFF[args.forest])
+                               filter_features=AUTO_ON_OFF[args.filter_features], forest=AUTO_ON_OFF[args.forest],
+                               tta=AUTO_ON_OFF[args.tta])
     print(report)
     return 0
 
@@ -94,7 +99,7 @@ def run(args) -> int:
 def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, model=None, overlay=None,
                       probabilities=None, truth=None, max_time=120.0, iterations=100_000, seed=0,
                       num_classes=None, spacing=None, source="image", device="cpu", threads=THREADS,
-                      progress=True, filter_features=None, forest=None) -> str:
+                      progress=True, filter_features=None, forest=None, tta=None) -> str:
     """Run densify and write segmentation, model, overlay (and probabilities); returns a report."""
     base = output_base(output)
     model = model or f"{base}.model.safetensors"
@@ -104,13 +109,14 @@ def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, mo
     result = densify(image, sparse, ignore_label, model, max_time=max_time, iterations=iterations, seed=seed,
                      num_classes=num_classes,
                      spacing=spacing or meta.spacing, source=source, progress=progress, device=device,
-                     threads=threads, filter_features=filter_features, forest=forest)
+                     threads=threads, filter_features=filter_features, forest=forest, tta=tta)
     write_volume(output, result.segmentation, like=meta)
     if probabilities:
         write_volume(probabilities, result.probabilities.astype("float16"), like=meta)
     lines = [f"input: {result.inputs}", f"result: {result.blend}",
              *([f"filter bank and random forest in {result.forest_seconds:.0f} s"] if result.components else []),
              f"trained {result.iterations} iterations in {result.seconds:.0f} s",
+             "predicted " + ("the 8 mirrored volumes, averaged (test-time flips)" if result.tta else "once"),
              f"wrote {output} (segmentation), {model} (model), {overlay} (overlay)"]
     title = f"unet3d densify: {Path(source).name}"
     if truth is not None:

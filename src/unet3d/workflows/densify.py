@@ -23,6 +23,12 @@ being cheaper on a machine busy with other work.
 With many annotated voxels the network also gets ilastik's filter bank as input channels (the
 random forest's features): +0.14 IoU on serial-section EM, +0.02 to +0.03 on the ovule, but
 -0.06 to -0.16 on small crops with a few thousand annotated voxels (`choose_inputs`).
+
+The result is the geometric mean of the network's probabilities and those of ilastik's random
+forest fitted on the same voxels and the same filter bank (`choose_forest`), the forest's time
+taken out of the budget. The two err in different places: where the forest was far ahead of the
+network (an MRI crop) the blend passed both, and elsewhere it stayed level with the network or
+above it (docs/ablation.md, "Blending the network with the forest").
 """
 
 from __future__ import annotations
@@ -70,6 +76,10 @@ FOREST_TRAIN_VOXELS = 100_000
 MIN_TRAINING_SHARE = 0.25
 # A model's probability floor in the blend: one model's zero lowers a class, never vetoes it.
 BLEND_FLOOR = 1e-4
+# Test-time flips (8 mirrored predictions averaged) by default when they cost at most this share
+# of the time budget: +0.01 to +0.03 foreground IoU on the small nuclei and MRI volumes, where they
+# take seconds; on the ovule they took 77 CPU s for +0.001.
+TTA_MAX_SHARE = 0.1
 
 
 @contextmanager
@@ -94,6 +104,7 @@ class DensifyResult:
     seconds: float  # of training
     inputs: str  # what the network was given, and why
     blend: str  # whether the random forest was blended in, and why
+    tta: bool  # whether the network's prediction averaged the 8 mirrored volumes
     forest_seconds: float = 0.0  # of the filter bank and the forest, taken out of the time budget
     components: dict[str, np.ndarray] = field(default_factory=dict)  # "network", "forest": each one's segmentation
 
@@ -169,10 +180,24 @@ def forest_probabilities(image: np.ndarray, network_input: np.ndarray, data: Tra
     return result.probabilities
 
 
+def predict_with_tta(model, image: np.ndarray, tta: bool | None, max_time: float | None, now, device: str,
+                     progress: bool) -> tuple[np.ndarray, bool]:
+    """The network's probabilities, and whether they average the 8 mirrored predictions. Undecided
+    (None), one plain prediction is timed first: flips follow if 8 more cost ≤ TTA_MAX_SHARE of `max_time`."""
+    if tta:
+        return predict_array(model, image, tta=True, device=device, progress=progress), True
+    start = now()
+    probabilities = predict_array(model, image, device=device, progress=progress)
+    if tta is None and max_time is not None and 8 * (now() - start) <= TTA_MAX_SHARE * max_time:
+        return predict_array(model, image, tta=True, device=device, progress=progress), True
+    return probabilities, False
+
+
 def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path, *, config: TrainConfig | None = None,
             max_time: float = 120.0, iterations: int = 100_000, seed: int = 0, spacing=None, num_classes: int | None = None,
             source: str = "image", progress: bool = True, device: str = "cpu", threads: int | None = THREADS,
-            filter_features: bool | None = None, forest: bool | None = None, clock: str = "wall") -> DensifyResult:
+            filter_features: bool | None = None, forest: bool | None = None, tta: bool | None = None,
+            clock: str = "wall") -> DensifyResult:
     """Train on the annotated voxels of `sparse`, then predict every voxel of `image`.
 
     `max_time` covers the filter bank, the forest and training (`clock`: wall or CPU seconds of
@@ -182,7 +207,8 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     input channels: True always, False never, None when enough voxels are annotated
     (`choose_inputs`). `forest` blends a random forest on the same bank into the result: True
     always, False never, None when the bank fits in memory (`choose_forest`). The model file holds
-    the network alone.
+    the network alone. `tta` averages the network's predictions of the 8 mirrored volumes: True
+    always, False never, None when they cost at most TTA_MAX_SHARE of `max_time`.
     """
     now = time.process_time if clock == "cpu" else time.monotonic
     start = now()
@@ -198,11 +224,11 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     config = config or default_config(data, max_time=training_time, iterations=iterations, seed=seed, clock=clock)
     with torch_threads(threads):
         result = train(config, data, model_path, progress=progress, device=device)
-        probabilities = predict_array(result.model, data.images[0].numpy(), device=device, progress=progress)
+        probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), tta, max_time, now, device, progress)
     decode = lambda p: decode_labels(p.argmax(0), data.class_values)  # noqa: E731
     components = {}
     if forest_probs is not None:
         components = {"network": decode(probabilities), "forest": decode(forest_probs)}
         probabilities = geometric_mean(probabilities, forest_probs)
     return DensifyResult(decode(probabilities), probabilities, result.model, result.info, result.iterations,
-                         result.seconds, inputs, blend, spent, components)
+                         result.seconds, inputs, blend, tta, spent, components)
