@@ -1,11 +1,12 @@
 """Does averaging the U-Net's and the random forest's class probabilities beat either alone?
 
-Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED BUDGET [notta]
+Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED BUDGET [notta] [trees=N]
   VOLUME   nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN
   SLICES   k per axis, e.g. 1,1,1
   BUDGET   CPU seconds of this process for everything: the filter bank, the forest (fit and
            prediction) and the U-Net; the U-Net trains for what the first two leave
   notta    skip the scores with test-time flips (8 more predictions: minutes on large volumes)
+  trees=N  the forest's trees (default: densify's)
 
 The filter bank is computed once and serves both the forest and, when densify would add it
 (`choose_inputs`), the network's input. The U-Net is densify's recipe. Prints one JSON line:
@@ -27,7 +28,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from experiments.ablation.common import FOREST_TRAIN_VOXELS, cpu_budget_config
+from experiments.ablation.common import cpu_budget_config
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE, annotated_classes
 from unet3d.baselines.features import DEFAULT_SCALES, filter_features
@@ -37,13 +38,13 @@ from unet3d.data.normalization import apply_normalization
 from unet3d.inference import predict_array
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows.densify import choose_inputs
+from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, FOREST_TREES, choose_inputs
 
 
-def forest_probabilities(bank: np.ndarray, sparse: np.ndarray, classes: list[int], seed: int) -> np.ndarray:
+def forest_probabilities(bank: np.ndarray, sparse: np.ndarray, classes: list[int], seed: int, trees: int) -> np.ndarray:
     labels = encode_labels(sparse, classes, IGNORE).reshape(-1)
     features = bank.reshape(bank.shape[0], -1)
-    forest = fit_forest(features, labels, np.flatnonzero(labels >= 0), seed=seed, max_train_voxels=FOREST_TRAIN_VOXELS)
+    forest = fit_forest(features, labels, np.flatnonzero(labels >= 0), trees, seed, FOREST_TRAIN_VOXELS)
     return predict_probabilities(forest, features, len(classes)).reshape((len(classes),) + sparse.shape)
 
 
@@ -52,14 +53,14 @@ def blends(forest: np.ndarray, unet: np.ndarray) -> dict[str, np.ndarray]:
     return {"mean": (forest + unet) / 2, "geometric": np.log(forest + eps) + np.log(unet + eps)}
 
 
-def main(name: str, slices: str, seed: int, budget: float, tta: bool = True) -> dict:
+def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, trees: int = FOREST_TREES) -> dict:
     torch.set_num_threads(1)
     volume = data.load(name)
     sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
     classes = annotated_classes([sparse])
     start = time.process_time()
     bank = filter_features(volume.image, DEFAULT_SCALES, volume.spacing)
-    forest = forest_probabilities(bank, sparse, classes, seed)
+    forest = forest_probabilities(bank, sparse, classes, seed, trees)
     seconds_forest = time.process_time() - start
     spec, inputs = choose_inputs(None, volume.image.shape, sparse, IGNORE, volume.spacing, name)
     image = np.concatenate([volume.image, bank]) if spec else volume.image
@@ -81,12 +82,15 @@ def main(name: str, slices: str, seed: int, budget: float, tta: bool = True) -> 
     scores |= {k: score(v) for k, v in blends(forest, unet).items()}
     if tta:
         scores |= {"unet_tta": score(unet_tta)} | {f"{k}_tta": score(v) for k, v in blends(forest, unet_tta).items()}
-    return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "inputs": inputs,
+    return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "inputs": inputs, "trees": trees,
             "forest_s": round(seconds_forest, 1), "iterations": result.iterations, "cpu_s": round(seconds_total, 1),
             "tta_extra_s": round(seconds_tta, 1), "fg_iou": scores}
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (5, 6) or sys.argv[5:] not in ([], ["notta"]):
+    options = sys.argv[5:]
+    trees = [int(o.removeprefix("trees=")) for o in options if o.startswith("trees=")]
+    if len(sys.argv) < 5 or any(o != "notta" and not o.startswith("trees=") for o in options):
         sys.exit(__doc__)
-    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), tta=len(sys.argv) == 5)))
+    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), tta="notta" not in options,
+                          trees=trees[0] if trees else FOREST_TREES)))

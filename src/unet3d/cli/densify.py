@@ -55,7 +55,7 @@ def register(subparsers) -> None:
                         "--max-time); auto: when the bank fits in memory. The model file holds the network alone")
     parser.add_argument("--tta", choices=AUTO_ON_OFF, default="auto",
                         help="average the network's predictions of the 8 mirrored volumes; auto: when that costs at "
-                        f"most {TTA_MAX_SHARE:.0%} of --max-time (a small volume)")
+                        f"most {TTA_MAX_SHARE * 100:.0f}%% of --max-time (a small volume)")
     add_run_options(parser)
     parser.set_defaults(run=run)
 

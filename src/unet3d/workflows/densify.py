@@ -72,6 +72,7 @@ FILTER_FEATURES_MIN_ANNOTATED = 50_000
 # The forest fits on a seeded sample of at most this many annotated voxels (its fit time grows
 # faster than linearly; the forest baseline of the experiments uses the same cap).
 FOREST_TRAIN_VOXELS = 100_000
+FOREST_TREES = 100  # ilastik's default
 # However long the forest takes, the network trains for at least this share of the time budget.
 MIN_TRAINING_SHARE = 0.25
 # A model's probability floor in the blend: one model's zero lowers a class, never vetoes it.
@@ -174,8 +175,9 @@ def forest_probabilities(image: np.ndarray, network_input: np.ndarray, data: Tra
         bank = network_input[image.shape[0]:] if has_bank else filter_features(image, spacing=data.spacing)
         bar.update()
         bar.set_description("random forest: fit and predict")
-        result = segment_features(bank, data.labels[0].numpy(), seed=seed, max_train_voxels=FOREST_TRAIN_VOXELS,
-                                  n_jobs=threads or -1, num_classes=len(data.class_values))
+        result = segment_features(bank, data.labels[0].numpy(), n_trees=FOREST_TREES, seed=seed,
+                                  max_train_voxels=FOREST_TRAIN_VOXELS, n_jobs=threads or -1,
+                                  num_classes=len(data.class_values))
         bar.update()
     return result.probabilities
 
