@@ -160,6 +160,11 @@ def test_the_forest_time_comes_out_of_the_training_budget(sparse_nuclei, tmp_pat
                     progress=False, threads=1, forest=False)
     assert alone.components == {} and alone.forest_seconds < result.forest_seconds
     assert alone.info["training"]["config"]["max_time"] > training_budget
+    # A budget too short for ilastik's 100 trees (a quarter of it is the forest's) cuts the forest.
+    assert result.forest_trees == 100
+    hurried = densify(image[crop], sparse[crop[1:]], IGNORE, tmp_path / "h.safetensors", max_time=0.2, iterations=2,
+                      progress=False, threads=1)
+    assert hurried.forest_trees == 10
 
 
 def test_densify_command_reports_the_blend_and_each_model_alone(sparse_nuclei, tmp_path, capsys):

@@ -114,3 +114,28 @@ def test_unannotated_volume_is_refused(nuclei):
         random_forest_segment(image[None], np.full(image.shape, -1, dtype=np.int64))
     with pytest.raises(ValueError, match="shape"):
         random_forest_segment(image[None], np.zeros(image.shape[1:], dtype=np.int64))
+
+
+def test_a_forest_grown_within_a_time_limit_has_the_trees_of_one_fitted_at_once(nuclei):
+    from itertools import count
+
+    from unet3d.baselines.forest import fit_forest
+
+    image, truth = nuclei
+    bank = filter_features(image[None, :8], (1.0, 3.5))
+    features = bank.reshape(bank.shape[0], -1)
+    _, indices = _sparse_indices(truth[:8], (1, 1, 1))
+    labels = indices.reshape(-1)
+    voxels = np.flatnonzero(labels >= 0)
+    ticks = count().__next__  # a clock one second later at every reading
+
+    def fit(n_trees, seconds=None):
+        return fit_forest(features, labels, voxels, n_trees, seed=5, n_jobs=1, seconds=seconds, clock=ticks)
+
+    assert fit(30, seconds=1.0).n_estimators == 10  # too little time: the first round only
+    roomy = fit(30, seconds=1e6)
+    assert roomy.n_estimators == 30  # time to spare: all the trees asked for, not more
+    at_once = fit(30)
+    np.testing.assert_array_equal(roomy.predict_proba(features[:, :500].T), at_once.predict_proba(features[:, :500].T))
+    # In between, growth stops when the next round's fit and prediction would pass the limit.
+    assert 10 < fit(100, seconds=20.0).n_estimators < 100

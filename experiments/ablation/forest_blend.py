@@ -6,10 +6,10 @@ Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED 
   BUDGET   CPU seconds of this process for everything: the filter bank, the forest (fit and
            prediction) and the U-Net; the U-Net trains for what the first two leave
   notta    skip the scores with test-time flips (8 more predictions: minutes on large volumes)
-  trees=N  the forest's trees (default: densify's)
+  trees=N  a forest of N trees (default: densify's, as many as fit in its share of the budget)
 
 The filter bank is computed once and serves both the forest and, when densify would add it
-(`choose_inputs`), the network's input. The U-Net is densify's recipe. Prints one JSON line:
+(`choose_inputs`), the network's input. Forest and U-Net are densify's. Prints one JSON line:
 foreground IoU on the voxels no slice annotates for the forest, the U-Net and their blends
 (arithmetic and geometric mean of the probabilities), each with and without test-time flips.
 """
@@ -31,46 +31,38 @@ import torch
 from experiments.ablation.common import cpu_budget_config
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE, annotated_classes
-from unet3d.baselines.features import DEFAULT_SCALES, filter_features
-from unet3d.baselines.forest import fit_forest, predict_probabilities
-from unet3d.data.labels import decode_labels, encode_labels
-from unet3d.data.normalization import apply_normalization
+from unet3d.baselines.features import with_input_features
+from unet3d.data.labels import decode_labels
 from unet3d.inference import predict_array
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, FOREST_TREES, choose_inputs
-
-
-def forest_probabilities(bank: np.ndarray, sparse: np.ndarray, classes: list[int], seed: int, trees: int) -> np.ndarray:
-    labels = encode_labels(sparse, classes, IGNORE).reshape(-1)
-    features = bank.reshape(bank.shape[0], -1)
-    forest = fit_forest(features, labels, np.flatnonzero(labels >= 0), trees, seed, FOREST_TRAIN_VOXELS)
-    return predict_probabilities(forest, features, len(classes)).reshape((len(classes),) + sparse.shape)
+from unet3d.workflows.densify import FOREST_MAX_SHARE, FOREST_TREES, choose_inputs, fit_forest_on_bank, geometric_mean
 
 
 def blends(forest: np.ndarray, unet: np.ndarray) -> dict[str, np.ndarray]:
-    eps = 1e-4
-    return {"mean": (forest + unet) / 2, "geometric": np.log(forest + eps) + np.log(unet + eps)}
+    return {"mean": (forest + unet) / 2, "geometric": geometric_mean(forest, unet)}
 
 
-def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, trees: int = FOREST_TREES) -> dict:
+def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, trees: int | None = None) -> dict:
+    """`trees`: a forest of that many; None: densify's, grown within its share of the budget."""
     torch.set_num_threads(1)
     volume = data.load(name)
     sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
     classes = annotated_classes([sparse])
     start = time.process_time()
-    bank = filter_features(volume.image, DEFAULT_SCALES, volume.spacing)
-    forest = forest_probabilities(bank, sparse, classes, seed, trees)
-    seconds_forest = time.process_time() - start
     spec, inputs = choose_inputs(None, volume.image.shape, sparse, IGNORE, volume.spacing, name)
-    image = np.concatenate([volume.image, bank]) if spec else volume.image
-    del bank
+    image = with_input_features(volume.image, spec) if spec else volume.image
     training = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=volume.spacing,
                                     input_features=spec)
-    config = cpu_budget_config(training, max(budget - (time.process_time() - start), 5), seed)
+    limit = None if trees else FOREST_MAX_SHARE * budget
+    forest_result = fit_forest_on_bank(volume.image, image, training, seed, None, False, limit, time.process_time,
+                                       trees or FOREST_TREES)
+    forest = forest_result.probabilities
+    seconds_forest = time.process_time() - start
+    config = cpu_budget_config(training, max(budget - seconds_forest, 5), seed)
     with tempfile.TemporaryDirectory() as folder:
         result = train(config, training, Path(folder) / "model.safetensors", progress=False)
-    normalized = apply_normalization(image, training.normalization)
+    normalized = training.images[0].numpy()
     unet = predict_array(result.model, normalized)
     seconds_total = time.process_time() - start
     unet_tta = predict_array(result.model, normalized, tta=True) if tta else None
@@ -82,7 +74,8 @@ def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, tre
     scores |= {k: score(v) for k, v in blends(forest, unet).items()}
     if tta:
         scores |= {"unet_tta": score(unet_tta)} | {f"{k}_tta": score(v) for k, v in blends(forest, unet_tta).items()}
-    return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "inputs": inputs, "trees": trees,
+    return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "inputs": inputs,
+            "trees": forest_result.trees,
             "forest_s": round(seconds_forest, 1), "iterations": result.iterations, "cpu_s": round(seconds_total, 1),
             "tta_extra_s": round(seconds_tta, 1), "fg_iou": scores}
 
@@ -93,4 +86,4 @@ if __name__ == "__main__":
     if len(sys.argv) < 5 or any(o != "notta" and not o.startswith("trees=") for o in options):
         sys.exit(__doc__)
     print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), tta="notta" not in options,
-                          trees=trees[0] if trees else FOREST_TREES)))
+                          trees=trees[0] if trees else None)))

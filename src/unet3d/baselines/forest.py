@@ -18,6 +18,7 @@ from unet3d.baselines.features import DEFAULT_SCALES, filter_features
 
 UNLABELED = -1
 _PREDICT_CHUNK = 1 << 18  # voxels per predict_proba call
+_TREES_PER_ROUND = 10  # trees added at a time when the forest grows within a time limit
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ForestResult:
     seconds_features: float  # 0 when the features came precomputed
     seconds_fit: float
     seconds_predict: float
+    trees: int
 
 
 def random_forest_segment(
@@ -53,18 +55,20 @@ def random_forest_segment(
 
 
 def segment_features(features: np.ndarray, sparse: np.ndarray, *, n_trees: int = 100, seed: int = 0,
-                     max_train_voxels: int | None = None, n_jobs: int = -1,
-                     num_classes: int | None = None) -> ForestResult:
+                     max_train_voxels: int | None = None, n_jobs: int = -1, num_classes: int | None = None,
+                     seconds: float | None = None, clock=time.monotonic) -> ForestResult:
     """The forest's segmentation from an (F, Z, Y, X) feature stack already computed (the filter bank
     densify also gives its network) and sparse (Z, Y, X) class indices, -1 unlabeled.
 
-    `num_classes` (default: the largest annotated index + 1) sets the probabilities' rows."""
+    `num_classes` (default: the largest annotated index + 1) sets the probabilities' rows;
+    `seconds` limits the fit and the prediction together (`fit_forest`)."""
     num_classes = num_classes or int(sparse.max()) + 1
     flat = features.reshape(features.shape[0], -1)
     labels = sparse.reshape(-1)
 
     start = time.perf_counter()
-    forest = fit_forest(flat, labels, np.flatnonzero(labels != UNLABELED), n_trees, seed, max_train_voxels, n_jobs)
+    forest = fit_forest(flat, labels, np.flatnonzero(labels != UNLABELED), n_trees, seed, max_train_voxels, n_jobs,
+                        seconds, clock)
     seconds_fit = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -72,7 +76,7 @@ def segment_features(features: np.ndarray, sparse: np.ndarray, *, n_trees: int =
     seconds_predict = time.perf_counter() - start
 
     labels = probabilities.argmax(axis=0).astype(np.int64)
-    return ForestResult(labels, probabilities, 0.0, seconds_fit, seconds_predict)
+    return ForestResult(labels, probabilities, 0.0, seconds_fit, seconds_predict, forest.n_estimators)
 
 
 def _check_inputs(image: np.ndarray, sparse: np.ndarray) -> None:
@@ -87,15 +91,39 @@ def _check_inputs(image: np.ndarray, sparse: np.ndarray) -> None:
 
 
 def fit_forest(features: np.ndarray, labels: np.ndarray, voxels: np.ndarray, n_trees: int = 100, seed: int = 0,
-               max_train_voxels: int | None = None, n_jobs: int = -1) -> RandomForestClassifier:
+               max_train_voxels: int | None = None, n_jobs: int = -1, seconds: float | None = None,
+               clock=time.monotonic) -> RandomForestClassifier:
     """A forest fitted on (F, N) features at the flat indices `voxels` of (N,) labels, at most
-    `max_train_voxels` of them (a seeded sample)."""
+    `max_train_voxels` of them (a seeded sample).
+
+    With `seconds` (of `clock`), trees are added 10 at a time, up to `n_trees`, while the fit and the
+    prediction of all N voxels (extrapolated from one chunk) stay within it; 10 trees at least.
+    The trees are those a forest of their number fitted at once would have (same seed).
+    """
     if max_train_voxels is not None and voxels.size > max_train_voxels:
         rng = np.random.default_rng(seed)
         voxels = np.sort(rng.choice(voxels, max_train_voxels, replace=False))
-    forest = make_forest(n_trees, seed, n_jobs)
-    forest.fit(features[:, voxels].T, labels[voxels])
+    x, y = features[:, voxels].T, labels[voxels]
+    if seconds is None:
+        return make_forest(n_trees, seed, n_jobs).fit(x, y)
+    start = clock()
+    forest = make_forest(min(_TREES_PER_ROUND, n_trees), seed, n_jobs).set_params(warm_start=True).fit(x, y)
+    predict_per_tree = _prediction_seconds(forest, features, clock) / forest.n_estimators
+    while forest.n_estimators < n_trees:
+        fit_per_tree = (clock() - start) / forest.n_estimators
+        grown = min(forest.n_estimators + _TREES_PER_ROUND, n_trees)
+        if grown * (fit_per_tree + predict_per_tree) > seconds:
+            break
+        forest.set_params(n_estimators=grown).fit(x, y)
     return forest
+
+
+def _prediction_seconds(forest: RandomForestClassifier, features: np.ndarray, clock) -> float:
+    """Seconds `predict_probabilities` would take on all of (F, N) `features`, timed on one chunk."""
+    chunk = np.ascontiguousarray(features[:, :_PREDICT_CHUNK].T)
+    start = clock()
+    forest.predict_proba(chunk)
+    return (clock() - start) * features.shape[1] / chunk.shape[0]
 
 
 def make_forest(n_trees: int = 100, seed: int = 0, n_jobs: int = -1) -> RandomForestClassifier:

@@ -114,7 +114,8 @@ def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, mo
     if probabilities:
         write_volume(probabilities, result.probabilities.astype("float16"), like=meta)
     lines = [f"input: {result.inputs}", f"result: {result.blend}",
-             *([f"filter bank and random forest in {result.forest_seconds:.0f} s"] if result.components else []),
+             *([f"filter bank and random forest ({result.forest_trees} trees) in {result.forest_seconds:.0f} s"]
+               if result.components else []),
              f"trained {result.iterations} iterations in {result.seconds:.0f} s",
              "predicted " + ("the 8 mirrored volumes, averaged (test-time flips)" if result.tta else "once"),
              f"wrote {output} (segmentation), {model} (model), {overlay} (overlay)"]

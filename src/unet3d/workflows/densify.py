@@ -48,7 +48,7 @@ from unet3d.baselines.features import (
     input_feature_spec,
     with_input_features,
 )
-from unet3d.baselines.forest import segment_features
+from unet3d.baselines.forest import ForestResult, segment_features
 from unet3d.data.labels import decode_labels
 from unet3d.errors import UserError
 from unet3d.inference import predict_array
@@ -72,7 +72,11 @@ FILTER_FEATURES_MIN_ANNOTATED = 50_000
 # The forest fits on a seeded sample of at most this many annotated voxels (its fit time grows
 # faster than linearly; the forest baseline of the experiments uses the same cap).
 FOREST_TRAIN_VOXELS = 100_000
-FOREST_TREES = 100  # ilastik's default
+FOREST_TREES = 100  # ilastik's default, and the most densify grows
+# The forest's fit and prediction get at most this share of the time budget (fewer trees on large
+# volumes): with 100 trees it took 134 of 200 CPU s on the ovule (3,3,2); with 30, 46 s, and the
+# blend rose from 0.619 to 0.628 as the network trained 420 steps instead of 166.
+FOREST_MAX_SHARE = 0.25
 # However long the forest takes, the network trains for at least this share of the time budget.
 MIN_TRAINING_SHARE = 0.25
 # A model's probability floor in the blend: one model's zero lowers a class, never vetoes it.
@@ -107,6 +111,7 @@ class DensifyResult:
     blend: str  # whether the random forest was blended in, and why
     tta: bool  # whether the network's prediction averaged the 8 mirrored volumes
     forest_seconds: float = 0.0  # of the filter bank and the forest, taken out of the time budget
+    forest_trees: int = 0
     components: dict[str, np.ndarray] = field(default_factory=dict)  # "network", "forest": each one's segmentation
 
 
@@ -166,20 +171,22 @@ def geometric_mean(first: np.ndarray, second: np.ndarray, floor: float = BLEND_F
     return blended
 
 
-def forest_probabilities(image: np.ndarray, network_input: np.ndarray, data: TrainingSet, seed: int,
-                         threads: int | None, progress: bool) -> np.ndarray:
-    """(K, Z, Y, X) probabilities of the random forest on the filter bank, fitted on the annotated
-    voxels: the network's own bank channels when it has them, else a bank made here."""
+def fit_forest_on_bank(image: np.ndarray, network_input: np.ndarray, data: TrainingSet, seed: int,
+                       threads: int | None, progress: bool, seconds: float | None = None,
+                       clock=time.monotonic, trees: int = FOREST_TREES) -> ForestResult:
+    """The random forest on the filter bank, fitted on the annotated voxels, and its prediction of
+    every voxel: the network's own bank channels when it has them, else a bank made here.
+    `seconds` limits the forest's fit and prediction (`fit_forest`) to fewer than `trees` if need be."""
     with tqdm(total=2, desc="random forest: filter bank", disable=not progress, dynamic_ncols=True) as bar:
         has_bank = data.input_features is not None
         bank = network_input[image.shape[0]:] if has_bank else filter_features(image, spacing=data.spacing)
         bar.update()
         bar.set_description("random forest: fit and predict")
-        result = segment_features(bank, data.labels[0].numpy(), n_trees=FOREST_TREES, seed=seed,
+        result = segment_features(bank, data.labels[0].numpy(), n_trees=trees, seed=seed,
                                   max_train_voxels=FOREST_TRAIN_VOXELS, n_jobs=threads or -1,
-                                  num_classes=len(data.class_values))
+                                  num_classes=len(data.class_values), seconds=seconds, clock=clock)
         bar.update()
-    return result.probabilities
+    return result
 
 
 def predict_with_tta(model, image: np.ndarray, tta: bool | None, max_time: float | None, now, device: str,
@@ -219,7 +226,9 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     network_input = with_input_features(image, features) if features else image
     data = prepare_training_set([network_input], [sparse], ignore_label, sources=[source], num_classes=num_classes,
                                 spacing=spacing, input_features=features)
-    forest_probs = forest_probabilities(image, network_input, data, seed, threads, progress) if use_forest else None
+    forest_limit = None if max_time is None else FOREST_MAX_SHARE * max_time
+    forest_result = (fit_forest_on_bank(image, network_input, data, seed, threads, progress, forest_limit, now)
+                     if use_forest else None)
     del network_input
     spent = now() - start
     training_time = None if max_time is None else max(max_time - spent, max_time * MIN_TRAINING_SHARE)
@@ -229,8 +238,9 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
         probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), tta, max_time, now, device, progress)
     decode = lambda p: decode_labels(p.argmax(0), data.class_values)  # noqa: E731
     components = {}
-    if forest_probs is not None:
-        components = {"network": decode(probabilities), "forest": decode(forest_probs)}
-        probabilities = geometric_mean(probabilities, forest_probs)
+    if forest_result is not None:
+        components = {"network": decode(probabilities), "forest": decode(forest_result.probabilities)}
+        probabilities = geometric_mean(probabilities, forest_result.probabilities)
     return DensifyResult(decode(probabilities), probabilities, result.model, result.info, result.iterations,
-                         result.seconds, inputs, blend, tta, spent, components)
+                         result.seconds, inputs, blend, tta, spent, forest_result.trees if forest_result else 0,
+                         components)
