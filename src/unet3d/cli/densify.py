@@ -13,7 +13,14 @@ from unet3d.evaluation import evaluate_volumes
 from unet3d.evaluation.figures import overlay_figure
 from unet3d.io import read_image, read_labels, write_volume
 from unet3d.io.spec import EXTENSIONS, parse_spec
-from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED, THREADS, TTA_MAX_SHARE, densify
+from unet3d.workflows.densify import (
+    FILTER_FEATURES_MIN_ANNOTATED,
+    FOREST_MAX_SHARE,
+    FOREST_TREES,
+    THREADS,
+    TTA_MAX_SHARE,
+    densify,
+)
 
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
@@ -22,9 +29,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "densify",
         help="segment a whole volume from a few annotated slices of it",
-        description="Semi-automatic segmentation: train on the annotated voxels of SPARSE (every voxel holding "
-        "the ignore label is unlabeled), then segment every voxel of IMAGE. Besides SEGMENTATION it writes the "
-        "trained model (reusable with `unet3d predict`) and a PNG of slices with the result overlaid.",
+        description="Semi-automatic segmentation: train a U-Net and ilastik's random forest on the annotated "
+        "voxels of SPARSE (every voxel holding the ignore label is unlabeled), then segment every voxel of IMAGE "
+        "by the geometric mean of their probabilities. Besides SEGMENTATION it writes the trained network "
+        "(reusable with `unet3d predict`, which segments with the network alone) and a PNG of slices with the "
+        "result overlaid.",
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("image", help="image volume (.tif .nii.gz .h5:/dataset .zarr .npy ...)")
@@ -51,8 +60,9 @@ def register(subparsers) -> None:
                         "annotated voxels: docs/ablation.md)")
     parser.add_argument("--forest", choices=AUTO_ON_OFF, default="auto",
                         help="also fit ilastik's random forest on the filter bank of the annotated voxels and take "
-                        "the geometric mean of its probabilities and the network's (its time comes out of "
-                        "--max-time); auto: when the bank fits in memory. The model file holds the network alone")
+                        f"the geometric mean of its probabilities and the network's: up to {FOREST_TREES} trees, as "
+                        f"many as fit in {FOREST_MAX_SHARE * 100:.0f}%% of --max-time, which the forest's time comes out of; "
+                        "auto: when the bank fits in memory. The model file holds the network alone")
     parser.add_argument("--tta", choices=AUTO_ON_OFF, default="auto",
                         help="average the network's predictions of the 8 mirrored volumes; auto: when that costs at "
                         f"most {TTA_MAX_SHARE * 100:.0f}%% of --max-time (a small volume)")
