@@ -22,7 +22,7 @@ from unet3d.evaluation import evaluate_volumes
 from unet3d.inference import predict_array
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows.densify import default_config
+from unet3d.workflows.densify import default_config, densify
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -119,3 +119,17 @@ def run_unet(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, re
     spent = cost.stop()
     prediction = decode_labels(probabilities.argmax(0), data.class_values)
     return {**score(prediction, truth, sparse), **spent, "iterations": result.iterations}
+
+
+def run_densify(image, truth, slices, spacing, cpu_budget: float, seed: int = 0) -> dict:
+    """`unet3d densify` with its defaults on `cpu_budget` CPU seconds (one thread): scores of its
+    result and of its network alone, and the CPU/wall cost including prediction."""
+    sparse = sparsify(truth, slices, IGNORE)
+    cost = Cost()
+    with tempfile.TemporaryDirectory() as folder:
+        result = densify(image, sparse, IGNORE, Path(folder) / "model.safetensors", max_time=cpu_budget, seed=seed,
+                         spacing=spacing, progress=False, threads=1, clock="cpu")
+    spent = cost.stop()
+    network = result.components.get("network", result.segmentation)
+    return {**score(result.segmentation, truth, sparse), **spent, "iterations": result.iterations,
+            "network": score(network, truth, sparse)["foreground"], "trees": result.forest_trees, "tta": result.tta}
