@@ -65,7 +65,7 @@ def plot(path: Path, points, forest, title: str) -> None:
     axes.set_title(title, fontsize=8)
     axes.set_ylim(0, 1)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:
