@@ -13,8 +13,8 @@ on the nuclei example at 40 CPU s). Prediction of a same-padding network blends 
 windows, so tiles stay seamless. Flips alone beat the paper's rotation, zoom, elastic and
 gray-value augmentation by +0.04 to +0.055 at these short budgets (two budgets, two seeds): with
 a few hundred steps the network is still underfitting the annotated slices, and strong
-augmentation only slows it down. Higher rates with one-cycle and test-time flips changed IoU by
-less than the noise between seeds and were not kept. Dice + cross-entropy raised IoU on the MRI
+augmentation only slows it down. Higher rates with one-cycle changed IoU by less than the noise
+between seeds and were not kept; test-time flips are used where they are cheap (`predict_with_tta`). Dice + cross-entropy raised IoU on the MRI
 hippocampus crops, where the two foreground classes are 2-3 % of the voxels (+0.02 to +0.08, the
 case the forest led most gaining most), and left the nuclei, ovule and EM volumes unchanged
 (within ±0.01). Training and prediction use torch's threads (all cores; THREADS), one thread
@@ -26,9 +26,9 @@ random forest's features): +0.14 IoU on serial-section EM, +0.02 to +0.03 on the
 
 The result is the geometric mean of the network's probabilities and those of ilastik's random
 forest fitted on the same voxels and the same filter bank (`choose_forest`), the forest's time
-taken out of the budget. The two err in different places: where the forest was far ahead of the
-network (an MRI crop) the blend passed both, and elsewhere it stayed level with the network or
-above it (docs/ablation.md, "Blending the network with the forest").
+(at most a quarter of the budget) taken out of the network's. The two err in different places:
+the blend beat the forest in every run measured and the network in every run, by the most where
+one of them was weak (docs/ablation.md, "Blending the network with the forest").
 """
 
 from __future__ import annotations
