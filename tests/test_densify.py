@@ -212,3 +212,18 @@ def test_test_time_flips_are_added_when_cheap_against_the_budget(nuclei):
     assert not predict_with_tta(model, image, None, None, one_second_per_call, "cpu", False)[1]  # no budget
     assert predict_with_tta(model, image, True, 1.0, one_second_per_call, "cpu", False)[1]
     assert not predict_with_tta(model, image, False, 1e9, one_second_per_call, "cpu", False)[1]
+
+
+@pytest.mark.parametrize("filter_features", [False, True])
+def test_the_blended_forest_is_ilastiks_forest_whether_or_not_the_network_shares_its_bank(sparse_nuclei, tmp_path,
+                                                                                          filter_features):
+    from unet3d.baselines import random_forest_segment
+    from unet3d.data.labels import encode_labels
+
+    image, _, sparse = sparse_nuclei
+    crop = (slice(None), slice(0, 12), slice(0, 32), slice(0, 32))
+    result = densify(image[crop], sparse[crop[1:]], IGNORE, tmp_path / "m.safetensors", iterations=2, max_time=None,
+                     progress=False, seed=4, filter_features=filter_features)
+    assert (result.model.config.in_channels > 1) == filter_features and result.forest_trees == 100
+    alone = random_forest_segment(image[crop], encode_labels(sparse[crop[1:]], CLASSES, IGNORE), seed=4)
+    np.testing.assert_array_equal(result.components["forest"], np.asarray(CLASSES)[alone.labels])
