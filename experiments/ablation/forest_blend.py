@@ -10,8 +10,9 @@ Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED 
 
 The filter bank is computed once and serves both the forest and, when densify would add it
 (`choose_inputs`), the network's input. Forest and U-Net are densify's. Prints one JSON line:
-foreground IoU on the voxels no slice annotates for the forest, the U-Net and their blends
-(arithmetic and geometric mean of the probabilities), each with and without test-time flips.
+foreground IoU (and IoU per class) on the voxels no slice annotates for the forest, the U-Net and
+their blends (arithmetic and geometric mean of the probabilities), each with and without
+test-time flips.
 """
 
 from __future__ import annotations
@@ -69,15 +70,15 @@ def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, tre
     seconds_tta = time.process_time() - start - seconds_total
 
     mask = sparse == IGNORE
-    score = lambda p: round(protocols._score(volume, decode_labels(p.argmax(0), classes), mask)["mean_iou"], 4)  # noqa: E731
-    scores = {"forest": score(forest), "unet": score(unet)}
-    scores |= {k: score(v) for k, v in blends(forest, unet).items()}
+    results = {"forest": forest, "unet": unet} | blends(forest, unet)
     if tta:
-        scores |= {"unet_tta": score(unet_tta)} | {f"{k}_tta": score(v) for k, v in blends(forest, unet_tta).items()}
+        results |= {"unet_tta": unet_tta} | {f"{k}_tta": v for k, v in blends(forest, unet_tta).items()}
+    scores = {k: protocols._score(volume, decode_labels(v.argmax(0), classes), mask) for k, v in results.items()}
     return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "inputs": inputs,
             "trees": forest_result.trees,
             "forest_s": round(seconds_forest, 1), "iterations": result.iterations, "cpu_s": round(seconds_total, 1),
-            "tta_extra_s": round(seconds_tta, 1), "fg_iou": scores}
+            "tta_extra_s": round(seconds_tta, 1), "fg_iou": {k: round(v["mean_iou"], 4) for k, v in scores.items()},
+            "class_iou": {k: {c: round(i, 3) for c, i in v["iou"].items()} for k, v in scores.items()}}
 
 
 if __name__ == "__main__":
