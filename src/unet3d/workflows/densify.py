@@ -14,10 +14,10 @@ windows, so tiles stay seamless. Flips alone beat the paper's rotation, zoom, el
 gray-value augmentation by +0.04 to +0.055 at these short budgets (two budgets, two seeds): with
 a few hundred steps the network is still underfitting the annotated slices, and strong
 augmentation only slows it down. Higher rates with one-cycle changed IoU by less than the noise
-between seeds and were not kept; test-time flips are used where they are cheap (`predict_with_tta`). Dice + cross-entropy raised IoU on the MRI
-hippocampus crops, where the two foreground classes are 2-3 % of the voxels (+0.02 to +0.08, the
-case the forest led most gaining most), and left the nuclei, ovule and EM volumes unchanged
-(within ±0.01). Training and prediction use torch's threads (all cores; THREADS), one thread
+between seeds and were not kept; test-time flips are used where they are cheap
+(`predict_with_tta`). Dice + cross-entropy raised IoU on the MRI hippocampus crops, where the two
+foreground classes are 2-3 % of the voxels (+0.02 to +0.08, the case the forest led most gaining
+most), and left the nuclei, ovule and EM volumes unchanged (within ±0.01). Training and prediction use torch's threads (all cores; THREADS), one thread
 being cheaper on a machine busy with other work.
 
 With many annotated voxels the network also gets ilastik's filter bank as input channels (the
@@ -83,8 +83,8 @@ MIN_TRAINING_SHARE = 0.25
 # A model's probability floor in the blend: one model's zero lowers a class, never vetoes it.
 BLEND_FLOOR = 1e-4
 # Test-time flips (8 mirrored predictions averaged) by default when they cost at most this share
-# of the time budget: +0.01 to +0.03 foreground IoU on the small nuclei and MRI volumes, where they
-# take seconds; on the ovule they took 77 CPU s for +0.001.
+# of the time budget: +0.00 to +0.05 foreground IoU (never less) on the small nuclei and MRI
+# volumes, where they take seconds; on the ovule they took 77 CPU s for +0.001.
 TTA_MAX_SHARE = 0.1
 
 
