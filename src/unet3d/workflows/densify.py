@@ -17,8 +17,9 @@ augmentation only slows it down. Higher rates with one-cycle changed IoU by less
 between seeds and were not kept; test-time flips are used where they are cheap
 (`predict_with_tta`). Dice + cross-entropy raised IoU on the MRI hippocampus crops, where the two
 foreground classes are 2-3 % of the voxels (+0.02 to +0.08, the case the forest led most gaining
-most), and left the nuclei, ovule and EM volumes unchanged (within ±0.01). Training and prediction use torch's threads (all cores; THREADS), one thread
-being cheaper on a machine busy with other work.
+most), and left the nuclei, ovule and EM volumes unchanged (within ±0.01). Training and
+prediction use torch's threads (all cores; THREADS), one thread being cheaper on a machine busy
+with other work.
 
 With many annotated voxels the network also gets ilastik's filter bank as input channels (the
 random forest's features): +0.14 IoU on serial-section EM, +0.02 to +0.03 on the ovule, but
