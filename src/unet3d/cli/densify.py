@@ -44,7 +44,9 @@ def register(subparsers) -> None:
     parser.add_argument("--num-classes", type=int, metavar="K", help="number of classes (default: inferred)")
     parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS",
                         help="time for the filter bank, the forest and training (prediction comes on top)")
-    parser.add_argument("--seed", type=int, default=0, help="makes a CPU run reproducible (with --iterations)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="makes a CPU run reproducible (with --iterations; on large volumes the forest's size "
+                        "and --tta auto also follow the clock)")
     parser.add_argument("--iterations", type=int, default=100_000, help="training steps at most")
     parser.add_argument("--model", metavar="MODEL", help="where to write the model (default: SEGMENTATION's name + .model.safetensors)")
     parser.add_argument("--overlay", metavar="PNG", help="slices with the result overlaid (default: SEGMENTATION's name + .overlay.png)")
@@ -61,8 +63,8 @@ def register(subparsers) -> None:
     parser.add_argument("--forest", choices=AUTO_ON_OFF, default="auto",
                         help="also fit ilastik's random forest on the filter bank of the annotated voxels and take "
                         f"the geometric mean of its probabilities and the network's: up to {FOREST_TREES} trees, as "
-                        f"many as fit in {FOREST_MAX_SHARE * 100:.0f}%% of --max-time, which the forest's time comes out of; "
-                        "auto: when the bank fits in memory. The model file holds the network alone")
+                        f"many as fit in {FOREST_MAX_SHARE * 100:.0f}%% of --max-time, which the forest's time "
+                        "comes out of; auto: when the bank fits in memory. The model file holds the network alone")
     parser.add_argument("--tta", choices=AUTO_ON_OFF, default="auto",
                         help="average the network's predictions of the 8 mirrored volumes; auto: when that costs at "
                         f"most {TTA_MAX_SHARE * 100:.0f}%% of --max-time (a small volume)")

@@ -194,7 +194,8 @@ def fit_forest_on_bank(image: np.ndarray, network_input: np.ndarray, data: Train
 def predict_with_tta(model, image: np.ndarray, tta: bool | None, max_time: float | None, now, device: str,
                      progress: bool) -> tuple[np.ndarray, bool]:
     """The network's probabilities, and whether they average the 8 mirrored predictions. Undecided
-    (None), one plain prediction is timed first: flips follow if 8 more cost ≤ TTA_MAX_SHARE of `max_time`."""
+    (None), one plain prediction is timed first: flips follow if 8 more cost at most TTA_MAX_SHARE
+    of `max_time`."""
     if tta:
         return predict_array(model, image, tta=True, device=device, progress=progress), True
     start = now()
@@ -237,7 +238,8 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     config = config or default_config(data, max_time=training_time, iterations=iterations, seed=seed, clock=clock)
     with torch_threads(threads):
         result = train(config, data, model_path, progress=progress, device=device)
-        probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), tta, max_time, now, device, progress)
+        probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), tta, max_time, now, device,
+                                              progress)
     decode = lambda p: decode_labels(p.argmax(0), data.class_values)  # noqa: E731
     components = {}
     if forest_result is not None:
