@@ -129,6 +129,15 @@ def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: in
                        seed=seed, checkpoint_every=30.0, log_every=10, clock=clock)
 
 
+def bank_shortfall(insist: bool | None, image_shape, spacing, source: str, otherwise: str) -> str | None:
+    """Why the volume's filter bank would not fit in free memory (None: it fits); when `insist`,
+    a refusal that ends with `otherwise`, what the user can do instead."""
+    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing))
+    if shortfall and insist:
+        raise UserError(f"{shortfall}; {otherwise}")
+    return shortfall
+
+
 def choose_inputs(filter_features: bool | None, image_shape, sparse: np.ndarray, ignore_label: int, spacing,
                   source: str) -> tuple[dict | None, str]:
     """The filter-bank spec to train with (None: the image alone) and one line saying why.
@@ -138,10 +147,9 @@ def choose_inputs(filter_features: bool | None, image_shape, sparse: np.ndarray,
     """
     if filter_features is False:
         return None, "the image alone (filter features off)"
-    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing))
+    shortfall = bank_shortfall(filter_features, image_shape, spacing, source,
+                               "train without it (--filter-features off) or on a smaller volume")
     if filter_features:
-        if shortfall:
-            raise UserError(f"{shortfall}; train without it (--filter-features off) or on a smaller volume")
         return input_feature_spec(spacing), "the image and ilastik's filter bank (asked for)"
     annotated = int(np.count_nonzero(sparse != ignore_label))
     if annotated < FILTER_FEATURES_MIN_ANNOTATED:
@@ -157,10 +165,9 @@ def choose_forest(forest: bool | None, image_shape, spacing, source: str) -> tup
     filter bank it reads fits in free memory. True insists (and refuses a volume that would not fit)."""
     if forest is False:
         return False, "the network alone (forest off)"
-    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing))
+    shortfall = bank_shortfall(forest, image_shape, spacing, source,
+                               "densify without the forest (--forest off) or a smaller volume")
     if shortfall:
-        if forest:
-            raise UserError(f"{shortfall}; densify without the forest (--forest off) or a smaller volume")
         return False, f"the network alone: {shortfall}"
     return True, "the network and a random forest on ilastik's filter bank, geometric mean of their probabilities"
 
