@@ -26,7 +26,8 @@ def register(subparsers) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("-o", "--output", default="demo-output", metavar="DIR", help="folder for the results")
-    parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS", help="training time budget")
+    parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS",
+                        help="time for the filter bank, the forest and training, as for densify")
     parser.add_argument("--seed", type=int, default=0)
     add_run_options(parser)
     parser.set_defaults(run=run)

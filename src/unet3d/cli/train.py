@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from unet3d.augmentation import AugmentationConfig
 from unet3d.cli.options import (DefaultsHelpFormatter, add_network_options, float_list, int_list, int_triple,
                                 network_config)
