@@ -188,6 +188,9 @@ def test_densify_command_reports_the_blend_and_each_model_alone(sparse_nuclei, t
     report = capsys.readouterr().out
     assert "result: the network alone (forest off)" in report and "foreground IoU alone" not in report
     assert "predicted once" in report
+    model = str(tmp_path / "seg.model.safetensors")
+    assert main.main(["densify", *args, "--init", model, "--model", str(tmp_path / "tuned.safetensors")]) == 0
+    assert f"input: the image alone, as the model it starts from ({model})" in capsys.readouterr().out
 
 
 def test_test_time_flips_are_added_when_cheap_against_the_budget(nuclei):
@@ -227,3 +230,51 @@ def test_the_blended_forest_is_ilastiks_forest_whether_or_not_the_network_shares
     assert (result.model.config.in_channels > 1) == filter_features and result.forest_trees == 100
     alone = random_forest_segment(image[crop], encode_labels(sparse[crop[1:]], CLASSES, IGNORE), seed=4)
     np.testing.assert_array_equal(result.components["forest"], np.asarray(CLASSES)[alone.labels])
+
+
+
+def test_densify_fine_tunes_a_trained_model_with_its_classes_and_inputs(sparse_nuclei, tmp_path):
+    import torch
+
+    from unet3d.model import load_model
+    from unet3d.workflows.densify import StartingModel
+
+    image, _, sparse = sparse_nuclei
+    crop = (slice(None), slice(0, 16), slice(0, 32), slice(0, 32))
+    first = densify(image[crop], sparse[crop[1:]], IGNORE, tmp_path / "first.safetensors", iterations=3,
+                    progress=False, threads=1, forest=False, tta=False, filter_features=True, seed=1)
+    # Annotation without the boundary class and too few voxels for the bank by default: the model's
+    # three classes and its filter bank are kept all the same.
+    interior_only = np.where(sparse == 2, IGNORE, sparse)
+    unchanged = densify(image, interior_only, IGNORE, tmp_path / "same.safetensors", iterations=0, progress=False,
+                        threads=1, forest=False, tta=False, init=StartingModel.load(tmp_path / "first.safetensors"))
+    assert unchanged.info["class_values"] == CLASSES and unchanged.probabilities.shape[0] == 3
+    assert unchanged.info["input_features"] == first.info["input_features"]
+    assert "as the model it starts from" in unchanged.inputs
+    start = first.model.state_dict()
+    assert all(torch.equal(start[k], v) for k, v in unchanged.model.state_dict().items())
+    tuned = densify(image, interior_only, IGNORE, tmp_path / "tuned.safetensors", iterations=2, progress=False,
+                    threads=1, forest=False, tta=False, init=StartingModel.load(tmp_path / "first.safetensors"))
+    written, _ = load_model(tmp_path / "tuned.safetensors")
+    assert not torch.equal(written.state_dict()["head.weight"], start["head.weight"])
+    assert tuned.iterations == 2
+
+
+def test_a_model_to_fine_tune_must_fit_the_volume_and_the_options(sparse_nuclei, tmp_path):
+    from unet3d.errors import UserError
+    from unet3d.workflows.densify import StartingModel
+
+    image, _, sparse = sparse_nuclei
+    crop = (slice(None), slice(0, 16), slice(0, 32), slice(0, 32))
+    densify(image[crop], sparse[crop[1:]], IGNORE, tmp_path / "m.safetensors", iterations=1, progress=False,
+            threads=1, forest=False, tta=False)
+    start = StartingModel.load(tmp_path / "m.safetensors")
+    with pytest.raises(UserError, match="m.safetensors: the model was trained without the filter bank"):
+        densify(image[crop], sparse[crop[1:]], IGNORE, tmp_path / "n.safetensors", iterations=1, progress=False,
+                forest=False, filter_features=True, init=start)
+    two_channels = np.concatenate([image[crop], image[crop]])
+    with pytest.raises(UserError, match="m.safetensors: the model reads 1 input channel"):
+        densify(two_channels, sparse[crop[1:]], IGNORE, tmp_path / "n.safetensors", iterations=1, progress=False,
+                forest=False, init=start)
+    with pytest.raises(UserError, match="missing.safetensors: model file not found"):
+        StartingModel.load(tmp_path / "missing.safetensors")

@@ -19,6 +19,7 @@ from unet3d.workflows.densify import (
     FOREST_TREES,
     THREADS,
     TTA_MAX_SHARE,
+    StartingModel,
     densify,
 )
 
@@ -48,6 +49,9 @@ def register(subparsers) -> None:
                         help="makes a CPU run reproducible (with --iterations; on large volumes the forest's size "
                         "and --tta auto also follow the clock)")
     parser.add_argument("--iterations", type=int, default=100_000, help="training steps at most")
+    parser.add_argument("--init", metavar="MODEL",
+                        help="fine-tune this trained model (from densify or train on similar volumes: same "
+                        "channels, classes and inputs) instead of training a new network")
     parser.add_argument("--model", metavar="MODEL", help="where to write the model (default: SEGMENTATION's name + .model.safetensors)")
     parser.add_argument("--overlay", metavar="PNG", help="slices with the result overlaid (default: SEGMENTATION's name + .overlay.png)")
     parser.add_argument("--probabilities", metavar="FILE", help="also write class probabilities (K, Z, Y, X) float16")
@@ -91,6 +95,7 @@ def output_base(spec: str) -> Path:
 
 
 def run(args) -> int:
+    init = StartingModel.load(args.init) if args.init else None
     image, meta = read_image(args.image, args.channel_axis)
     sparse, _ = read_labels(args.sparse)
     truth = read_labels(args.truth)[0] if args.truth else None
@@ -103,7 +108,7 @@ def run(args) -> int:
                                device=resolve_device(args.device), threads=args.threads,
                                progress=not args.quiet,
                                filter_features=AUTO_ON_OFF[args.filter_features], forest=AUTO_ON_OFF[args.forest],
-                               tta=AUTO_ON_OFF[args.tta])
+                               tta=AUTO_ON_OFF[args.tta], init=init)
     print(report)
     return 0
 
@@ -111,7 +116,7 @@ def run(args) -> int:
 def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, model=None, overlay=None,
                       probabilities=None, truth=None, max_time=120.0, iterations=100_000, seed=0,
                       num_classes=None, spacing=None, source="image", device="cpu", threads=THREADS,
-                      progress=True, filter_features=None, forest=None, tta=None) -> str:
+                      progress=True, filter_features=None, forest=None, tta=None, init=None) -> str:
     """Run densify and write segmentation, model, overlay (and probabilities); returns a report."""
     base = output_base(output)
     model = model or f"{base}.model.safetensors"
@@ -121,7 +126,7 @@ def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, mo
     result = densify(image, sparse, ignore_label, model, max_time=max_time, iterations=iterations, seed=seed,
                      num_classes=num_classes,
                      spacing=spacing or meta.spacing, source=source, progress=progress, device=device,
-                     threads=threads, filter_features=filter_features, forest=forest, tta=tta)
+                     threads=threads, filter_features=filter_features, forest=forest, tta=tta, init=init)
     write_volume(output, result.segmentation, like=meta)
     if probabilities:
         write_volume(probabilities, result.probabilities.astype("float16"), like=meta)

@@ -54,7 +54,7 @@ from unet3d.baselines.forest import ForestResult, segment_features
 from unet3d.data.labels import decode_labels
 from unet3d.errors import UserError
 from unet3d.inference import predict_array
-from unet3d.model import UNet, UNetConfig
+from unet3d.model import UNet, UNetConfig, load_model
 from unet3d.training import TrainConfig, train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
 
@@ -118,10 +118,11 @@ class DensifyResult:
 
 
 def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: int = 100_000, seed: int = 0,
-                   width: int = 8, levels: int = 3, clock: str = "wall") -> TrainConfig:
-    """The densify recipe for this volume: network, patch, optimiser, schedule, augmentation."""
-    network = UNetConfig(in_channels=data.channels, num_classes=len(data.class_values), width=width,
-                         levels=levels, padding="same", norm="batch")
+                   width: int = 8, levels: int = 3, clock: str = "wall", network: UNetConfig | None = None) -> TrainConfig:
+    """The densify recipe for this volume: network (`network`: that one's, e.g. a pretrained model's),
+    patch, optimiser, schedule, augmentation."""
+    network = network or UNetConfig(in_channels=data.channels, num_classes=len(data.class_values), width=width,
+                                    levels=levels, padding="same", norm="batch")
     shape = tuple(min(int(n), t) for n, t in zip(data.images[0].shape[1:], TARGET_PATCH))
     return TrainConfig(network=network, patch_shape=shape, batch_size=2, iterations=iterations,
                        max_time=max_time, optimizer="adam", learning_rate=3e-3, schedule="cosine", warmup=0.05,
@@ -158,6 +159,30 @@ def choose_inputs(filter_features: bool | None, image_shape, sparse: np.ndarray,
     if shortfall:
         return None, f"the image alone: {shortfall}"
     return input_feature_spec(spacing), f"the image and ilastik's filter bank ({annotated:,} annotated voxels)"
+
+
+@dataclass
+class StartingModel:
+    """A trained network densify fine-tunes instead of starting afresh, and what it was trained for."""
+    network: UNet
+    class_values: list[int]
+    input_features: dict | None  # the filter bank it reads besides the image (None: the image alone)
+    normalization: str  # the intensity normalization method, refitted on the new volume
+    source: str
+
+    @classmethod
+    def load(cls, path) -> "StartingModel":
+        network, info = load_model(path)
+        return cls(network, list(info["class_values"]), info.get("input_features"),
+                   info.get("normalization", {}).get("method", "zscore"), str(path))
+
+    def inputs(self, filter_features: bool | None) -> tuple[dict | None, str]:
+        """The filter-bank spec to train with: the model's, whatever the annotation (it was trained so)."""
+        if filter_features is not None and filter_features != (self.input_features is not None):
+            raise UserError(f"{self.source}: the model was trained {'with' if self.input_features else 'without'} "
+                            f"the filter bank; leave --filter-features at auto to fine-tune it")
+        reads = "the image and ilastik's filter bank" if self.input_features else "the image alone"
+        return self.input_features, f"{reads}, as the model it starts from ({self.source})"
 
 
 def choose_forest(forest: bool | None, image_shape, spacing, source: str) -> tuple[bool, str]:
@@ -216,7 +241,7 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
             max_time: float = 120.0, iterations: int = 100_000, seed: int = 0, spacing=None, num_classes: int | None = None,
             source: str = "image", progress: bool = True, device: str = "cpu", threads: int | None = THREADS,
             filter_features: bool | None = None, forest: bool | None = None, tta: bool | None = None,
-            clock: str = "wall") -> DensifyResult:
+            clock: str = "wall", init: StartingModel | None = None) -> DensifyResult:
     """Train on the annotated voxels of `sparse`, then predict every voxel of `image`.
 
     `max_time` covers the filter bank, the forest and training (`clock`: wall or CPU seconds of
@@ -227,24 +252,35 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     (`choose_inputs`). `forest` blends a random forest on the same bank into the result: True
     always, False never, None when the bank fits in memory (`choose_forest`). The model file holds
     the network alone. `tta` averages the network's predictions of the 8 mirrored volumes: True
-    always, False never, None when they cost at most TTA_MAX_SHARE of `max_time`.
+    always, False never, None when they cost at most TTA_MAX_SHARE of `max_time`. `init` fine-tunes
+    a trained network (its classes, inputs and normalization) instead of training a new one.
     """
     now = time.process_time if clock == "cpu" else time.monotonic
     start = now()
-    features, inputs = choose_inputs(filter_features, image.shape, sparse, ignore_label, spacing, source)
+    if init is not None:
+        features, inputs = init.inputs(filter_features)
+    else:
+        features, inputs = choose_inputs(filter_features, image.shape, sparse, ignore_label, spacing, source)
     use_forest, blend = choose_forest(forest, image.shape, spacing, source)
     network_input = with_input_features(image, features) if features else image
     data = prepare_training_set([network_input], [sparse], ignore_label, sources=[source], num_classes=num_classes,
-                                spacing=spacing, input_features=features)
+                                class_values=init.class_values if init else None,
+                                normalization=init.normalization if init else "zscore", spacing=spacing,
+                                input_features=features)
+    if init is not None and init.network.config.in_channels != data.channels:
+        raise UserError(f"{init.source}: the model reads {init.network.config.in_channels} input channel(s), "
+                        f"{source} gives {data.channels}")
     forest_limit = None if max_time is None else FOREST_MAX_SHARE * max_time
     forest_result = (fit_forest_on_bank(image, network_input, data, seed, threads, progress, forest_limit, now)
                      if use_forest else None)
     del network_input
     spent = now() - start
     training_time = None if max_time is None else max(max_time - spent, max_time * MIN_TRAINING_SHARE)
-    config = config or default_config(data, max_time=training_time, iterations=iterations, seed=seed, clock=clock)
+    config = config or default_config(data, max_time=training_time, iterations=iterations, seed=seed, clock=clock,
+                                      network=init.network.config if init is not None else None)
     with torch_threads(threads):
-        result = train(config, data, model_path, progress=progress, device=device)
+        result = train(config, data, model_path, progress=progress, device=device,
+                       network=init.network if init is not None else None)
         probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), tta, max_time, now, device,
                                               progress)
     decode = lambda p: decode_labels(p.argmax(0), data.class_values)  # noqa: E731

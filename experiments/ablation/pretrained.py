@@ -1,0 +1,74 @@
+"""Does a network pretrained on other volumes of the same kind, then fine-tuned on the user's
+slices, beat densify's fresh network and the random forest?
+
+Usage: .venv/bin/python experiments/ablation/pretrained.py pretrain KIND MODEL BUDGET [SEED]
+       .venv/bin/python experiments/ablation/pretrained.py finetune MODEL VOLUME SLICES SEED BUDGET
+  KIND     hippocampus: every case of ../shared/data/hippocampus except the ones the experiments
+           score (experiments/paper/data.py); em_vnc: the quarters q1-q3 (the test quarter is q0)
+  BUDGET   CPU seconds of this process (one thread)
+
+pretrain trains densify's network on the dense labels of those volumes and writes MODEL;
+finetune runs densify from MODEL on VOLUME's slices and prints one JSON line: foreground IoU and
+IoU per class on the voxels no slice annotates, of densify's result and of its network alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import dataclasses
+
+import torch
+
+from experiments.ablation.common import IGNORE, run_densify
+from experiments.paper import data
+from unet3d.baselines.features import input_feature_spec, with_input_features
+from unet3d.training import train
+from unet3d.training.dataset import prepare_training_set
+from unet3d.workflows.densify import StartingModel, default_config
+
+SCORED = set(data.HIPPOCAMPUS_CASES) | set(data.HIPPOCAMPUS_TEST)
+
+
+def pretraining_volumes(kind: str) -> list[data.Volume]:
+    if kind == "hippocampus":
+        folder = data.shared_data() / "hippocampus" / "images"
+        cases = [p.name[len("hippocampus_"):-len(".nii.gz")] for p in sorted(folder.glob("*.nii.gz"))]
+        return [data.hippocampus(c) for c in cases if c not in SCORED]
+    if kind == "em_vnc":
+        return [data.load(f"em_vnc_q{q}") for q in (1, 2, 3)]
+    raise SystemExit(f"unknown kind {kind!r}")
+
+
+def pretrain(kind: str, model: str, budget: float, seed: int = 0) -> dict:
+    torch.set_num_threads(1)
+    volumes = pretraining_volumes(kind)
+    # The EM network reads the filter bank, as densify gives it on EM (hundreds of thousands of annotated voxels).
+    spec = input_feature_spec(volumes[0].spacing) if kind == "em_vnc" else None
+    images = [with_input_features(v.image, spec) if spec else v.image for v in volumes]
+    training = prepare_training_set(images, [v.truth for v in volumes], IGNORE, class_values=list(range(volumes[0].num_classes)),
+                                    spacing=volumes[0].spacing, sources=[v.name for v in volumes], input_features=spec)
+    config = dataclasses.replace(default_config(training, max_time=budget, seed=seed, clock="cpu"), checkpoint_every=1e9)
+    result = train(config, training, model, progress=False)
+    return {"kind": kind, "volumes": len(volumes), "iterations": result.iterations, "seconds": result.seconds}
+
+
+def finetune(model: str, name: str, slices: str, seed: int, budget: float) -> dict:
+    torch.set_num_threads(1)
+    volume = data.load(name)
+    result = run_densify(volume.image, volume.truth, tuple(int(k) for k in slices.split(",")), volume.spacing, budget,
+                         seed, init=StartingModel.load(model))
+    return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "init": model, **result}
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:]
+    if command == "pretrain":
+        print(json.dumps(pretrain(args[0], args[1], float(args[2]), int(args[3]) if len(args) > 3 else 0)), flush=True)
+    else:
+        print(json.dumps(finetune(args[0], args[1], args[2], int(args[3]), float(args[4]))), flush=True)
