@@ -14,7 +14,8 @@ from unet3d.cli import main, predict
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.errors import UserError
 from unet3d.inference import choose_output_tile, predict_array
-from unet3d.io import read_image, write_volume
+from unet3d.inference.predictor import region_reader
+from unet3d.io import open_volume, read_image, write_volume
 from unet3d.model import UNet, UNetConfig, save_model
 from unet3d.model import unet
 
@@ -94,6 +95,28 @@ def test_zarr_streaming_with_uncertainty(tmp_path, ovule_crop):
     entropy = -(probs * np.log(np.clip(probs, 1e-12, 1))).sum(0) / np.log(2)
     np.testing.assert_allclose(uncertainty, entropy, atol=1e-4)
     assert 0 <= uncertainty.min() and uncertainty.max() <= 1
+
+
+def test_a_per_volume_normalization_is_fitted_on_each_whole_volume_it_predicts(tmp_path, ovule_crop):
+    """Streamed region by region, a brighter scan of the same tissue gets the same segmentation."""
+    _, image = ovule_crop
+    model = UNet(UNetConfig(in_channels=1, num_classes=2, width=2, levels=3, padding="same"))
+    info = {"class_values": [1, 2], "normalization": fit_normalization([image], per_volume=True)}
+    save_model(tmp_path / "m.safetensors", model, info)
+    brighter = image.astype(np.float32) * 7.0 + 300.0
+    for name, volume in (("plain", image), ("brighter", brighter)):
+        write_volume(str(tmp_path / f"{name}.zarr"), volume[0])
+        run_predict(tmp_path / "m.safetensors", tmp_path / f"{name}.zarr", "-o", tmp_path / f"{name}.npy",
+                    "--probabilities", tmp_path / f"{name}_p.npy", "--tile", "8,32,32")
+    plain, bright = (np.load(tmp_path / f"{name}_p.npy").astype(np.float32) for name in ("plain", "brighter"))
+    np.testing.assert_allclose(plain, bright, atol=2e-3)
+    # Every region is normalized with statistics of the whole volume (from planes spread over it),
+    # not with its own.
+    with open_volume(str(tmp_path / "brighter.zarr")) as source:
+        read = region_reader(source, info["normalization"], None)
+        whole = apply_normalization(brighter, fit_normalization([brighter]))
+        for box in ((slice(0, 8), slice(0, 32), slice(0, 32)), (slice(16, 24), slice(64, 96), slice(48, 80))):
+            np.testing.assert_allclose(read(box), whole[(slice(None), *box)], atol=0.02)
 
 
 def test_nifti_output_keeps_the_input_geometry(tmp_path):

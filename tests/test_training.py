@@ -194,3 +194,25 @@ def test_validation_logs_iou_and_keeps_the_best_model(sparse_nuclei, tmp_path):
     assert [e["iteration"] for e in scores] == [2, 4]
     assert all(0 <= e["val_mean_iou"] <= 1 and len(e["val_iou"]) == 3 for e in scores)
     assert run_files(tmp_path / "m.safetensors")["best"].exists()
+
+
+def test_per_volume_normalization_standardizes_each_scan_on_its_own(sparse_nuclei, tmp_path):
+    import tifffile
+
+    from unet3d.cli import main
+
+    image, _, sparse = sparse_nuclei
+    brighter = image * 9.0 + 500.0
+    data = prepare_training_set([image, brighter], [sparse, sparse], IGNORE, per_volume=True)
+    assert data.normalization == {"method": "zscore", "channels": 1, "per_volume": True}
+    np.testing.assert_allclose(data.images[0].numpy(), data.images[1].numpy(), atol=1e-4)
+    shared = prepare_training_set([image, brighter], [sparse, sparse], IGNORE)
+    assert not np.allclose(shared.images[0].numpy(), shared.images[1].numpy(), atol=0.1)
+    tifffile.imwrite(tmp_path / "a.tif", image[0])
+    tifffile.imwrite(tmp_path / "b.tif", brighter[0])
+    tifffile.imwrite(tmp_path / "s.tif", sparse)
+    assert main.main(["train", "--images", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--labels",
+                      str(tmp_path / "s.tif"), str(tmp_path / "s.tif"), "--ignore-label", str(IGNORE), "-o",
+                      str(tmp_path / "m.safetensors"), "--per-volume", "--iterations", "1", "--width", "2",
+                      "--levels", "2", "--padding", "same", "--patch", "8,16,16", "--quiet"]) == 0
+    assert load_model(tmp_path / "m.safetensors")[1]["normalization"]["per_volume"] is True

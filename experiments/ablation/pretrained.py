@@ -2,10 +2,11 @@
 slices, beat densify's fresh network and the random forest?
 
 Usage: .venv/bin/python experiments/ablation/pretrained.py pretrain KIND MODEL BUDGET [SEED]
-       .venv/bin/python experiments/ablation/pretrained.py finetune MODEL VOLUME SLICES SEED BUDGET
+       .venv/bin/python experiments/ablation/pretrained.py finetune MODEL VOLUME SLICES SEED BUDGET [lr=R]
   KIND     hippocampus: every case of ../shared/data/hippocampus except the ones the experiments
            score (experiments/paper/data.py); em_vnc: the quarters q1-q3 (the test quarter is q0)
   BUDGET   CPU seconds of this process (one thread)
+  lr=R     fine-tune at this peak learning rate instead of densify's
 
 pretrain trains densify's network on the dense labels of those volumes and writes MODEL;
 finetune runs densify from MODEL on VOLUME's slices and prints one JSON line: foreground IoU and
@@ -30,6 +31,7 @@ from experiments.paper import data
 from unet3d.baselines.features import input_feature_spec, with_input_features
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
+from unet3d.workflows import densify as densify_workflow
 from unet3d.workflows.densify import StartingModel, default_config
 
 SCORED = set(data.HIPPOCAMPUS_CASES) | set(data.HIPPOCAMPUS_TEST)
@@ -51,19 +53,24 @@ def pretrain(kind: str, model: str, budget: float, seed: int = 0) -> dict:
     # The EM network reads the filter bank, as densify gives it on EM (hundreds of thousands of annotated voxels).
     spec = input_feature_spec(volumes[0].spacing) if kind == "em_vnc" else None
     images = [with_input_features(v.image, spec) if spec else v.image for v in volumes]
+    # Each volume standardized on its own, as densify does: MRI intensity scales differ between scans.
     training = prepare_training_set(images, [v.truth for v in volumes], IGNORE, class_values=list(range(volumes[0].num_classes)),
-                                    spacing=volumes[0].spacing, sources=[v.name for v in volumes], input_features=spec)
+                                    spacing=volumes[0].spacing, sources=[v.name for v in volumes], input_features=spec,
+                                    per_volume=True)
     config = dataclasses.replace(default_config(training, max_time=budget, seed=seed, clock="cpu"), checkpoint_every=1e9)
     result = train(config, training, model, progress=False)
     return {"kind": kind, "volumes": len(volumes), "iterations": result.iterations, "seconds": result.seconds}
 
 
-def finetune(model: str, name: str, slices: str, seed: int, budget: float) -> dict:
+def finetune(model: str, name: str, slices: str, seed: int, budget: float, lr: float | None = None) -> dict:
     torch.set_num_threads(1)
+    if lr is not None:
+        recipe = densify_workflow.default_config
+        densify_workflow.default_config = lambda *a, **k: dataclasses.replace(recipe(*a, **k), learning_rate=lr)
     volume = data.load(name)
     result = run_densify(volume.image, volume.truth, tuple(int(k) for k in slices.split(",")), volume.spacing, budget,
                          seed, init=StartingModel.load(model))
-    return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "init": model, **result}
+    return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "init": model, "lr": lr, **result}
 
 
 if __name__ == "__main__":
@@ -71,4 +78,5 @@ if __name__ == "__main__":
     if command == "pretrain":
         print(json.dumps(pretrain(args[0], args[1], float(args[2]), int(args[3]) if len(args) > 3 else 0)), flush=True)
     else:
-        print(json.dumps(finetune(args[0], args[1], args[2], int(args[3]), float(args[4]))), flush=True)
+        lr = next((float(a[3:]) for a in args[5:] if a.startswith("lr=")), None)
+        print(json.dumps(finetune(args[0], args[1], args[2], int(args[3]), float(args[4]), lr)), flush=True)

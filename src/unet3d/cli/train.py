@@ -45,6 +45,9 @@ def register(subparsers) -> None:
                       help="their annotations (same ignore label); IoU per class is logged and the best model kept")
     data.add_argument("--normalization", choices=("zscore", "percentile", "none"), default="zscore",
                       help="intensity normalization fitted on the training images and stored with the model")
+    data.add_argument("--per-volume", action="store_true",
+                      help="fit the normalization on each volume, in training and at prediction, instead of once on "
+                      "the training images: for volumes whose intensity scale differs from scan to scan (MRI)")
     parser.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     add_network_options(parser)
     opt = parser.add_argument_group("optimisation")
@@ -116,7 +119,7 @@ def run_train(args) -> int:
     spacing = args.spacing or meta.spacing
     data = prepare_training_set(images, labels, args.ignore_label, sources=args.images,
                                 num_classes=args.num_classes, class_values=args.classes,
-                                normalization=args.normalization, spacing=spacing)
+                                normalization=args.normalization, spacing=spacing, per_volume=args.per_volume)
     validation = None
     if args.val_images:
         val_images, val_labels, _ = load_pairs(args.val_images, args.val_labels, args.channel_axis)

@@ -47,11 +47,13 @@ def prepare_training_set(
     normalization: str | dict = "zscore",
     spacing=None,
     input_features: dict | None = None,
+    per_volume: bool = False,
 ) -> TrainingSet:
     """Check, encode and normalize (C, Z, Y, X) images with their sparse (Z, Y, X) labels.
 
     `normalization` is a method name (fitted here on these images) or an already fitted spec
-    (validation volumes must use the training statistics). `input_features` records that the
+    (validation volumes must use the training statistics); `per_volume` normalizes each image on
+    its own statistics, here and at prediction. `input_features` records that the
     images already carry filter-bank channels made as it describes, so prediction can redo them.
     """
     sources = sources or [f"volume {i}" for i in range(len(images))]
@@ -62,7 +64,7 @@ def prepare_training_set(
     else:
         class_values = infer_class_values(labels, ignore_label, num_classes, sources)
     encoded = [torch.from_numpy(encode_labels(l, class_values, ignore_label, s)) for l, s in zip(labels, sources)]
-    spec = normalization if isinstance(normalization, dict) else fit_normalization(images, normalization)
+    spec = normalization if isinstance(normalization, dict) else fit_normalization(images, normalization, per_volume=per_volume)
     normalized = [torch.from_numpy(apply_normalization(image, spec)) for image in images]
     spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
     return TrainingSet(normalized, encoded, list(class_values), ignore_label, spec, spacing, list(sources),
