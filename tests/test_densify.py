@@ -260,7 +260,7 @@ def test_densify_fine_tunes_a_trained_model_with_its_classes_and_inputs(sparse_n
     assert tuned.iterations == 2
 
 
-def test_a_model_to_fine_tune_must_fit_the_volume_and_the_options(sparse_nuclei, tmp_path):
+def test_a_model_to_fine_tune_must_fit_the_volume_and_keeps_its_normalization(sparse_nuclei, tmp_path):
     from unet3d.errors import UserError
     from unet3d.workflows.densify import StartingModel
 
@@ -276,5 +276,14 @@ def test_a_model_to_fine_tune_must_fit_the_volume_and_the_options(sparse_nuclei,
     with pytest.raises(UserError, match="m.safetensors: the model reads 1 input channel"):
         densify(two_channels, sparse[crop[1:]], IGNORE, tmp_path / "n.safetensors", iterations=1, progress=False,
                 forest=False, init=start)
+    # A model normalized per volume (train --per-volume) stays so.
+    from unet3d.model import load_model, save_model
+
+    network, info = load_model(tmp_path / "m.safetensors")
+    save_model(tmp_path / "pv.safetensors", network, {**info, "normalization": {"method": "zscore", "channels": 1,
+                                                                                 "per_volume": True}})
+    tuned = densify(image[crop], sparse[crop[1:]], IGNORE, tmp_path / "t.safetensors", iterations=1, progress=False,
+                    forest=False, tta=False, init=StartingModel.load(tmp_path / "pv.safetensors"))
+    assert tuned.info["normalization"]["per_volume"] is True
     with pytest.raises(UserError, match="missing.safetensors: model file not found"):
         StartingModel.load(tmp_path / "missing.safetensors")

@@ -168,13 +168,15 @@ class StartingModel:
     class_values: list[int]
     input_features: dict | None  # the filter bank it reads besides the image (None: the image alone)
     normalization: str  # the intensity normalization method, refitted on the new volume
+    per_volume: bool  # and kept per volume at prediction (`train --per-volume`)
     source: str
 
     @classmethod
     def load(cls, path) -> "StartingModel":
         network, info = load_model(path)
+        normalization = info.get("normalization") or {}
         return cls(network, list(info["class_values"]), info.get("input_features"),
-                   info.get("normalization", {}).get("method", "zscore"), str(path))
+                   normalization.get("method", "zscore"), bool(normalization.get("per_volume")), str(path))
 
     def inputs(self, filter_features: bool | None) -> tuple[dict | None, str]:
         """The filter-bank spec to train with: the model's, whatever the annotation (it was trained so)."""
@@ -266,7 +268,7 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     data = prepare_training_set([network_input], [sparse], ignore_label, sources=[source], num_classes=num_classes,
                                 class_values=init.class_values if init else None,
                                 normalization=init.normalization if init else "zscore", spacing=spacing,
-                                input_features=features)
+                                input_features=features, per_volume=bool(init and init.per_volume))
     if init is not None and init.network.config.in_channels != data.channels:
         raise UserError(f"{init.source}: the model reads {init.network.config.in_channels} input channel(s), "
                         f"{source} gives {data.channels}")
