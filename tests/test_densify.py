@@ -237,7 +237,7 @@ def test_densify_fine_tunes_a_trained_model_with_its_classes_and_inputs(sparse_n
     import torch
 
     from unet3d.model import load_model
-    from unet3d.workflows.densify import StartingModel
+    from unet3d.workflows.densify import FINE_TUNING_LEARNING_RATE, LEARNING_RATE, StartingModel
 
     image, _, sparse = sparse_nuclei
     crop = (slice(None), slice(0, 16), slice(0, 32), slice(0, 32))
@@ -258,6 +258,7 @@ def test_densify_fine_tunes_a_trained_model_with_its_classes_and_inputs(sparse_n
     written, _ = load_model(tmp_path / "tuned.safetensors")
     assert not torch.equal(written.state_dict()["head.weight"], start["head.weight"])
     assert tuned.iterations == 2
+    assert tuned.info["training"]["config"]["learning_rate"] == FINE_TUNING_LEARNING_RATE < LEARNING_RATE
 
 
 def test_a_model_to_fine_tune_must_fit_the_volume_and_keeps_its_normalization(sparse_nuclei, tmp_path):
