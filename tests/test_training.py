@@ -1,5 +1,6 @@
 """Training on the bundled nuclei example with only a few orthogonal slices annotated."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -196,10 +197,11 @@ def test_validation_logs_iou_and_keeps_the_best_model(sparse_nuclei, tmp_path):
     assert run_files(tmp_path / "m.safetensors")["best"].exists()
 
 
-def test_per_volume_normalization_standardizes_each_scan_on_its_own(sparse_nuclei, tmp_path):
+def test_per_volume_normalization_and_densifys_recipe_from_the_train_command(sparse_nuclei, tmp_path):
     import tifffile
 
     from unet3d.cli import main
+    from unet3d.workflows.densify import default_config
 
     image, _, sparse = sparse_nuclei
     brighter = image * 9.0 + 500.0
@@ -213,6 +215,11 @@ def test_per_volume_normalization_standardizes_each_scan_on_its_own(sparse_nucle
     tifffile.imwrite(tmp_path / "s.tif", sparse)
     assert main.main(["train", "--images", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--labels",
                       str(tmp_path / "s.tif"), str(tmp_path / "s.tif"), "--ignore-label", str(IGNORE), "-o",
-                      str(tmp_path / "m.safetensors"), "--per-volume", "--iterations", "1", "--width", "2",
-                      "--levels", "2", "--padding", "same", "--patch", "8,16,16", "--quiet"]) == 0
-    assert load_model(tmp_path / "m.safetensors")[1]["normalization"]["per_volume"] is True
+                      str(tmp_path / "m.safetensors"), "--per-volume", "--iterations", "1", "--recipe", "densify",
+                      "--quiet"]) == 0
+    _, info = load_model(tmp_path / "m.safetensors")
+    assert info["normalization"]["per_volume"] is True
+    # densify's recipe, ready for `densify --init`.
+    data = prepare_training_set([image], [sparse], IGNORE)
+    recipe = TrainConfig.from_dict(info["training"]["config"])
+    assert recipe == dataclasses.replace(default_config(data, iterations=1, max_time=None), checkpoint_every=60.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from unet3d.augmentation import AugmentationConfig
 from unet3d.cli.options import (DefaultsHelpFormatter, add_network_options, float_list, int_list, int_triple,
                                 network_config)
@@ -11,6 +13,7 @@ from unet3d.training import TrainConfig, train
 from unet3d.training.checkpoint import load_checkpoint, run_files
 from unet3d.training.config import CLASS_WEIGHTING, LOSSES, OPTIMIZERS, SCHEDULES
 from unet3d.training.dataset import prepare_training_set
+from unet3d.workflows.densify import default_config
 
 DEFAULT_NETWORK = dict(width=16, levels=4, padding="valid", norm="batch")
 
@@ -51,6 +54,10 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     add_network_options(parser)
     opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--recipe", choices=("densify",),
+                     help="densify: densify's network and training (small same-padding U-Net, flips, Dice + "
+                     "cross-entropy, cosine schedule over --max-time) instead of the options below, to train a model "
+                     "for `unet3d densify --init` on volumes like the ones to densify")
     opt.add_argument("--iterations", type=int, default=2000, help="stop after this many steps")
     opt.add_argument("--max-time", type=float, metavar="SECONDS",
                      help="stop after this much training time, whichever comes first; schedules anneal over it")
@@ -140,6 +147,10 @@ def _config(args, data) -> TrainConfig:
         stored.iterations = args.iterations
         stored.max_time = args.max_time
         return stored
+    if args.recipe == "densify":
+        return dataclasses.replace(default_config(data, max_time=args.max_time, iterations=args.iterations,
+                                                  seed=args.seed), checkpoint_every=args.checkpoint_every,
+                                   workers=args.workers, validate_every=args.validate_every)
     try:
         network = network_config(args, in_channels=data.channels, num_classes=len(data.class_values),
                                  **DEFAULT_NETWORK)
