@@ -121,15 +121,15 @@ def run_unet(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, re
     return {**score(prediction, truth, sparse), **spent, "iterations": result.iterations}
 
 
-def run_densify(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, init=None) -> dict:
+def run_densify(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, **options) -> dict:
     """`unet3d densify` with its defaults on `cpu_budget` CPU seconds (one thread): scores of its
-    result and of its network alone, and the CPU/wall cost including prediction. `init`: a network
-    to fine-tune instead of a new one."""
+    result and of its network alone, and the CPU/wall cost including prediction. `options` go to
+    `densify` (`init`, a model to fine-tune; `iterations`; `forest`)."""
     sparse = sparsify(truth, slices, IGNORE)
     cost = Cost()
     with tempfile.TemporaryDirectory() as folder:
         result = densify(image, sparse, IGNORE, Path(folder) / "model.safetensors", max_time=cpu_budget, seed=seed,
-                         spacing=spacing, progress=False, threads=1, clock="cpu", init=init)
+                         spacing=spacing, progress=False, threads=1, clock="cpu", **options)
     spent = cost.stop()
     network = result.components.get("network", result.segmentation)
     return {**score(result.segmentation, truth, sparse), **spent, "iterations": result.iterations,

@@ -3,6 +3,7 @@ slices, beat densify's fresh network and the random forest?
 
 Usage: .venv/bin/python experiments/ablation/pretrained.py pretrain KIND MODEL BUDGET [SEED]
        .venv/bin/python experiments/ablation/pretrained.py finetune MODEL VOLUME SLICES SEED BUDGET [lr=R]
+       .venv/bin/python experiments/ablation/pretrained.py alone MODEL VOLUME SLICES BUDGET
   KIND     hippocampus: every case of ../shared/data/hippocampus except the ones the experiments
            score (experiments/paper/data.py); em_vnc: the quarters q1-q3 (the test quarter is q0)
   BUDGET   CPU seconds of this process (one thread)
@@ -10,19 +11,20 @@ Usage: .venv/bin/python experiments/ablation/pretrained.py pretrain KIND MODEL B
 
 pretrain trains densify's network on the dense labels of those volumes and writes MODEL;
 finetune runs densify from MODEL on VOLUME's slices and prints one JSON line: foreground IoU and
-IoU per class on the voxels no slice annotates, of densify's result and of its network alone.
+IoU per class on the voxels no slice annotates, of densify's result and of its network alone;
+alone scores MODEL's network as it is, without a step on the slices and without the forest (with
+test-time flips where densify would add them at that budget).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import dataclasses
 
 import torch
 
@@ -62,14 +64,15 @@ def pretrain(kind: str, model: str, budget: float, seed: int = 0) -> dict:
     return {"kind": kind, "volumes": len(volumes), "iterations": result.iterations, "seconds": result.seconds}
 
 
-def finetune(model: str, name: str, slices: str, seed: int, budget: float, lr: float | None = None) -> dict:
+def finetune(model: str, name: str, slices: str, seed: int, budget: float, lr: float | None = None,
+             **options) -> dict:
     torch.set_num_threads(1)
     if lr is not None:
         recipe = densify_workflow.default_config
         densify_workflow.default_config = lambda *a, **k: dataclasses.replace(recipe(*a, **k), learning_rate=lr)
     volume = data.load(name)
     result = run_densify(volume.image, volume.truth, tuple(int(k) for k in slices.split(",")), volume.spacing, budget,
-                         seed, init=StartingModel.load(model))
+                         seed, init=StartingModel.load(model), **options)
     return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "init": model, "lr": lr, **result}
 
 
@@ -77,6 +80,9 @@ if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "pretrain":
         print(json.dumps(pretrain(args[0], args[1], float(args[2]), int(args[3]) if len(args) > 3 else 0)), flush=True)
+    elif command == "alone":
+        result = finetune(args[0], args[1], args[2], 0, float(args[3]), iterations=0, forest=False)
+        print(json.dumps(result), flush=True)
     else:
         lr = next((float(a[3:]) for a in args[5:] if a.startswith("lr=")), None)
         print(json.dumps(finetune(args[0], args[1], args[2], int(args[3]), float(args[4]), lr)), flush=True)

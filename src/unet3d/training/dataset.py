@@ -64,7 +64,8 @@ def prepare_training_set(
     else:
         class_values = infer_class_values(labels, ignore_label, num_classes, sources)
     encoded = [torch.from_numpy(encode_labels(l, class_values, ignore_label, s)) for l, s in zip(labels, sources)]
-    spec = normalization if isinstance(normalization, dict) else fit_normalization(images, normalization, per_volume=per_volume)
+    spec = (normalization if isinstance(normalization, dict)
+            else fit_normalization(images, normalization, per_volume=per_volume))
     normalized = [torch.from_numpy(apply_normalization(image, spec)) for image in images]
     spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
     return TrainingSet(normalized, encoded, list(class_values), ignore_label, spec, spacing, list(sources),

@@ -31,6 +31,12 @@ forest fitted on the same voxels and the same filter bank (`choose_forest`), the
 with densify's settings the blend beat the forest in every run measured and was never more than
 0.01 below the network alone, gaining most where one of the two was weak (docs/ablation.md,
 "Blending the network with the forest").
+
+A network trained on other volumes of the same kind (`init`: `unet3d train --recipe densify`, or
+densify's model of an earlier volume) is fine-tuned on the slices instead of starting afresh:
+on MRI crops and serial-section EM that put densify 0.10-0.37 ahead of the forest, where the
+fresh network is 0.03-0.21 ahead (docs/ablation.md, "Starting from a network trained on volumes
+of the same kind").
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ TARGET_PATCH = (16, 40, 40)  # voxels per training patch along (Z, Y, X), capped
 LEARNING_RATE = 3e-3  # Adam's peak rate, annealed by a cosine over the time budget
 # A trained network (--init) is fine-tuned at a tenth of that: on MRI crops with one slice per
 # axis, 0.75-0.79 foreground IoU against 0.69-0.71 at the full rate, which undid part of what
-# the network had learned elsewhere (it scored 0.71 before any step); on EM level (0.70).
+# the network had learned elsewhere (it scored 0.71-0.74 before any step); on EM level (0.70).
 FINE_TUNING_LEARNING_RATE = 3e-4
 # Annotated voxels from which ilastik's filter bank is added to the input by default. Measured
 # (docs/ablation.md): +0.14 IoU with 282k and 1.1M annotated voxels of serial-section EM, +0.02
