@@ -135,3 +135,13 @@ def test_unknown_dataset_is_refused(capsys):
     with pytest.raises(SystemExit):
         run.parse_args(["--datasets", "ovule,kidney"])
     assert "unknown kidney" in capsys.readouterr().err
+
+
+def test_pretraining_sets_leave_out_every_scored_volume():
+    from experiments.ablation.pretrained import pretraining_names
+
+    shared_volume("hippocampus", "images", "hippocampus_001.nii.gz")
+    names = pretraining_names("hippocampus")
+    scored = {f"hippocampus_{case}" for case in (*data.HIPPOCAMPUS_CASES, *data.HIPPOCAMPUS_TEST)}
+    assert len(names) == 250 and not scored & set(names)
+    assert pretraining_names("em_vnc") == ["em_vnc_q1", "em_vnc_q2", "em_vnc_q3"]  # the scored quarter is q0
