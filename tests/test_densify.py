@@ -288,3 +288,23 @@ def test_a_model_to_fine_tune_must_fit_the_volume_and_keeps_its_normalization(sp
     assert tuned.info["normalization"]["per_volume"] is True
     with pytest.raises(UserError, match="missing.safetensors: model file not found"):
         StartingModel.load(tmp_path / "missing.safetensors")
+
+
+def test_a_network_trained_on_other_nuclei_gives_densify_a_head_start(nuclei, tmp_path):
+    """Trained on the densely labelled left half of the example, then fine-tuned on three slices of
+    the right half, the network beats one trained on those slices alone for as many steps."""
+    from unet3d.training import train
+    from unet3d.workflows.densify import StartingModel
+
+    image, truth = nuclei
+    image, truth = image[None].astype(np.float32), truth.astype(np.int64)
+    left, right = (slice(None), slice(None), slice(0, 28)), (slice(None), slice(None), slice(28, None))
+    data = prepare_training_set([image[left]], [truth[left[1:]]], IGNORE, class_values=CLASSES)
+    train(default_config(data, iterations=150, max_time=None), data, tmp_path / "left.safetensors", progress=False)
+    sparse = sparsify(truth[right[1:]], (1, 1, 1), IGNORE)
+    scores = {}
+    for name, init in (("fresh", None), ("fine-tuned", StartingModel.load(tmp_path / "left.safetensors"))):
+        result = densify(image[right], sparse, IGNORE, tmp_path / f"{name}.safetensors", iterations=20,
+                         max_time=None, progress=False, threads=1, forest=False, tta=False, init=init)
+        scores[name] = foreground_iou(result.segmentation, truth[right[1:]], sparse)["mean"]
+    assert scores["fine-tuned"] > scores["fresh"] + 0.08, scores  # measured 0.547 against 0.395
