@@ -232,7 +232,6 @@ def test_the_blended_forest_is_ilastiks_forest_whether_or_not_the_network_shares
     np.testing.assert_array_equal(result.components["forest"], np.asarray(CLASSES)[alone.labels])
 
 
-
 def test_densify_fine_tunes_a_trained_model_with_its_classes_and_inputs(sparse_nuclei, tmp_path):
     import torch
 
@@ -263,6 +262,7 @@ def test_densify_fine_tunes_a_trained_model_with_its_classes_and_inputs(sparse_n
 
 def test_a_model_to_fine_tune_must_fit_the_volume_and_keeps_its_normalization(sparse_nuclei, tmp_path):
     from unet3d.errors import UserError
+    from unet3d.model import load_model, save_model
     from unet3d.workflows.densify import StartingModel
 
     image, _, sparse = sparse_nuclei
@@ -278,8 +278,6 @@ def test_a_model_to_fine_tune_must_fit_the_volume_and_keeps_its_normalization(sp
         densify(two_channels, sparse[crop[1:]], IGNORE, tmp_path / "n.safetensors", iterations=1, progress=False,
                 forest=False, init=start)
     # A model normalized per volume (train --per-volume) stays so.
-    from unet3d.model import load_model, save_model
-
     network, info = load_model(tmp_path / "m.safetensors")
     save_model(tmp_path / "pv.safetensors", network, {**info, "normalization": {"method": "zscore", "channels": 1,
                                                                                  "per_volume": True}})
