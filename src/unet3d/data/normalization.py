@@ -62,7 +62,12 @@ def for_volume(spec: dict, read, shape) -> dict:
         return spec
     planes = np.unique(np.linspace(0, shape[0] - 1, min(_PLANES, shape[0])).round().astype(int))
     sample = np.concatenate([read((slice(z, z + 1), slice(None), slice(None))) for z in planes], axis=1)
-    return fit_normalization([sample], spec["method"], spec.get("percentiles", PERCENTILES))
+    return _fitted(spec, sample)
+
+
+def _fitted(spec: dict, image: np.ndarray) -> dict:
+    """A per-volume spec's statistics fitted on `image` (all of a volume, or a sample of it)."""
+    return fit_normalization([image], spec["method"], spec.get("percentiles", PERCENTILES))
 
 
 def apply_normalization(image: np.ndarray, spec: dict) -> np.ndarray:
@@ -71,7 +76,7 @@ def apply_normalization(image: np.ndarray, spec: dict) -> np.ndarray:
     if image.shape[0] != spec["channels"]:
         raise ValueError(f"image has {image.shape[0]} channel(s), the normalization was fitted on {spec['channels']}")
     if spec.get("per_volume"):
-        spec = fit_normalization([image], spec["method"], spec.get("percentiles", PERCENTILES))
+        spec = _fitted(spec, image)
     image = np.asarray(image, dtype=np.float32)
     if spec["method"] == "none":
         return image

@@ -190,6 +190,14 @@ class StartingModel:
         return cls(network, list(info["class_values"]), info.get("input_features"),
                    normalization.get("method", "zscore"), bool(normalization.get("per_volume")), str(path))
 
+    def training_set_options(self) -> dict:
+        """How `prepare_training_set` must encode and normalize the new volume for this network."""
+        return {"class_values": self.class_values, "normalization": self.normalization, "per_volume": self.per_volume}
+
+    def training_options(self) -> dict:
+        """What `default_config` changes to fine-tune this network rather than train a new one."""
+        return {"network": self.network.config, "learning_rate": FINE_TUNING_LEARNING_RATE}
+
     def inputs(self, filter_features: bool | None) -> tuple[dict | None, str]:
         """The filter-bank spec to train with: the model's, whatever the annotation (it was trained so)."""
         if filter_features is not None and filter_features != (self.input_features is not None):
@@ -278,9 +286,8 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     use_forest, blend = choose_forest(forest, image.shape, spacing, source)
     network_input = with_input_features(image, features) if features else image
     data = prepare_training_set([network_input], [sparse], ignore_label, sources=[source], num_classes=num_classes,
-                                class_values=init.class_values if init else None,
-                                normalization=init.normalization if init else "zscore", spacing=spacing,
-                                input_features=features, per_volume=bool(init and init.per_volume))
+                                spacing=spacing, input_features=features,
+                                **(init.training_set_options() if init is not None else {}))
     if init is not None and init.network.config.in_channels != data.channels:
         raise UserError(f"{init.source}: the model reads {init.network.config.in_channels} input channel(s), "
                         f"{source} gives {data.channels}")
@@ -291,8 +298,7 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     spent = now() - start
     training_time = None if max_time is None else max(max_time - spent, max_time * MIN_TRAINING_SHARE)
     config = config or default_config(data, max_time=training_time, iterations=iterations, seed=seed, clock=clock,
-                                      network=init.network.config if init is not None else None,
-                                      learning_rate=FINE_TUNING_LEARNING_RATE if init is not None else LEARNING_RATE)
+                                      **(init.training_options() if init is not None else {}))
     with torch_threads(threads):
         result = train(config, data, model_path, progress=progress, device=device,
                        network=init.network if init is not None else None)
