@@ -37,6 +37,26 @@ def test_output_shape_matches_geometry(levels, padding, dims):
         assert out.shape[2] == shape[0] and config.geometry.margin()[0] == 0
 
 
+@pytest.mark.parametrize("levels", [1, 2, 4])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_inference_keeps_only_the_skip_parts_decoders_read(levels, dims):
+    torch.manual_seed(0)
+    config = UNetConfig(width=2, levels=levels, padding="valid", dims=dims)
+    model = UNet(config).eval()
+    x = torch.randn(1, 1, *config.geometry.valid_input_shape((9, 45, 53)))
+    with torch.no_grad():
+        at_inference = model(x)
+    assert torch.equal(at_inference, model(x).detach())  # gradients on: skips kept whole, cropped by the decoder
+    if levels > 1:  # the first skip: what the last decoder's up-convolution meets is its output + 4
+        n = config.geometry.valid_input_size_1d(60)
+        encoded = torch.randn(1, 4, n - 4, n - 4, n - 4).contiguous(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            kept = model._kept_for_decoder(encoded, levels - 1)
+        assert kept.shape[2:] == (config.geometry.output_size_1d(n) + 4,) * 3
+        assert kept.untyped_storage().nbytes() == kept.numel() * 4  # a copy: the whole output can be freed
+        assert kept.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def test_invalid_input_size_names_the_nearest_valid_sizes():
     with pytest.raises(ValueError, match="nearest valid sizes: 92 or 100"):
         Geometry(4, "valid").output_shape((93, 100, 100))
