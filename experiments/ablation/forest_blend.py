@@ -1,12 +1,14 @@
 """Does averaging the U-Net's and the random forest's class probabilities beat either alone?
 
-Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED BUDGET [notta] [trees=N]
+Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED BUDGET [notta] [trees=N] [save=FILE]
   VOLUME   nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN
   SLICES   k per axis, e.g. 1,1,1
   BUDGET   CPU seconds of this process for everything: the filter bank, the forest (fit and
            prediction) and the U-Net; the U-Net trains for what the first two leave
   notta    skip the scores with test-time flips (8 more predictions: minutes on large volumes)
   trees=N  a forest of N trees (default: densify's, as many as fit in its share of the budget)
+  save=FILE  also write the forest's and the U-Net's probabilities (float16 .npz) for offline study
+             of other ways to combine them (`blend_rules.py`)
 
 The filter bank is computed once and serves both the forest and, when densify would add it
 (`choose_inputs`), the network's input. Forest and U-Net are densify's. Prints one JSON line:
@@ -44,7 +46,8 @@ def blends(forest: np.ndarray, unet: np.ndarray) -> dict[str, np.ndarray]:
     return {"mean": (forest + unet) / 2, "geometric": geometric_mean(forest, unet)}
 
 
-def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, trees: int | None = None) -> dict:
+def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, trees: int | None = None,
+         save: str | None = None) -> dict:
     """`trees`: a forest of that many; None: densify's, grown within its share of the budget."""
     torch.set_num_threads(1)
     volume = data.load(name)
@@ -73,6 +76,9 @@ def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, tre
     results = {"forest": forest, "unet": unet} | blends(forest, unet)
     if tta:
         results |= {"unet_tta": unet_tta} | {f"{k}_tta": v for k, v in blends(forest, unet_tta).items()}
+    if save:
+        np.savez_compressed(save, **{k: results[k].astype(np.float16) for k in ("forest", "unet", "unet_tta")
+                                     if k in results}, classes=np.asarray(classes))
     scores = {k: protocols._score(volume, decode_labels(v.argmax(0), classes), mask) for k, v in results.items()}
     return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "inputs": inputs,
             "trees": forest_result.trees,
@@ -83,8 +89,8 @@ def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, tre
 
 if __name__ == "__main__":
     options = sys.argv[5:]
-    trees = [int(o.removeprefix("trees=")) for o in options if o.startswith("trees=")]
-    if len(sys.argv) < 5 or any(o != "notta" and not o.startswith("trees=") for o in options):
+    named = dict(o.split("=", 1) for o in options if "=" in o)
+    if len(sys.argv) < 5 or set(named) - {"trees", "save"} or any(o != "notta" and "=" not in o for o in options):
         sys.exit(__doc__)
     print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), tta="notta" not in options,
-                          trees=trees[0] if trees else None)))
+                          trees=int(named["trees"]) if "trees" in named else None, save=named.get("save"))))
