@@ -10,7 +10,7 @@ VENV="${VENV_BENCH:-.venv-bench}"
 TORCH="${TORCH:-torch==2.13.0}"
 test -x "$VENV/bin/python" || python3 -m venv "$VENV"
 # Naming torch on every install keeps pip from swapping the CPU build for another one.
-"$VENV/bin/pip" install --quiet "$TORCH" numpy scipy h5py tifffile scikit-image pyyaml monai==1.6.1 onnx onnxruntime
+"$VENV/bin/pip" install --quiet "$TORCH" scikit-image pyyaml monai==1.6.1 onnx onnxruntime
 "$VENV/bin/pip" install --quiet --no-deps pytorch3dunet==1.9.6
-"$VENV/bin/pip" install --quiet --no-deps -e .
+"$VENV/bin/pip" install --quiet "$TORCH" -e .  # with unet3d's own dependencies
 "$VENV/bin/python" -c "import monai, pytorch3dunet.unet3d.model, unet3d; print('peer environment ready:', '$VENV')"

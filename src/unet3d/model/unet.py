@@ -18,6 +18,8 @@ from unet3d.model import geometry
 NORMS = ("batch", "instance", "group", "none")
 PADDINGS = ("valid", "same")
 NORM_AT_TEST = ("running", "batch")
+# Rows of the first level's output computed at a time at inference (valid padding; even, for pooling).
+SLAB_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -173,12 +175,20 @@ class UNet(nn.Module):
     def _forward_nd(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for level, encoder in enumerate(self.encoders):
-            x = encoder(x)
-            if level < self.config.levels - 1:
-                # Pooling first: the pooled map and its indices need not coexist with the skip's copy.
-                x, skip = self.pool(x), self._kept_for_decoder(x, self.config.levels - 1 - level)
+            below = self.config.levels - 1 - level
+            if not below:
+                x = encoder(x)
+            elif level == 0 and self._runs_in_slabs():
+                x, skip = self._encode_in_slabs(encoder, x, below)
                 skips.append(skip)
-        for upconv, decoder in zip(self.upconvs, self.decoders):
+            else:
+                x = encoder(x)
+                # Pooling first: the pooled map and its indices need not coexist with the skip's copy.
+                x, skip = self.pool(x), self._kept_for_decoder(x, below)
+                skips.append(skip)
+        for level, (upconv, decoder) in enumerate(zip(self.upconvs, self.decoders)):
+            if level == len(self.decoders) - 1 and self._runs_in_slabs():
+                return self._decode_in_slabs(upconv, decoder, x, skips.pop())
             x = upconv(x)
             # Rebinding x and popping the skip free both halves once joined (at inference).
             x = torch.cat([center_crop(skips.pop(), x.shape[2:]), x], dim=1)
@@ -193,8 +203,57 @@ class UNet(nn.Module):
         if self.config.padding == "same" or torch.is_grad_enabled():
             return x
         kept = center_crop(x, tuple(_decoder_input_size(n, levels_below) for n in x.shape[2:]))
-        layout = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-        return kept.clone(memory_format=layout if x.is_contiguous(memory_format=layout) else torch.contiguous_format)
+        return kept.clone(memory_format=_layout(x))
+
+    def _runs_in_slabs(self) -> bool:
+        """Whether the first and last levels may run slab by slab: valid padding at inference, normalized
+        voxel by voxel (batch norm with running statistics, or none) so a slab sees what the whole does."""
+        local_norm = self.config.norm == "none" or (self.config.norm == "batch" and self.config.norm_at_test == "running")
+        return self.config.padding == "valid" and local_norm and not self.training and not torch.is_grad_enabled()
+
+    def _encode_in_slabs(self, encoder: nn.Module, x: torch.Tensor, levels_below: int):
+        """The first level's pooled output and the part of its output the last decoder reads,
+        computed SLAB_ROWS output rows at a time along the first spatial axis: the level's full-size
+        maps, the largest of the pass, never exist whole, so tiles can grow. A slab reads 4 more
+        input rows than it outputs, which only the cheap first convolution computes twice."""
+        rows, *plane = (n - 4 for n in x.shape[2:])
+        kept_shape = [_decoder_input_size(n, levels_below) for n in (rows, *plane)]
+        first_kept = (rows - kept_shape[0]) // 2
+        pooled = kept = None
+        for start in range(0, rows, SLAB_ROWS):
+            stop = min(start + SLAB_ROWS, rows)
+            out = encoder(x[:, :, start:stop + 4])
+            if pooled is None:
+                new = dict(dtype=out.dtype, device=out.device, memory_format=_layout(out))
+                pooled = torch.empty(*out.shape[:2], rows // 2, *(n // 2 for n in plane), **new)
+                kept = torch.empty(*out.shape[:2], *kept_shape, **new)
+            pooled[:, :, start // 2:stop // 2] = self.pool(out)
+            low, high = max(start, first_kept), min(stop, first_kept + kept_shape[0])
+            if low < high:
+                kept[:, :, low - first_kept:high - first_kept] = center_crop(out[:, :, low - start:high - start],
+                                                                             (high - low, *kept_shape[1:]))
+        return pooled, kept
+
+    def _decode_in_slabs(self, upconv: nn.Module, decoder: nn.Module, x: torch.Tensor, skip: torch.Tensor):
+        """The last level (up-convolution, join, convolutions) and the 1×1 head, SLAB_ROWS output
+        rows at a time, for the same reason. A slab reads 2 more rows of x than half its output."""
+        rows = 2 * x.shape[2] - 4
+        logits = None
+        for start in range(0, rows, SLAB_ROWS):
+            stop = min(start + SLAB_ROWS, rows)
+            up = upconv(x[:, :, start // 2:stop // 2 + 2])
+            out = self.head(decoder(torch.cat([skip[:, :, start:stop + 4], up], dim=1)))
+            if logits is None:
+                logits = torch.empty(*out.shape[:2], rows, *out.shape[3:], dtype=out.dtype, device=out.device,
+                                     memory_format=_layout(out))
+            logits[:, :, start:stop] = out
+        return logits
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """Channels-last where x is stored so (prediction's layout), else the default."""
+    layout = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return layout if x.is_contiguous(memory_format=layout) else torch.contiguous_format
 
 
 def _decoder_input_size(n: int, levels_below: int) -> int:
