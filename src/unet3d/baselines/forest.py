@@ -10,11 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.ensemble import RandomForestClassifier
 
 from unet3d.baselines.features import DEFAULT_SCALES, filter_features
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import RandomForestClassifier
 
 UNLABELED = -1
 _PREDICT_CHUNK = 1 << 18  # voxels per predict_proba call
@@ -127,7 +130,11 @@ def _prediction_seconds(forest: RandomForestClassifier, features: np.ndarray, cl
 
 
 def make_forest(n_trees: int = 100, seed: int = 0, n_jobs: int = -1) -> RandomForestClassifier:
-    """ilastik's classifier: a random forest of `n_trees` trees on `n_jobs` cores (-1: all)."""
+    """ilastik's classifier: a random forest of `n_trees` trees on `n_jobs` cores (-1: all).
+    scikit-learn is imported here, not with the module: prediction alone never needs its second
+    of import time and 75 MiB."""
+    from sklearn.ensemble import RandomForestClassifier
+
     return RandomForestClassifier(n_estimators=n_trees, n_jobs=n_jobs, random_state=seed)
 
 
