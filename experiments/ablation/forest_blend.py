@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -35,10 +36,11 @@ from experiments.ablation.common import cpu_budget_config
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE, annotated_classes
 from unet3d.baselines.features import with_input_features
+from unet3d.baselines.forest import ForestResult
 from unet3d.data.labels import decode_labels
 from unet3d.inference import predict_array
 from unet3d.training import train
-from unet3d.training.dataset import prepare_training_set
+from unet3d.training.dataset import TrainingSet, prepare_training_set
 from unet3d.workflows.densify import FOREST_MAX_SHARE, FOREST_TREES, choose_inputs, fit_forest_on_bank, geometric_mean
 
 
@@ -46,10 +48,19 @@ def blends(forest: np.ndarray, unet: np.ndarray) -> dict[str, np.ndarray]:
     return {"mean": (forest + unet) / 2, "geometric": geometric_mean(forest, unet)}
 
 
-def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, trees: int | None = None,
-         save: str | None = None) -> dict:
-    """`trees`: a forest of that many; None: densify's, grown within its share of the budget."""
-    torch.set_num_threads(1)
+class PreparedRun(NamedTuple):
+    volume: data.Volume
+    sparse: np.ndarray  # the kept slices' labels, IGNORE elsewhere
+    classes: list[int]
+    training: TrainingSet  # with the filter bank where densify would add it
+    inputs: str  # densify's line on what the network reads
+    forest: ForestResult
+    start: float  # CPU seconds of this process when the budget started counting
+
+
+def prepare_run(name: str, slices: str, seed: int, budget: float, trees: int | None = None) -> PreparedRun:
+    """A densify run up to the network: the kept slices, the training set and densify's forest
+    (within its share of `budget`, or of `trees` trees), timed from the filter bank on."""
     volume = data.load(name)
     sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
     classes = annotated_classes([sparse])
@@ -59,8 +70,16 @@ def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, tre
     training = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=volume.spacing,
                                     input_features=spec)
     limit = None if trees else FOREST_MAX_SHARE * budget
-    forest_result = fit_forest_on_bank(volume.image, image, training, seed, None, False, limit, time.process_time,
-                                       trees or FOREST_TREES)
+    forest = fit_forest_on_bank(volume.image, image, training, seed, None, False, limit, time.process_time,
+                                trees or FOREST_TREES)
+    return PreparedRun(volume, sparse, classes, training, inputs, forest, start)
+
+
+def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, trees: int | None = None,
+         save: str | None = None) -> dict:
+    """`trees`: a forest of that many; None: densify's, grown within its share of the budget."""
+    torch.set_num_threads(1)
+    volume, sparse, classes, training, inputs, forest_result, start = prepare_run(name, slices, seed, budget, trees)
     forest = forest_result.probabilities
     seconds_forest = time.process_time() - start
     config = cpu_budget_config(training, max(budget - seconds_forest, 5), seed)

@@ -33,14 +33,12 @@ import numpy as np
 import torch
 
 from experiments.ablation.common import cpu_budget_config
-from experiments.paper import data, protocols
-from experiments.paper.methods import IGNORE, annotated_classes
-from unet3d.baselines.features import with_input_features
+from experiments.ablation.forest_blend import prepare_run
+from experiments.paper import protocols
+from experiments.paper.methods import IGNORE
 from unet3d.data.labels import decode_labels
 from unet3d.training import train
-from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows.densify import (FOREST_MAX_SHARE, choose_inputs, fit_forest_on_bank, geometric_mean,
-                                      predict_with_tta)
+from unet3d.workflows.densify import geometric_mean, predict_with_tta
 
 
 def pseudo_labels(training, blend: np.ndarray, threshold: float) -> torch.Tensor:
@@ -55,16 +53,8 @@ def main(name: str, slices: str, seed: int, budget: float, share: float = 0.6, t
          lr: float | None = None) -> dict:
     torch.set_num_threads(1)
     now = time.process_time
-    volume = data.load(name)
-    sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
-    classes = annotated_classes([sparse])
-    start = now()
-    spec, inputs = choose_inputs(None, volume.image.shape, sparse, IGNORE, volume.spacing, name)
-    image = with_input_features(volume.image, spec) if spec else volume.image
-    training = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=volume.spacing,
-                                    input_features=spec)
-    forest = fit_forest_on_bank(volume.image, image, training, seed, None, False, FOREST_MAX_SHARE * budget,
-                                now).probabilities
+    volume, sparse, classes, training, inputs, forest_result, start = prepare_run(name, slices, seed, budget)
+    forest = forest_result.probabilities
     training_time = budget - (now() - start)
     normalized = training.images[0].numpy()
     with tempfile.TemporaryDirectory() as folder:

@@ -18,7 +18,7 @@ from unet3d.model import geometry
 NORMS = ("batch", "instance", "group", "none")
 PADDINGS = ("valid", "same")
 NORM_AT_TEST = ("running", "batch")
-# Rows of the first level's output computed at a time at inference (valid padding; even, for pooling).
+# Output rows of the first and last levels computed at a time at inference (valid padding; even, for pooling).
 SLAB_ROWS = 16
 
 
