@@ -27,7 +27,7 @@ bench: $(STAMP)
 	bash benchmarks/peers.sh
 	.venv-bench/bin/python benchmarks/bench_train_step.py
 	.venv-bench/bin/python benchmarks/bench_predict.py
-	$(BIN)/python benchmarks/bench_augmentation.py
+	.venv-bench/bin/python benchmarks/bench_augmentation.py
 	$(BIN)/python benchmarks/bench_forest.py
 
 # Short runs that keep the benchmark code working (no timing assertions); part of CI.

@@ -3,7 +3,9 @@
 # kept out of the product environment so .venv stays small.
 #   pytorch-3dunet: installed without its training extras (tensorboard, torchvision); the model
 #   code needs only scikit-image and PyYAML besides torch.
-#   MONAI: BasicUNet, UNet and sliding_window_inference.
+#   MONAI: BasicUNet, UNet, sliding_window_inference and the augmentation transforms.
+#   elasticdeform: built from source, as its published wheel is compiled against NumPy 1 and
+#   fails to import under NumPy 2.
 # Usage: bash benchmarks/peers.sh   (from the repository root; TORCH=... to pick another build)
 set -euo pipefail
 VENV="${VENV_BENCH:-.venv-bench}"
@@ -12,5 +14,6 @@ test -x "$VENV/bin/python" || python3 -m venv "$VENV"
 # Naming torch on every install keeps pip from swapping the CPU build for another one.
 "$VENV/bin/pip" install --quiet "$TORCH" scikit-image pyyaml monai==1.6.1 onnx onnxruntime
 "$VENV/bin/pip" install --quiet --no-deps pytorch3dunet==1.9.6
+"$VENV/bin/pip" install --quiet --no-binary elasticdeform elasticdeform==0.5.1
 "$VENV/bin/pip" install --quiet "$TORCH" -e .  # with unet3d's own dependencies
 "$VENV/bin/python" -c "import monai, pytorch3dunet.unet3d.model, unet3d; print('peer environment ready:', '$VENV')"
