@@ -51,6 +51,14 @@ def test_valid_inference_never_holds_a_whole_first_level_map():
     assert forward_peak_bytes(config, (156, 156, 156)) < 4 * 32 * 152**3
 
 
+def test_same_padding_inference_holds_the_first_skip_and_little_more_at_full_size():
+    """Same padding keeps the first level's whole output as its skip, but the first and last levels
+    run in slabs: the pass holds less than three 32-channel first-level maps of a 144³ window (the
+    whole pass held six and a half)."""
+    config = UNetConfig(in_channels=1, num_classes=2, width=16, levels=4, padding="same")
+    assert forward_peak_bytes(config, (144, 144, 144)) < 3 * 4 * 32 * 144**3
+
+
 @pytest.mark.parametrize("volume", [(20, 512, 512), (64, 200, 200), (256, 512, 512)])
 def test_valid_tiles_read_less_than_near_cubic_ones(volume):
     """Tiles shaped by the volume: never more work than near-cubic ones, and within the budget."""

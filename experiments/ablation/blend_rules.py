@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -54,19 +55,34 @@ RULES = {
 }
 
 
-def score_run(path: Path) -> dict[str, float]:
+class SavedRun(NamedTuple):
+    volume: data.Volume
+    sparse: np.ndarray  # the kept slices' labels, IGNORE elsewhere
+    classes: list[int]
+    network: np.ndarray  # (K, Z, Y, X) float32, test-time flipped where the run saved that
+    forest: np.ndarray
+
+    def score(self, probabilities: np.ndarray) -> dict:
+        """IoU on the voxels no slice annotates of the most probable class."""
+        labels = decode_labels(probabilities.argmax(0), self.classes)
+        return protocols._score(self.volume, labels, self.sparse == IGNORE)
+
+
+def load_run(path: Path) -> SavedRun:
+    """A run saved by forest_blend.py, with its volume and kept slices (from the file's name)."""
     name, slices, _ = path.stem.rsplit("_", 2)
     volume = data.load(name)
     sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
     saved = np.load(path)
-    classes = [int(c) for c in saved["classes"]]
     network = saved["unet_tta"] if "unet_tta" in saved else saved["unet"]
-    network, forest = network.astype(np.float32), saved["forest"].astype(np.float32)
-    spacing = volume.spacing or (1.0, 1.0, 1.0)
-    mask = sparse == IGNORE
-    return {rule: protocols._score(volume, decode_labels(combine(network, forest, spacing).argmax(0), classes),
-                                   mask)["mean_iou"]
-            for rule, combine in RULES.items()}
+    return SavedRun(volume, sparse, [int(c) for c in saved["classes"]], network.astype(np.float32),
+                    saved["forest"].astype(np.float32))
+
+
+def score_run(path: Path) -> dict[str, float]:
+    run = load_run(path)
+    spacing = run.volume.spacing or (1.0, 1.0, 1.0)
+    return {rule: run.score(combine(run.network, run.forest, spacing))["mean_iou"] for rule, combine in RULES.items()}
 
 
 def main(paths: list[str]) -> None:

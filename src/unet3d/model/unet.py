@@ -18,8 +18,10 @@ from unet3d.model import geometry
 NORMS = ("batch", "instance", "group", "none")
 PADDINGS = ("valid", "same")
 NORM_AT_TEST = ("running", "batch")
-# Output rows of the first and last levels computed at a time at inference (valid padding; even, for pooling).
+# Output rows of the first and last levels computed at a time at inference (even, for pooling), and
+# the rows a same-padding slab reads beyond them on each side (two 3×3 convolutions; even).
 SLAB_ROWS = 16
+SLAB_HALO = 2
 
 
 @dataclass(frozen=True)
@@ -206,23 +208,58 @@ class UNet(nn.Module):
         return kept.clone(memory_format=_layout(x))
 
     def _runs_in_slabs(self) -> bool:
-        """Whether the first and last levels may run slab by slab: valid padding at inference, normalized
-        voxel by voxel (batch norm with running statistics, or none) so a slab sees what the whole does."""
+        """Whether the first and last levels may run slab by slab: at inference, normalized voxel by
+        voxel (batch norm with running statistics, or none), so a slab sees what the whole does."""
         local_norm = self.config.norm == "none" or (self.config.norm == "batch" and self.config.norm_at_test == "running")
-        return self.config.padding == "valid" and local_norm and not self.training and not torch.is_grad_enabled()
+        return local_norm and not self.training and not torch.is_grad_enabled()
+
+    def _slab_rows(self, start: int, stop: int, rows_in: int) -> tuple[int, int]:
+        """The input rows [first, end) from which a level's two convolutions give output rows
+        [start, stop): valid padding reads 4 more, same padding 2 more on each side within the map."""
+        if self.config.padding == "valid":
+            return start, stop + 4
+        return max(0, start - SLAB_HALO), min(rows_in, stop + SLAB_HALO)
+
+    def _level_rows(self, rows_in: int) -> int:
+        """Output rows of the first or last level's two convolutions for `rows_in` input rows."""
+        return rows_in - 4 if self.config.padding == "valid" else rows_in
+
+    def _block_on_slab(self, block: nn.Module, x: torch.Tensor, first: int, end: int, rows_in: int) -> torch.Tensor:
+        """A two-convolution block on x, the rows [first, end) of a map of `rows_in` rows. With same
+        padding, a convolution pads rows with zeros only at the map's own border and drops a row at
+        each slab edge inside the map: the output is exactly the whole map's there, and the second
+        convolution computes no row twice. (A slab at a border is padded on both sides and loses the
+        inner row: a view, where padding one side would copy the slab.)"""
+        if self.config.padding == "valid":
+            return block(x)
+        top, bottom = int(first == 0), int(end == rows_in)
+        pad = int(top or bottom)
+        conv = F.conv3d if x.dim() == 5 else F.conv2d
+        for layer in block:
+            if isinstance(layer, (nn.Conv3d, nn.Conv2d)):
+                x = conv(x, layer.weight, layer.bias, padding=(pad,) + layer.padding[1:])
+                x = x[:, :, pad - top:x.shape[2] - (pad - bottom)]
+            else:
+                x = layer(x)
+        return x
+
+    def _kept_size(self, n: int, levels_below: int) -> int:
+        """Size of the part of a first-level output of size n that the last decoder reads."""
+        return n if self.config.padding == "same" else _decoder_input_size(n, levels_below)
 
     def _encode_in_slabs(self, encoder: nn.Module, x: torch.Tensor, levels_below: int):
         """The first level's pooled output and the part of its output the last decoder reads,
         computed SLAB_ROWS output rows at a time along the first spatial axis: the level's full-size
-        maps, the largest of the pass, never exist whole, so tiles can grow. A slab reads 4 more
-        input rows than it outputs, which only the cheap first convolution computes twice."""
-        rows, *plane = (n - 4 for n in x.shape[2:])
-        kept_shape = [_decoder_input_size(n, levels_below) for n in (rows, *plane)]
+        maps, the largest of the pass, never exist whole (bar the skip), so tiles can grow."""
+        rows_in = x.shape[2]
+        rows, *plane = (self._level_rows(n) for n in x.shape[2:])
+        kept_shape = [self._kept_size(n, levels_below) for n in (rows, *plane)]
         first_kept = (rows - kept_shape[0]) // 2
         pooled = kept = None
         for start in range(0, rows, SLAB_ROWS):
             stop = min(start + SLAB_ROWS, rows)
-            out = encoder(x[:, :, start:stop + 4])
+            first, end = self._slab_rows(start, stop, rows_in)
+            out = self._block_on_slab(encoder, x[:, :, first:end], first, end, rows_in)
             if pooled is None:
                 new = dict(dtype=out.dtype, device=out.device, memory_format=_layout(out))
                 pooled = torch.empty(*out.shape[:2], rows // 2, *(n // 2 for n in plane), **new)
@@ -236,13 +273,15 @@ class UNet(nn.Module):
 
     def _decode_in_slabs(self, upconv: nn.Module, decoder: nn.Module, x: torch.Tensor, skip: torch.Tensor):
         """The last level (up-convolution, join, convolutions) and the 1×1 head, SLAB_ROWS output
-        rows at a time, for the same reason. A slab reads 2 more rows of x than half its output."""
-        rows = 2 * x.shape[2] - 4
+        rows at a time, for the same reason. Up-convolved row r comes from row r // 2 of x."""
+        rows_in = 2 * x.shape[2]
+        rows = self._level_rows(rows_in)
         logits = None
         for start in range(0, rows, SLAB_ROWS):
             stop = min(start + SLAB_ROWS, rows)
-            up = upconv(x[:, :, start // 2:stop // 2 + 2])
-            out = self.head(decoder(torch.cat([skip[:, :, start:stop + 4], up], dim=1)))
+            first, end = self._slab_rows(start, stop, rows_in)
+            joined = torch.cat([skip[:, :, first:end], upconv(x[:, :, first // 2:end // 2])], dim=1)
+            out = self.head(self._block_on_slab(decoder, joined, first, end, rows_in))
             if logits is None:
                 logits = torch.empty(*out.shape[:2], rows, *out.shape[3:], dtype=out.dtype, device=out.device,
                                      memory_format=_layout(out))
