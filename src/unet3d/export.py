@@ -49,7 +49,9 @@ def _trace_to_onnx(net: UNet, opset: int) -> bytes:
 
     The TorchScript-based exporter is used on purpose: it records the crops and reshapes as shape
     arithmetic, so the graph stays valid for every tile size, needs no onnxscript, and exports
-    in about a second (the torch.export-based one took 30 s for the same graph).
+    in about a second (the torch.export-based one took 30 s for the same graph). It traces with
+    gradients on, whatever the caller's mode: without them the network runs its first and last
+    levels in slabs of rows, a loop the trace would fix to the example tile's size.
     """
     config = net.config
     example = torch.zeros(1, config.in_channels, *config.geometry.valid_input_shape((16, 16, 16)))
@@ -59,8 +61,9 @@ def _trace_to_onnx(net: UNet, opset: int) -> bytes:
         # layer's "more than one value" test): the graph is verified at other sizes in the tests.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(net, (example,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes=_dynamic_axes(), do_constant_folding=True)
+        with torch.enable_grad():
+            torch.onnx.export(net, (example,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_axes=_dynamic_axes(), do_constant_folding=True)
     return buffer.getvalue()
 
 
