@@ -84,15 +84,22 @@ def scipy_patch(image, labels, center, shape, rng, config):
     return img, lab
 
 
+def region_around_patch(image, labels, center, shape):
+    """The patch's window grown by a quarter of the patch on each side (mirrored at the volume's
+    border), for libraries that transform a whole array: image, labels and the margin."""
+    margin = np.ceil(np.asarray(shape) * 0.25).astype(int)
+    start = spatial.patch_start(center, shape) - margin
+    region_image, region_labels = spatial.window(image, labels, start, np.asarray(shape) + 2 * margin)
+    return region_image, region_labels, margin
+
+
 def elasticdeform_patch(image, labels, center, shape, rng, config):
     """elasticdeform on a mirrored window with a margin, the affine part given as its output affine."""
     import elasticdeform
 
     linear, _ = random_transform(rng, config, shape)
-    margin = np.ceil(np.asarray(shape) * 0.25).astype(int)
-    region_shape = np.asarray(shape) + 2 * margin
-    start = spatial.patch_start(center, shape) - margin
-    region_image, region_labels = spatial.window(image, labels, start, region_shape)
+    region_image, region_labels, margin = region_around_patch(image, labels, center, shape)
+    region_shape = np.asarray(region_labels.shape)
     points = [spatial.control_point_count(n, config.elastic_spacing) for n in region_shape]
     displacement = rng.normal(scale=config.elastic_sigma, size=(3, *points))
     middle = (region_shape - 1) / 2
@@ -143,10 +150,8 @@ MONAI_MAGNITUDE_PER_VOXEL = 269.0
 
 
 def monai_patch(pipeline, image, labels, center, shape):
-    """The region around the patch (a quarter of the patch on each side, mirrored) through MONAI."""
-    margin = np.ceil(np.asarray(shape) * 0.25).astype(int)
-    start = spatial.patch_start(center, shape) - margin
-    region_image, region_labels = spatial.window(image, labels, start, np.asarray(shape) + 2 * margin)
+    """The region around the patch through MONAI."""
+    region_image, region_labels, _ = region_around_patch(image, labels, center, shape)
     out = pipeline({"image": region_image, "label": region_labels[None].float()})
     return out["image"], out["label"]
 

@@ -19,7 +19,7 @@ NORMS = ("batch", "instance", "group", "none")
 PADDINGS = ("valid", "same")
 NORM_AT_TEST = ("running", "batch")
 # Output rows of the first and last levels computed at a time at inference (even, for pooling), and
-# the rows a same-padding slab reads beyond them on each side (two 3×3 convolutions; even).
+# the rows a level's two 3×3 convolutions read beyond their output on each side (even).
 SLAB_ROWS = 16
 SLAB_HALO = 2
 
@@ -204,7 +204,7 @@ class UNet(nn.Module):
         which spend less of their work on the context margin."""
         if self.config.padding == "same" or torch.is_grad_enabled():
             return x
-        kept = center_crop(x, tuple(_decoder_input_size(n, levels_below) for n in x.shape[2:]))
+        kept = center_crop(x, tuple(self._kept_size(n, levels_below) for n in x.shape[2:]))
         return kept.clone(memory_format=_layout(x))
 
     def _runs_in_slabs(self) -> bool:
@@ -215,14 +215,15 @@ class UNet(nn.Module):
 
     def _slab_rows(self, start: int, stop: int, rows_in: int) -> tuple[int, int]:
         """The input rows [first, end) from which a level's two convolutions give output rows
-        [start, stop): valid padding reads 4 more, same padding 2 more on each side within the map."""
+        [start, stop): valid padding reads the halo of both sides after `start`, same padding reads
+        it on each side within the map."""
         if self.config.padding == "valid":
-            return start, stop + 4
+            return start, stop + 2 * SLAB_HALO
         return max(0, start - SLAB_HALO), min(rows_in, stop + SLAB_HALO)
 
     def _level_rows(self, rows_in: int) -> int:
         """Output rows of the first or last level's two convolutions for `rows_in` input rows."""
-        return rows_in - 4 if self.config.padding == "valid" else rows_in
+        return rows_in - 2 * SLAB_HALO if self.config.padding == "valid" else rows_in
 
     def _block_on_slab(self, block: nn.Module, x: torch.Tensor, first: int, end: int, rows_in: int) -> torch.Tensor:
         """A two-convolution block on x, the rows [first, end) of a map of `rows_in` rows. With same
