@@ -6,7 +6,7 @@ import torch
 from unet3d.inference import choose_output_tile, estimate_tile_bytes
 from unet3d.inference.memory import _LiveBytes, fix_mmap_threshold, forward_peak_bytes
 from unet3d.inference.predictor import prepare_network
-from unet3d.inference.tiling import _input_shape, blend_bytes, near_cubic_tile, tiles_work
+from unet3d.inference.tiling import _input_shape, blend_bytes, near_cubic_tile, thick_window, tiles_work
 from unet3d.model import UNet, UNetConfig
 
 MIB = 1 << 20
@@ -45,18 +45,19 @@ def test_meta_replay_matches_a_real_forward_pass(config):
 
 
 def test_valid_inference_never_holds_a_whole_first_level_map():
-    """The first and last levels run in slabs and skips are cropped: one 32-channel map of a 156³
-    tile's first level (152³ voxels) outweighs the whole pass."""
+    """Every level above the bottom runs in slabs and skips are cropped: the pass holds less than
+    0.7 of one 32-channel map of a 156³ tile's first level (152³ voxels); with the first and last
+    levels alone in slabs it held 0.76."""
     config = UNetConfig(in_channels=1, num_classes=2, width=16, levels=4, padding="valid")
-    assert forward_peak_bytes(config, (156, 156, 156)) < 4 * 32 * 152**3
+    assert forward_peak_bytes(config, (156, 156, 156)) < 0.7 * 4 * 32 * 152**3
 
 
 def test_same_padding_inference_holds_the_first_skip_and_little_more_at_full_size():
-    """Same padding keeps the first level's whole output as its skip, but the first and last levels
-    run in slabs: the pass holds less than three 32-channel first-level maps of a 144³ window (the
-    whole pass held six and a half)."""
+    """Same padding keeps each level's whole output as its skip, but every level above the bottom
+    runs in slabs: the pass holds less than two and a half 32-channel first-level maps of a 144³
+    window (2.76 with the first and last levels alone in slabs, six and a half without slabs)."""
     config = UNetConfig(in_channels=1, num_classes=2, width=16, levels=4, padding="same")
-    assert forward_peak_bytes(config, (144, 144, 144)) < 3 * 4 * 32 * 144**3
+    assert forward_peak_bytes(config, (144, 144, 144)) < 2.5 * 4 * 32 * 144**3
 
 
 @pytest.mark.parametrize("volume", [(20, 512, 512), (64, 200, 200), (256, 512, 512)])
@@ -92,5 +93,21 @@ def test_blended_windows_count_their_accumulators_and_stay_thick():
 
     window = choose_output_tile(config, volume, budget)
     assert network_bytes(window) + blend_bytes(config, volume, window) <= budget
-    assert min(window) >= min(near_cubic_tile(config, volume, budget, network_bytes))
+    assert min(window) >= min(*near_cubic_tile(config, volume, budget, network_bytes), thick_window(config))
     assert tiles_work(config, volume, window) < tiles_work(config, volume, near_cubic_tile(config, volume, budget, network_bytes))
+
+
+def test_blended_windows_are_not_forced_thicker_than_they_need_be():
+    """A 256³ volume a little larger than the near-cubic window (200³ in 2 GiB): windows as thick as
+    thick_window (176) cover it with less overlap than the near-cubic ones."""
+    config = UNetConfig(in_channels=1, num_classes=2, width=16, levels=4, padding="same")
+    volume, budget = (256, 256, 256), 2048 * MIB
+
+    def need(window):
+        return estimate_tile_bytes(config, window) + blend_bytes(config, volume, window)
+
+    window = choose_output_tile(config, volume, budget)
+    cube = near_cubic_tile(config, volume, budget, need)
+    assert min(cube) > thick_window(config) and min(window) >= thick_window(config)
+    assert need(window) <= budget
+    assert tiles_work(config, volume, window) < tiles_work(config, volume, cube)

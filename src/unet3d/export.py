@@ -50,8 +50,8 @@ def _trace_to_onnx(net: UNet, opset: int) -> bytes:
     The TorchScript-based exporter is used on purpose: it records the crops and reshapes as shape
     arithmetic, so the graph stays valid for every tile size, needs no onnxscript, and exports
     in about a second (the torch.export-based one took 30 s for the same graph). It traces with
-    gradients on, whatever the caller's mode: without them the network runs its first and last
-    levels in slabs of rows, a loop the trace would fix to the example tile's size.
+    gradients on, whatever the caller's mode: without them the network runs its levels in
+    slabs of rows, a loop the trace would fix to the example tile's size.
     """
     config = net.config
     example = torch.zeros(1, config.in_channels, *config.geometry.valid_input_shape((16, 16, 16)))

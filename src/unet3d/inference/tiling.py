@@ -145,8 +145,8 @@ def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_
     bytes, shaped by the volume so the network does the least work: valid tiles each pay the
     context margin again, same-padding windows their overlap.
 
-    Same-padding windows stay at least as thick as the near-cubic window (a thin window sees zero
-    padding almost everywhere), and their blending accumulators count against the budget; where
+    Same-padding windows stay as thick as the near-cubic window or `thick_window` (a thin window
+    sees zero padding almost everywhere), and their blending accumulators count against the budget; where
     no such window fits (very large Y × X planes), the near-cubic window is returned and
     blend_bytes says how far the budget is exceeded. ValueError if even the smallest tile does
     not fit.
@@ -160,10 +160,17 @@ def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_
     def roughly_fits(candidate, input_voxels):
         return per_voxel * input_voxels + blend_bytes(config, volume_shape, candidate) <= max_memory
 
-    thinnest = 0 if config.padding == "valid" else min(tile)
+    thinnest = 0 if config.padding == "valid" else min(min(tile), thick_window(config))
     ranked = _tiles_by_work(config, volume_shape, overlap, roughly_fits, thinnest)
     fitting = (c for c in ranked[:MAX_TILE_CHECKS] if tile_bytes(c) + blend_bytes(config, volume_shape, c) <= max_memory)
     return next(fitting, tile)
+
+
+def thick_window(config: UNetConfig) -> int:
+    """A same-padding window this thick along an axis gives half of it the network's whole context
+    (four times the context a valid-padding twin loses per side: 176 for 4 levels); a thicker floor
+    would only force larger windows and more overlap on volumes a little larger than one window."""
+    return 4 * Geometry(config.levels, "valid").margin_1d()
 
 
 def blend_bytes(config: UNetConfig, volume_shape, window) -> int:

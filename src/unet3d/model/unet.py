@@ -18,7 +18,7 @@ from unet3d.model import geometry
 NORMS = ("batch", "instance", "group", "none")
 PADDINGS = ("valid", "same")
 NORM_AT_TEST = ("running", "batch")
-# Output rows of the first and last levels computed at a time at inference (even, for pooling), and
+# Output rows of a level computed at a time at inference (even, for pooling), and
 # the rows a level's two 3×3 convolutions read beyond their output on each side (even).
 SLAB_ROWS = 16
 SLAB_HALO = 2
@@ -175,27 +175,31 @@ class UNet(nn.Module):
         return self._forward_nd(x)
 
     def _forward_nd(self, x: torch.Tensor) -> torch.Tensor:
+        slabs = self._runs_in_slabs()
         skips = []
         for level, encoder in enumerate(self.encoders):
             below = self.config.levels - 1 - level
             if not below:
                 x = encoder(x)
-            elif level == 0 and self._runs_in_slabs():
+                continue
+            if slabs:
                 x, skip = self._encode_in_slabs(encoder, x, below)
-                skips.append(skip)
             else:
                 x = encoder(x)
                 # Pooling first: the pooled map and its indices need not coexist with the skip's copy.
                 x, skip = self.pool(x), self._kept_for_decoder(x, below)
-                skips.append(skip)
+            skips.append(skip)
+            del skip  # the decoder frees each skip once joined
+        last = len(self.decoders) - 1
         for level, (upconv, decoder) in enumerate(zip(self.upconvs, self.decoders)):
-            if level == len(self.decoders) - 1 and self._runs_in_slabs():
-                return self._decode_in_slabs(upconv, decoder, x, skips.pop())
+            if slabs:
+                x = self._decode_in_slabs(upconv, decoder, x, skips.pop(), self.head if level == last else None)
+                continue
             x = upconv(x)
             # Rebinding x and popping the skip free both halves once joined (at inference).
             x = torch.cat([center_crop(skips.pop(), x.shape[2:]), x], dim=1)
             x = decoder(x)
-        return self.head(x)
+        return x if slabs and self.decoders else self.head(x)
 
     def _kept_for_decoder(self, x: torch.Tensor, levels_below: int) -> torch.Tensor:
         """The part of an encoder output that its decoder reads. Without gradients, a valid-padding
@@ -208,7 +212,7 @@ class UNet(nn.Module):
         return kept.clone(memory_format=_layout(x))
 
     def _runs_in_slabs(self) -> bool:
-        """Whether the first and last levels may run slab by slab: at inference, normalized voxel by
+        """Whether every level above the bottom may run slab by slab: at inference, normalized voxel by
         voxel (batch norm with running statistics, or none), so a slab sees what the whole does."""
         local_norm = self.config.norm == "none" or (self.config.norm == "batch" and self.config.norm_at_test == "running")
         return local_norm and not self.training and not torch.is_grad_enabled()
@@ -222,7 +226,7 @@ class UNet(nn.Module):
         return max(0, start - SLAB_HALO), min(rows_in, stop + SLAB_HALO)
 
     def _level_rows(self, rows_in: int) -> int:
-        """Output rows of the first or last level's two convolutions for `rows_in` input rows."""
+        """Output rows of a level's two convolutions for `rows_in` input rows."""
         return rows_in - 2 * SLAB_HALO if self.config.padding == "valid" else rows_in
 
     def _block_on_slab(self, block: nn.Module, x: torch.Tensor, first: int, end: int, rows_in: int) -> torch.Tensor:
@@ -245,13 +249,13 @@ class UNet(nn.Module):
         return x
 
     def _kept_size(self, n: int, levels_below: int) -> int:
-        """Size of the part of a first-level output of size n that the last decoder reads."""
+        """Size of the part of an encoder output of size n that its decoder reads."""
         return n if self.config.padding == "same" else _decoder_input_size(n, levels_below)
 
     def _encode_in_slabs(self, encoder: nn.Module, x: torch.Tensor, levels_below: int):
-        """The first level's pooled output and the part of its output the last decoder reads,
+        """An encoder level's pooled output and the part of its output that its decoder reads,
         computed SLAB_ROWS output rows at a time along the first spatial axis: the level's full-size
-        maps, the largest of the pass, never exist whole (bar the skip), so tiles can grow."""
+        maps never exist whole (bar a same-padding skip), so tiles can grow."""
         rows_in = x.shape[2]
         rows, *plane = (self._level_rows(n) for n in x.shape[2:])
         kept_shape = [self._kept_size(n, levels_below) for n in (rows, *plane)]
@@ -260,7 +264,7 @@ class UNet(nn.Module):
         for start in range(0, rows, SLAB_ROWS):
             stop = min(start + SLAB_ROWS, rows)
             first, end = self._slab_rows(start, stop, rows_in)
-            out = self._block_on_slab(encoder, x[:, :, first:end], first, end, rows_in)
+            out = self._block_on_slab(encoder, x[:, :, first:end], first, end, rows_in)[:, :, :stop - start]
             if pooled is None:
                 new = dict(dtype=out.dtype, device=out.device, memory_format=_layout(out))
                 pooled = torch.empty(*out.shape[:2], rows // 2, *(n // 2 for n in plane), **new)
@@ -270,24 +274,29 @@ class UNet(nn.Module):
             if low < high:
                 kept[:, :, low - first_kept:high - first_kept] = center_crop(out[:, :, low - start:high - start],
                                                                              (high - low, *kept_shape[1:]))
+            del out  # before the next slab's maps exist
         return pooled, kept
 
-    def _decode_in_slabs(self, upconv: nn.Module, decoder: nn.Module, x: torch.Tensor, skip: torch.Tensor):
-        """The last level (up-convolution, join, convolutions) and the 1×1 head, SLAB_ROWS output
-        rows at a time, for the same reason. Up-convolved row r comes from row r // 2 of x."""
+    def _decode_in_slabs(self, upconv: nn.Module, decoder: nn.Module, x: torch.Tensor, skip: torch.Tensor,
+                         head: nn.Module | None):
+        """A decoder level (up-convolution, join, convolutions, and the 1×1 head after the last),
+        SLAB_ROWS output rows at a time, for the same reason: the join never exists whole.
+        Up-convolved row r comes from row r // 2 of x."""
         rows_in = 2 * x.shape[2]
         rows = self._level_rows(rows_in)
-        logits = None
+        decoded = None
         for start in range(0, rows, SLAB_ROWS):
             stop = min(start + SLAB_ROWS, rows)
             first, end = self._slab_rows(start, stop, rows_in)
             joined = torch.cat([skip[:, :, first:end], upconv(x[:, :, first // 2:end // 2])], dim=1)
-            out = self.head(self._block_on_slab(decoder, joined, first, end, rows_in))
-            if logits is None:
-                logits = torch.empty(*out.shape[:2], rows, *out.shape[3:], dtype=out.dtype, device=out.device,
-                                     memory_format=_layout(out))
-            logits[:, :, start:stop] = out
-        return logits
+            out = self._block_on_slab(decoder, joined, first, end, rows_in)[:, :, :stop - start]
+            out = head(out) if head is not None else out
+            if decoded is None:
+                decoded = torch.empty(*out.shape[:2], rows, *out.shape[3:], dtype=out.dtype, device=out.device,
+                                      memory_format=_layout(out))
+            decoded[:, :, start:stop] = out
+            del joined, out  # before the next slab's maps exist
+        return decoded
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
