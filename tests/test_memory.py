@@ -97,17 +97,19 @@ def test_blended_windows_count_their_accumulators_and_stay_thick():
     assert tiles_work(config, volume, window) < tiles_work(config, volume, near_cubic_tile(config, volume, budget, network_bytes))
 
 
-def test_blended_windows_are_not_forced_thicker_than_they_need_be():
-    """A 256³ volume a little larger than the near-cubic window (200³ in 2 GiB): windows as thick as
-    thick_window (176) cover it with less overlap than the near-cubic ones."""
+@pytest.mark.parametrize("volume", [(256, 256, 256), (256, 512, 512)])
+def test_blended_windows_are_not_forced_thicker_than_they_need_be(volume):
+    """The near-cubic window fits 2 GiB at 200³: windows as thick as thick_window (176) cover a 256³
+    volume within the budget with less overlap. On 512×512 planes no window fits with its
+    accumulators; the one chosen does less work and exceeds the budget less than the near-cubic."""
     config = UNetConfig(in_channels=1, num_classes=2, width=16, levels=4, padding="same")
-    volume, budget = (256, 256, 256), 2048 * MIB
+    budget = 2048 * MIB
 
     def need(window):
         return estimate_tile_bytes(config, window) + blend_bytes(config, volume, window)
 
     window = choose_output_tile(config, volume, budget)
-    cube = near_cubic_tile(config, volume, budget, need)
+    cube = near_cubic_tile(config, volume, budget, lambda w: estimate_tile_bytes(config, w))
     assert min(cube) > thick_window(config) and min(window) >= thick_window(config)
-    assert need(window) <= budget
+    assert need(window) <= budget if volume[1] == 256 else budget < need(window) < need(cube)
     assert tiles_work(config, volume, window) < tiles_work(config, volume, cube)

@@ -147,8 +147,8 @@ def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_
 
     Same-padding windows stay as thick as the near-cubic window or `thick_window` (a thin window
     sees zero padding almost everywhere), and their blending accumulators count against the budget; where
-    no such window fits (very large Y × X planes), the near-cubic window is returned and
-    blend_bytes says how far the budget is exceeded. ValueError if even the smallest tile does
+    no window fits with them (very large Y × X planes), the window that exceeds the budget least
+    is returned and blend_bytes says by about how much. ValueError if even the smallest tile does
     not fit.
     """
     def tile_bytes(tile):
@@ -157,13 +157,22 @@ def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_
     tile = near_cubic_tile(config, volume_shape, max_memory, tile_bytes)
     per_voxel = tile_bytes(tile) / math.prod(_input_shape(config, tile))
 
+    thinnest = 0 if config.padding == "valid" else min(min(tile), thick_window(config))
+
+    def total_bytes(candidate):
+        return tile_bytes(candidate) + blend_bytes(config, volume_shape, candidate)
+
     def roughly_fits(candidate, input_voxels):
         return per_voxel * input_voxels + blend_bytes(config, volume_shape, candidate) <= max_memory
 
-    thinnest = 0 if config.padding == "valid" else min(min(tile), thick_window(config))
-    ranked = _tiles_by_work(config, volume_shape, overlap, roughly_fits, thinnest)
-    fitting = (c for c in ranked[:MAX_TILE_CHECKS] if tile_bytes(c) + blend_bytes(config, volume_shape, c) <= max_memory)
-    return next(fitting, tile)
+    ranked = _tiles_by_work(config, volume_shape, overlap, roughly_fits, thinnest)[:MAX_TILE_CHECKS]
+    fitting = [c for c in ranked if total_bytes(c) <= max_memory]
+    if fitting or config.padding == "valid":
+        return fitting[0] if fitting else tile
+    # No window fits with its accumulators: of those whose pass fits, the one that exceeds the budget least.
+    ranked = _tiles_by_work(config, volume_shape, overlap, lambda _, voxels: per_voxel * voxels <= max_memory, thinnest)
+    passing = [c for c in ranked[:MAX_TILE_CHECKS] if tile_bytes(c) <= max_memory]
+    return min(passing, key=total_bytes, default=tile)
 
 
 def thick_window(config: UNetConfig) -> int:
