@@ -13,10 +13,11 @@ from conftest import EXAMPLE, shared_volume
 from unet3d.cli import main, predict
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.errors import UserError
-from unet3d.inference import choose_output_tile, predict_array
+from unet3d.inference import choose_output_tile, estimate_tile_bytes, predict_array
 from unet3d.inference.predictor import region_reader
+from unet3d.inference.tiling import blend_bytes
 from unet3d.io import open_volume, read_image, write_volume
-from unet3d.model import UNet, UNetConfig, save_model
+from unet3d.model import UNet, UNetConfig, load_model, save_model
 from unet3d.model import unet
 
 
@@ -206,8 +207,13 @@ def test_blending_beyond_the_budget_is_said(tmp_path, capsys):
     write_volume(str(tmp_path / "wide.npy"), image)
     make_model(tmp_path / "m.safetensors", image[None], [0, 1], padding="same")
     run_predict(tmp_path / "m.safetensors", tmp_path / "wide.npy", "-o", tmp_path / "labels.npy", "--max-memory", "32M")
-    assert re.search(r"note: blending windows over 512×512 planes holds about \d+ MiB beyond --max-memory",
-                     capsys.readouterr().err)
+    said = re.search(r"note: blending windows over 512×512 planes takes about (\d+) MiB beyond --max-memory "
+                     r"\(accumulators of (\d+) MiB", capsys.readouterr().err)
+    config = load_model(tmp_path / "m.safetensors")[0].config
+    window = choose_output_tile(config, image.shape, 32 << 20)
+    accumulators = blend_bytes(config, image.shape, window)
+    excess = estimate_tile_bytes(config, window) + accumulators - (32 << 20)
+    assert said and (int(said[1]), int(said[2])) == (round(excess / 2**20), round(accumulators / 2**20))
     assert np.load(tmp_path / "labels.npy").shape == image.shape
 
 

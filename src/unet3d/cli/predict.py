@@ -158,9 +158,11 @@ def _tile_for_budget(config, shape, max_memory: int | None, batch_size: int, ove
     except ValueError as exc:
         raise UserError(f"--max-memory {budget / 2**20:.0f}M: too small, {exc}") from None
     accumulators = blend_bytes(config, shape, tile)
-    if accumulators and estimate_tile_bytes(config, tile, batch_size) + accumulators > budget:
-        print(f"note: blending windows over {shape[1]}×{shape[2]} planes holds about {accumulators / 2**20:.0f} MiB "
-              "beyond --max-memory (a valid-padding model streams within it)", file=sys.stderr)
+    excess = estimate_tile_bytes(config, tile, batch_size) + accumulators - budget
+    if accumulators and excess > 0:
+        print(f"note: blending windows over {shape[1]}×{shape[2]} planes takes about {excess / 2**20:.0f} MiB beyond "
+              f"--max-memory (accumulators of {accumulators / 2**20:.0f} MiB; a valid-padding model streams within it)",
+              file=sys.stderr)
     return tile
 
 
