@@ -157,9 +157,9 @@ def _tile_for_budget(config, shape, max_memory: int | None, batch_size: int, ove
         tile = choose_output_tile(config, shape, budget, batch_size, overlap)
     except ValueError as exc:
         raise UserError(f"--max-memory {budget / 2**20:.0f}M: too small, {exc}") from None
-    accumulators = blend_bytes(config, shape, tile)
-    excess = estimate_tile_bytes(config, tile, batch_size) + accumulators - budget
-    if accumulators and excess > 0:
+    accumulators = blend_bytes(config, shape, tile)  # 0 for valid padding, whose tile is the output tile
+    excess = estimate_tile_bytes(config, tile, batch_size) + accumulators - budget if accumulators else 0
+    if excess > 0:
         print(f"note: blending windows over {shape[1]}×{shape[2]} planes takes about {excess / 2**20:.0f} MiB beyond "
               f"--max-memory (accumulators of {accumulators / 2**20:.0f} MiB; a valid-padding model streams within it)",
               file=sys.stderr)
