@@ -146,10 +146,10 @@ def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_
     context margin again, same-padding windows their overlap.
 
     Same-padding windows stay as thick as the near-cubic window or `thick_window` (a thin window
-    sees zero padding almost everywhere), and their blending accumulators count against the budget; where
-    no window fits with them (very large Y × X planes), the window that exceeds the budget least
-    is returned and blend_bytes says by about how much. ValueError if even the smallest tile does
-    not fit.
+    sees zero padding almost everywhere), and their blending accumulators count against the
+    budget; where no window fits with them (very large Y × X planes), the window that exceeds
+    the budget least is returned and blend_bytes says by about how much. ValueError if even the
+    smallest tile does not fit.
     """
     def tile_bytes(tile):
         return estimate_tile_bytes(config, _input_shape(config, tile), batch_size)
