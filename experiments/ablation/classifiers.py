@@ -29,7 +29,8 @@ from threadpoolctl import threadpool_limits
 from experiments.ablation.blend_rules import load_run
 from experiments.paper.methods import IGNORE
 from unet3d.baselines.features import filter_features
-from unet3d.baselines.forest import make_forest, predict_probabilities
+from unet3d.baselines.forest import make_forest, predict_probabilities, training_sample
+from unet3d.data.labels import UNLABELED, encode_labels
 from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, geometric_mean
 
 
@@ -43,25 +44,15 @@ def classifier(name: str, seed: int):
     }[name]()
 
 
-def training_voxels(labels: np.ndarray, seed: int) -> np.ndarray:
-    """The annotated voxels densify's forest is fitted on: all, or a seeded sample of them."""
-    voxels = np.flatnonzero(labels != IGNORE)
-    if voxels.size > FOREST_TRAIN_VOXELS:
-        voxels = np.sort(np.random.default_rng(seed).choice(voxels, FOREST_TRAIN_VOXELS, replace=False))
-    return voxels
-
-
 def main(path: Path, names: list[str]) -> dict:
     run = load_run(path)
     seed = int(path.stem.rsplit("_s", 1)[1])
     bank = filter_features(run.volume.image, spacing=run.volume.spacing)
     features = bank.reshape(bank.shape[0], -1)
-    sparse = run.sparse.reshape(-1)
-    labels = np.full(sparse.shape, IGNORE, dtype=np.int64)
-    for index, value in enumerate(run.classes):
-        labels[sparse == value] = index
-    voxels = training_voxels(labels, seed)
-    result = {"run": path.stem, "annotated": int((labels != IGNORE).sum()),
+    labels = encode_labels(run.sparse, run.classes, IGNORE).reshape(-1)
+    annotated = np.flatnonzero(labels != UNLABELED)
+    voxels = training_sample(annotated, FOREST_TRAIN_VOXELS, seed)  # as densify's forest samples them
+    result = {"run": path.stem, "annotated": int(annotated.size),
               "saved forest": {"alone": run.score(run.forest), "blend": run.score(geometric_mean(run.forest, run.network))}}
     for name in names:
         with threadpool_limits(1):

@@ -66,11 +66,12 @@ def hippocampus_cases(count: int) -> list[str]:
     return [p.name.removesuffix(".nii.gz") for p in sorted((SHARED_DATA / "hippocampus" / "images").glob("*.nii.gz"))[:count]]
 
 
-def training_set(image, truth, slices, spacing):
+def training_set(image, truth, slices, spacing, normalization: str = "zscore"):
     """(TrainingSet of the kept slices, sparse label volume with IGNORE elsewhere)."""
     sparse = sparsify(truth, slices, IGNORE)
     classes = sorted(int(v) for v in np.unique(truth))
-    data = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=spacing)
+    data = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=spacing,
+                                normalization=normalization)
     return data, sparse
 
 
@@ -106,9 +107,10 @@ def cpu_budget_config(data, cpu_budget: float, seed: int, **changes):
                                checkpoint_every=1e9, **changes)
 
 
-def run_unet(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, recipe=None, tta: bool = False) -> dict:
+def run_unet(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, recipe=None, tta: bool = False,
+             normalization: str = "zscore") -> dict:
     """Densify's recipe (changed by `recipe(config) -> config`) trained for `cpu_budget` CPU seconds."""
-    data, sparse = training_set(image, truth, slices, spacing)
+    data, sparse = training_set(image, truth, slices, spacing, normalization)
     config = cpu_budget_config(data, cpu_budget, seed)
     if recipe is not None:
         config = recipe(config)
@@ -117,8 +119,12 @@ def run_unet(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, re
         result = train(config, data, Path(folder) / "model.safetensors", progress=False)
     probabilities = predict_array(result.model, data.images[0].numpy(), tta=tta)
     spent = cost.stop()
-    prediction = decode_labels(probabilities.argmax(0), data.class_values)
-    return {**score(prediction, truth, sparse), **spent, "iterations": result.iterations}
+    return {**score_probabilities(probabilities, data, truth, sparse), **spent, "iterations": result.iterations}
+
+
+def score_probabilities(probabilities, data, truth, sparse) -> dict:
+    """`score` of the most probable class of a network's (K, Z, Y, X) probabilities."""
+    return score(decode_labels(probabilities.argmax(0), data.class_values), truth, sparse)
 
 
 def run_densify(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, **options) -> dict:

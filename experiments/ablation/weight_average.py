@@ -21,9 +21,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_budget_config, load_volume, score, training_set  # noqa: E402
+from common import cpu_budget_config, load_volume, score_probabilities, training_set  # noqa: E402
 
-from unet3d.data.labels import decode_labels  # noqa: E402
 from unet3d.inference import predict_array  # noqa: E402
 from unet3d.training import trainer  # noqa: E402
 
@@ -69,8 +68,8 @@ def main() -> None:
     row = {"volume": volume, "slices": list(slices), "seed": seed, "budget": budget, "iterations": result.iterations}
     for name, model in models.items():
         model = model.to(memory_format=torch.contiguous_format)
-        labels = decode_labels(predict_array(model, data.images[0].numpy()).argmax(0), data.class_values)
-        row[name] = round(score(labels, truth, sparse)["foreground"], 4)
+        probabilities = predict_array(model, data.images[0].numpy())
+        row[name] = round(score_probabilities(probabilities, data, truth, sparse)["foreground"], 4)
     print(json.dumps(row), flush=True)
 
 

@@ -103,9 +103,7 @@ def fit_forest(features: np.ndarray, labels: np.ndarray, voxels: np.ndarray, n_t
     prediction of all N voxels (extrapolated from one chunk) stay within it; 10 trees at least.
     The trees are those a forest of their number fitted at once would have (same seed).
     """
-    if max_train_voxels is not None and voxels.size > max_train_voxels:
-        rng = np.random.default_rng(seed)
-        voxels = np.sort(rng.choice(voxels, max_train_voxels, replace=False))
+    voxels = training_sample(voxels, max_train_voxels, seed)
     x, y = features[:, voxels].T, labels[voxels]
     if seconds is None:
         return make_forest(n_trees, seed, n_jobs).fit(x, y)
@@ -119,6 +117,13 @@ def fit_forest(features: np.ndarray, labels: np.ndarray, voxels: np.ndarray, n_t
             break
         forest.set_params(n_estimators=grown).fit(x, y)
     return forest
+
+
+def training_sample(voxels: np.ndarray, max_voxels: int | None, seed: int) -> np.ndarray:
+    """The flat indices a forest is fitted on: all of `voxels`, or a seeded sample of max_voxels."""
+    if max_voxels is None or voxels.size <= max_voxels:
+        return voxels
+    return np.sort(np.random.default_rng(seed).choice(voxels, max_voxels, replace=False))
 
 
 def _prediction_seconds(forest: RandomForestClassifier, features: np.ndarray, clock) -> float:
