@@ -14,7 +14,7 @@ from unet3d.baselines.features import feature_memory_shortfall, raw_channels
 from unet3d.cli.options import int_triple
 from unet3d.errors import UserError
 from unet3d.inference import choose_output_tile, estimate_tile_bytes, predict_volume
-from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, resolve_device
+from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, default_max_memory, resolve_device
 from unet3d.inference.tiling import blend_bytes
 from unet3d.io import open_volume, parse_spec
 from unet3d.model import load_model
@@ -65,7 +65,8 @@ def register(subparsers) -> None:
     parser.add_argument("--tile", type=int_triple, metavar="Z,Y,X",
                         help="output tile size, rounded to the network's grid (default: the largest that fits --max-memory)")
     parser.add_argument("--max-memory", type=memory_size, metavar="SIZE",
-                        help=f"memory for one batch of tiles, e.g. 2G or 512M (default {DEFAULT_MAX_MEMORY >> 30}G)")
+                        help=f"memory for one batch of tiles, e.g. 2G or 512M (default {DEFAULT_MAX_MEMORY >> 30}G on the CPU, "
+                        "half the free memory of a GPU)")
     parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="tiles per forward pass (default 1)")
     parser.add_argument("--overlap", type=float, default=0.25,
                         help="same-padding models only: fraction by which blended windows overlap (default 0.25)")
@@ -93,7 +94,8 @@ def run(args) -> int:
         if feature_memory_shortfall(args.image, source.shape, features):
             print(f"{args.image}: the filter bank of the whole volume does not fit in free memory; "
                   "computing it tile by tile (slower)")
-        tile = args.tile or _tile_for_budget(model.config, source.shape[1:], args.max_memory, args.batch_size, args.overlap)
+        tile = args.tile or _tile_for_budget(model.config, source.shape[1:], args.max_memory, args.batch_size,
+                                             args.overlap, device)
         summary = predict_volume(
             model, info, source, args.output, args.probabilities, args.uncertainty,
             tile=tile, batch_size=args.batch_size, tta=args.tta, device=str(device), overlap=args.overlap, progress=True,
@@ -151,14 +153,15 @@ def _check_image(spec: str, shape: tuple, model_path: str, in_channels: int) -> 
         )
 
 
-def _tile_for_budget(config, shape, max_memory: int | None, batch_size: int, overlap: float) -> tuple[int, int, int]:
-    budget = max_memory or DEFAULT_MAX_MEMORY
+def _tile_for_budget(config, shape, max_memory: int | None, batch_size: int, overlap: float,
+                     device: torch.device) -> tuple[int, int, int]:
+    budget = max_memory or default_max_memory(device)
     try:
-        tile = choose_output_tile(config, shape, budget, batch_size, overlap)
+        tile = choose_output_tile(config, shape, budget, batch_size, overlap, device.type)
     except ValueError as exc:
         raise UserError(f"--max-memory {budget / 2**20:.0f}M: too small, {exc}") from None
     accumulators = blend_bytes(config, shape, tile)  # 0 for valid padding, whose tile is the output tile
-    excess = estimate_tile_bytes(config, tile, batch_size) + accumulators - budget if accumulators else 0
+    excess = estimate_tile_bytes(config, tile, batch_size, device.type) + accumulators - budget if accumulators else 0
     if excess > 0:
         print(f"note: blending windows over {shape[1]}×{shape[2]} planes takes about {excess / 2**20:.0f} MiB beyond "
               f"--max-memory (accumulators of {accumulators / 2**20:.0f} MiB; a valid-padding model streams within it)",

@@ -87,31 +87,37 @@ def _im2col_bytes(weight: torch.Tensor, output: torch.Tensor) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_network(config: UNetConfig) -> UNet:
-    """The network as prediction runs it (batch norm folded away), without any weights."""
+def _meta_network(config: UNetConfig, device_type: str) -> UNet:
+    """The network as prediction runs it on `device_type` (batch norm folded away; on CUDA in float16,
+    as autocast runs it there), without any weights."""
     from unet3d.inference.predictor import fold_batch_norm
 
     with torch.device("meta"):
-        return fold_batch_norm(UNet(config).eval())
+        net = fold_batch_norm(UNet(config).eval())
+    return net.half() if device_type == "cuda" else net
 
 
-def forward_peak_bytes(config: UNetConfig, input_shape, batch_size: int = 1) -> int:
-    """Most bytes one inference pass (input tile → class probabilities) holds at once."""
-    net = _meta_network(config)
+@functools.lru_cache(maxsize=4096)
+def forward_peak_bytes(config: UNetConfig, input_shape: tuple, batch_size: int = 1, device_type: str = "cpu") -> int:
+    """Most bytes one inference pass (input tile → class probabilities) holds at once on `device_type`.
+    Cached: choosing a tile replays the pass for a hundred candidate shapes (a few seconds)."""
+    net = _meta_network(config, device_type)
+    dtype = torch.float16 if device_type == "cuda" else torch.float32
     counter = _LiveBytes()
     with torch.no_grad(), counter:
-        x = torch.empty(batch_size, config.in_channels, *input_shape, device="meta")
+        x = torch.empty(batch_size, config.in_channels, *input_shape, device="meta", dtype=dtype)
         if config.dims == 3:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         logits = net(x)
-        probabilities = torch.softmax(logits, dim=1).contiguous()
+        probabilities = torch.softmax(logits.float(), dim=1).contiguous()
         del x, logits, probabilities
-    return counter.peak + counter.scratch
+    scratch = counter.scratch if device_type == "cpu" else 0  # oneDNN's im2col; cuDNN's workspace is not modelled
+    return counter.peak + scratch
 
 
-def estimate_tile_bytes(config: UNetConfig, input_shape, batch_size: int = 1) -> int:
+def estimate_tile_bytes(config: UNetConfig, input_shape, batch_size: int = 1, device_type: str = "cpu") -> int:
     """Peak memory of one batch of tiles: the forward pass, the input batch as read from disk,
     and one more copy of the probabilities for the outputs computed from them."""
     read = 4 * batch_size * config.in_channels * math.prod(input_shape)
     output = 4 * batch_size * config.num_classes * math.prod(config.geometry.output_shape(input_shape))
-    return forward_peak_bytes(config, input_shape, batch_size) + read + output
+    return forward_peak_bytes(config, tuple(input_shape), batch_size, device_type) + read + output

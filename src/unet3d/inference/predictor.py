@@ -23,7 +23,7 @@ from tqdm import tqdm
 from unet3d.baselines.features import feature_memory_shortfall, region_with_input_features, with_input_features
 from unet3d.data.normalization import apply_normalization, for_volume
 from unet3d.inference.memory import fix_mmap_threshold
-from unet3d.inference.tiling import TilePlan, choose_output_tile, gaussian_weight, plan_tiles, read_mirrored
+from unet3d.inference.tiling import TilePlan, choose_output_tile, gaussian_weight, mirrored_box, plan_tiles
 from unet3d.model.unet import TestTimeBatchNorm, UNet
 
 DEFAULT_MAX_MEMORY = 1 << 30
@@ -65,6 +65,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def default_max_memory(device: torch.device) -> int:
+    """Memory budget when none is given: 1 GiB of the host's, or half of a GPU's free memory (the
+    estimate for CUDA counts float16 activations without cuDNN's workspace; the other half is its margin)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return DEFAULT_MAX_MEMORY
+
+
 def prepare_network(model: UNet, device: torch.device) -> UNet:
     """The network as prediction runs it: batch norm folded, eval mode, on `device`, and for 3D
     nets channels-last (measured 1.3-2.2x faster on CPU)."""
@@ -85,10 +93,10 @@ def _flip_sets(dims: int) -> list[tuple[int, ...]]:
     return [flip for r in range(len(axes) + 1) for flip in combinations(axes, r)]
 
 
-def tile_probabilities(net: UNet, batch: np.ndarray, device: torch.device, tta: bool = False) -> np.ndarray:
-    """Softmax probabilities (N, K, ...) of a batch of input tiles (N, C, ...); with `tta` the
-    mean over all mirrored versions of each tile."""
-    x = torch.from_numpy(batch).to(device)
+def tile_probabilities(net: UNet, batch, device: torch.device, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities (N, K, ...) on `device` of a batch of input tiles (N, C, ...), an array
+    or a tensor; with `tta` the mean over all mirrored versions of each tile."""
+    x = torch.as_tensor(batch, device=device)
     if net.config.dims == 3:
         x = x.to(memory_format=torch.channels_last_3d)
     flips = _flip_sets(net.config.dims) if tta else [()]
@@ -99,16 +107,27 @@ def tile_probabilities(net: UNet, batch: np.ndarray, device: torch.device, tta: 
             probs = torch.softmax(logits.float(), dim=1)
             probs = torch.flip(probs, axes) if axes else probs
             total = probs if total is None else total + probs
-    return (total / len(flips)).contiguous().cpu().numpy()
+    return (total / len(flips)).contiguous()
+
+
+def read_tile(read, plan: TilePlan, start, device: torch.device) -> torch.Tensor:
+    """The (C, ...) input tile of the output tile at `start` on `device`, mirrored there at the
+    volume's borders from the one box read."""
+    data, positions = mirrored_box(read, plan.volume_shape, plan.input_start(start), plan.input_shape)
+    x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(device)
+    for axis, where in enumerate(positions, start=1):
+        if where is not None:
+            x = x.index_select(axis, torch.from_numpy(where).to(device))
+    return x
 
 
 def _tile_outputs(net, read, plan: TilePlan, device, batch_size: int, tta: bool, progress: bool):
-    """(output start, probabilities over the tile's whole network output) per tile, in order."""
+    """(output start, probabilities over the tile's whole network output, on `device`) per tile, in order."""
     with tqdm(total=len(plan.starts), unit="tile", disable=not progress, desc="predict") as bar:
         for first in range(0, len(plan.starts), batch_size):
             starts = plan.starts[first:first + batch_size]
-            batch = np.stack([read_mirrored(read, plan.volume_shape, plan.input_start(s), plan.input_shape) for s in starts])
-            yield from zip(starts, tile_probabilities(net, batch.astype(np.float32, copy=False), device, tta))
+            batch = torch.stack([read_tile(read, plan, s, device) for s in starts])
+            yield from zip(starts, tile_probabilities(net, batch, device, tta))
             bar.update(len(starts))
 
 
@@ -121,7 +140,7 @@ def iter_regions(net, read, plan: TilePlan, device, batch_size: int = 1, tta: bo
         return
     for start, probs in tiles:
         region = plan.output_region(start)
-        yield region, probs[(slice(None),) + _extent(region)]
+        yield region, probs[(slice(None),) + _extent(region)].cpu().numpy()
 
 
 def _extent(region) -> tuple[slice, ...]:
@@ -129,36 +148,40 @@ def _extent(region) -> tuple[slice, ...]:
 
 
 def _blend_rows(tiles, plan: TilePlan):
-    """Weighted mean of overlapping windows. Windows arrive in z order, so everything above the
-    current window's z start is final and handed on at once: only about one window depth of
-    accumulators is ever held."""
+    """Weighted mean of overlapping windows, accumulated where the windows were computed (on a GPU
+    the host would spend longer blending than the network computing). Windows arrive in z order,
+    so everything above the current window's z start is final and handed on at once: only about
+    one window depth of accumulators is ever held."""
     _, height, width = plan.volume_shape
-    weight = gaussian_weight(plan.output_shape)
-    origin, acc, total = 0, None, np.zeros((0, height, width), np.float32)
+    origin, acc, total, weight = 0, None, None, None
     for start, probs in tiles:
         if acc is None:
-            acc = np.zeros((probs.shape[0], 0, height, width), np.float32)
+            acc = probs.new_zeros((probs.shape[0], 0, height, width))
+            total = probs.new_zeros((0, height, width))
+            weight = torch.from_numpy(gaussian_weight(plan.output_shape)).to(probs.device)
         if start[0] > origin:
             done = start[0] - origin
-            yield (slice(origin, start[0]), slice(0, height), slice(0, width)), acc[:, :done] / total[:done]
+            yield (slice(origin, start[0]), slice(0, height), slice(0, width)), (acc[:, :done] / total[:done]).cpu().numpy()
             acc, total, origin = acc[:, done:], total[done:], start[0]
         region = plan.output_region(start)
         grow = region[0].stop - origin - total.shape[0]
         if grow > 0:
-            acc = np.concatenate([acc, np.zeros((acc.shape[0], grow, height, width), np.float32)], axis=1)
-            total = np.concatenate([total, np.zeros((grow, height, width), np.float32)])
+            acc = torch.cat([acc, acc.new_zeros((acc.shape[0], grow, height, width))], dim=1)
+            total = torch.cat([total, total.new_zeros((grow, height, width))])
         local = (slice(region[0].start - origin, region[0].stop - origin),) + region[1:]
         w = weight[_extent(region)]
-        acc[(slice(None),) + local] += w * probs[(slice(None),) + _extent(region)]
-        total[local] += w
-    yield (slice(origin, plan.volume_shape[0]), slice(0, height), slice(0, width)), acc / total
+        acc[(slice(None),) + local].addcmul_(w, probs[(slice(None),) + _extent(region)])
+        total[local].add_(w)
+    yield (slice(origin, plan.volume_shape[0]), slice(0, height), slice(0, width)), (acc / total).cpu().numpy()
 
 
 def make_plan(model: UNet, shape, tile=None, max_memory: int | None = None, batch_size: int = 1,
-              overlap: float = 0.25) -> TilePlan:
-    """Tiles for a volume: `tile` (output tile size) if given, else the largest fitting the budget."""
+              overlap: float = 0.25, device: torch.device = torch.device("cpu")) -> TilePlan:
+    """Tiles for a volume: `tile` (output tile size) if given, else the largest whose batch fits the
+    budget on `device` (default_max_memory if none is given)."""
     if tile is None:
-        tile = choose_output_tile(model.config, shape, max_memory or DEFAULT_MAX_MEMORY, batch_size, overlap)
+        budget = max_memory or default_max_memory(device)
+        tile = choose_output_tile(model.config, shape, budget, batch_size, overlap, device.type)
     return plan_tiles(model.config, shape, tile, overlap)
 
 
@@ -167,8 +190,8 @@ def predict_array(model: UNet, image: np.ndarray, *, tile=None, max_memory: int 
     """Class probabilities (K, Z, Y, X) float32 of a normalized (C, Z, Y, X) float32 image."""
     if image.ndim != 4 or image.shape[0] != model.config.in_channels:
         raise ValueError(f"expected a ({model.config.in_channels}, Z, Y, X) image, got shape {image.shape}")
-    plan = make_plan(model, image.shape[1:], tile, max_memory, batch_size, overlap)
     device = resolve_device(device)
+    plan = make_plan(model, image.shape[1:], tile, max_memory, batch_size, overlap, device)
     net = prepare_network(model, device)
     out = np.empty((model.config.num_classes, *image.shape[1:]), np.float32)
     read = lambda box: image[(slice(None),) + box]  # noqa: E731
@@ -223,8 +246,8 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     shape = tuple(source.shape[1:])
     normalization = info.get("normalization") or {"method": "none", "channels": config.in_channels}
     class_values = np.asarray(info.get("class_values") or range(config.num_classes))
-    plan = make_plan(model, shape, tile, max_memory, batch_size, overlap)
     device = resolve_device(device)
+    plan = make_plan(model, shape, tile, max_memory, batch_size, overlap, device)
     net = prepare_network(model, device)
     read = region_reader(source, normalization, info.get("input_features"))
     counts = np.zeros(config.num_classes, np.int64)
