@@ -306,12 +306,27 @@ def _mib(value) -> str:
     return "–" if value is None else f"{value:,.0f}"
 
 
+def training_tables(config, shape, device, repeats: int, quick: bool) -> None:
+    print(f"\n### Training step, {'tiny network' if quick else 'the paper network'}, input "
+          f"{'×'.join(map(str, shape))} → {'×'.join(map(str, config.geometry.output_shape(shape)))}, batch 1\n")
+    print("| option | first step s | s/step | iterations/s | × paper (0.27/s) | peak MiB |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    for row in paper_rows(config, shape, device, repeats):
+        print(row, flush=True)
+    width, patch = (4, 32) if quick else (PEER_WIDTH, PEER_PATCH)
+    print(f"\n### Training step against the peers, first width {width}, {patch}³ patch, batch 1\n")
+    print("| network | precision | s/step | Mvoxel/s | time / unet3d's | peak MiB |\n|---|---|---:|---:|---:|---:|")
+    for row in peer_rows(width, patch, device, repeats):
+        print(row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (CPU without a GPU): for CI")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, help="timed calls per row (default 5, quick 1)")
     parser.add_argument("--volume", type=int, help="edge of the predicted cube (default 256, quick 32)")
+    parser.add_argument("--part", choices=("all", "training", "prediction"), default="all", help="which tables to run")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda" and not args.quick:
@@ -321,17 +336,10 @@ def main() -> None:
     config, shape = (QUICK_CONFIG, QUICK_INPUT) if args.quick else (PRESETS["paper"], PAPER_INPUT)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}")
-    print(f"\n### Training step, {'tiny network' if args.quick else 'the paper network'}, input "
-          f"{'×'.join(map(str, shape))} → {'×'.join(map(str, config.geometry.output_shape(shape)))}, batch 1\n")
-    print("| option | first step s | s/step | iterations/s | × paper (0.27/s) | peak MiB |\n"
-          "|---|---:|---:|---:|---:|---:|")
-    for row in paper_rows(config, shape, device, repeats):
-        print(row, flush=True)
-    width, patch = (4, 32) if args.quick else (PEER_WIDTH, PEER_PATCH)
-    print(f"\n### Training step against the peers, first width {width}, {patch}³ patch, batch 1\n")
-    print("| network | precision | s/step | Mvoxel/s | time / unet3d's | peak MiB |\n|---|---|---:|---:|---:|---:|")
-    for row in peer_rows(width, patch, device, repeats):
-        print(row, flush=True)
+    if args.part != "prediction":
+        training_tables(config, shape, device, repeats, args.quick)
+    if args.part == "training":
+        return
     size = args.volume or (32 if args.quick else 256)
     print(f"\n### Prediction of a {size}³ volume (probabilities back on the host)\n")
     print("| method | budget MiB | window | planning s | Mvoxel/s | first call s | seconds | estimate MiB | peak MiB |\n"

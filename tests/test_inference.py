@@ -5,6 +5,7 @@ from torch import nn
 
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.inference import choose_output_tile, estimate_tile_bytes, fold_batch_norm, plan_tiles, predict_array, reflect_index
+from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, default_max_memory, read_tile
 from unet3d.inference.tiling import gaussian_weight, grid_step
 from unet3d.model import UNet, UNetConfig
 from unet3d.model import unet
@@ -46,6 +47,21 @@ def test_reflect_index_is_numpys_reflect_padding_even_far_beyond_tiny_volumes():
         values = np.arange(n)
         expected = np.pad(values, (23, 31), mode="reflect")
         assert np.array_equal(values[reflect_index(np.arange(-23, n + 31), n)], expected)
+
+
+@pytest.mark.parametrize("start", [(-5, 3, 0), (-23, -9, 14), (8, -2, 17), (0, 0, 0)])
+def test_tiles_read_at_borders_are_the_mirror_padded_volume(start):
+    """read_tile reads one box and mirrors it where the tile goes; the tile equals numpy's reflect
+    padding of the volume, also where it reaches past a tiny axis more than once."""
+    volume = np.random.default_rng(0).standard_normal((2, 6, 11, 20), dtype=np.float32)
+    config = UNetConfig(in_channels=2, num_classes=2, width=2, levels=2, padding="valid")
+    plan = plan_tiles(config, volume.shape[1:], (4, 4, 4))
+    size = plan.input_shape
+    begin = tuple(s + plan.input_start((0, 0, 0))[a] for a, s in enumerate(start))
+    pad = [(0, 0)] + [(50, 50)] * 3
+    expected = np.pad(volume, pad, mode="reflect")[(slice(None),) + tuple(slice(b + 50, b + 50 + k) for b, k in zip(begin, size))]
+    tile = read_tile(lambda box: volume[(slice(None),) + box], plan, start, torch.device("cpu"))
+    assert tile.shape == (2, *size) and np.array_equal(tile.numpy(), expected)
 
 
 def test_tiles_reproduce_one_whole_volume_pass(nuclei):
@@ -157,3 +173,7 @@ def test_memory_budget_picks_larger_tiles_for_more_memory():
     assert choose_output_tile(config, (20, 30, 30), 4 << 30) == (24, 32, 32)  # never beyond the volume
     with pytest.raises(ValueError, match="smallest tile"):
         choose_output_tile(config, (200, 200, 200), 1 << 20)
+
+
+def test_cpu_budget_defaults_to_one_gibibyte():
+    assert default_max_memory(torch.device("cpu")) == DEFAULT_MAX_MEMORY == 1 << 30

@@ -132,15 +132,16 @@ def _tile_outputs(net, read, plan: TilePlan, device, batch_size: int, tta: bool,
 
 
 def iter_regions(net, read, plan: TilePlan, device, batch_size: int = 1, tta: bool = False,
-                 progress: bool = False) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
-    """Final probabilities (K, z, y, x) region by region; the regions tile the volume exactly."""
+                 progress: bool = False) -> Iterator[tuple[tuple[slice, ...], torch.Tensor]]:
+    """Final probabilities (K, z, y, x) region by region, still on `device` (copied once, to where
+    the caller keeps them); the regions tile the volume exactly."""
     tiles = _tile_outputs(net, read, plan, device, batch_size, tta, progress)
     if plan.blended:
         yield from _blend_rows(tiles, plan)
         return
     for start, probs in tiles:
         region = plan.output_region(start)
-        yield region, probs[(slice(None),) + _extent(region)].cpu().numpy()
+        yield region, probs[(slice(None),) + _extent(region)]
 
 
 def _extent(region) -> tuple[slice, ...]:
@@ -161,7 +162,7 @@ def _blend_rows(tiles, plan: TilePlan):
             weight = torch.from_numpy(gaussian_weight(plan.output_shape)).to(probs.device)
         if start[0] > origin:
             done = start[0] - origin
-            yield (slice(origin, start[0]), slice(0, height), slice(0, width)), (acc[:, :done] / total[:done]).cpu().numpy()
+            yield (slice(origin, start[0]), slice(0, height), slice(0, width)), acc[:, :done] / total[:done]
             acc, total, origin = acc[:, done:], total[done:], start[0]
         region = plan.output_region(start)
         grow = region[0].stop - origin - total.shape[0]
@@ -172,7 +173,7 @@ def _blend_rows(tiles, plan: TilePlan):
         w = weight[_extent(region)]
         acc[(slice(None),) + local].addcmul_(w, probs[(slice(None),) + _extent(region)])
         total[local].add_(w)
-    yield (slice(origin, plan.volume_shape[0]), slice(0, height), slice(0, width)), (acc / total).cpu().numpy()
+    yield (slice(origin, plan.volume_shape[0]), slice(0, height), slice(0, width)), acc / total
 
 
 def make_plan(model: UNet, shape, tile=None, max_memory: int | None = None, batch_size: int = 1,
@@ -195,8 +196,9 @@ def predict_array(model: UNet, image: np.ndarray, *, tile=None, max_memory: int 
     net = prepare_network(model, device)
     out = np.empty((model.config.num_classes, *image.shape[1:]), np.float32)
     read = lambda box: image[(slice(None),) + box]  # noqa: E731
+    target = torch.from_numpy(out)
     for region, probs in iter_regions(net, read, plan, device, batch_size, tta, progress):
-        out[(slice(None),) + region] = probs
+        target[(slice(None),) + region].copy_(probs)
     return out
 
 
@@ -261,6 +263,7 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
         probabilities = open_writer(prob_out, (config.num_classes, *shape), np.float16)
         uncertainty = open_writer(uncertainty_out, shape, np.float32)
         for region, probs in iter_regions(net, read, plan, device, batch_size, tta, progress):
+            probs = probs.cpu().numpy()
             winners = probs.argmax(axis=0)
             counts += np.bincount(winners.ravel(), minlength=config.num_classes)
             if labels:
