@@ -33,6 +33,7 @@ bench: $(STAMP)
 # Short runs that keep the benchmark code working (no timing assertions); part of CI.
 bench-quick: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f --quick || exit 1; done
+	$(BIN)/python benchmarks/bench_predict.py --quick --planning --repeats 1
 
 # The paper's experiments on the real volumes in ../shared/data (hours; resumable).
 experiments: $(STAMP)

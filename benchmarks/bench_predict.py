@@ -10,7 +10,8 @@ lives in a separate environment so the product's stays small:
     .venv-bench/bin/python benchmarks/bench_predict.py [--quick] [--repeats 3] [--max-memory 2048]
 
 Also: `--streaming` measures peak memory of HDF5→HDF5 and Zarr→Zarr prediction for volumes of
-growing size under one memory budget; `--memory-model` compares the tile memory estimate with measured peaks."""
+growing size under one memory budget; `--memory-model` compares the tile memory estimate with measured peaks;
+`--planning` times the choice of the tile (memory estimates replayed for candidate shapes)."""
 
 from __future__ import annotations
 
@@ -339,6 +340,37 @@ def model_one(job: dict) -> dict:
     return {"shape": shape, "peak_mib": rss_mib() - before, "estimate_mib": estimate_tile_bytes(config, shape) / 2**20}
 
 
+PLANNING_VOLUMES = ((64, 200, 200), (20, 512, 512), (256, 256, 256), (384, 384, 384), (1000, 64, 64))
+
+
+def planning(args) -> None:
+    """Seconds and memory estimates (forward-pass replays) to choose the tile of a first-width-16
+    network, from empty caches, on the CPU's default budget and on a 40 GiB GPU's."""
+    from unet3d.inference import choose_output_tile
+    from unet3d.inference.memory import _meta_network, forward_peak_bytes
+    from unet3d.model import UNetConfig
+
+    volumes = ((32, 64, 64),) if args.quick else PLANNING_VOLUMES
+    budgets = (("cpu", 48 if args.quick else 1024),) if args.quick else (("cpu", 1024), ("cuda", 40960))
+    print("| padding | volume | device, budget MiB | tile | estimates | seconds |")
+    print("|---|---|---|---|---:|---:|")
+    for padding in ("valid", "same"):
+        config = UNetConfig(in_channels=1, num_classes=2, width=4 if args.quick else 16, levels=3 if args.quick else 4,
+                            padding=padding)
+        for volume in volumes:
+            for device_type, budget in budgets:
+                times = []
+                for _ in range(args.repeats):
+                    forward_peak_bytes.cache_clear()
+                    _meta_network.cache_clear()
+                    start = time.perf_counter()
+                    tile = choose_output_tile(config, volume, budget << 20, device_type=device_type)
+                    times.append(time.perf_counter() - start)
+                estimates = forward_peak_bytes.cache_info().misses
+                print(f"| {padding} | {_x(volume)} | {device_type}, {budget} | {_x(tile)} | {estimates} | "
+                      f"{np.median(times):.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small volumes and network (under a minute)")
@@ -351,6 +383,7 @@ def main() -> None:
                         help="--streaming: volume shapes, e.g. 64x256x256,256x512x512")
     parser.add_argument("--formats", default="hdf5,zarr", help="--streaming: hdf5, zarr or both (default)")
     parser.add_argument("--memory-model", action="store_true", help="tile memory estimate against measured peaks instead")
+    parser.add_argument("--planning", action="store_true", help="time the choice of the tile instead")
     parser.add_argument("--max-memory", type=int, help="MiB for the tile choice (default 48 with --quick, else 1024; --streaming 128)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per case; the median is reported")
@@ -364,6 +397,8 @@ def main() -> None:
         streaming(args)
     elif args.memory_model:
         memory_model(args)
+    elif args.planning:
+        planning(args)
     else:
         comparison(args)
 

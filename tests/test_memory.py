@@ -88,6 +88,27 @@ def test_valid_tiles_read_less_than_near_cubic_ones(volume):
     assert tiles_work(config, volume, tile) <= tiles_work(config, volume, cube)
 
 
+@pytest.mark.parametrize("volume, budget", [((256, 256, 256), 120**3), ((1000, 64, 64), 500 * 64 * 64), ((20, 512, 512), 100**3), ((40, 40, 40), 10**9)])
+def test_near_cubic_tile_is_as_large_as_fits_and_asks_few_estimates(volume, budget):
+    """Every axis stops at the volume or where one more grid step would exceed the budget, with the
+    axes grown as evenly as they can be; found with a few estimates, not one per step."""
+    config = UNetConfig(in_channels=1, num_classes=2, width=8, levels=4, padding="same")
+    calls = []
+
+    def need(tile):
+        calls.append(tuple(tile))
+        return math.prod(tile)
+
+    tile = near_cubic_tile(config, volume, budget, need)
+    assert math.prod(tile) <= budget
+    for axis, step in enumerate((8, 8, 8)):
+        grown = list(tile)
+        grown[axis] += step
+        assert grown[axis] > max(volume[axis], step) or math.prod(grown) > budget
+        assert tile[axis] == min(-(-volume[axis] // step) * step, max(tile)) or math.prod(grown) > budget
+    assert len(calls) <= 30
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_mmap_threshold_is_set_on_glibc():
     import platform

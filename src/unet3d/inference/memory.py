@@ -100,7 +100,7 @@ def _meta_network(config: UNetConfig, device_type: str) -> UNet:
 @functools.lru_cache(maxsize=4096)
 def forward_peak_bytes(config: UNetConfig, input_shape: tuple, batch_size: int = 1, device_type: str = "cpu") -> int:
     """Most bytes one inference pass (input tile → class probabilities) holds at once on `device_type`.
-    Cached: choosing a tile replays the pass for a hundred candidate shapes (a few seconds)."""
+    Cached: choosing a tile replays the pass for a few dozen candidate shapes."""
     net = _meta_network(config, device_type)
     dtype = torch.float16 if device_type == "cuda" else torch.float32
     counter = _LiveBytes()

@@ -190,8 +190,12 @@ def blend_bytes(config: UNetConfig, volume_shape, window) -> int:
 
 
 def near_cubic_tile(config: UNetConfig, volume_shape, max_memory: int, need) -> tuple[int, int, int]:
-    """Largest tile with need(tile) ≤ max_memory grown one grid step at a time along its smallest
-    axis, never beyond the volume."""
+    """Largest tile with need(tile) ≤ max_memory grown along its smallest axis, never beyond the volume.
+
+    Each call of `need` replays a forward pass (tens of milliseconds, more for long tiles), so the
+    axes still growing are raised together to the largest level that fits by bisection, and only
+    then one grid step at a time: about 20 estimates instead of one per step (up to 140).
+    """
     steps = [grid_step(config.geometry, a) for a in range(3)]
     caps = [_round_up(n, s) for n, s in zip(volume_shape, steps)]
     tile = list(steps)
@@ -199,6 +203,10 @@ def near_cubic_tile(config: UNetConfig, volume_shape, max_memory: int, need) -> 
         raise ValueError(f"the smallest tile needs about {need(tile) / 2**20:.0f} MiB, more than the memory budget")
     growing = [a for a in range(3) if tile[a] < caps[a]]
     while growing:
+        tile = _raise_together(tile, growing, steps, caps, lambda t: need(t) <= max_memory)
+        growing = [a for a in growing if tile[a] < caps[a]]
+        if not growing:
+            break
         axis = min(growing, key=lambda a: tile[a])
         candidate = list(tile)
         candidate[axis] += steps[axis]
@@ -207,6 +215,27 @@ def near_cubic_tile(config: UNetConfig, volume_shape, max_memory: int, need) -> 
         else:
             growing.remove(axis)
     return tuple(tile)
+
+
+def _raise_together(tile, axes, steps, caps, fits) -> list[int]:
+    """`tile` with each of `axes` raised to the largest common level (rounded down to its grid
+    step, at most its cap, never below its size now) for which fits(tile) holds."""
+    def at_level(level):
+        raised = list(tile)
+        for a in axes:
+            raised[a] = min(caps[a], max(tile[a], level // steps[a] * steps[a]))
+        return raised
+
+    floor = min(tile[a] for a in axes)
+    levels = sorted({size for a in axes for size in range(steps[a], caps[a] + 1, steps[a]) if size >= floor})
+    low, high = 0, len(levels) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(at_level(levels[middle])):
+            low = middle
+        else:
+            high = middle - 1
+    return at_level(levels[low])
 
 
 def tiles_work(config: UNetConfig, volume_shape, tile, overlap: float = 0.25) -> int:
