@@ -25,6 +25,7 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter number from glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 1 << 20
 IM2COL_MAX_CHANNELS = 2
 IM2COL_CAP_BYTES = 128 << 20
+CONVOLUTIONS = (torch.ops.aten.conv3d, torch.ops.aten.convolution, torch.ops.aten.mkldnn_convolution)
 
 
 @functools.cache
@@ -63,7 +64,7 @@ class _LiveBytes(TorchDispatchMode):
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 self._count(tensor.untyped_storage())
-        if func.overloadpacket in (torch.ops.aten.conv3d, torch.ops.aten.convolution):
+        if func.overloadpacket in CONVOLUTIONS:
             self.scratch = max(self.scratch, _im2col_bytes(args[1], out))
         return out
 

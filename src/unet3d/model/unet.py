@@ -104,11 +104,34 @@ def _norm(kind: str, channels: int, dims: int, norm_at_test: str) -> nn.Module:
     return nn.Identity()
 
 
+def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, ...]) -> torch.Tensor:
+    """A 3×3(×3) convolution. At inference on the CPU, a batch of one tile with one or two channels
+    goes to oneDNN: for such inputs with few rows (a slab) PyTorch picks its own im2col
+    convolution, which made the first convolution of a one-channel image 1.3–1.9× slower and a
+    whole prediction 3–7 % slower; oneDNN's sums agree to float rounding."""
+    if _thin_cpu_inference(x):
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1)
+    return (F.conv3d if x.dim() == 5 else F.conv2d)(x, weight, bias, padding=padding)
+
+
+def _thin_cpu_inference(x: torch.Tensor) -> bool:
+    return (x.dim() == 5 and x.shape[0] == 1 and x.shape[1] <= 2 and x.device.type == "cpu"
+            and x.dtype == torch.float32 and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
+            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d (same parameters) whose zero-padded convolution is `convolve`."""
+
+    def _conv_forward(self, x, weight, bias):
+        return convolve(x, weight, bias, self.padding)
+
+
 class ConvBlock(nn.Sequential):
     """Two 3×3(×3) convolutions, each followed by normalization and ReLU."""
 
     def __init__(self, config: UNetConfig, in_ch: int, mid_ch: int, out_ch: int):
-        conv = nn.Conv3d if config.dims == 3 else nn.Conv2d
+        conv = Conv3d if config.dims == 3 else nn.Conv2d
         pad = 1 if config.padding == "same" else 0
         layers = []
         for a, b in ((in_ch, mid_ch), (mid_ch, out_ch)):
@@ -239,10 +262,9 @@ class UNet(nn.Module):
             return block(x)
         top, bottom = int(first == 0), int(end == rows_in)
         pad = int(top or bottom)
-        conv = F.conv3d if x.dim() == 5 else F.conv2d
         for layer in block:
             if isinstance(layer, (nn.Conv3d, nn.Conv2d)):
-                x = conv(x, layer.weight, layer.bias, padding=(pad,) + layer.padding[1:])
+                x = convolve(x, layer.weight, layer.bias, (pad,) + layer.padding[1:])
                 x = x[:, :, pad - top:x.shape[2] - (pad - bottom)]
             else:
                 x = layer(x)
