@@ -158,8 +158,12 @@ def test_same_padding_unet_blends_smoothly(nuclei):
 
 
 def test_gaussian_weight_trusts_the_centre():
-    weight = gaussian_weight((8, 16, 16))
-    assert weight.max() == weight[3:5, 7:9, 7:9].min() and weight.min() > 0
+    weight = gaussian_weight((8, 16, 17))
+    assert weight.shape == (8, 16, 17) and weight.dtype == torch.float32
+    assert weight.max() == 1 == weight[3:5, 7:9, 8].min() and weight.min() == pytest.approx(1e-3)
+    z, y, x = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in (8, 16, 17)), indexing="ij")
+    whole = np.exp(-0.5 * ((z / 1) ** 2 + (y / 2) ** 2 + (x / (17 / 8)) ** 2))
+    np.testing.assert_allclose(weight.numpy(), np.maximum(whole / whole.max(), 1e-3), rtol=1e-6)
 
 
 def test_memory_budget_picks_larger_tiles_for_more_memory():

@@ -159,7 +159,7 @@ def _blend_rows(tiles, plan: TilePlan):
         if acc is None:
             acc = probs.new_zeros((probs.shape[0], 0, height, width))
             total = probs.new_zeros((0, height, width))
-            weight = torch.from_numpy(gaussian_weight(plan.output_shape)).to(probs.device)
+            weight = gaussian_weight(plan.output_shape, probs.device)
         if start[0] > origin:
             done = start[0] - origin
             yield (slice(origin, start[0]), slice(0, height), slice(0, width)), acc[:, :done] / total[:done]
