@@ -105,19 +105,20 @@ def _norm(kind: str, channels: int, dims: int, norm_at_test: str) -> nn.Module:
 
 
 def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, ...]) -> torch.Tensor:
-    """A 3×3(×3) convolution. At inference on the CPU, a batch of one tile with one or two channels
-    goes to oneDNN: for such inputs with few rows (a slab) PyTorch picks its own im2col
-    convolution, which made the first convolution of a one-channel image 1.3–1.9× slower and a
-    whole prediction 3–7 % slower; oneDNN's sums agree to float rounding."""
-    if _thin_cpu_inference(x):
+    """A 3×3(×3) convolution; at inference on the CPU, a 3D one always through oneDNN. PyTorch sends a
+    batch of one whose channels × rows × columns are few (at most 20,480: the first convolution
+    of a tile's slab, every level of a small volume's network) to its own im2col convolution,
+    measured 4–10× slower there for 3–8 channels and 1.3–1.9× for one (a whole prediction of a
+    one-channel 64×200×200 volume: 3–7 %); oneDNN's sums agree to float rounding."""
+    if _onednn_inference(x):
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1)
     return (F.conv3d if x.dim() == 5 else F.conv2d)(x, weight, bias, padding=padding)
 
 
-def _thin_cpu_inference(x: torch.Tensor) -> bool:
-    return (x.dim() == 5 and x.shape[0] == 1 and x.shape[1] <= 2 and x.device.type == "cpu"
-            and x.dtype == torch.float32 and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
-            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+def _onednn_inference(x: torch.Tensor) -> bool:
+    return (x.dim() == 5 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.is_available() and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export())
 
 
 class Conv3d(nn.Conv3d):
