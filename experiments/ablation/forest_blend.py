@@ -11,7 +11,7 @@ Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED 
   save=FILE  also write the forest's and the U-Net's probabilities (float16 .npz) for offline study
              of other ways to combine them (`blend_rules.py`)
   width=W, levels=L, batch=B  the network's first width, its levels and the training batch
-             (default: densify's 8, 3 and 2)
+             (default: densify's 8, 3 and 4)
 
 The filter bank is computed once and serves both the forest and, when densify would add it
 (`choose_inputs`), the network's input. Forest and U-Net are densify's. Prints one JSON line:
