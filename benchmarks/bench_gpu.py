@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import statistics
 import time
 
 import numpy as np
 import torch
 
 from bench_train_step import monai_basicunet_model, pytorch3dunet_model
+from timing import first_and_median_time
 from unet3d.inference import predict_array
 from unet3d.inference.memory import estimate_tile_bytes
 from unet3d.inference.predictor import default_max_memory, make_plan, prepare_network
@@ -84,14 +84,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed(function, repeats: int, device: torch.device) -> tuple[float, float]:
-    """(seconds of the first call, median seconds of `repeats` calls after it), the device drained each time."""
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:])
+    """first_and_median_time with the device drained after each call."""
+    return first_and_median_time(lambda: (function(), synchronize(device)), repeats)
 
 
 @contextlib.contextmanager
