@@ -1,7 +1,8 @@
 """Does averaging the U-Net's and the random forest's class probabilities beat either alone?
 
 Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED BUDGET [notta] [trees=N] [save=FILE]
-       [width=W] [levels=L] [batch=B]
+       [width=W] [levels=L] [batch=B] [lr=RATE] [weighting=W]
+       [patch=Z,Y,X]
   VOLUME   nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN
   SLICES   k per axis, e.g. 1,1,1
   BUDGET   CPU seconds of this process for everything: the filter bank, the forest (fit and
@@ -12,6 +13,9 @@ Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED 
              of other ways to combine them (`blend_rules.py`)
   width=W, levels=L, batch=B  the network's first width, its levels and the training batch
              (default: densify's 8, 3 and 4)
+  lr=RATE  Adam's peak learning rate (default: densify's)
+  weighting=W  the loss's class weighting: inverse_sqrt (densify's), inverse or none
+  patch=Z,Y,X  the training patch (default: densify's 16,40,40 capped by the volume)
 
 The filter bank is computed once and serves both the forest and, when densify would add it
 (`choose_inputs`), the network's input. Forest and U-Net are densify's. Prints one JSON line:
@@ -80,16 +84,21 @@ def prepare_run(name: str, slices: str, seed: int, budget: float, trees: int | N
 
 
 def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, trees: int | None = None,
-         save: str | None = None, shape: dict | None = None, batch: int | None = None) -> dict:
+         save: str | None = None, shape: dict | None = None, batch: int | None = None,
+         learning_rate: float | None = None, weighting: str | None = None, patch: tuple | None = None) -> dict:
     """`trees`: a forest of that many; None: densify's, grown within its share of the budget.
-    `shape`: UNetConfig fields (width, levels) to change; `batch`: the training batch."""
+    `shape`: UNetConfig fields (width, levels) to change; `batch`: the training batch;
+    `learning_rate`: Adam's peak rate; `weighting`: the loss's class weighting; `patch`: the training patch."""
     torch.set_num_threads(1)
     volume, sparse, classes, training, inputs, forest_result, start = prepare_run(name, slices, seed, budget, trees)
     forest = forest_result.probabilities
     seconds_forest = time.process_time() - start
     config = cpu_budget_config(training, max(budget - seconds_forest, 5), seed)
     config = dataclasses.replace(config, network=dataclasses.replace(config.network, **(shape or {})),
-                                 batch_size=batch or config.batch_size)
+                                 batch_size=batch or config.batch_size,
+                                 learning_rate=learning_rate or config.learning_rate,
+                                 class_weighting=weighting or config.class_weighting,
+                                 patch_shape=patch or config.patch_shape)
     with tempfile.TemporaryDirectory() as folder:
         result = train(config, training, Path(folder) / "model.safetensors", progress=False)
     normalized = training.images[0].numpy()
@@ -108,6 +117,8 @@ def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, tre
     scores = {k: protocols._score(volume, decode_labels(v.argmax(0), classes), mask) for k, v in results.items()}
     return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "inputs": inputs,
             "network": f"width {config.network.width}, {config.network.levels} levels, batch {config.batch_size}",
+            "learning_rate": config.learning_rate, "class_weighting": config.class_weighting,
+            "patch": list(config.patch_shape),
             "trees": forest_result.trees,
             "forest_s": round(seconds_forest, 1), "iterations": result.iterations, "cpu_s": round(seconds_total, 1),
             "tta_extra_s": round(seconds_tta, 1), "fg_iou": {k: round(v["mean_iou"], 4) for k, v in scores.items()},
@@ -117,10 +128,13 @@ def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, tre
 if __name__ == "__main__":
     options = sys.argv[5:]
     named = dict(o.split("=", 1) for o in options if "=" in o)
-    if (len(sys.argv) < 5 or set(named) - {"trees", "save", "width", "levels", "batch"}
+    if (len(sys.argv) < 5 or set(named) - {"trees", "save", "width", "levels", "batch", "lr", "weighting", "patch"}
             or any(o != "notta" and "=" not in o for o in options)):
         sys.exit(__doc__)
     print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), tta="notta" not in options,
                           trees=int(named["trees"]) if "trees" in named else None, save=named.get("save"),
                           shape={k: int(named[k]) for k in ("width", "levels") if k in named},
-                          batch=int(named["batch"]) if "batch" in named else None)))
+                          batch=int(named["batch"]) if "batch" in named else None,
+                          learning_rate=float(named["lr"]) if "lr" in named else None,
+                          weighting=named.get("weighting"),
+                          patch=tuple(int(n) for n in named["patch"].split(",")) if "patch" in named else None)))
