@@ -25,19 +25,17 @@ from sklearn.ensemble import RandomForestClassifier
 
 from experiments.ablation import forest_blend
 from experiments.paper import data, protocols
-from experiments.paper.methods import IGNORE, annotated_classes
+from experiments.paper.methods import IGNORE
 from unet3d.baselines.features import filter_features
 from unet3d.baselines.forest import UNLABELED, predict_probabilities, training_sample
 from unet3d.data.labels import decode_labels, encode_labels
 from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, geometric_mean
 
 
-def balanced_forest(name: str, slices: str, seed: int, trees: int, class_weight="balanced_subsample") -> np.ndarray:
-    """(K, Z, Y, X) probabilities of a forest of `trees` trees on densify's bank, class-balanced
-    (`class_weight=None` gives densify's own forest back, as a check)."""
-    volume = data.load(name)
-    sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
-    classes = annotated_classes([sparse])
+def balanced_forest(volume: data.Volume, sparse: np.ndarray, classes: list[int], seed: int, trees: int,
+                    class_weight="balanced_subsample") -> np.ndarray:
+    """(K, Z, Y, X) probabilities of a forest of `trees` trees on densify's bank, fitted on the
+    kept slices `sparse`, class-balanced (`class_weight=None` gives densify's own forest back, as a check)."""
     bank = filter_features(volume.image, spacing=volume.spacing)
     labels = encode_labels(sparse, classes, IGNORE).reshape(-1)
     flat = bank.reshape(bank.shape[0], -1)
@@ -56,7 +54,7 @@ def main(name: str, slices: str, seed: int, budget: float, tta: bool) -> dict:
         classes = [int(c) for c in probabilities["classes"]]
     volume = data.load(name)
     sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
-    forest = balanced_forest(name, slices, seed, result["trees"])
+    forest = balanced_forest(volume, sparse, classes, seed, result["trees"])
     scores = {k: protocols._score(volume, decode_labels(p.argmax(0), classes), sparse == IGNORE)
               for k, p in {"balanced_forest": forest, "balanced": geometric_mean(network, forest)}.items()}
     result["fg_iou"] |= {k: round(v["mean_iou"], 4) for k, v in scores.items()}
