@@ -84,21 +84,16 @@ def prepare_run(name: str, slices: str, seed: int, budget: float, trees: int | N
 
 
 def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, trees: int | None = None,
-         save: str | None = None, shape: dict | None = None, batch: int | None = None,
-         learning_rate: float | None = None, weighting: str | None = None, patch: tuple | None = None) -> dict:
+         save: str | None = None, shape: dict | None = None, recipe: dict | None = None) -> dict:
     """`trees`: a forest of that many; None: densify's, grown within its share of the budget.
-    `shape`: UNetConfig fields (width, levels) to change; `batch`: the training batch;
-    `learning_rate`: Adam's peak rate; `weighting`: the loss's class weighting; `patch`: the training patch."""
+    `shape`: UNetConfig fields (width, levels) to change; `recipe`: TrainConfig fields to change."""
     torch.set_num_threads(1)
     volume, sparse, classes, training, inputs, forest_result, start = prepare_run(name, slices, seed, budget, trees)
     forest = forest_result.probabilities
     seconds_forest = time.process_time() - start
     config = cpu_budget_config(training, max(budget - seconds_forest, 5), seed)
     config = dataclasses.replace(config, network=dataclasses.replace(config.network, **(shape or {})),
-                                 batch_size=batch or config.batch_size,
-                                 learning_rate=learning_rate or config.learning_rate,
-                                 class_weighting=weighting or config.class_weighting,
-                                 patch_shape=patch or config.patch_shape)
+                                 **(recipe or {}))
     with tempfile.TemporaryDirectory() as folder:
         result = train(config, training, Path(folder) / "model.safetensors", progress=False)
     normalized = training.images[0].numpy()
@@ -125,16 +120,22 @@ def main(name: str, slices: str, seed: int, budget: float, tta: bool = True, tre
             "class_iou": {k: {c: round(i, 3) for c, i in v["iou"].items()} for k, v in scores.items()}}
 
 
+def parse_patch(value: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in value.split(","))
+
+
+# Options that change densify's network (UNetConfig fields) and its training (TrainConfig fields).
+NETWORK_OPTIONS = ("width", "levels")
+RECIPE_OPTIONS = {"batch": ("batch_size", int), "lr": ("learning_rate", float), "weighting": ("class_weighting", str),
+                  "patch": ("patch_shape", parse_patch)}
+
 if __name__ == "__main__":
     options = sys.argv[5:]
     named = dict(o.split("=", 1) for o in options if "=" in o)
-    if (len(sys.argv) < 5 or set(named) - {"trees", "save", "width", "levels", "batch", "lr", "weighting", "patch"}
+    if (len(sys.argv) < 5 or set(named) - {"trees", "save", *NETWORK_OPTIONS, *RECIPE_OPTIONS}
             or any(o != "notta" and "=" not in o for o in options)):
         sys.exit(__doc__)
     print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), tta="notta" not in options,
                           trees=int(named["trees"]) if "trees" in named else None, save=named.get("save"),
-                          shape={k: int(named[k]) for k in ("width", "levels") if k in named},
-                          batch=int(named["batch"]) if "batch" in named else None,
-                          learning_rate=float(named["lr"]) if "lr" in named else None,
-                          weighting=named.get("weighting"),
-                          patch=tuple(int(n) for n in named["patch"].split(",")) if "patch" in named else None)))
+                          shape={o: int(named[o]) for o in NETWORK_OPTIONS if o in named},
+                          recipe={field: parse(named[o]) for o, (field, parse) in RECIPE_OPTIONS.items() if o in named})))
