@@ -129,13 +129,18 @@ NETWORK_OPTIONS = ("width", "levels")
 RECIPE_OPTIONS = {"batch": ("batch_size", int), "lr": ("learning_rate", float), "weighting": ("class_weighting", str),
                   "patch": ("patch_shape", parse_patch)}
 
-if __name__ == "__main__":
-    options = sys.argv[5:]
+def run_from_arguments(argv: list[str], usage: str = __doc__) -> dict:
+    """main() for a command line VOLUME SLICES SEED BUDGET [notta] [NAME=VALUE ...]; exits with `usage` if malformed."""
+    options = argv[5:]
     named = dict(o.split("=", 1) for o in options if "=" in o)
-    if (len(sys.argv) < 5 or set(named) - {"trees", "save", *NETWORK_OPTIONS, *RECIPE_OPTIONS}
+    if (len(argv) < 5 or set(named) - {"trees", "save", *NETWORK_OPTIONS, *RECIPE_OPTIONS}
             or any(o != "notta" and "=" not in o for o in options)):
-        sys.exit(__doc__)
-    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), tta="notta" not in options,
-                          trees=int(named["trees"]) if "trees" in named else None, save=named.get("save"),
-                          shape={o: int(named[o]) for o in NETWORK_OPTIONS if o in named},
-                          recipe={field: parse(named[o]) for o, (field, parse) in RECIPE_OPTIONS.items() if o in named})))
+        sys.exit(usage)
+    return main(argv[1], argv[2], int(argv[3]), float(argv[4]), tta="notta" not in options,
+                trees=int(named["trees"]) if "trees" in named else None, save=named.get("save"),
+                shape={o: int(named[o]) for o in NETWORK_OPTIONS if o in named},
+                recipe={field: parse(named[o]) for o, (field, parse) in RECIPE_OPTIONS.items() if o in named})
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_from_arguments(sys.argv)))
