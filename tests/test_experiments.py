@@ -145,3 +145,23 @@ def test_pretraining_sets_leave_out_every_scored_volume():
     scored = {f"hippocampus_{case}" for case in (*data.HIPPOCAMPUS_CASES, *data.HIPPOCAMPUS_TEST)}
     assert len(names) == 250 and not scored & set(names)
     assert pretraining_names("em_vnc") == ["em_vnc_q1", "em_vnc_q2", "em_vnc_q3"]  # the scored quarter is q0
+
+
+def test_synthetic_walls_are_labelled_by_the_ovule_rule():
+    """Walls are the voxels with an in-plane neighbour in another cell, on both sides; a wall
+    parallel to the slices is not one (as in the ovule's labels)."""
+    from experiments.ablation.synthetic_walls import synthetic_volume, wall_labels
+
+    ids = np.ones((4, 6, 6), np.int64)
+    ids[:, :, 3:] = 2  # a wall across X
+    ids[2:] += 10  # a wall parallel to the slices
+    ids[:, 0, 0] = 0  # outside the tissue
+    labels = wall_labels(ids)
+    assert (labels[:, 1:, 2:4] == 2).all() and (labels[:, 1:, [1, 4]] == 1).all()
+    assert labels[1, 3, 1] == 1 and labels[2, 3, 1] == 1
+    assert (labels[:, 0, 1] == 2).all() and (labels[:, 1, 0] == 2).all()  # beside the outside voxel
+
+    image, labels = synthetic_volume(0, shape=(16, 40, 40))
+    assert image.shape == (1, 16, 40, 40) and image.dtype == np.float32 and set(np.unique(labels)) <= {0, 1, 2}
+    assert 0.02 < (labels == 2).mean() < 0.4
+    assert np.array_equal(synthetic_volume(0, shape=(16, 40, 40))[0], image)  # reproducible by seed

@@ -5,7 +5,8 @@ Usage: .venv/bin/python experiments/ablation/pretrained.py pretrain KIND MODEL B
        .venv/bin/python experiments/ablation/pretrained.py finetune MODEL VOLUME SLICES SEED BUDGET [lr=R]
        .venv/bin/python experiments/ablation/pretrained.py alone MODEL VOLUME SLICES BUDGET
   KIND     hippocampus: every case of ../shared/data/hippocampus except the ones the experiments
-           score (experiments/paper/data.py); em_vnc: the quarters q1-q3 (the test quarter is q0)
+           score (experiments/paper/data.py); em_vnc: the quarters q1-q3 (the test quarter is q0);
+           synthetic_walls: 12 synthetic cell-wall stacks (synthetic_walls.py), for the ovule
   BUDGET   CPU seconds of this process (one thread)
   lr=R     fine-tune at this peak learning rate instead of densify's
 
@@ -29,6 +30,7 @@ if __package__ in (None, ""):
 import torch
 
 from experiments.ablation.common import IGNORE, run_densify
+from experiments.ablation.synthetic_walls import synthetic_volume
 from experiments.paper import data
 from unet3d.baselines.features import input_feature_spec, with_input_features
 from unet3d.training import train
@@ -50,14 +52,25 @@ def pretraining_names(kind: str) -> list[str]:
     raise SystemExit(f"unknown kind {kind!r}")
 
 
+SYNTHETIC_VOLUMES = 12
+
+
+def pretraining_volumes(kind: str) -> list[data.Volume]:
+    if kind == "synthetic_walls":
+        return [data.Volume(f"synthetic_{seed}", *synthetic_volume(seed), None, 0) for seed in range(SYNTHETIC_VOLUMES)]
+    return [data.load(name) for name in pretraining_names(kind)]
+
+
 def pretrain(kind: str, model: str, budget: float, seed: int = 0) -> dict:
     torch.set_num_threads(1)
-    volumes = [data.load(name) for name in pretraining_names(kind)]
-    # The EM network reads the filter bank, as densify gives it on EM (hundreds of thousands of annotated voxels).
-    spec = input_feature_spec(volumes[0].spacing) if kind == "em_vnc" else None
+    volumes = pretraining_volumes(kind)
+    # The EM and cell-wall networks read the filter bank, as densify gives it on EM and the ovule
+    # (tens to hundreds of thousands of annotated voxels).
+    spec = input_feature_spec(volumes[0].spacing) if kind in ("em_vnc", "synthetic_walls") else None
     images = [with_input_features(v.image, spec) if spec else v.image for v in volumes]
     # Each volume standardized on its own, as densify does: MRI intensity scales differ between scans.
-    training = prepare_training_set(images, [v.truth for v in volumes], IGNORE, class_values=list(range(volumes[0].num_classes)),
+    classes = list(range(max(v.num_classes for v in volumes)))
+    training = prepare_training_set(images, [v.truth for v in volumes], IGNORE, class_values=classes,
                                     spacing=volumes[0].spacing, sources=[v.name for v in volumes], input_features=spec,
                                     per_volume=True)
     config = dataclasses.replace(default_config(training, max_time=budget, seed=seed, clock="cpu"), checkpoint_every=1e9)
