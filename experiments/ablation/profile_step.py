@@ -1,9 +1,10 @@
 """Where does a densify training step spend its CPU time? Patch preparation vs forward/backward.
 
-Usage: .venv/bin/python experiments/ablation/profile_step.py [--steps N]
+Usage: .venv/bin/python experiments/ablation/profile_step.py [--steps N] [--layers]
 
 Prints CPU seconds (process time, all threads) per step for a few network/patch/augmentation
-variants on the bundled nuclei example. CPU time rather than wall time because the machine's
+variants on the bundled nuclei example; with --layers, the CPU milliseconds of each 3×3×3
+convolution of densify's network (forward, input gradient, weight gradient) on its batch. CPU time rather than wall time because the machine's
 cores are shared: wall time would measure the neighbours.
 """
 
@@ -69,12 +70,53 @@ def profile(data, padding, width, levels, output, batch, augmentation, steps) ->
     return prep / steps, compute / steps, voxels, input_shape
 
 
+def convolution_shapes(network: UNetConfig, batch_shape) -> list[tuple[tuple, tuple]]:
+    """(input shape, weight shape) of every 3×3×3 convolution in one forward pass of `batch_shape`."""
+    model, shapes = UNet(network), []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv3d) and module.kernel_size == (3, 3, 3):
+            module.register_forward_hook(lambda m, args, out: shapes.append((tuple(args[0].shape), tuple(m.weight.shape))))
+    with torch.no_grad():
+        model(torch.zeros(batch_shape))  # training mode: every convolution runs as a module
+    return shapes
+
+
+def cpu_ms(run, repeats: int) -> float:
+    run()  # warm-up
+    start = time.process_time()
+    for _ in range(repeats):
+        run()
+    return (time.process_time() - start) / repeats * 1000
+
+
+def profile_layers(repeats: int) -> None:
+    """Forward and backward of each convolution alone, channels-last, as densify trains them."""
+    network = UNetConfig(in_channels=1, num_classes=3, width=8, levels=3, padding="same", norm="batch")
+    layout = torch.channels_last_3d
+    print("| convolution (batch 4, 16×40×40 patches) | forward ms | input gradient ms | weight gradient ms |")
+    print("|---|---|---|---|")
+    for input_shape, weight_shape in convolution_shapes(network, (4, 1, 16, 40, 40)):
+        x = torch.randn(input_shape).contiguous(memory_format=layout)
+        weight = torch.randn(weight_shape).contiguous(memory_format=layout)
+        grad = torch.randn(input_shape[0], weight_shape[0], *input_shape[2:]).contiguous(memory_format=layout)
+        gradient = lambda mask: torch.ops.aten.convolution_backward(  # noqa: E731
+            grad, x, weight, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1, mask)
+        times = [cpu_ms(lambda: torch.nn.functional.conv3d(x, weight, padding=1), repeats),
+                 cpu_ms(lambda: gradient([True, False, False]), repeats),
+                 cpu_ms(lambda: gradient([False, True, False]), repeats)]
+        name = f"{weight_shape[1]}→{weight_shape[0]} channels at {'×'.join(map(str, input_shape[2:]))}"
+        print(f"| {name} | " + " | ".join(f"{t:.1f}" for t in times) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--layers", action="store_true", help="time each convolution of densify's network instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.layers:
+        return profile_layers(args.steps)
     image, truth, spacing = load_volume("nuclei_tiny")
     data, _ = training_set(image, truth, (3, 3, 2), spacing)
     print(f"torch threads: {torch.get_num_threads()}\n")
