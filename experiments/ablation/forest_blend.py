@@ -129,6 +129,7 @@ NETWORK_OPTIONS = ("width", "levels")
 RECIPE_OPTIONS = {"batch": ("batch_size", int), "lr": ("learning_rate", float), "weighting": ("class_weighting", str),
                   "patch": ("patch_shape", parse_patch)}
 
+
 def run_from_arguments(argv: list[str], usage: str = __doc__) -> dict:
     """main() for a command line VOLUME SLICES SEED BUDGET [notta] [NAME=VALUE ...]; exits with `usage` if malformed."""
     options = argv[5:]

@@ -56,6 +56,7 @@ SYNTHETIC_VOLUMES = 12
 
 
 def pretraining_volumes(kind: str) -> list[data.Volume]:
+    """The volumes, with dense labels, that a model of this kind is trained on."""
     if kind == "synthetic_walls":
         return [data.Volume(f"synthetic_{seed}", *synthetic_volume(seed), None, 0) for seed in range(SYNTHETIC_VOLUMES)]
     return [data.load(name) for name in pretraining_names(kind)]
