@@ -51,7 +51,8 @@ class OrientedSampler:
 
     def sample(self, rng: np.random.Generator, axis: int | None = None) -> tuple[int, tuple[int, ...], int]:
         keys = [k for k, v in self.voxels.items() if sum(map(len, v)) and (axis is None or k[0] == axis)]
-        if axis is None:  # a class (uniform when each lies on slices of every orientation), then an orientation by voxels
+        # A class (uniform when each lies on slices of every orientation), then an orientation by its voxels.
+        if axis is None:
             cls = keys[rng.integers(len(keys))][1]
             keys = [k for k in keys if k[1] == cls]
             sizes = np.array([sum(map(len, self.voxels[k])) for k in keys], dtype=np.float64)

@@ -4,8 +4,9 @@ Usage: .venv/bin/python experiments/ablation/profile_step.py [--steps N] [--laye
 
 Prints CPU seconds (process time, all threads) per step for a few network/patch/augmentation
 variants on the bundled nuclei example; with --layers, the CPU milliseconds of each 3×3×3
-convolution of densify's network (forward, input gradient, weight gradient) on its batch. CPU time rather than wall time because the machine's
-cores are shared: wall time would measure the neighbours.
+convolution of densify's network (forward, input gradient, weight gradient) on its batch. CPU
+time rather than wall time because the machine's cores are shared: wall time would measure the
+neighbours.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def convolution_shapes(network: UNetConfig, batch_shape) -> list[tuple[tuple, tu
     model, shapes = UNet(network), []
     for module in model.modules():
         if isinstance(module, torch.nn.Conv3d) and module.kernel_size == (3, 3, 3):
-            module.register_forward_hook(lambda m, args, out: shapes.append((tuple(args[0].shape), tuple(m.weight.shape))))
+            module.register_forward_hook(
+                lambda m, args, out: shapes.append((tuple(args[0].shape), tuple(m.weight.shape))))
     with torch.no_grad():
         model(torch.zeros(batch_shape))  # training mode: every convolution runs as a module
     return shapes

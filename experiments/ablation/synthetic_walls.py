@@ -42,8 +42,8 @@ def _tissue(shape, rng: np.random.Generator) -> np.ndarray:
     """A random smooth tissue outline: an ellipsoid that covers most of the volume."""
     centre = np.array(shape) * rng.uniform(0.35, 0.65, 3)
     radii = np.array(shape) * rng.uniform(0.55, 0.9, 3)
-    z, y, x = np.ogrid[tuple(slice(0, n) for n in shape)]
-    return ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2 <= 1
+    axes = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum(((a - c) / r) ** 2 for a, c, r in zip(axes, centre, radii)) <= 1
 
 
 def wall_labels(ids: np.ndarray) -> np.ndarray:
