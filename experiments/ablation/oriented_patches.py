@@ -51,9 +51,9 @@ class OrientedSampler:
 
     def sample(self, rng: np.random.Generator, axis: int | None = None) -> tuple[int, tuple[int, ...], int]:
         keys = [k for k, v in self.voxels.items() if sum(map(len, v)) and (axis is None or k[0] == axis)]
-        # A class (uniform when each lies on slices of every orientation), then an orientation by its voxels.
-        if axis is None:
-            cls = keys[rng.integers(len(keys))][1]
+        if axis is None:  # a class (uniform), then one of its orientations in proportion to its voxels there
+            classes = sorted({c for _, c in keys})
+            cls = classes[rng.integers(len(classes))]
             keys = [k for k in keys if k[1] == cls]
             sizes = np.array([sum(map(len, self.voxels[k])) for k in keys], dtype=np.float64)
             key = keys[int(rng.choice(len(keys), p=sizes / sizes.sum()))]
