@@ -23,6 +23,7 @@ from unet3d.augmentation import AugmentationConfig
 from unet3d.losses import make_loss
 from unet3d.model import UNet, UNetConfig
 from unet3d.training.dataset import PatchBatches
+from unet3d.workflows.densify import default_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_volume, training_set  # noqa: E402
@@ -91,13 +92,16 @@ def cpu_ms(run, repeats: int) -> float:
     return (time.process_time() - start) / repeats * 1000
 
 
-def profile_layers(repeats: int) -> None:
-    """Forward and backward of each convolution alone, channels-last, as densify trains them."""
-    network = UNetConfig(in_channels=1, num_classes=3, width=8, levels=3, padding="same", norm="batch")
+def profile_layers(data, repeats: int) -> None:
+    """Forward and backward of each convolution alone, channels-last, as densify trains them on `data`."""
+    config = default_config(data)
+    batch_shape = (config.batch_size, data.channels, *config.patch_shape)
     layout = torch.channels_last_3d
-    print("| convolution (batch 4, 16×40×40 patches) | forward ms | input gradient ms | weight gradient ms |")
+    patches = "×".join(map(str, config.patch_shape))
+    print(f"| convolution (batch {config.batch_size}, {patches} patches) | forward ms | input gradient ms | "
+          "weight gradient ms |")
     print("|---|---|---|---|")
-    for input_shape, weight_shape in convolution_shapes(network, (4, 1, 16, 40, 40)):
+    for input_shape, weight_shape in convolution_shapes(config.network, batch_shape):
         x = torch.randn(input_shape).contiguous(memory_format=layout)
         weight = torch.randn(weight_shape).contiguous(memory_format=layout)
         grad = torch.randn(input_shape[0], weight_shape[0], *input_shape[2:]).contiguous(memory_format=layout)
@@ -117,10 +121,10 @@ def main() -> None:
     parser.add_argument("--layers", action="store_true", help="time each convolution of densify's network instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.layers:
-        return profile_layers(args.steps)
     image, truth, spacing = load_volume("nuclei_tiny")
     data, _ = training_set(image, truth, (3, 3, 2), spacing)
+    if args.layers:
+        return profile_layers(data, args.steps)
     print(f"torch threads: {torch.get_num_threads()}\n")
     print("| variant | input patch | CPU s/step: patches | network | labelled output voxels per CPU s |")
     print("|---|---|---|---|---|")
