@@ -1,11 +1,12 @@
 import math
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from unet3d.inference import choose_output_tile, estimate_tile_bytes
-from unet3d.inference.memory import _LiveBytes, fix_mmap_threshold, forward_peak_bytes
+from unet3d.inference.memory import _LiveBytes, fix_mmap_threshold, forward_peak_bytes, meta_cat
 from unet3d.inference.predictor import prepare_network
 from unet3d.inference.tiling import _input_shape, blend_bytes, near_cubic_tile, thick_window, tiles_work
 from unet3d.model import UNet, UNetConfig
@@ -43,6 +44,26 @@ def test_meta_replay_matches_a_real_forward_pass(config):
         probabilities = torch.softmax(logits, dim=1).contiguous()
         del x, logits, probabilities
     assert forward_peak_bytes(config, shape) == counter.peak + counter.scratch
+
+
+@pytest.mark.parametrize("layouts", [("channels_last", "channels_last"), ("contiguous", "contiguous"),
+                                     ("channels_last", "contiguous")])
+def test_meta_cat_is_torch_cat_on_the_meta_device(layouts):
+    formats = {"channels_last": torch.channels_last_3d, "contiguous": torch.contiguous_format}
+    for dim, channels in ((1, (8, 16)), (-4, (8, 16)), (2, (8, 8))):
+        tensors = [torch.empty(1, c, 4, 6, 6, device="meta", memory_format=formats[f]) for c, f in zip(channels, layouts)]
+        made, reference = meta_cat(tensors, dim), torch.cat(tensors, dim)
+        assert (made.shape, made.stride(), made.dtype) == (reference.shape, reference.stride(), reference.dtype)
+
+
+def test_choosing_a_tile_does_not_import_torch_dynamo():
+    """PyTorch's dispatch modes and its Python meta kernel for cat import torch._dynamo on first use:
+    3 s, once per process, which was half of `unet3d predict` on a small volume."""
+    code = ("import sys; from unet3d.inference import choose_output_tile; from unet3d.model import UNetConfig; "
+            "choose_output_tile(UNetConfig(in_channels=1, num_classes=3, width=8, levels=3, padding='same'), "
+            "(64, 64, 64), 1 << 30); print('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_valid_inference_never_holds_a_whole_first_level_map():

@@ -16,7 +16,7 @@ import math
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from unet3d.model import UNet, UNetConfig
@@ -25,7 +25,9 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter number from glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 1 << 20
 IM2COL_MAX_CHANNELS = 2
 IM2COL_CAP_BYTES = 128 << 20
-CONVOLUTIONS = (torch.ops.aten.conv3d, torch.ops.aten.convolution, torch.ops.aten.mkldnn_convolution)
+CONVOLUTIONS = (torch.conv2d, torch.conv3d, torch.conv_transpose2d, torch.conv_transpose3d,
+                torch.ops.aten.mkldnn_convolution, torch.ops.aten.mkldnn_convolution.default)
+MAX_POOLS = (torch.nn.functional.max_pool2d, torch.nn.functional.max_pool3d)
 
 
 @functools.cache
@@ -49,9 +51,13 @@ def fix_mmap_threshold() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
-class _LiveBytes(TorchDispatchMode):
+class _LiveBytes(TorchFunctionMode):
     """Highest total size of the storages alive at once while the mode is active (`peak`), and
-    the largest convolution scratch buffer (`scratch`), which oneDNN keeps once allocated."""
+    the largest convolution scratch buffer (`scratch`), which oneDNN keeps once allocated.
+
+    It sees every torch function's result, and adds the indices max pooling makes and frees inside
+    the function. (A dispatch mode, one level lower, sees those by itself, but entering one imports
+    torch._dynamo: about 3 s once per process, half of `unet3d predict` on a small volume.)"""
 
     def __init__(self):
         super().__init__()
@@ -59,13 +65,16 @@ class _LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.scratch = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = meta_cat(*args, **kwargs) if func is torch.cat and _on_meta(args) else func(*args, **kwargs)
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 self._count(tensor.untyped_storage())
-        if func.overloadpacket in CONVOLUTIONS:
+        if func in CONVOLUTIONS:
             self.scratch = max(self.scratch, _im2col_bytes(args[1], out))
+        if func in MAX_POOLS:
+            self.peak = max(self.peak, sum(self.live.values()) + 8 * out.numel())
         return out
 
     def _count(self, storage) -> None:
@@ -75,6 +84,23 @@ class _LiveBytes(TorchDispatchMode):
             self.live[key] = storage.nbytes()
             weakref.finalize(storage, self.live.pop, key, None)
             self.peak = max(self.peak, sum(self.live.values()))
+
+
+def _on_meta(args) -> bool:
+    return all(t.is_meta for t in args[0])
+
+
+def meta_cat(tensors, dim: int = 0) -> torch.Tensor:
+    """torch.cat's result on the meta device (same shape, dtype and layout), made without PyTorch's
+    Python meta kernel for cat, whose first call imports torch._dynamo (see _LiveBytes)."""
+    shape = list(tensors[0].shape)
+    dim %= len(shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape), torch.contiguous_format)
+    if any(not t.is_contiguous(memory_format=layout) or t.is_contiguous() for t in tensors):
+        layout = torch.contiguous_format
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return torch.empty(shape, dtype=dtype, device="meta", memory_format=layout)
 
 
 def _im2col_bytes(weight: torch.Tensor, output: torch.Tensor) -> int:
@@ -90,11 +116,13 @@ def _im2col_bytes(weight: torch.Tensor, output: torch.Tensor) -> int:
 @functools.lru_cache(maxsize=8)
 def _meta_network(config: UNetConfig, device_type: str) -> UNet:
     """The network as prediction runs it on `device_type` (batch norm folded away; on CUDA in float16,
-    as autocast runs it there), without any weights."""
+    as autocast runs it there), without any weights. Folded in uninitialized CPU memory: folding
+    on the meta device would run PyTorch's Python meta kernels (see meta_cat)."""
     from unet3d.inference.predictor import fold_batch_norm
 
     with torch.device("meta"):
-        net = fold_batch_norm(UNet(config).eval())
+        net = UNet(config).eval()
+    net = fold_batch_norm(net.to_empty(device="cpu")).to("meta")
     return net.half() if device_type == "cuda" else net
 
 
