@@ -130,6 +130,13 @@ RECIPE_OPTIONS = {"batch": ("batch_size", int), "lr": ("learning_rate", float), 
                   "patch": ("patch_shape", parse_patch)}
 
 
+def take_option(argv: list[str], name: str, default, parse=float):
+    """A wrapper experiment's own NAME=VALUE option: (argv without it, its value or `default`)."""
+    prefix = f"{name}="
+    values = [a[len(prefix):] for a in argv if a.startswith(prefix)]
+    return [a for a in argv if not a.startswith(prefix)], parse(values[-1]) if values else default
+
+
 def run_from_arguments(argv: list[str], usage: str = __doc__) -> dict:
     """main() for a command line VOLUME SLICES SEED BUDGET [notta] [NAME=VALUE ...]; exits with `usage` if malformed."""
     options = argv[5:]

@@ -93,8 +93,7 @@ def pretrained_train(share: float, record: dict):
 
 
 if __name__ == "__main__":
-    arguments = [a for a in sys.argv if not a.startswith("share=")]
-    share = float(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("share=")), 0.3))
+    arguments, share = forest_blend.take_option(sys.argv, "share", 0.3)
     record = {"pretext_share": share}
     forest_blend.train = pretrained_train(share, record)
     print(json.dumps(forest_blend.run_from_arguments(arguments, __doc__) | record))
