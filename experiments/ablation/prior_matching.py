@@ -12,7 +12,8 @@ with the target prior known instead of estimated) and takes the argmax:
 
 - soft: the mean probability of each class over the volume equals its annotated share;
 - hard: the share of voxels whose argmax is the class equals its annotated share;
-- the same two with the volume's true shares (an oracle, to bound what the rule can give).
+- the same two with the volume's true shares (an oracle, to bound what the rule can give);
+- hard, with the geometric mean of the network's and the forest's own (argmax) shares.
 
 Prints one row per run (foreground IoU on the voxels no slice annotates) and the mean change of
 each rule against densify's.
@@ -70,17 +71,19 @@ def score_run(path: Path) -> dict[str, float]:
     blend = geometric_mean(run.network, run.forest)
     annotated = class_shares(run.sparse[run.sparse != IGNORE], run.classes)
     true = class_shares(run.volume.truth, run.classes)
+    argmax_shares = lambda p: class_shares(p.argmax(0), list(range(len(run.classes))))  # noqa: E731
+    between = np.sqrt(argmax_shares(run.network) * argmax_shares(run.forest))
     rules = {"densify": blend,
              "soft, annotated shares": match_shares(blend, annotated, hard=False),
              "hard, annotated shares": match_shares(blend, annotated, hard=True),
              "soft, true shares": match_shares(blend, true, hard=False),
              "hard, true shares": match_shares(blend, true, hard=True),
+             "hard, the two models' mean shares": match_shares(blend, between / between.sum(), hard=True),
              "network, hard annotated": match_shares(run.network, annotated, hard=True),
              "network alone": run.network}
     scores = {rule: run.score(p)["mean_iou"] for rule, p in rules.items()}
-    predicted = class_shares(blend.argmax(0), list(range(len(run.classes))))
     scores["shares (annotated / true / densify)"] = " / ".join(
-        ",".join(f"{s:.3f}" for s in shares) for shares in (annotated, true, predicted))
+        ",".join(f"{s:.3f}" for s in shares) for shares in (annotated, true, argmax_shares(blend)))
     return scores
 
 
