@@ -8,7 +8,7 @@ Every voxel of the volume is image, only the annotated slices are labels. For th
 of its time the network (densify's, with its own head) learns to restore the image inside
 random cuboids replaced by noise (in-painting, as in Models Genesis, Zhou et al. 2019), on
 patches drawn anywhere in the volume; the filter-bank channels, where densify adds them, are
-blanked in the same cuboids. Then everything but the head starts densify's training on the
+replaced by noise in the same cuboids. Then everything but the head starts densify's training on the
 slices, for the rest of the time. The rest is forest_blend.py's run; prints its JSON line with
 "pretext_share" and "pretext_steps".
 """
