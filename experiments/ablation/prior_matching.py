@@ -51,7 +51,7 @@ def predicted_shares(log_probabilities: np.ndarray, offsets: np.ndarray, hard: b
 def match_shares(probabilities: np.ndarray, target: np.ndarray, hard: bool, iterations: int = 60) -> np.ndarray:
     """Probabilities shifted by per-class log-offsets until their shares (soft or argmax) meet `target`."""
     log_probabilities = np.log(probabilities.reshape(len(target), -1) + BLEND_FLOOR)
-    if hard:  # the argmax share is a step function of the offsets: every n-th voxel, at most 2 million, suffices
+    if hard:  # the argmax share is a step function of the offsets: every n-th voxel, 2 to 4 million, suffices
         step = max(1, log_probabilities.shape[1] // 2_000_000)
         sample = log_probabilities[:, ::step]
     else:
