@@ -85,15 +85,21 @@ def score_run(path: Path) -> dict[str, float]:
     return {rule: run.score(combine(run.network, run.forest, spacing))["mean_iou"] for rule, combine in RULES.items()}
 
 
-def main(paths: list[str]) -> None:
-    rows = {Path(p).stem: score_run(Path(p)) for p in paths}
-    print("| run | " + " | ".join(RULES) + " |")
-    print("|---|" + "---|" * len(RULES))
+def print_rule_table(rows: dict[str, dict], base: str) -> None:
+    """A markdown row per run (IoU per rule; text cells as they are) and the mean change of each
+    rule against `base`."""
+    columns = list(next(iter(rows.values())))
+    numeric = [c for c in columns if not isinstance(next(iter(rows.values()))[c], str)]
+    print("| run | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for run, scores in rows.items():
-        print(f"| {run} | " + " | ".join(f"{v:.3f}" for v in scores.values()) + " |")
-    base = "geometric (densify)"
+        print(f"| {run} | " + " | ".join(v if isinstance(v, str) else f"{v:.3f}" for v in scores.values()) + " |")
     print("| mean change | " + " | ".join(
-        f"{np.mean([s[r] - s[base] for s in rows.values()]):+.3f}" for r in RULES) + " |")
+        f"{np.mean([s[c] - s[base] for s in rows.values()]):+.3f}" for c in numeric) + " |")
+
+
+def main(paths: list[str]) -> None:
+    print_rule_table({Path(p).stem: score_run(Path(p)) for p in paths}, "geometric (densify)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from experiments.ablation.blend_rules import load_run
+from experiments.ablation.blend_rules import load_run, print_rule_table
 from experiments.paper.methods import IGNORE
 from unet3d.workflows.densify import BLEND_FLOOR, geometric_mean
 
@@ -89,15 +89,7 @@ def score_run(path: Path) -> dict[str, float]:
 
 
 def main(paths: list[str]) -> None:
-    rows = {Path(p).stem: score_run(Path(p)) for p in paths}
-    rules = list(next(iter(rows.values())))
-    print("| run | " + " | ".join(rules) + " |")
-    print("|---|" + "---|" * len(rules))
-    for run, scores in rows.items():
-        print(f"| {run} | " + " | ".join(v if isinstance(v, str) else f"{v:.3f}" for v in scores.values()) + " |")
-    numeric = [r for r in rules if not isinstance(next(iter(rows.values()))[r], str)]
-    print("| mean change | " + " | ".join(
-        f"{np.mean([s[r] - s['densify'] for s in rows.values()]):+.3f}" for r in numeric) + " |")
+    print_rule_table({Path(p).stem: score_run(Path(p)) for p in paths}, "densify")
 
 
 if __name__ == "__main__":
