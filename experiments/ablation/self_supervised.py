@@ -62,11 +62,11 @@ def pretrain(config, data, seconds: float) -> tuple[UNet, int]:
     rng = np.random.default_rng(config.seed)
     model = UNet(dataclasses.replace(config.network, num_classes=2)).to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    volume = data.images[0]
+    volume, patch = data.images[0], patch_geometry(config)[0]
     start, steps = time.process_time(), 0
     model.train()
     while time.process_time() - start < seconds:
-        inputs, targets, mask = masked_batch(volume, patch_geometry(config)[0], config.batch_size, rng)
+        inputs, targets, mask = masked_batch(volume, patch, config.batch_size, rng)
         output = model(inputs.contiguous(memory_format=torch.channels_last_3d))
         loss = ((output[:, :1] - targets) ** 2)[mask].mean()
         optimizer.zero_grad(set_to_none=True)
