@@ -122,7 +122,7 @@ def test_filter_features_by_default_only_with_enough_annotation_and_memory(spars
 
 
 def test_geometric_mean_blend_is_normalized_and_lets_a_confident_model_win():
-    from unet3d.workflows.densify import geometric_mean
+    from unet3d.workflows.blend import geometric_mean
 
     sure = np.array([[0.9, 0.5, 0.0], [0.1, 0.5, 1.0]], np.float32)
     unsure = np.array([[0.4, 0.5, 1.0], [0.6, 0.5, 0.0]], np.float32)
@@ -182,11 +182,11 @@ def test_densify_command_reports_the_blend_and_each_model_alone(sparse_nuclei, t
     report = capsys.readouterr().out
     assert "result: the network and a random forest" in report
     assert "predicted the 8 mirrored volumes, averaged" in report  # a small volume: seconds of 120
-    assert "foreground IoU alone: network " in report and ", forest " in report
+    assert "foreground IoU of the parts: network " in report and ", forest " in report
     assert all((tmp_path / f).exists() for f in ("seg.tif", "seg.model.safetensors", "seg.overlay.png"))
     assert main.main(["densify", *args, "--forest", "off", "--tta", "off"]) == 0
     report = capsys.readouterr().out
-    assert "result: the network alone (forest off)" in report and "foreground IoU alone" not in report
+    assert "result: the network alone (forest off)" in report and "foreground IoU of the parts" not in report
     assert "predicted once" in report
     model = str(tmp_path / "seg.model.safetensors")
     assert main.main(["densify", *args, "--init", model, "--model", str(tmp_path / "tuned.safetensors")]) == 0
@@ -306,3 +306,20 @@ def test_a_network_trained_on_other_nuclei_gives_densify_a_head_start(nuclei, tm
                          max_time=None, progress=False, threads=1, forest=False, tta=False, init=init)
         scores[name] = foreground_iou(result.segmentation, truth[right[1:]], sparse)["mean"]
     assert scores["fine-tuned"] > scores["fresh"] + 0.08, scores  # measured 0.547 against 0.395
+
+
+def test_with_enough_annotation_the_blend_is_weighed_on_held_out_blocks(sparse_nuclei, tmp_path, monkeypatch):
+    import unet3d.workflows.densify as workflow
+
+    image, truth, sparse = sparse_nuclei
+    monkeypatch.setattr(workflow, "HOLD_OUT_MIN_ANNOTATED", 1_000)
+    result = densify(image, sparse, IGNORE, tmp_path / "m.safetensors", iterations=3, max_time=None, progress=False,
+                     threads=1)
+    assert "held-out annotated voxels" in result.weighing
+    assert set(result.components) == {"network", "forest", "equal weights"}
+    weight = float(result.weighing.split("network weight ")[1].split()[0])
+    assert 0.0 <= weight <= 1.0
+    monkeypatch.setattr(workflow, "HOLD_OUT_MIN_ANNOTATED", 10**9)
+    plain = densify(image, sparse, IGNORE, tmp_path / "n.safetensors", iterations=3, max_time=None, progress=False,
+                    threads=1)
+    assert plain.weighing == "geometric mean with equal weights" and set(plain.components) == {"network", "forest"}

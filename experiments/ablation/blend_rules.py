@@ -26,14 +26,7 @@ from scipy.ndimage import gaussian_filter
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE
 from unet3d.data.labels import decode_labels
-from unet3d.workflows.densify import BLEND_FLOOR, geometric_mean
-
-
-def weighted_geometric(network: np.ndarray, forest: np.ndarray, weight: float) -> np.ndarray:
-    """Normalized network^weight * forest^(1 - weight)."""
-    log = weight * np.log(network + BLEND_FLOOR) + (1 - weight) * np.log(forest + BLEND_FLOOR)
-    blended = np.exp(log - log.max(0, keepdims=True))
-    return blended / blended.sum(0, keepdims=True)
+from unet3d.workflows.blend import geometric_mean, weighted_geometric_mean
 
 
 def smoothed(probabilities: np.ndarray, sigma: float, spacing) -> np.ndarray:
@@ -45,8 +38,8 @@ def smoothed(probabilities: np.ndarray, sigma: float, spacing) -> np.ndarray:
 
 RULES = {
     "geometric (densify)": lambda n, f, s: geometric_mean(n, f),
-    "weighted, network 0.35": lambda n, f, s: weighted_geometric(n, f, 0.35),
-    "weighted, network 0.65": lambda n, f, s: weighted_geometric(n, f, 0.65),
+    "weighted, network 0.35": lambda n, f, s: weighted_geometric_mean(n, f, 0.35),
+    "weighted, network 0.65": lambda n, f, s: weighted_geometric_mean(n, f, 0.65),
     "forest smoothed σ 0.7": lambda n, f, s: geometric_mean(n, smoothed(f, 0.7, s)),
     "forest smoothed σ 1.5": lambda n, f, s: geometric_mean(n, smoothed(f, 1.5, s)),
     "blend smoothed σ 1": lambda n, f, s: smoothed(geometric_mean(n, f), 1.0, s),

@@ -31,7 +31,8 @@ from experiments.paper.methods import IGNORE
 from unet3d.baselines.features import filter_features
 from unet3d.baselines.forest import make_forest, predict_probabilities, training_sample
 from unet3d.data.labels import UNLABELED, encode_labels
-from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, geometric_mean
+from unet3d.workflows.blend import geometric_mean
+from unet3d.workflows.densify import FOREST_TRAIN_VOXELS
 
 
 def classifier(name: str, seed: int):

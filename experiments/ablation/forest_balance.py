@@ -29,7 +29,8 @@ from experiments.paper.methods import IGNORE
 from unet3d.baselines.features import filter_features
 from unet3d.baselines.forest import UNLABELED, predict_probabilities, training_sample
 from unet3d.data.labels import decode_labels, encode_labels
-from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, geometric_mean
+from unet3d.workflows.blend import geometric_mean
+from unet3d.workflows.densify import FOREST_TRAIN_VOXELS
 
 
 def balanced_forest(volume: data.Volume, sparse: np.ndarray, classes: list[int], seed: int, trees: int,

@@ -49,7 +49,8 @@ from unet3d.data.labels import decode_labels
 from unet3d.inference import predict_array
 from unet3d.training import train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
-from unet3d.workflows.densify import FOREST_MAX_SHARE, FOREST_TREES, choose_inputs, fit_forest_on_bank, geometric_mean
+from unet3d.workflows.blend import geometric_mean
+from unet3d.workflows.densify import FOREST_MAX_SHARE, FOREST_TREES, choose_inputs, fit_forest_on_bank
 
 
 def blends(forest: np.ndarray, unet: np.ndarray) -> dict[str, np.ndarray]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments.ablation.blend_rules import load_run, print_rule_table
 from experiments.paper.methods import IGNORE
-from unet3d.workflows.densify import BLEND_FLOOR, geometric_mean
+from unet3d.workflows.blend import BLEND_FLOOR, geometric_mean
 
 
 def class_shares(labels: np.ndarray, classes: list[int]) -> np.ndarray:

@@ -38,7 +38,8 @@ from experiments.paper import protocols
 from experiments.paper.methods import IGNORE
 from unet3d.data.labels import decode_labels
 from unet3d.training import train
-from unet3d.workflows.densify import geometric_mean, predict_with_tta
+from unet3d.workflows.blend import geometric_mean
+from unet3d.workflows.densify import predict_with_tta
 
 
 def pseudo_labels(training, blend: np.ndarray, threshold: float) -> torch.Tensor:

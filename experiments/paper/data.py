@@ -65,6 +65,16 @@ def ovule() -> Volume:
     return Volume("ovule", image, truth, None, 0)
 
 
+def em_vnc() -> Volume:
+    """The whole 20×1024×1024 stack (21 M voxels); every class counts in the mean."""
+    import tifffile
+
+    folder = shared_data() / "em_vnc"
+    image = tifffile.imread(_require(folder / "image.tif"))
+    truth = tifffile.imread(_require(folder / "labels.tif")).astype(np.int64)
+    return Volume("em_vnc", image[None], truth, EM_VNC_SPACING, None)
+
+
 def em_vnc_quarter(index: int) -> Volume:
     """Quarter 0..3 of the 20×1024×1024 stack: rows then columns of 512×512 tiles.
 
@@ -80,26 +90,42 @@ def em_vnc_quarter(index: int) -> Volume:
     return Volume(f"em_vnc_q{index}", image[None], truth, EM_VNC_SPACING, None)
 
 
-def hippocampus(case: str) -> Volume:
-    """One MRI case, NIfTI (x, y, z) turned into (z, y, x); images and labels cast on load."""
+def _nifti_zyx(path: Path) -> np.ndarray:
+    """A NIfTI volume's (x, y, z) array turned into (z, y, x)."""
     import nibabel
 
+    return np.asarray(nibabel.load(_require(path)).dataobj).transpose(2, 1, 0)
+
+
+def hippocampus(case: str) -> Volume:
+    """One MRI case; images and labels cast on load."""
     folder = shared_data() / "hippocampus"
     name = f"hippocampus_{case}.nii.gz"
-    zyx = lambda path: np.asarray(nibabel.load(_require(path)).dataobj).transpose(2, 1, 0)  # noqa: E731
-    image = zyx(folder / "images" / name).astype(np.float32)[None]
-    truth = np.rint(zyx(folder / "labels" / name)).astype(np.int64)
+    image = _nifti_zyx(folder / "images" / name).astype(np.float32)[None]
+    truth = np.rint(_nifti_zyx(folder / "labels" / name)).astype(np.int64)
     return Volume(f"hippocampus_{case}", image, truth, None, 0)
 
 
+def colin27() -> Volume:
+    """The 181×217×181 T1 brain (7.1 M voxels): cortex, deep grey matter and cerebellum on background."""
+    folder = shared_data() / "colin27"
+    image = _nifti_zyx(folder / "t1.nii.gz").astype(np.float32)[None]
+    truth = _nifti_zyx(folder / "labels.nii.gz").astype(np.int64)
+    return Volume("colin27", image, truth, (1.0, 1.0, 1.0), 0)
+
+
 def load(name: str) -> Volume:
-    """A volume by its run-id name: nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN."""
+    """A volume by its run-id name: nuclei_tiny, ovule, em_vnc, em_vnc_q0..3, hippocampus_NNN, colin27."""
     if name == "nuclei_tiny":
         return nuclei_tiny()
     if name == "ovule":
         return ovule()
+    if name == "em_vnc":
+        return em_vnc()
+    if name == "colin27":
+        return colin27()
     if name.startswith("em_vnc_q"):
         return em_vnc_quarter(int(name.removeprefix("em_vnc_q")))
     if name.startswith("hippocampus_"):
         return hippocampus(name.removeprefix("hippocampus_"))
-    raise UserError(f"{name}: unknown volume (nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN)")
+    raise UserError(f"{name}: unknown volume (nuclei_tiny, ovule, em_vnc, em_vnc_q0..3, hippocampus_NNN, colin27)")

@@ -132,6 +132,7 @@ def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, mo
     if probabilities:
         write_volume(probabilities, result.probabilities.astype("float16"), like=meta)
     lines = [f"input: {result.inputs}", f"result: {result.blend}",
+             *([f"blend: {result.weighing}"] if result.weighing else []),
              *([f"filter bank and random forest ({result.forest_trees} trees) in {result.forest_seconds:.0f} s"]
                if result.components else []),
              f"trained {result.iterations} iterations in {result.seconds:.0f} s",
@@ -144,7 +145,7 @@ def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, mo
         if result.components:
             alone = {name: evaluate_volumes(segmentation, truth, exclude=sparse, ignore_label=ignore_label)
                      for name, segmentation in result.components.items()}
-            lines.append("foreground IoU alone: " + ", ".join(
+            lines.append("foreground IoU of the parts: " + ", ".join(
                 f"{name} {scores_alone['mean_iou_foreground']:.3f}" for name, scores_alone in alone.items()))
         title += f" — foreground IoU {scores['mean_iou_foreground']:.3f} on unannotated voxels"
         lines.append("json: " + json.dumps({"mean_iou_foreground": scores["mean_iou_foreground"],

@@ -58,6 +58,7 @@ from unet3d.baselines.features import (
 )
 from unet3d.baselines.forest import ForestResult, segment_features
 from unet3d.data.labels import decode_labels
+from unet3d.workflows.blend import HeldOut, choose_network_weight, hold_out_blocks, weighted_geometric_mean
 from unet3d.errors import UserError
 from unet3d.inference import predict_array
 from unet3d.model import UNet, UNetConfig, load_model
@@ -93,8 +94,13 @@ FOREST_TREES = 100  # ilastik's default, and the most densify grows
 FOREST_MAX_SHARE = 0.25
 # However long the forest takes, the network trains for at least this share of the time budget.
 MIN_TRAINING_SHARE = 0.25
-# A model's probability floor in the blend: one model's zero lowers a class, never vetoes it.
-BLEND_FLOOR = 1e-4
+# From this many annotated voxels densify keeps HOLD_OUT_SHARE of them, in whole blocks of the
+# training patch's size, out of both models' training and weighs the network against the forest by
+# what scores best on them (`blend.choose_network_weight`); below it the held-out set would be a
+# few hundred voxels of a few blocks, and the plain geometric mean (measured to lead the forest on
+# every small volume) is kept.
+HOLD_OUT_MIN_ANNOTATED = 50_000
+HOLD_OUT_SHARE = 0.1
 # Test-time flips (8 mirrored predictions averaged) by default when they cost at most this share
 # of the time budget: +0.00 to +0.05 foreground IoU (never less) on the small nuclei and MRI
 # volumes, where they take seconds; on the ovule they took 77 CPU s for +0.001.
@@ -126,7 +132,9 @@ class DensifyResult:
     tta: bool  # whether the network's prediction averaged the 8 mirrored volumes
     forest_seconds: float = 0.0  # of the filter bank and the forest, taken out of the time budget
     forest_trees: int = 0
-    components: dict[str, np.ndarray] = field(default_factory=dict)  # "network", "forest": each one's segmentation
+    # "network", "forest": each one's segmentation; "equal weights": the plain geometric mean's, when the blend was weighed
+    components: dict[str, np.ndarray] = field(default_factory=dict)
+    weighing: str = ""  # how the blend weighed the network against the forest, and on what evidence
 
 
 def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: int = 100_000, seed: int = 0,
@@ -220,12 +228,23 @@ def choose_forest(forest: bool | None, image_shape, spacing, source: str) -> tup
     return True, "the network and a random forest on ilastik's filter bank, geometric mean of their probabilities"
 
 
-def geometric_mean(first: np.ndarray, second: np.ndarray, floor: float = BLEND_FLOOR) -> np.ndarray:
-    """Normalized geometric mean of two (K, ...) probability maps: a class wins where both models
-    find it likely, and a confident model outvotes an unsure one."""
-    blended = np.sqrt((first + floor) * (second + floor), dtype=np.float32)
-    blended /= blended.sum(axis=0, keepdims=True)
-    return blended
+def hold_out_for_blend(data: TrainingSet, use_forest: bool, seed: int) -> HeldOut | None:
+    """Annotated voxels taken out of `data`'s labels to weigh the network against the forest on,
+    or None (no forest, or too few annotated voxels: the plain geometric mean)."""
+    labels = data.labels[0].numpy()
+    if not use_forest or np.count_nonzero(labels >= 0) < HOLD_OUT_MIN_ANNOTATED:
+        return None
+    block = tuple(min(int(n), t) for n, t in zip(labels.shape, TARGET_PATCH))
+    held = hold_out_blocks(labels, HOLD_OUT_SHARE, block, seed)
+    return held if len(held) else None
+
+
+def blend_with_forest(network: np.ndarray, forest: np.ndarray, held: HeldOut | None) -> tuple[np.ndarray, str]:
+    """The blended probabilities and one line saying how they were weighed."""
+    if held is None:
+        return weighted_geometric_mean(network, forest), "geometric mean with equal weights"
+    choice = choose_network_weight(network, forest, held)
+    return weighted_geometric_mean(network, forest, choice.network_weight), choice.describe(len(held))
 
 
 def fit_forest_on_bank(image: np.ndarray, network_input: np.ndarray, data: TrainingSet, seed: int,
@@ -292,6 +311,7 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     if init is not None and init.network.config.in_channels != data.channels:
         raise UserError(f"{init.source}: the model reads {init.network.config.in_channels} input channel(s), "
                         f"{source} gives {data.channels}")
+    held = hold_out_for_blend(data, use_forest, seed)
     forest_limit = None if max_time is None else FOREST_MAX_SHARE * max_time
     forest_result = (fit_forest_on_bank(image, network_input, data, seed, threads, progress, forest_limit, now)
                      if use_forest else None)
@@ -306,10 +326,12 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
         probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), tta, max_time, now, device,
                                               progress)
     decode = lambda p: decode_labels(p.argmax(0), data.class_values)  # noqa: E731
-    components = {}
+    components, weighing = {}, ""
     if forest_result is not None:
         components = {"network": decode(probabilities), "forest": decode(forest_result.probabilities)}
-        probabilities = geometric_mean(probabilities, forest_result.probabilities)
+        if held is not None:
+            components["equal weights"] = decode(weighted_geometric_mean(probabilities, forest_result.probabilities))
+        probabilities, weighing = blend_with_forest(probabilities, forest_result.probabilities, held)
     return DensifyResult(decode(probabilities), probabilities, result.model, result.info, result.iterations,
                          result.seconds, inputs, blend, tta, spent, forest_result.trees if forest_result else 0,
-                         components)
+                         components, weighing)

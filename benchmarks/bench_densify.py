@@ -1,0 +1,120 @@
+"""densify against ilastik's random forest, side by side on the same annotated voxels.
+
+Usage: .venv/bin/python benchmarks/bench_densify.py [--quick] [--volumes ovule em_vnc_q0 colin27 ...]
+           [--slices 3,3,2] [--max-time 600] [--seeds 0 1] [--results FILE.jsonl]
+
+Per volume and seed: keep the paper's evenly spread orthogonal slices of the dense truth (k per
+axis, (Z, Y, X)); fit the forest peer (ilastik's recipe: 100 trees on the full 7-scale filter
+bank, on a seeded sample of at most 100,000 annotated voxels as everywhere in this repository) and
+run densify with its defaults and `--max-time`, as `unet3d densify` does (wall clock, all cores).
+IoU on the unannotated voxels, per class and the mean over foreground classes (every class on
+em_vnc, which has no background), and wall seconds. densify's own forest and network, and their
+plain geometric mean where densify weighed the two, are scored from the same run.
+Rows go to `--results` as JSON lines; a rerun skips the rows already there (resumable).
+Volumes: nuclei_tiny (bundled), ovule, em_vnc (whole), em_vnc_q0..3, colin27, hippocampus_NNN
+(from ../shared/data or UNET3D_SHARED_DATA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from experiments.paper import data
+from unet3d.baselines import random_forest_segment
+from unet3d.data.labels import decode_labels, encode_labels
+from unet3d.data.sparse import sparsify
+from unet3d.evaluation import evaluate_volumes
+from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, densify
+
+IGNORE = 255
+
+
+def score(volume: data.Volume, labels: np.ndarray, sparse: np.ndarray) -> dict:
+    result = evaluate_volumes(labels, volume.truth, exclude=sparse, ignore_label=IGNORE, background=volume.background)
+    return {"fg": round(result["mean_iou_foreground"], 4),
+            "iou": {str(c["value"]): round(c["iou"], 3) for c in result["classes"] if c["iou"] is not None}}
+
+
+def run_forest(volume: data.Volume, sparse: np.ndarray, classes: list[int], seed: int) -> dict:
+    start = time.monotonic()
+    result = random_forest_segment(volume.image.astype(np.float32), encode_labels(sparse, classes, IGNORE),
+                                   spacing=volume.spacing, seed=seed, max_train_voxels=FOREST_TRAIN_VOXELS)
+    return {**score(volume, decode_labels(result.labels, classes), sparse), "s": round(time.monotonic() - start, 1)}
+
+
+def run_densify(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: int) -> dict:
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as folder:
+        result = densify(volume.image.astype(np.float32), sparse, IGNORE, Path(folder) / "m.safetensors",
+                         max_time=max_time, seed=seed, spacing=volume.spacing, progress=False)
+    seconds = round(time.monotonic() - start, 1)
+    parts = {name: score(volume, labels, sparse)["fg"] for name, labels in result.components.items()}
+    return {**score(volume, result.segmentation, sparse), "s": seconds, "parts": parts,
+            "iterations": result.iterations, "trees": result.forest_trees, "blend": result.weighing}
+
+
+def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int) -> dict:
+    volume = data.load(name)
+    sparse = sparsify(volume.truth, slices, IGNORE)
+    classes = sorted(int(v) for v in np.unique(volume.truth))
+    return {"volume": name, "slices": ",".join(map(str, slices)), "seed": seed, "max_time": max_time,
+            "voxels": int(volume.truth.size), "annotated": round(float(np.mean(sparse != IGNORE)), 4),
+            "forest": run_forest(volume, sparse, classes, seed), "densify": run_densify(volume, sparse, max_time, seed)}
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| volume | voxels | slices | seed | annotated | forest (s) | densify (s) | lead | densify's network | "
+          "densify's forest | equal weights | iterations |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f, d = r["forest"], r["densify"]
+        parts = d["parts"]
+        part = lambda k: f"{parts[k]:.3f}" if k in parts else "–"  # noqa: E731
+        print(f"| {r['volume']} | {r['voxels'] / 1e6:.1f} M | {r['slices']} | {r['seed']} | {100 * r['annotated']:.1f} % "
+              f"| {f['fg']:.3f} ({f['s']:.0f}) | {d['fg']:.3f} ({d['s']:.0f}) | {d['fg'] - f['fg']:+.3f} "
+              f"| {part('network')} | {part('forest')} | {part('equal weights')} | {d['iterations']} |")
+    if rows:
+        leads = [r["densify"]["fg"] - r["forest"]["fg"] for r in rows]
+        print(f"\nmean lead over the forest: {np.mean(leads):+.3f} (min {min(leads):+.3f}) over {len(rows)} runs")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--volumes", nargs="+", default=["ovule", "em_vnc_q0", "colin27"])
+    parser.add_argument("--slices", default="3,3,2", help="k slices per axis, (Z, Y, X)")
+    parser.add_argument("--max-time", type=float, default=600.0, help="densify's --max-time (wall seconds)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--results", type=Path, help="JSON lines, appended; rows already there are not re-run")
+    parser.add_argument("--quick", action="store_true", help="the bundled example at 10 s: keeps this script working")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.volumes, args.max_time, args.seeds = ["nuclei_tiny"], 10.0, [0]
+    slices = tuple(int(k) for k in args.slices.split(","))
+    done = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+            if args.results and args.results.exists() else [])
+    rows = []
+    for name in args.volumes:
+        for seed in args.seeds:
+            key = (name, args.slices, seed, args.max_time)
+            row = next((r for r in done if (r["volume"], r["slices"], r["seed"], r["max_time"]) == key), None)
+            if row is None:
+                row = measure(name, slices, args.max_time, seed)
+                if args.results:
+                    with args.results.open("a") as out:
+                        out.write(json.dumps(row) + "\n")
+            rows.append(row)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
