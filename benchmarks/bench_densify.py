@@ -1,7 +1,7 @@
 """densify against ilastik's random forest, side by side on the same annotated voxels.
 
 Usage: .venv/bin/python benchmarks/bench_densify.py [--quick] [--volumes ovule em_vnc_q0 colin27 ...]
-           [--slices 3,3,2] [--max-time 600] [--seeds 0 1] [--results FILE.jsonl]
+           [--slices 3,3,2] [--max-time 600] [--seeds 0 1] [--results FILE.jsonl] [--save FOLDER]
 
 Per volume and seed: keep the paper's evenly spread orthogonal slices of the dense truth (k per
 axis, (Z, Y, X)); fit the forest peer (ilastik's recipe: 100 trees on the full 7-scale filter
@@ -10,7 +10,8 @@ run densify with its defaults and `--max-time`, as `unet3d densify` does (wall c
 IoU on the unannotated voxels, per class and the mean over foreground classes (every class on
 em_vnc, which has no background), and wall seconds. densify's own forest and network, and their
 plain geometric mean where densify weighed the two, are scored from the same run.
-Rows go to `--results` as JSON lines; a rerun skips the rows already there (resumable).
+Rows go to `--results` as JSON lines; a rerun skips the rows already there (resumable); `--save`
+keeps each run's probability maps for offline study.
 Volumes: nuclei_tiny (bundled), ovule, em_vnc (whole), em_vnc_q0..3, colin27, hippocampus_NNN
 (from ../shared/data or UNET3D_SHARED_DATA).
 """
@@ -34,6 +35,7 @@ from unet3d.baselines import random_forest_segment
 from unet3d.data.labels import decode_labels, encode_labels
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation import evaluate_volumes
+from unet3d.workflows.blend import geometric_mean
 from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, densify
 
 IGNORE = 255
@@ -52,24 +54,34 @@ def run_forest(volume: data.Volume, sparse: np.ndarray, classes: list[int], seed
     return {**score(volume, decode_labels(result.labels, classes), sparse), "s": round(time.monotonic() - start, 1)}
 
 
-def run_densify(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: int) -> dict:
+def run_densify(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: int, save: Path | None) -> dict:
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
         result = densify(volume.image.astype(np.float32), sparse, IGNORE, Path(folder) / "m.safetensors",
                          max_time=max_time, seed=seed, spacing=volume.spacing, progress=False)
     seconds = round(time.monotonic() - start, 1)
     parts = {name: score(volume, labels, sparse)["fg"] for name, labels in result.components.items()}
+    maps = result.component_probabilities
+    if result.held_out is not None:
+        equal = geometric_mean(maps["network"], maps["forest"]).argmax(0)
+        parts["equal weights"] = score(volume, decode_labels(equal, result.info["class_values"]), sparse)["fg"]
+    if save and maps:
+        held = result.held_out
+        np.savez_compressed(save, **{name: p.astype(np.float16) for name, p in maps.items()},
+                            classes=np.asarray(result.info["class_values"]),
+                            held_voxels=held.voxels if held else np.zeros(0, np.int64),
+                            held_classes=held.classes if held else np.zeros(0, np.int64))
     return {**score(volume, result.segmentation, sparse), "s": seconds, "parts": parts,
             "iterations": result.iterations, "trees": result.forest_trees, "blend": result.weighing}
 
 
-def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int) -> dict:
+def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int, save: Path | None = None) -> dict:
     volume = data.load(name)
     sparse = sparsify(volume.truth, slices, IGNORE)
     classes = sorted(int(v) for v in np.unique(volume.truth))
     return {"volume": name, "slices": ",".join(map(str, slices)), "seed": seed, "max_time": max_time,
             "voxels": int(volume.truth.size), "annotated": round(float(np.mean(sparse != IGNORE)), 4),
-            "forest": run_forest(volume, sparse, classes, seed), "densify": run_densify(volume, sparse, max_time, seed)}
+            "forest": run_forest(volume, sparse, classes, seed), "densify": run_densify(volume, sparse, max_time, seed, save)}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -95,6 +107,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-time", type=float, default=600.0, help="densify's --max-time (wall seconds)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--results", type=Path, help="JSON lines, appended; rows already there are not re-run")
+    parser.add_argument("--save", type=Path, metavar="FOLDER",
+                        help="also keep densify's network and forest probabilities and its held-out voxels "
+                        "(float16 .npz per run) for offline study of blend rules")
     parser.add_argument("--quick", action="store_true", help="the bundled example at 10 s: keeps this script working")
     args = parser.parse_args(argv)
     if args.quick:
@@ -108,7 +123,10 @@ def main(argv=None) -> None:
             key = (name, args.slices, seed, args.max_time)
             row = next((r for r in done if (r["volume"], r["slices"], r["seed"], r["max_time"]) == key), None)
             if row is None:
-                row = measure(name, slices, args.max_time, seed)
+                save = args.save / f"{name}_{args.slices}_s{seed}_t{args.max_time:g}.npz" if args.save else None
+                if save:
+                    args.save.mkdir(parents=True, exist_ok=True)
+                row = measure(name, slices, args.max_time, seed, save)
                 if args.results:
                     with args.results.open("a") as out:
                         out.write(json.dumps(row) + "\n")

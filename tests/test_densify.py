@@ -316,10 +316,13 @@ def test_with_enough_annotation_the_blend_is_weighed_on_held_out_blocks(sparse_n
     result = densify(image, sparse, IGNORE, tmp_path / "m.safetensors", iterations=3, max_time=None, progress=False,
                      threads=1)
     assert "held-out annotated voxels" in result.weighing
-    assert set(result.components) == {"network", "forest", "equal weights"}
+    assert set(result.components) == {"network", "forest"} and len(result.held_out) > 0
+    # The held-out voxels are annotated ones, and the weighing was decided on them alone.
+    held_values = sparse.reshape(-1)[result.held_out.voxels]
+    assert np.all(held_values != IGNORE) and np.array_equal(held_values, np.asarray(CLASSES)[result.held_out.classes])
     weight = float(result.weighing.split("network weight ")[1].split()[0])
     assert 0.0 <= weight <= 1.0
     monkeypatch.setattr(workflow, "HOLD_OUT_MIN_ANNOTATED", 10**9)
     plain = densify(image, sparse, IGNORE, tmp_path / "n.safetensors", iterations=3, max_time=None, progress=False,
                     threads=1)
-    assert plain.weighing == "geometric mean with equal weights" and set(plain.components) == {"network", "forest"}
+    assert plain.weighing == "geometric mean with equal weights" and plain.held_out is None

@@ -132,9 +132,10 @@ class DensifyResult:
     tta: bool  # whether the network's prediction averaged the 8 mirrored volumes
     forest_seconds: float = 0.0  # of the filter bank and the forest, taken out of the time budget
     forest_trees: int = 0
-    # "network", "forest": each one's segmentation; "equal weights": the plain geometric mean's, when the blend was weighed
-    components: dict[str, np.ndarray] = field(default_factory=dict)
+    components: dict[str, np.ndarray] = field(default_factory=dict)  # "network", "forest": each one's segmentation
+    component_probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # and each one's (K, Z, Y, X) map
     weighing: str = ""  # how the blend weighed the network against the forest, and on what evidence
+    held_out: HeldOut | None = None  # the annotated voxels neither model trained on, which decided the weighing
 
 
 def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: int = 100_000, seed: int = 0,
@@ -326,12 +327,10 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
         probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), tta, max_time, now, device,
                                               progress)
     decode = lambda p: decode_labels(p.argmax(0), data.class_values)  # noqa: E731
-    components, weighing = {}, ""
+    parts, weighing = {}, ""
     if forest_result is not None:
-        components = {"network": decode(probabilities), "forest": decode(forest_result.probabilities)}
-        if held is not None:
-            components["equal weights"] = decode(weighted_geometric_mean(probabilities, forest_result.probabilities))
+        parts = {"network": probabilities, "forest": forest_result.probabilities}
         probabilities, weighing = blend_with_forest(probabilities, forest_result.probabilities, held)
     return DensifyResult(decode(probabilities), probabilities, result.model, result.info, result.iterations,
                          result.seconds, inputs, blend, tta, spent, forest_result.trees if forest_result else 0,
-                         components, weighing)
+                         {name: decode(p) for name, p in parts.items()}, parts, weighing, held)
