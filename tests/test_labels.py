@@ -132,3 +132,16 @@ def test_class_weights_balance_classes_and_average_to_one_over_annotated_voxels(
 def test_unusable_manual_weights_are_a_user_error(manual):
     with pytest.raises(UserError, match="class weights"):
         class_weights(np.array([900, 100, 0]), manual=manual)
+
+
+def test_a_wrong_ignore_label_gets_a_short_hint_naming_the_likely_one():
+    """Labels whose unlabeled value is 255, read with --ignore-label 1: 252 classes seem to miss
+    examples. The message stays one short line and names 255, which fills most of the volume."""
+    sparse = np.full((8, 16, 16), 255, np.uint8)
+    sparse[2] = np.arange(16)[:, None] % 3  # classes 0, 1, 2 on one slice
+    with pytest.raises(UserError) as error:
+        infer_class_values([sparse], 1, sources=["s.tif"])
+    message = str(error.value)
+    assert message.startswith("s.tif: no annotated voxel of class 3, 4, 5, … (246 more) …, 252, 253, 254 ")
+    assert "4 distinct value(s), and 255 fills 88 % of the voxels" in message
+    assert message.endswith("pass --ignore-label 255") and len(message) < 300 and "\n" not in message

@@ -93,9 +93,8 @@ def infer_class_values(
     missing = [v for v in classes if v not in found]
     if missing:
         raise UserError(
-            f"{', '.join(sources)}: no annotated voxel of class {', '.join(map(str, missing))} "
-            f"(classes {_listing(classes)}, ignore label {ignore_label}); a class without examples "
-            "cannot be learned — check the ignore label and the number of classes"
+            f"{', '.join(sources)}: no annotated voxel of class {_listing(missing)} "
+            f"(classes {_listing(classes)}, ignore label {ignore_label}); {_ignore_label_hint(labels_list, ignore_label)}"
         )
     return classes
 
@@ -163,8 +162,28 @@ def _manual_weights(manual: Sequence[float], num_classes: int) -> np.ndarray:
     return weights
 
 
-def _listing(values: Sequence[int]) -> str:
-    return ", ".join(str(v) for v in values)
+def _listing(values: Sequence[int], most: int = 6) -> str:
+    """Values separated by commas; a long run shows its first and last few only."""
+    values = [str(v) for v in values]
+    if len(values) > most:
+        values = [*values[: most // 2], f"… ({len(values) - most} more) …", *values[-(most // 2):]]
+    return ", ".join(values)
+
+
+def _ignore_label_hint(labels_list: Sequence[np.ndarray], ignore_label: int) -> str:
+    """What the label values say about the ignore label: how many there are, and which fills most voxels."""
+    counts: dict[int, int] = {}
+    for labels in labels_list:
+        values, numbers = np.unique(_compact(np.asarray(labels)), return_counts=True)
+        for value, number in zip(values.tolist(), numbers.tolist()):
+            counts[value] = counts.get(value, 0) + number
+    commonest = max(counts, key=counts.get)
+    share = 100 * counts[commonest] / sum(counts.values())
+    if commonest == ignore_label:
+        return (f"the labels hold {len(counts)} distinct value(s); a class without examples cannot be learned: "
+                "check --num-classes, or annotate that class")
+    return (f"the labels hold {len(counts)} distinct value(s), and {commonest} fills {share:.0f} % of the voxels: "
+            f"if that is the unlabeled value, pass --ignore-label {commonest}")
 
 
 def _unknown_value_message(source: str, value: int, classes: Sequence[int], ignore_label: int) -> str:
