@@ -35,6 +35,7 @@ from unet3d.baselines import random_forest_segment
 from unet3d.data.labels import decode_labels, encode_labels
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation import evaluate_volumes
+from unet3d.workflows import densify as workflow
 from unet3d.workflows.blend import geometric_mean
 from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, densify
 
@@ -75,24 +76,28 @@ def run_densify(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: 
             "iterations": result.iterations, "trees": result.forest_trees, "blend": result.weighing}
 
 
-def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int, save: Path | None = None) -> dict:
+def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int, save: Path | None = None,
+            forest: dict | None = None) -> dict:
+    """One row; `forest`: the peer's scores from an earlier row on the same voxels (it does not
+    depend on densify's recipe or budget), else it is fitted here."""
     volume = data.load(name)
     sparse = sparsify(volume.truth, slices, IGNORE)
     classes = sorted(int(v) for v in np.unique(volume.truth))
     return {"volume": name, "slices": ",".join(map(str, slices)), "seed": seed, "max_time": max_time,
             "voxels": int(volume.truth.size), "annotated": round(float(np.mean(sparse != IGNORE)), 4),
-            "forest": run_forest(volume, sparse, classes, seed), "densify": run_densify(volume, sparse, max_time, seed, save)}
+            "forest": forest or run_forest(volume, sparse, classes, seed),
+            "densify": run_densify(volume, sparse, max_time, seed, save)}
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| volume | voxels | slices | seed | annotated | forest (s) | densify (s) | lead | densify's network | "
+    print("| volume | recipe | voxels | slices | seed | annotated | forest (s) | densify (s) | lead | densify's network | "
           "densify's forest | equal weights | iterations |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f, d = r["forest"], r["densify"]
         parts = d["parts"]
         part = lambda k: f"{parts[k]:.3f}" if k in parts else "–"  # noqa: E731
-        print(f"| {r['volume']} | {r['voxels'] / 1e6:.1f} M | {r['slices']} | {r['seed']} | {100 * r['annotated']:.1f} % "
+        print(f"| {r['volume']} | {r.get('recipe') or 'defaults'} | {r['voxels'] / 1e6:.1f} M | {r['slices']} | {r['seed']} | {100 * r['annotated']:.1f} % "
               f"| {f['fg']:.3f} ({f['s']:.0f}) | {d['fg']:.3f} ({d['s']:.0f}) | {d['fg'] - f['fg']:+.3f} "
               f"| {part('network')} | {part('forest')} | {part('equal weights')} | {d['iterations']} |")
     if rows:
@@ -110,23 +115,35 @@ def main(argv=None) -> None:
     parser.add_argument("--save", type=Path, metavar="FOLDER",
                         help="also keep densify's network and forest probabilities and its held-out voxels "
                         "(float16 .npz per run) for offline study of blend rules")
+    parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="change one of densify's recipe constants for an experiment (e.g. PSEUDO_LABEL_WEIGHT=0.5)")
     parser.add_argument("--quick", action="store_true", help="the bundled example at 10 s: keeps this script working")
     args = parser.parse_args(argv)
     if args.quick:
         args.volumes, args.max_time, args.seeds = ["nuclei_tiny"], 10.0, [0]
     slices = tuple(int(k) for k in args.slices.split(","))
+    recipe = " ".join(sorted(args.set))
+    for change in args.set:
+        name, value = change.split("=", 1)
+        if not hasattr(workflow, name):
+            parser.error(f"--set {change}: densify has no constant {name}")
+        setattr(workflow, name, type(getattr(workflow, name))(value))
     done = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
             if args.results and args.results.exists() else [])
     rows = []
     for name in args.volumes:
         for seed in args.seeds:
-            key = (name, args.slices, seed, args.max_time)
-            row = next((r for r in done if (r["volume"], r["slices"], r["seed"], r["max_time"]) == key), None)
+            key = (name, args.slices, seed, args.max_time, recipe)
+            row = next((r for r in done if (r["volume"], r["slices"], r["seed"], r["max_time"], r.get("recipe", ""))
+                        == key), None)
             if row is None:
-                save = args.save / f"{name}_{args.slices}_s{seed}_t{args.max_time:g}.npz" if args.save else None
+                tag = "".join(f"_{c}" for c in args.set)
+                save = args.save / f"{name}_{args.slices}_s{seed}_t{args.max_time:g}{tag}.npz" if args.save else None
                 if save:
                     args.save.mkdir(parents=True, exist_ok=True)
-                row = measure(name, slices, args.max_time, seed, save)
+                forest = next((r["forest"] for r in done if (r["volume"], r["slices"], r["seed"])
+                               == (name, args.slices, seed)), None)
+                row = {**measure(name, slices, args.max_time, seed, save, forest), "recipe": recipe}
                 if args.results:
                     with args.results.open("a") as out:
                         out.write(json.dumps(row) + "\n")

@@ -82,13 +82,14 @@ def print_rule_table(rows: dict[str, dict], base: str) -> None:
     """A markdown row per run (IoU per rule; text cells as they are) and the mean change of each
     rule against `base`."""
     columns = list(next(iter(rows.values())))
-    numeric = [c for c in columns if not isinstance(next(iter(rows.values()))[c], str)]
+    first = next(iter(rows.values()))
     print("| run | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for run, scores in rows.items():
         print(f"| {run} | " + " | ".join(v if isinstance(v, str) else f"{v:.3f}" for v in scores.values()) + " |")
     print("| mean change | " + " | ".join(
-        f"{np.mean([s[c] - s[base] for s in rows.values()]):+.3f}" for c in numeric) + " |")
+        "" if isinstance(first[c], str) else f"{np.mean([s[c] - s[base] for s in rows.values()]):+.3f}"
+        for c in columns) + " |")
 
 
 def main(paths: list[str]) -> None:
