@@ -197,7 +197,7 @@ def test_validation_logs_iou_and_keeps_the_best_model(sparse_nuclei, tmp_path):
     assert run_files(tmp_path / "m.safetensors")["best"].exists()
 
 
-def test_per_volume_normalization_and_densifys_recipe_from_the_train_command(sparse_nuclei, tmp_path):
+def test_per_volume_normalization_and_densifys_recipe_from_the_train_command(sparse_nuclei, tmp_path, capsys):
     import tifffile
 
     from unet3d.cli import main
@@ -213,13 +213,19 @@ def test_per_volume_normalization_and_densifys_recipe_from_the_train_command(spa
     tifffile.imwrite(tmp_path / "a.tif", image[0])
     tifffile.imwrite(tmp_path / "b.tif", brighter[0])
     tifffile.imwrite(tmp_path / "s.tif", sparse)
+    # No option but the data, the ignore label and a step count: the plan chooses per-volume
+    # normalization (spreads differ 9×) and densify's recipe, prints why and stores it.
     assert main.main(["train", "--images", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--labels",
                       str(tmp_path / "s.tif"), str(tmp_path / "s.tif"), "--ignore-label", str(IGNORE), "-o",
-                      str(tmp_path / "m.safetensors"), "--per-volume", "--iterations", "1", "--recipe", "densify",
-                      "--quiet"]) == 0
+                      str(tmp_path / "m.safetensors"), "--iterations", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "normalization  z-score per volume  (intensity spreads differ up to 9.0×" in printed
+    assert "network        width 8, 3 levels, same padding" in printed
     _, info = load_model(tmp_path / "m.safetensors")
     assert info["normalization"]["per_volume"] is True
+    recipe = TrainConfig.from_dict(info["training"]["config"])
+    assert [c["part"] for c in recipe.plan["choices"]][:4] == ["normalization", "inputs", "validation", "budget"]
     # densify's recipe, ready for `densify --init`.
     data = prepare_training_set([image], [sparse], IGNORE)
-    recipe = TrainConfig.from_dict(info["training"]["config"])
-    assert recipe == dataclasses.replace(default_config(data, iterations=1, max_time=None), checkpoint_every=60.0)
+    assert dataclasses.replace(recipe, plan=None) == dataclasses.replace(
+        default_config(data, iterations=1, max_time=None), checkpoint_every=60.0)

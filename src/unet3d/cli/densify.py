@@ -50,8 +50,8 @@ def register(subparsers) -> None:
                         "and --tta auto also follow the clock)")
     parser.add_argument("--iterations", type=int, default=100_000, help="training steps at most")
     parser.add_argument("--init", metavar="MODEL",
-                        help="fine-tune this trained model (densify's of an earlier volume, or `unet3d train "
-                        "--recipe densify` on volumes of the same kind; same channels and classes) instead of "
+                        help="fine-tune this trained model (densify's of an earlier volume, or `unet3d train` on "
+                        "volumes of the same kind; same channels and classes) instead of "
                         "training a new network, at a tenth of the learning rate; the model decides the inputs")
     parser.add_argument("--model", metavar="MODEL", help="where to write the model (default: SEGMENTATION's name + .model.safetensors)")
     parser.add_argument("--overlay", metavar="PNG", help="slices with the result overlaid (default: SEGMENTATION's name + .overlay.png)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 from unet3d.augmentation import AugmentationConfig
@@ -13,9 +14,10 @@ from unet3d.training import TrainConfig, train
 from unet3d.training.checkpoint import load_checkpoint, run_files
 from unet3d.training.config import CLASS_WEIGHTING, LOSSES, OPTIMIZERS, SCHEDULES
 from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows.densify import default_config
-
-DEFAULT_NETWORK = dict(width=16, levels=4, padding="valid", norm="batch")
+from unet3d.baselines.features import input_feature_spec, with_input_features
+from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED
+from unet3d.workflows.plan import (DEFAULT_ITERATIONS, PER_VOLUME_SPREAD_RATIO, Fingerprint, plan_table,
+                                   plan_training)
 
 
 def register(subparsers) -> None:
@@ -46,46 +48,52 @@ def register(subparsers) -> None:
     data.add_argument("--val-images", nargs="+", default=[], metavar="IMAGE", help="held-out images for validation")
     data.add_argument("--val-labels", nargs="+", default=[], metavar="LABELS",
                       help="their annotations (same ignore label); IoU per class is logged and the best model kept")
-    data.add_argument("--normalization", choices=("zscore", "percentile", "none"), default="zscore",
-                      help="intensity normalization fitted on the training images and stored with the model")
-    data.add_argument("--per-volume", action="store_true",
+    data.add_argument("--normalization", choices=("zscore", "percentile", "none"),
+                      help="intensity normalization fitted on the training images and stored with the model "
+                      "(default: planned, z-score)")
+    data.add_argument("--per-volume", action=argparse.BooleanOptionalAction,
                       help="fit the normalization on each volume, in training and at prediction, instead of once on "
-                      "the training images: for volumes whose intensity scale differs from scan to scan (MRI)")
+                      "the training images: for volumes whose intensity scale differs from scan to scan (MRI); "
+                      "default: planned, on when the volumes' intensity spreads differ more than "
+                      f"{PER_VOLUME_SPREAD_RATIO:g}×")
+    data.add_argument("--filter-features", choices=("auto", "on", "off"), default="auto",
+                      help="also give the network ilastik's filter bank (61 filters per channel) as input channels; "
+                      f"auto: planned, from {FILTER_FEATURES_MIN_ANNOTATED:,} annotated voxels when it fits in memory")
     parser.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     add_network_options(parser)
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--recipe", choices=("densify",),
-                     help="densify: densify's network and training (small same-padding U-Net, flips, Dice + "
-                     "cross-entropy, cosine schedule over --max-time) instead of the options below, to train a model "
-                     "for `unet3d densify --init` on volumes like the ones to densify")
-    opt.add_argument("--iterations", type=int, default=2000, help="stop after this many steps")
+    opt = parser.add_argument_group(
+        "optimisation", "Without options, `train` plans the run from the data and the budget (printed before "
+        "training, stored in the model): densify's recipe, the most accuracy per CPU second measured. Each option "
+        "overrides its part of the plan; --preset paper trains the paper's configuration instead.")
+    opt.add_argument("--iterations", type=int, help="stop after this many steps (default: planned, "
+                     f"{DEFAULT_ITERATIONS} without --max-time)")
     opt.add_argument("--max-time", type=float, metavar="SECONDS",
                      help="stop after this much training time, whichever comes first; schedules anneal over it")
-    opt.add_argument("--patch", type=int_triple, default=(116, 132, 132), metavar="Z,Y,X",
+    opt.add_argument("--patch", type=int_triple, metavar="Z,Y,X",
                      help="network input patch, rounded to a valid size (the paper: 116,132,132)")
-    opt.add_argument("--batch-size", type=int, default=1)
-    opt.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="sgd with momentum is the paper's")
-    opt.add_argument("--lr", type=float, default=1e-3, help="base learning rate")
-    opt.add_argument("--momentum", type=float, default=0.99, help="SGD momentum")
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")
-    opt.add_argument("--warmup", type=float, default=0.0, help="fraction of the run with a rising learning rate")
-    opt.add_argument("--loss", choices=LOSSES, default="ce", help="weighted cross-entropy, or Dice + cross-entropy")
-    opt.add_argument("--class-weighting", choices=CLASS_WEIGHTING, default="inverse_sqrt",
-                     help="class weights from the labeled voxels' class frequencies")
+    opt.add_argument("--batch-size", type=int)
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd with momentum is the paper's")
+    opt.add_argument("--lr", type=float, help="base learning rate")
+    opt.add_argument("--momentum", type=float, help="SGD momentum (the original U-Net: 0.99)")
+    opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")
+    opt.add_argument("--warmup", type=float, help="fraction of the run with a rising learning rate")
+    opt.add_argument("--loss", choices=LOSSES, help="weighted cross-entropy, or Dice + cross-entropy")
+    opt.add_argument("--class-weighting", choices=CLASS_WEIGHTING, help="class weights from the labeled voxels' class frequencies")
     opt.add_argument("--class-weights", type=float_list, metavar="W,W,...", help="manual class weights")
-    aug = parser.add_argument_group("augmentation")
+    aug = parser.add_argument_group("augmentation", "Planned: flips only; any option below switches to the "
+                                    "paper's augmentation with that change.")
     aug.add_argument("--no-augment", action="store_true", help="train on plain crops")
     defaults = AugmentationConfig()
-    aug.add_argument("--rotation", type=float, default=defaults.rotation_deg, help="maximum rotation per axis (degrees)")
-    aug.add_argument("--scale", type=float_list, default=list(defaults.scale), metavar="LOW,HIGH", help="scaling range")
-    aug.add_argument("--elastic-spacing", type=float, default=defaults.elastic_spacing,
+    aug.add_argument("--rotation", type=float, help=f"maximum rotation per axis (degrees; paper's augmentation: {defaults.rotation_deg:g})")
+    aug.add_argument("--scale", type=float_list, metavar="LOW,HIGH", help=f"scaling range (paper's augmentation: {defaults.scale})")
+    aug.add_argument("--elastic-spacing", type=float,
                      help="voxels between the deformation's control points (the paper: 32)")
-    aug.add_argument("--elastic-sigma", type=float, default=defaults.elastic_sigma,
+    aug.add_argument("--elastic-sigma", type=float,
                      help="standard deviation of the control points' displacement in voxels (the paper: 4; 0 disables)")
     aug.add_argument("--no-flip", action="store_true", help="no random mirroring")
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0, help="makes a CPU run reproducible")
+    run.add_argument("--seed", type=int, default=0, help="makes a CPU run reproducible (and the validation split)")
     run.add_argument("--workers", type=int, default=0, help="processes preparing augmented patches in the background")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, all cores)")
@@ -124,16 +132,37 @@ def run_train(args) -> int:
         torch.set_num_threads(args.threads)
     images, labels, meta = load_pairs(args.images, args.labels, args.channel_axis)
     spacing = args.spacing or meta.spacing
-    data = prepare_training_set(images, labels, args.ignore_label, sources=args.images,
+    plan = None
+    if args.preset != "paper":
+        fingerprint = Fingerprint.of(images, labels, args.ignore_label, spacing, args.images)
+        plan = plan_training(fingerprint, max_time=args.max_time, iterations=args.iterations,
+                             validation_given=bool(args.val_images), seed=args.seed, source=args.images[0])
+    features = _input_features(args, plan, spacing)
+    if features:
+        images = [with_input_features(image, features) for image in images]
+    sources = list(args.images)
+    held = plan.validation_volumes if plan else []
+    validation_pairs = [(images[i], labels[i], sources[i]) for i in held]
+    images, labels, sources = ([x[i] for i in range(len(sources)) if i not in held] for x in (images, labels, sources))
+    per_volume = args.per_volume if args.per_volume is not None else bool(plan and plan.per_volume)
+    data = prepare_training_set(images, labels, args.ignore_label, sources=sources,
                                 num_classes=args.num_classes, class_values=args.classes,
-                                normalization=args.normalization, spacing=spacing, per_volume=args.per_volume)
-    validation = None
+                                normalization=args.normalization or "zscore", spacing=spacing, per_volume=per_volume,
+                                input_features=features)
     if args.val_images:
         val_images, val_labels, _ = load_pairs(args.val_images, args.val_labels, args.channel_axis)
-        validation = prepare_training_set(val_images, val_labels, args.ignore_label, sources=args.val_images,
+        if features:
+            val_images = [with_input_features(image, features) for image in val_images]
+        validation_pairs = list(zip(val_images, val_labels, args.val_images))
+    validation = None
+    if validation_pairs:
+        val_images, val_labels, val_sources = (list(x) for x in zip(*validation_pairs))
+        validation = prepare_training_set(val_images, val_labels, args.ignore_label, sources=val_sources,
                                           class_values=data.class_values, normalization=data.normalization,
-                                          spacing=data.spacing)
-    config = _config(args, data)
+                                          spacing=data.spacing, input_features=features)
+    config = _config(args, data, plan)
+    if plan is not None and not args.resume:
+        print("plan (options override their part):\n" + plan_table(plan.describe(config)))
     result = train(config, data, args.output, validation=validation, resume=args.resume, device=device,
                    progress=not args.quiet)
     print(f"trained {result.iterations} iterations in {result.seconds:.0f} s (stopped by {result.stopped_by}); "
@@ -141,31 +170,63 @@ def run_train(args) -> int:
     return 0
 
 
-def _config(args, data) -> TrainConfig:
+def _input_features(args, plan, spacing) -> dict | None:
+    """The filter bank the network reads: the plan's unless --filter-features says otherwise."""
+    if args.filter_features == "off" or (args.filter_features == "auto" and plan is None):
+        return None
+    if args.filter_features == "on":
+        return input_feature_spec(spacing)
+    return plan.input_features
+
+
+# The paper's configuration (--preset paper): its tile and batch, weighted cross-entropy, its augmentation.
+PAPER_TRAINING = {"iterations": DEFAULT_ITERATIONS, "patch": (116, 132, 132), "batch_size": 1, "optimizer": "adam",
+                  "lr": 1e-3, "momentum": 0.99, "weight_decay": 0.0, "schedule": "constant", "warmup": 0.0,
+                  "loss": "ce", "class_weighting": "inverse_sqrt"}
+# Options that override a TrainConfig field of the plan: option name -> field.
+TRAINING_OPTIONS = {"iterations": "iterations", "patch": "patch_shape", "batch_size": "batch_size",
+                    "optimizer": "optimizer", "lr": "learning_rate", "momentum": "momentum",
+                    "weight_decay": "weight_decay", "schedule": "schedule", "warmup": "warmup", "loss": "loss",
+                    "class_weighting": "class_weighting", "class_weights": "class_weights",
+                    "normalization": "normalization"}
+AUGMENTATION_OPTIONS = ("no_augment", "rotation", "scale", "elastic_spacing", "elastic_sigma", "no_flip")
+
+
+def _config(args, data, plan) -> TrainConfig:
     if args.resume:
         stored = TrainConfig.from_dict(load_checkpoint(run_files(args.output)["checkpoint"])["config"])
-        stored.iterations = args.iterations
-        stored.max_time = args.max_time
-        return stored
-    if args.recipe == "densify":
-        return dataclasses.replace(default_config(data, max_time=args.max_time, iterations=args.iterations,
-                                                  seed=args.seed), checkpoint_every=args.checkpoint_every,
-                                   workers=args.workers, validate_every=args.validate_every)
+        return dataclasses.replace(stored, iterations=args.iterations or stored.iterations,
+                                   max_time=args.max_time if args.max_time is not None else stored.max_time)
     try:
-        network = network_config(args, in_channels=data.channels, num_classes=len(data.class_values),
-                                 **DEFAULT_NETWORK)
+        base = plan.config(data, args.seed) if plan else _paper_config(args, data)
+        given = {field: getattr(args, option) for option, field in TRAINING_OPTIONS.items()
+                 if getattr(args, option) is not None}
+        network = network_config(args, **{**base.network.to_dict(), "in_channels": data.channels,
+                                          "num_classes": len(data.class_values)})
         network = type(network).from_dict({**network.to_dict(), "in_channels": data.channels,
-                                            "num_classes": len(data.class_values)})
-        augmentation = AugmentationConfig(
-            enabled=not args.no_augment, rotation_deg=args.rotation, scale=tuple(args.scale),
-            elastic_spacing=args.elastic_spacing, elastic_sigma=args.elastic_sigma, flip=not args.no_flip)
-        return TrainConfig(
-            network=network, patch_shape=args.patch, batch_size=args.batch_size, iterations=args.iterations,
-            max_time=args.max_time, optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
-            weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup, loss=args.loss,
-            class_weighting=args.class_weighting, class_weights=args.class_weights,
-            normalization=args.normalization, augmentation=augmentation, seed=args.seed, workers=args.workers,
-            amp=args.amp, validate_every=args.validate_every,
-            checkpoint_every=args.checkpoint_every)
+                                           "num_classes": len(data.class_values)})
+        config = dataclasses.replace(base, network=network, augmentation=_augmentation(args, base.augmentation),
+                                     max_time=args.max_time, seed=args.seed, workers=args.workers, amp=args.amp,
+                                     validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
+                                     **given)
+        return dataclasses.replace(config, plan=plan.to_dict(config)) if plan else config
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def _paper_config(args, data) -> TrainConfig:
+    network = network_config(args, in_channels=data.channels, num_classes=len(data.class_values))
+    paper = {TRAINING_OPTIONS[k]: v for k, v in PAPER_TRAINING.items()}
+    return TrainConfig(network=network, **paper, augmentation=AugmentationConfig())
+
+
+def _augmentation(args, planned: AugmentationConfig) -> AugmentationConfig:
+    """The plan's augmentation, or the paper's with the options given applied."""
+    if not any(getattr(args, name) not in (None, False) for name in AUGMENTATION_OPTIONS):
+        return planned
+    base = AugmentationConfig()
+    return dataclasses.replace(
+        base, enabled=not args.no_augment, flip=not args.no_flip,
+        **{field: value for field, value in (("rotation_deg", args.rotation), ("elastic_spacing", args.elastic_spacing),
+                                             ("elastic_sigma", args.elastic_sigma),
+                                             ("scale", tuple(args.scale) if args.scale else None)) if value is not None})

@@ -41,6 +41,7 @@ class TrainConfig:
     checkpoint_every: float = 60.0  # seconds between checkpoints
     validate_every: int = 200  # iterations; only with validation volumes
     log_every: int = 10
+    plan: dict | None = None  # how `unet3d train` planned this run, each choice with its reason (workflows.plan)
 
     def __post_init__(self):
         for value, allowed, name in (

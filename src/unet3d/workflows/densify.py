@@ -32,7 +32,7 @@ with densify's settings the blend beat the forest in every run measured and was 
 0.01 below the network alone, gaining most where one of the two was weak (docs/ablation.md,
 "Blending the network with the forest").
 
-A network trained on other volumes of the same kind (`init`: `unet3d train --recipe densify`, or
+A network trained on other volumes of the same kind (`init`: `unet3d train` on volumes of the same kind, or
 densify's model of an earlier volume) is fine-tuned on the slices instead of starting afresh:
 on MRI crops and serial-section EM that put densify 0.10-0.38 ahead of the forest, where the
 fresh network is 0.03-0.21 ahead (docs/ablation.md, "Starting from a network trained on volumes

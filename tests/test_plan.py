@@ -1,0 +1,73 @@
+"""`unet3d train` plans itself from the data: normalization, inputs, validation split, budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unet3d.errors import UserError
+from unet3d.workflows.plan import Fingerprint, plan_table, plan_training
+
+IGNORE = 255
+
+
+def volumes(count: int, scales=None, annotated_planes: int = 1, shape=(8, 32, 32)):
+    rng = np.random.default_rng(0)
+    scales = scales or [1.0] * count
+    images = [(rng.normal(size=(1, *shape)) * s + 10 * s).astype(np.float32) for s in scales]
+    labels = []
+    for _ in range(count):
+        sparse = np.full(shape, IGNORE, np.uint8)
+        sparse[:annotated_planes] = rng.integers(0, 2, (annotated_planes, *shape[1:]))
+        labels.append(sparse)
+    return images, labels
+
+
+def plan_of(images, labels, **options):
+    fingerprint = Fingerprint.of(images, labels, IGNORE, None)
+    return plan_training(fingerprint, **{"max_time": 60.0, "iterations": None, "validation_given": False,
+                                         "seed": 0, **options})
+
+
+def test_per_volume_normalization_when_intensity_scales_differ():
+    assert plan_of(*volumes(2, [1.0, 1.5])).per_volume is False
+    plan = plan_of(*volumes(2, [1.0, 10.0]))
+    assert plan.per_volume is True and "differ up to 10" in plan.choices[0].why
+    assert plan_of(*volumes(1, [7.0])).per_volume is False  # one volume: nothing to compare
+
+
+def test_the_filter_bank_is_read_from_fifty_thousand_annotated_voxels():
+    few = plan_of(*volumes(2, annotated_planes=1))  # 2 × 1,024 voxels
+    assert few.input_features is None and "2,048 annotated voxels" in few.choices[1].why
+    many = plan_of(*volumes(8, annotated_planes=8, shape=(8, 32, 32)))  # 65,536
+    assert many.input_features is not None and many.input_features["bank"] == "ilastik"
+
+
+def test_a_seeded_validation_split_from_four_volumes_unless_validation_is_given():
+    assert plan_of(*volumes(3)).validation_volumes == []
+    five = plan_of(*volumes(5))
+    assert len(five.validation_volumes) == 1 and five.validation_volumes == plan_of(*volumes(5)).validation_volumes
+    assert len(plan_of(*volumes(10)).validation_volumes) == 2
+    assert plan_of(*volumes(10), validation_given=True).validation_volumes == []
+
+
+def test_the_budget_sets_the_steps_and_a_bad_budget_is_one_line():
+    assert plan_of(*volumes(1)).iterations == 100_000  # the clock stops it; the schedule anneals over time
+    assert plan_of(*volumes(1), max_time=None).iterations == 2000
+    assert plan_of(*volumes(1), max_time=None, iterations=50).iterations == 50
+    with pytest.raises(UserError, match=r"^--max-time 0: the budget must be positive$"):
+        plan_of(*volumes(1), max_time=0.0)
+
+
+def test_images_of_different_channel_counts_are_refused_before_planning():
+    images, labels = volumes(2)
+    images[1] = np.concatenate([images[1], images[1]])
+    with pytest.raises(UserError, match=r"^b\.tif: 2 channel\(s\), but a\.tif has 1$"):
+        Fingerprint.of(images, labels, IGNORE, None, ["a.tif", "b.tif"])
+
+
+def test_the_plan_prints_one_line_per_choice_with_its_reason():
+    plan = plan_of(*volumes(5, [1, 1, 1, 1, 20]))
+    table = plan_table(plan.choices)
+    assert len(table.splitlines()) == len(plan.choices) == 4
+    assert all("(" in line and line.endswith(")") for line in table.splitlines())
