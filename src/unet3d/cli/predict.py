@@ -76,6 +76,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
     parser.add_argument("--channel-axis", type=int, metavar="N", help="the image file's channel axis, if not detected")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for PyTorch")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
@@ -98,7 +99,7 @@ def run(args) -> int:
                                              args.overlap, device)
         summary = predict_volume(
             model, info, source, args.output, args.probabilities, args.uncertainty,
-            tile=tile, batch_size=args.batch_size, tta=args.tta, device=str(device), overlap=args.overlap, progress=True,
+            tile=tile, batch_size=args.batch_size, tta=args.tta, device=str(device), overlap=args.overlap, progress=not args.quiet,
         )
     _report(summary, outputs)
     return 0

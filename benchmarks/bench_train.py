@@ -1,0 +1,161 @@
+"""Fully automatic segmentation: `unet3d train` on sparse slices of some MRI scans, scored on unseen scans.
+
+Usage: .venv/bin/python benchmarks/bench_train.py [--quick] [--train-cases 40] [--test-cases 40]
+           [--max-time 600 ...] [--slices 2,3,3] [--dense] [--seed 0] [--results FILE.jsonl]
+
+MSD Hippocampus (../shared/data/hippocampus, or UNET3D_SHARED_DATA): a seeded permutation of the
+cases gives the training cases and the unseen ones. Training labels keep the paper's (x,y,z) =
+(3,3,2) slices of each training case — 3 yz-, 3 xz- and 2 xy-slices, (Z, Y, X) = (2, 3, 3) —
+(`--dense`: every voxel, the upper bound). `unet3d train` runs as a user types it: images,
+labels, ignore label, output, `--max-time` (wall seconds, all cores), nothing else: its plan
+decides the rest (printed). `unet3d predict` segments each unseen case; IoU per class and the
+foreground mean (anterior, posterior) on every voxel. The peer in the same run: ilastik's random
+forest (100 trees on the 7-scale filter bank of each scan, standardized on its own statistics),
+fitted on the same annotated voxels (a seeded sample of at most 100,000), predicting the same
+unseen cases. Rows go to `--results` as JSON lines; a rerun skips the rows already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from experiments.paper import data
+from unet3d.baselines.features import filter_features
+from unet3d.baselines.forest import fit_forest, predict_probabilities
+from unet3d.data.sparse import sparsify
+from unet3d.evaluation.metrics import confusion_matrix, scores
+from unet3d.workflows.densify import FOREST_TRAIN_VOXELS
+
+IGNORE = 255
+UNET3D = Path(sys.executable).with_name("unet3d")
+
+
+def split_cases(train: int, test: int, seed: int) -> tuple[list[str], list[str]]:
+    cases = sorted(p.name.removeprefix("hippocampus_").removesuffix(".nii.gz")
+                   for p in (data.shared_data() / "hippocampus" / "images").glob("hippocampus_*.nii.gz"))
+    if len(cases) < train + test:
+        raise SystemExit(f"{len(cases)} hippocampus cases found, {train + test} needed")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    return [cases[i] for i in order[:train]], [cases[i] for i in order[train:train + test]]
+
+
+def standardized(image: np.ndarray) -> np.ndarray:
+    return ((image - image.mean()) / max(float(image.std()), 1e-8)).astype(np.float32)
+
+
+def foreground_scores(confusion: np.ndarray) -> dict:
+    result = scores(confusion, [0, 1, 2], background=0)
+    return {"fg": round(result["mean_iou_foreground"], 4),
+            "iou": {str(c["value"]): round(c["iou"], 3) for c in result["classes"]}}
+
+
+def run_unet(train_cases, test_cases, slices, max_time: float, folder: Path) -> dict:
+    images, labels = [], []
+    for case in train_cases:
+        volume = data.hippocampus(case)
+        np.save(folder / f"{case}_image.npy", volume.image)
+        np.save(folder / f"{case}_labels.npy", volume.truth.astype(np.uint8) if slices is None
+                else sparsify(volume.truth, slices, IGNORE).astype(np.uint8))
+        images.append(str(folder / f"{case}_image.npy"))
+        labels.append(str(folder / f"{case}_labels.npy"))
+    model = folder / "model.safetensors"
+    start = time.monotonic()
+    trained = subprocess.run([str(UNET3D), "train", "--images", *images, "--labels", *labels, "--ignore-label",
+                              str(IGNORE), "-o", str(model), "--max-time", f"{max_time:g}", "--quiet"],
+                             capture_output=True, text=True, check=True)
+    seconds = time.monotonic() - start
+    best = model.with_name("model.best.safetensors")
+    confusion = np.zeros((3, 3), np.int64)
+    for case in test_cases:
+        volume = data.hippocampus(case)
+        np.save(folder / "test.npy", volume.image)
+        subprocess.run([str(UNET3D), "predict", str(best if best.exists() else model), str(folder / "test.npy"),
+                        "-o", str(folder / "prediction.npy"), "--quiet"], capture_output=True, text=True,
+                       check=True)
+        confusion += confusion_matrix(np.load(folder / "prediction.npy"), volume.truth, 3)
+    return {**foreground_scores(confusion), "s": round(seconds, 1), "plan": trained.stdout.strip().splitlines(),
+            "model": "best on the held-out training cases" if best.exists() else "last"}
+
+
+def run_forest(train_cases, test_cases, slices, seed: int) -> dict:
+    start = time.monotonic()
+    features, targets = [], []
+    for case in train_cases:
+        volume = data.hippocampus(case)
+        sparse = volume.truth if slices is None else sparsify(volume.truth, slices, IGNORE)
+        bank = filter_features(standardized(volume.image))
+        annotated = np.flatnonzero(sparse.reshape(-1) != IGNORE)
+        features.append(bank.reshape(bank.shape[0], -1)[:, annotated])
+        targets.append(sparse.reshape(-1)[annotated])
+    x, y = np.concatenate(features, axis=1), np.concatenate(targets)
+    forest = fit_forest(x, y, np.arange(y.size), seed=seed, max_train_voxels=FOREST_TRAIN_VOXELS)
+    confusion = np.zeros((3, 3), np.int64)
+    for case in test_cases:
+        volume = data.hippocampus(case)
+        bank = filter_features(standardized(volume.image))
+        probabilities = predict_probabilities(forest, bank.reshape(bank.shape[0], -1), 3)
+        confusion += confusion_matrix(probabilities.argmax(0), volume.truth.reshape(-1), 3)
+    return {**foreground_scores(confusion), "s": round(time.monotonic() - start, 1)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train-cases", type=int, default=40)
+    parser.add_argument("--test-cases", type=int, default=40)
+    parser.add_argument("--max-time", type=float, nargs="+", default=[600.0], help="train's --max-time, each a row")
+    parser.add_argument("--slices", default="2,3,3", help="slices per axis, (Z, Y, X): the paper's (x,y,z) = (3,3,2)")
+    parser.add_argument("--dense", action="store_true", help="train on every voxel of the training cases")
+    parser.add_argument("--seed", type=int, default=0, help="the split and the forest")
+    parser.add_argument("--results", type=Path, help="JSON lines, appended; rows already there are not re-run")
+    parser.add_argument("--quick", action="store_true", help="4 training cases, 2 unseen, 15 s: keeps this script working")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_cases, args.test_cases, args.max_time = 4, 2, [15.0]
+    if not (data.shared_data() / "hippocampus").exists():
+        print(f"skipped: {data.shared_data() / 'hippocampus'} not found (set UNET3D_SHARED_DATA)")
+        return
+    slices = None if args.dense else tuple(int(k) for k in args.slices.split(","))
+    labels = "dense" if args.dense else args.slices
+    train_cases, test_cases = split_cases(args.train_cases, args.test_cases, args.seed)
+    done = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+            if args.results and args.results.exists() else [])
+    same = lambda r: (r["labels"], r["train_cases"], r["test_cases"], r["seed"]) == (  # noqa: E731
+        labels, args.train_cases, args.test_cases, args.seed)
+    forest = next((r["forest"] for r in done if same(r)), None) or run_forest(train_cases, test_cases, slices, args.seed)
+    rows = []
+    for max_time in args.max_time:
+        row = next((r for r in done if same(r) and r["max_time"] == max_time), None)
+        if row is None:
+            with tempfile.TemporaryDirectory() as folder:
+                unet = run_unet(train_cases, test_cases, slices, max_time, Path(folder))
+            row = {"labels": labels, "train_cases": args.train_cases, "test_cases": args.test_cases,
+                   "seed": args.seed, "max_time": max_time, "unet": unet, "forest": forest}
+            if args.results:
+                with args.results.open("a") as out:
+                    out.write(json.dumps(row) + "\n")
+        rows.append(row)
+    print("| labels | training cases | unseen cases | train --max-time | unet3d train: fg IoU (anterior / posterior) "
+          "| forest: fg IoU (anterior / posterior) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        u, f = r["unet"], r["forest"]
+        print(f"| {r['labels']} | {r['train_cases']} | {r['test_cases']} | {r['max_time']:g} s "
+              f"| {u['fg']:.3f} ({u['iou']['1']:.2f} / {u['iou']['2']:.2f}) "
+              f"| {f['fg']:.3f} ({f['iou']['1']:.2f} / {f['iou']['2']:.2f}) |")
+    if rows:
+        print("\nplan of the last run:\n" + "\n".join(rows[-1]["unet"]["plan"]))
+
+
+if __name__ == "__main__":
+    main()
