@@ -36,10 +36,12 @@ def test_per_volume_normalization_when_intensity_scales_differ():
     assert plan_of(*volumes(1, [7.0])).per_volume is False  # one volume: nothing to compare
 
 
-def test_the_filter_bank_is_read_from_fifty_thousand_annotated_voxels():
-    few = plan_of(*volumes(2, annotated_planes=1))  # 2 × 1,024 voxels
-    assert few.input_features is None and "2,048 annotated voxels" in few.choices[1].why
-    many = plan_of(*volumes(8, annotated_planes=8, shape=(8, 32, 32)))  # 65,536
+def test_the_filter_bank_is_read_from_fifty_thousand_annotated_voxels_per_volume():
+    few = plan_of(*volumes(2, annotated_planes=1))  # 1,024 voxels per volume
+    assert few.input_features is None and "1,024 annotated voxels per volume" in few.choices[1].why
+    # Many volumes of a few thousand each: the image alone, as measured on small crops.
+    assert plan_of(*volumes(40, annotated_planes=4, shape=(8, 40, 40))).input_features is None
+    many = plan_of(*volumes(2, annotated_planes=16, shape=(16, 64, 64)))  # 65,536 per volume
     assert many.input_features is not None and many.input_features["bank"] == "ilastik"
 
 
