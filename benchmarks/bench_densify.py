@@ -116,7 +116,7 @@ def main(argv=None) -> None:
                         help="also keep densify's network and forest probabilities and its held-out voxels "
                         "(float16 .npz per run) for offline study of blend rules")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
-                        help="change one of densify's recipe constants for an experiment (e.g. PSEUDO_LABEL_WEIGHT=0.5)")
+                        help="change one of densify's recipe constants for an experiment (e.g. HOLD_OUT_SHARE=0.2)")
     parser.add_argument("--quick", action="store_true", help="the bundled example at 10 s: keeps this script working")
     args = parser.parse_args(argv)
     if args.quick:

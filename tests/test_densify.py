@@ -326,30 +326,3 @@ def test_with_enough_annotation_the_blend_is_weighed_on_held_out_blocks(sparse_n
     plain = densify(image, sparse, IGNORE, tmp_path / "n.safetensors", iterations=3, max_time=None, progress=False,
                     threads=1)
     assert plain.weighing == "geometric mean with equal weights" and plain.held_out is None
-
-
-def test_pseudo_labels_come_from_the_confident_forest_off_the_annotation_and_the_held_out_blocks():
-    from unet3d.workflows.blend import HeldOut
-    from unet3d.workflows.densify import forest_pseudo_labels
-
-    forest = np.zeros((2, 1, 2, 3), np.float32)
-    forest[0] = [[[0.9, 0.6, 0.2], [0.1, 0.95, 0.5]]]
-    forest[1] = 1 - forest[0]
-    labels = np.array([[[-1, -1, -1], [-1, 1, -1]]])
-    held = HeldOut(np.array([0]), np.array([0]))
-    labels[0, 0, 0] = -1  # held-out voxels are unlabeled in training; the held-out set says which
-    pseudo = forest_pseudo_labels(forest, labels, held, 0.7).numpy()
-    # Voxel 0 held out, 1 unsure (0.6), 2 forest sure of class 1, 3 sure of 1, 4 annotated, 5 unsure.
-    assert pseudo.tolist() == [[[-1, -1, 1], [1, -1, -1]]]
-
-
-def test_with_pseudo_labels_densify_trains_and_weighs_the_blend(sparse_nuclei, tmp_path, monkeypatch):
-    import unet3d.workflows.densify as workflow
-
-    image, truth, sparse = sparse_nuclei
-    monkeypatch.setattr(workflow, "HOLD_OUT_MIN_ANNOTATED", 1_000)
-    monkeypatch.setattr(workflow, "PSEUDO_LABEL_WEIGHT", 0.5)
-    result = densify(image, sparse, IGNORE, tmp_path / "m.safetensors", iterations=3, max_time=None, progress=False,
-                     threads=1)
-    assert result.info["training"]["config"]["pseudo_label_weight"] == 0.5
-    assert "held-out annotated voxels" in result.weighing

@@ -129,22 +129,3 @@ def test_weights_work_as_numpy_and_follow_the_logits_dtype(sparse_batch):
     logits, target = sparse_batch
     loss = make_loss("ce", np.array([1.0, 2.0, 3.0]))(logits, target)
     assert loss.dtype == torch.float64 and torch.isfinite(loss)
-
-
-def test_pseudo_labels_add_a_weighted_cross_entropy_beside_the_annotated_voxels():
-    from unet3d.losses import make_loss, weighted_cross_entropy
-
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 4, 5, 6)
-    annotated = torch.full((2, 4, 5, 6), -1)
-    annotated[:, 1] = torch.randint(0, 3, (2, 5, 6))
-    forest = torch.randint(0, 3, (2, 4, 5, 6))
-    target = torch.where(annotated >= 0, annotated, forest + 3)  # K + c: labelled by another model
-    target[:, 3, :2] = -1  # and some voxels by nobody
-    plain = make_loss("dice_ce")
-    mixed = make_loss("dice_ce", pseudo_label_weight=0.5)
-    pseudo = torch.where(target >= 3, target - 3, -1)
-    expected = plain(logits, annotated) + 0.5 * weighted_cross_entropy(logits, pseudo)
-    assert torch.allclose(mixed(logits, target), expected)
-    # Without pseudo-labelled voxels the loss is the plain one.
-    assert torch.allclose(mixed(logits, annotated), plain(logits, annotated))

@@ -31,7 +31,6 @@ class TrainConfig:
     loss: str = "ce"
     class_weighting: str = "inverse_sqrt"
     class_weights: list[float] | None = None  # manual weights override class_weighting
-    pseudo_label_weight: float = 0.0  # loss weight of voxels another model labelled (TrainingSet.pseudo_labels)
     normalization: str = "zscore"
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     seed: int = 0

@@ -30,8 +30,6 @@ class TrainingSet:
     spacing: tuple[float, float, float]
     sources: list[str]
     input_features: dict | None = None  # filter-bank channels appended to the images (baselines.features)
-    # (Z, Y, X) class indices another model gave unannotated voxels, -1 elsewhere (None: no such labels)
-    pseudo_labels: list[torch.Tensor] | None = None
 
     @property
     def channels(self) -> int:
@@ -86,11 +84,10 @@ def _check_volumes(images, labels, sources) -> None:
 
 
 class PatchBatches(Dataset):
-    """Item i is training batch i: (images (B, C, *input), targets (B, *output) with -1 unlabeled;
-    with `pseudo_labels`, K + c where only another model labelled the voxel c)."""
+    """Item i is training batch i: (images (B, C, *input), targets (B, *output) with -1 unlabeled)."""
 
     def __init__(self, data: TrainingSet, input_shape, output_shape, batch_size: int,
-                 augmentation: AugmentationConfig | None, seed: int, pseudo_labels: bool = False):
+                 augmentation: AugmentationConfig | None, seed: int):
         self.data = data
         self.input_shape = tuple(input_shape)
         self.output_shape = tuple(output_shape)
@@ -98,7 +95,6 @@ class PatchBatches(Dataset):
         self.augmentation = augmentation
         self.seed = seed
         self.sampler = AnnotatedVoxelSampler([l.numpy() for l in data.labels], len(data.class_values))
-        self.targets = training_targets(data) if pseudo_labels else data.labels
 
     def __len__(self) -> int:
         return 2**62
@@ -113,20 +109,11 @@ class PatchBatches(Dataset):
         # Jitter keeps the annotated voxel inside the target patch but not always at its centre.
         jitter = [rng.uniform(-n / 4, n / 4) for n in self.output_shape]
         center = [v + j for v, j in zip(voxel, jitter)]
-        image, labels = sample_patch(self.data.images[volume], self.targets[volume], center,
+        image, labels = sample_patch(self.data.images[volume], self.data.labels[volume], center,
                                      self.input_shape, rng, self.augmentation, self.data.spacing)
         start = [(i - o) // 2 for i, o in zip(self.input_shape, self.output_shape)]
         target = labels[tuple(slice(s, s + o) for s, o in zip(start, self.output_shape))]
         return image, target
-
-
-def training_targets(data: TrainingSet) -> list[torch.Tensor]:
-    """Per volume, what patches are cut from: the class indices of annotated voxels, K + the
-    pseudo-label's class where only another model labelled the voxel (`losses.with_pseudo_labels`),
-    -1 elsewhere."""
-    k = len(data.class_values)
-    return [torch.where(labels >= 0, labels, torch.where(pseudo >= 0, pseudo + k, -1))
-            for labels, pseudo in zip(data.labels, data.pseudo_labels)]
 
 
 def batch_loader(batches: PatchBatches, start: int, stop: int, workers: int) -> DataLoader:

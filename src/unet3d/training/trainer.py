@@ -81,12 +81,9 @@ def train(config: TrainConfig, data: TrainingSet, output, *, validation: Trainin
         state = _restore(files["checkpoint"], config, model, optimizer)
     counts = class_counts([l.numpy() for l in data.labels], len(data.class_values))
     weights = class_weights(counts, config.class_weighting, config.class_weights)
-    pseudo_label_weight = config.pseudo_label_weight if data.pseudo_labels is not None else 0.0
-    loss_fn = make_loss(config.loss, torch.tensor(weights, dtype=torch.float32, device=device),
-                        pseudo_label_weight=pseudo_label_weight)
+    loss_fn = make_loss(config.loss, torch.tensor(weights, dtype=torch.float32, device=device))
     input_shape, output_shape = patch_geometry(config)
-    batches = PatchBatches(data, input_shape, output_shape, config.batch_size, config.augmentation, config.seed,
-                           pseudo_labels=pseudo_label_weight > 0)
+    batches = PatchBatches(data, input_shape, output_shape, config.batch_size, config.augmentation, config.seed)
     channels_last = config.channels_last and config.network.dims == 3
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)

@@ -41,7 +41,6 @@ of the same kind").
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -102,11 +101,6 @@ MIN_TRAINING_SHARE = 0.25
 # every small volume) is kept.
 HOLD_OUT_MIN_ANNOTATED = 50_000
 HOLD_OUT_SHARE = 0.1
-# In that regime the network also learns from the forest where the annotation is silent: each
-# unannotated voxel the forest gives a class with at least PSEUDO_LABEL_MIN_CONFIDENCE counts in
-# the loss with PSEUDO_LABEL_WEIGHT (0: off) beside the annotated voxels.
-PSEUDO_LABEL_WEIGHT = 0.0
-PSEUDO_LABEL_MIN_CONFIDENCE = 0.7
 # Test-time flips (8 mirrored predictions averaged) by default when they cost at most this share
 # of the time budget: +0.00 to +0.05 foreground IoU (never less) on the small nuclei and MRI
 # volumes, where they take seconds; on the ovule they took 77 CPU s for +0.001.
@@ -246,16 +240,6 @@ def hold_out_for_blend(data: TrainingSet, use_forest: bool, seed: int) -> HeldOu
     return held if len(held) else None
 
 
-def forest_pseudo_labels(forest: np.ndarray, labels: np.ndarray, held: HeldOut, min_confidence: float) -> torch.Tensor:
-    """(Z, Y, X) class indices the forest's (K, Z, Y, X) probabilities give the unannotated voxels
-    where it is at least `min_confidence` sure, -1 elsewhere and on the held-out voxels (the blend
-    is weighed there, so neither model may learn them)."""
-    pseudo = np.where(forest.max(axis=0) >= min_confidence, forest.argmax(axis=0), -1)
-    pseudo[labels >= 0] = -1
-    pseudo.reshape(-1)[held.voxels] = -1
-    return torch.from_numpy(pseudo.astype(np.int64))
-
-
 def blend_with_forest(network: np.ndarray, forest: np.ndarray, held: HeldOut | None) -> tuple[np.ndarray, str]:
     """The blended probabilities and one line saying how they were weighed."""
     if held is None:
@@ -333,15 +317,10 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     forest_result = (fit_forest_on_bank(image, network_input, data, seed, threads, progress, forest_limit, now)
                      if use_forest else None)
     del network_input
-    if held is not None and PSEUDO_LABEL_WEIGHT > 0:
-        data.pseudo_labels = [forest_pseudo_labels(forest_result.probabilities, data.labels[0].numpy(), held,
-                                                   PSEUDO_LABEL_MIN_CONFIDENCE)]
     spent = now() - start
     training_time = None if max_time is None else max(max_time - spent, max_time * MIN_TRAINING_SHARE)
     config = config or default_config(data, max_time=training_time, iterations=iterations, seed=seed, clock=clock,
                                       **(init.training_options() if init is not None else {}))
-    if data.pseudo_labels is not None:
-        config = dataclasses.replace(config, pseudo_label_weight=PSEUDO_LABEL_WEIGHT)
     with torch_threads(threads):
         result = train(config, data, model_path, progress=progress, device=device,
                        network=init.network if init is not None else None)
