@@ -30,7 +30,11 @@ forest fitted on the same voxels and the same filter bank (`choose_forest`), the
 (at most a quarter of the budget) taken out of the network's. The two err in different places:
 with densify's settings the blend beat the forest in every run measured and was never more than
 0.01 below the network alone, gaining most where one of the two was weak (docs/ablation.md,
-"Blending the network with the forest").
+"Blending the network with the forest"). Which of the two deserves more weight depends on the
+volume, and on large ones a network trained for minutes can trail the forest; so from
+HOLD_OUT_MIN_ANNOTATED annotated voxels on, a tenth of them (whole blocks) trains neither model
+and the network's weight in the geometric mean is the one that scores best there
+(`blend.choose_network_weight`; docs/ablation.md, "Weighing the blend on held-out annotation").
 
 A network trained on other volumes of the same kind (`init`: `unet3d train` on volumes of the same kind, or
 densify's model of an earlier volume) is fine-tuned on the slices instead of starting afresh:
