@@ -17,6 +17,7 @@ from unet3d.workflows.densify import (
     FILTER_FEATURES_MIN_ANNOTATED,
     FOREST_MAX_SHARE,
     FOREST_TREES,
+    HOLD_OUT_MIN_ANNOTATED,
     THREADS,
     TTA_MAX_SHARE,
     StartingModel,
@@ -32,7 +33,8 @@ def register(subparsers) -> None:
         help="segment a whole volume from a few annotated slices of it",
         description="Semi-automatic segmentation: train a U-Net and ilastik's random forest on the annotated "
         "voxels of SPARSE (every voxel holding the ignore label is unlabeled), then segment every voxel of IMAGE "
-        "by the geometric mean of their probabilities. Besides SEGMENTATION it writes the trained network "
+        "by the geometric mean of their probabilities (weighted by how each scores on held-out annotated voxels when "
+        "there are many). Besides SEGMENTATION it writes the trained network "
         "(reusable with `unet3d predict`, which segments with the network alone) and a PNG of slices with the "
         "result overlaid.",
         formatter_class=DefaultsHelpFormatter,
@@ -67,7 +69,9 @@ def register(subparsers) -> None:
                         "annotated voxels: docs/ablation.md)")
     parser.add_argument("--forest", choices=AUTO_ON_OFF, default="auto",
                         help="also fit ilastik's random forest on the filter bank of the annotated voxels and take "
-                        f"the geometric mean of its probabilities and the network's: up to {FOREST_TREES} trees, as "
+                        "the geometric mean of its probabilities and the network's (from "
+                        f"{HOLD_OUT_MIN_ANNOTATED:,} annotated voxels on, weighted by what scores best on a tenth of "
+                        f"them that neither model trains on): up to {FOREST_TREES} trees, as "
                         f"many as fit in {FOREST_MAX_SHARE * 100:.0f}%% of --max-time, which the forest's time "
                         "comes out of; auto: when the bank fits in memory. The model file holds the network alone")
     parser.add_argument("--tta", choices=AUTO_ON_OFF, default="auto",
