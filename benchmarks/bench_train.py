@@ -18,6 +18,7 @@ unseen cases. Rows go to `--results` as JSON lines; a rerun skips the rows alrea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -31,11 +32,10 @@ if __package__ in (None, ""):
 import numpy as np
 
 from experiments.paper import data
-from unet3d.baselines.features import filter_features
-from unet3d.baselines.forest import fit_forest, predict_probabilities
+from experiments.paper import methods
+from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix, scores
-from unet3d.workflows.densify import FOREST_TRAIN_VOXELS
 
 IGNORE = 255
 UNET3D = Path(sys.executable).with_name("unet3d")
@@ -48,10 +48,6 @@ def split_cases(train: int, test: int, seed: int) -> tuple[list[str], list[str]]
         raise SystemExit(f"{len(cases)} hippocampus cases found, {train + test} needed")
     order = np.random.default_rng(seed).permutation(len(cases))
     return [cases[i] for i in order[:train]], [cases[i] for i in order[train:train + test]]
-
-
-def standardized(image: np.ndarray) -> np.ndarray:
-    return ((image - image.mean()) / max(float(image.std()), 1e-8)).astype(np.float32)
 
 
 def foreground_scores(confusion: np.ndarray) -> dict:
@@ -89,23 +85,14 @@ def run_unet(train_cases, test_cases, slices, max_time: float, folder: Path) -> 
 
 
 def run_forest(train_cases, test_cases, slices, seed: int) -> dict:
+    """The experiments' forest across volumes (`experiments.paper.methods`), each scan standardized on its own."""
     start = time.monotonic()
-    features, targets = [], []
-    for case in train_cases:
-        volume = data.hippocampus(case)
-        sparse = volume.truth if slices is None else sparsify(volume.truth, slices, IGNORE)
-        bank = filter_features(standardized(volume.image))
-        annotated = np.flatnonzero(sparse.reshape(-1) != IGNORE)
-        features.append(bank.reshape(bank.shape[0], -1)[:, annotated])
-        targets.append(sparse.reshape(-1)[annotated])
-    x, y = np.concatenate(features, axis=1), np.concatenate(targets)
-    forest = fit_forest(x, y, np.arange(y.size), seed=seed, max_train_voxels=FOREST_TRAIN_VOXELS)
-    confusion = np.zeros((3, 3), np.int64)
-    for case in test_cases:
-        volume = data.hippocampus(case)
-        bank = filter_features(standardized(volume.image))
-        probabilities = predict_probabilities(forest, bank.reshape(bank.shape[0], -1), 3)
-        confusion += confusion_matrix(probabilities.argmax(0), volume.truth.reshape(-1), 3)
+    standardized = lambda case: dataclasses.replace(  # noqa: E731
+        volume := data.hippocampus(case), image=apply_normalization(volume.image, fit_normalization([volume.image])))
+    train_volumes, test_volumes = [standardized(c) for c in train_cases], [standardized(c) for c in test_cases]
+    sparse = [v.truth if slices is None else sparsify(v.truth, slices, IGNORE) for v in train_volumes]
+    result = methods.segment("forest", train_volumes, sparse, test_volumes, 0, seed, None)
+    confusion = sum(confusion_matrix(labels, volume.truth, 3) for labels, volume in zip(result.labels, test_volumes))
     return {**foreground_scores(confusion), "s": round(time.monotonic() - start, 1)}
 
 

@@ -201,8 +201,7 @@ def _config(args, data, plan) -> TrainConfig:
         base = plan.config(data, args.seed) if plan else _paper_config(args, data)
         given = {field: getattr(args, option) for option, field in TRAINING_OPTIONS.items()
                  if getattr(args, option) is not None}
-        network = network_config(args, **{**base.network.to_dict(), "in_channels": data.channels,
-                                          "num_classes": len(data.class_values)})
+        network = network_config(args, **base.network.to_dict())
         network = type(network).from_dict({**network.to_dict(), "in_channels": data.channels,
                                            "num_classes": len(data.class_values)})
         config = dataclasses.replace(base, network=network, augmentation=_augmentation(args, base.augmentation),

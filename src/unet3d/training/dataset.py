@@ -57,7 +57,7 @@ def prepare_training_set(
     images already carry filter-bank channels made as it describes, so prediction can redo them.
     """
     sources = sources or [f"volume {i}" for i in range(len(images))]
-    _check_volumes(images, labels, sources)
+    check_volumes(images, labels, sources)
     if class_values is not None:
         if ignore_label in class_values:
             raise UserError(f"ignore label {ignore_label} is also one of the declared classes {class_values}")
@@ -72,7 +72,8 @@ def prepare_training_set(
                        input_features)
 
 
-def _check_volumes(images, labels, sources) -> None:
+def check_volumes(images, labels, sources) -> None:
+    """One line naming the volume whose label shape or channel count does not match."""
     if not images or len(images) != len(labels):
         raise UserError(f"{len(images)} image(s) but {len(labels)} label volume(s): give one label volume per image")
     channels = images[0].shape[0]

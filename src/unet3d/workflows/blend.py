@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unet3d.baselines.forest import UNLABELED
 from unet3d.evaluation.metrics import confusion_matrix, scores
 
 # A model's probability floor in the blend: one model's zero lowers a class, never vetoes it.
@@ -23,7 +24,6 @@ NETWORK_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 # Weights scoring within this of the best on the held-out voxels count as tied; the one closest
 # to the plain geometric mean (0.5) wins, so a small validation set does not swing the blend.
 WEIGHT_TIE = 0.002
-UNLABELED = -1
 
 
 def weighted_geometric_mean(network: np.ndarray, forest: np.ndarray, network_weight: float = 0.5,

@@ -142,6 +142,11 @@ class DensifyResult:
     held_out: HeldOut | None = None  # the annotated voxels neither model trained on, which decided the weighing
 
 
+def training_patch(volume_shape) -> tuple[int, int, int]:
+    """densify's training patch for a (Z, Y, X) volume: TARGET_PATCH capped by the volume."""
+    return tuple(min(int(n), t) for n, t in zip(volume_shape, TARGET_PATCH))
+
+
 def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: int = 100_000, seed: int = 0,
                    width: int = 8, levels: int = 3, clock: str = "wall", network: UNetConfig | None = None,
                    learning_rate: float = LEARNING_RATE) -> TrainConfig:
@@ -149,7 +154,7 @@ def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: in
     patch, optimiser, schedule, augmentation."""
     network = network or UNetConfig(in_channels=data.channels, num_classes=len(data.class_values), width=width,
                                     levels=levels, padding="same", norm="batch")
-    shape = tuple(min(int(n), t) for n, t in zip(data.images[0].shape[1:], TARGET_PATCH))
+    shape = training_patch(data.images[0].shape[1:])
     return TrainConfig(network=network, patch_shape=shape, batch_size=BATCH_SIZE, iterations=iterations,
                        max_time=max_time, optimizer="adam", learning_rate=learning_rate, schedule="cosine", warmup=0.05,
                        loss="dice_ce", class_weighting="inverse_sqrt", augmentation=FLIPS_ONLY,
@@ -239,8 +244,7 @@ def hold_out_for_blend(data: TrainingSet, use_forest: bool, seed: int) -> HeldOu
     labels = data.labels[0].numpy()
     if not use_forest or np.count_nonzero(labels >= 0) < HOLD_OUT_MIN_ANNOTATED:
         return None
-    block = tuple(min(int(n), t) for n, t in zip(labels.shape, TARGET_PATCH))
-    held = hold_out_blocks(labels, HOLD_OUT_SHARE, block, seed)
+    held = hold_out_blocks(labels, HOLD_OUT_SHARE, training_patch(labels.shape), seed)
     return held if len(held) else None
 
 

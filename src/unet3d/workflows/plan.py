@@ -19,7 +19,7 @@ import numpy as np
 from unet3d.baselines.features import feature_memory_shortfall, input_feature_spec
 from unet3d.errors import UserError
 from unet3d.training import TrainConfig
-from unet3d.training.dataset import TrainingSet
+from unet3d.training.dataset import TrainingSet, check_volumes
 from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED, TARGET_PATCH, default_config
 
 # Volumes are standardized each on its own statistics (in training and at prediction) when their
@@ -49,10 +49,7 @@ class Fingerprint:
     @classmethod
     def of(cls, images: list[np.ndarray], labels: list[np.ndarray], ignore_label: int, spacing,
            sources: list[str] | None = None) -> "Fingerprint":
-        sources = sources or [f"volume {i + 1}" for i in range(len(images))]
-        for image, source in zip(images, sources):
-            if image.shape[0] != images[0].shape[0]:
-                raise UserError(f"{source}: {image.shape[0]} channel(s), but {sources[0]} has {images[0].shape[0]}")
+        check_volumes(images, labels, sources or [f"volume {i + 1}" for i in range(len(images))])
         rng = np.random.default_rng(0)
         spreads = []
         for image in images:
