@@ -56,7 +56,7 @@ def foreground_scores(confusion: np.ndarray) -> dict:
             "iou": {str(c["value"]): round(c["iou"], 3) for c in result["classes"]}}
 
 
-def run_unet(train_cases, test_cases, slices, max_time: float, folder: Path) -> dict:
+def run_unet(train_cases, test_cases, slices, max_time: float, folder: Path, options: list[str]) -> dict:
     images, labels = [], []
     for case in train_cases:
         volume = data.hippocampus(case)
@@ -68,7 +68,7 @@ def run_unet(train_cases, test_cases, slices, max_time: float, folder: Path) -> 
     model = folder / "model.safetensors"
     start = time.monotonic()
     trained = subprocess.run([str(UNET3D), "train", "--images", *images, "--labels", *labels, "--ignore-label",
-                              str(IGNORE), "-o", str(model), "--max-time", f"{max_time:g}", "--quiet"],
+                              str(IGNORE), "-o", str(model), "--max-time", f"{max_time:g}", "--quiet", *options],
                              capture_output=True, text=True, check=True)
     seconds = time.monotonic() - start
     best = model.with_name("model.best.safetensors")
@@ -104,6 +104,8 @@ def main(argv=None) -> None:
     parser.add_argument("--slices", default="2,3,3", help="slices per axis, (Z, Y, X): the paper's (x,y,z) = (3,3,2)")
     parser.add_argument("--dense", action="store_true", help="train on every voxel of the training cases")
     parser.add_argument("--seed", type=int, default=0, help="the split and the forest")
+    parser.add_argument("--train-options", default="",
+                        help="more options for `unet3d train`, e.g. \"--width 16 --seed 1\" (default: none, the plan)")
     parser.add_argument("--results", type=Path, help="JSON lines, appended; rows already there are not re-run")
     parser.add_argument("--quick", action="store_true", help="4 training cases, 2 unseen, 15 s: keeps this script working")
     args = parser.parse_args(argv)
@@ -120,24 +122,28 @@ def main(argv=None) -> None:
     same = lambda r: (r["labels"], r["train_cases"], r["test_cases"], r["seed"]) == (  # noqa: E731
         labels, args.train_cases, args.test_cases, args.seed)
     forest = next((r["forest"] for r in done if same(r)), None) or run_forest(train_cases, test_cases, slices, args.seed)
+    options = args.train_options.split()
     rows = []
     for max_time in args.max_time:
-        row = next((r for r in done if same(r) and r["max_time"] == max_time), None)
+        row = next((r for r in done if same(r) and r["max_time"] == max_time
+                    and r.get("train_options", "") == args.train_options), None)
         if row is None:
             with tempfile.TemporaryDirectory() as folder:
-                unet = run_unet(train_cases, test_cases, slices, max_time, Path(folder))
+                unet = run_unet(train_cases, test_cases, slices, max_time, Path(folder), options)
             row = {"labels": labels, "train_cases": args.train_cases, "test_cases": args.test_cases,
-                   "seed": args.seed, "max_time": max_time, "unet": unet, "forest": forest}
+                   "seed": args.seed, "max_time": max_time, "train_options": args.train_options,
+                   "unet": unet, "forest": forest}
             if args.results:
                 with args.results.open("a") as out:
                     out.write(json.dumps(row) + "\n")
         rows.append(row)
-    print("| labels | training cases | unseen cases | train --max-time | unet3d train: fg IoU (anterior / posterior) "
-          "| forest: fg IoU (anterior / posterior) |")
-    print("|---|---|---|---|---|---|")
+    print("| labels | training cases | unseen cases | train options | train --max-time "
+          "| unet3d train: fg IoU (anterior / posterior) | forest: fg IoU (anterior / posterior) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         u, f = r["unet"], r["forest"]
-        print(f"| {r['labels']} | {r['train_cases']} | {r['test_cases']} | {r['max_time']:g} s "
+        print(f"| {r['labels']} | {r['train_cases']} | {r['test_cases']} | {r.get('train_options') or 'planned'} "
+              f"| {r['max_time']:g} s "
               f"| {u['fg']:.3f} ({u['iou']['1']:.2f} / {u['iou']['2']:.2f}) "
               f"| {f['fg']:.3f} ({f['iou']['1']:.2f} / {f['iou']['2']:.2f}) |")
     if rows:

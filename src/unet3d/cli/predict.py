@@ -56,7 +56,8 @@ def register(subparsers) -> None:
         "Zarr input and output, tiles are read and written one at a time, so volumes larger than "
         "memory work.",
     )
-    parser.add_argument("model", help="a model file written by `unet3d train`")
+    parser.add_argument("model", help="a model file written by `unet3d train`, or a BioImage.IO package "
+                        "(.zip or folder) exported from one")
     parser.add_argument("image", help="image volume: a path, or file.h5:/dataset, image.zarr:/key")
     parser.add_argument("-o", "--output", required=True, help="label map to write (.tif .nii.gz .h5 .zarr .npy ...)")
     parser.add_argument("--probabilities", metavar="FILE", help="also write class probabilities (K, Z, Y, X) as float16")
@@ -88,7 +89,7 @@ def run(args) -> int:
     device = _device(args.device)
     outputs = [spec for spec in (args.output, args.probabilities, args.uncertainty) if spec]
     _check_outputs(outputs, args.image)
-    model, info = load_model(args.model)
+    model, info = _load(args.model)
     with open_volume(args.image, "image", args.channel_axis) as source:
         features = info.get("input_features")
         _check_image(args.image, source.shape, args.model, raw_channels(model.config.in_channels, features))
@@ -103,6 +104,12 @@ def run(args) -> int:
         )
     _report(summary, outputs)
     return 0
+
+
+def _load(path: str):
+    from unet3d.export.bioimageio import is_package, load_package
+
+    return (load_package if is_package(path) else load_model)(path)
 
 
 def _device(name: str) -> torch.device:

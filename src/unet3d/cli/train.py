@@ -138,13 +138,15 @@ def run_train(args) -> int:
         plan = plan_training(fingerprint, max_time=args.max_time, iterations=args.iterations,
                              validation_given=bool(args.val_images), seed=args.seed, source=args.images[0])
     features = _input_features(args, plan, spacing)
+    per_volume = args.per_volume if args.per_volume is not None else bool(plan and plan.per_volume)
+    if plan is not None:
+        _record_overrides(args, plan, features, per_volume)
     if features:
         images = [with_input_features(image, features) for image in images]
     sources = list(args.images)
     held = plan.validation_volumes if plan else []
     validation_pairs = [(images[i], labels[i], sources[i]) for i in held]
     images, labels, sources = ([x[i] for i in range(len(sources)) if i not in held] for x in (images, labels, sources))
-    per_volume = args.per_volume if args.per_volume is not None else bool(plan and plan.per_volume)
     data = prepare_training_set(images, labels, args.ignore_label, sources=sources,
                                 num_classes=args.num_classes, class_values=args.classes,
                                 normalization=args.normalization or "zscore", spacing=spacing, per_volume=per_volume,
@@ -168,6 +170,17 @@ def run_train(args) -> int:
     print(f"trained {result.iterations} iterations in {result.seconds:.0f} s (stopped by {result.stopped_by}); "
           f"model written to {args.output}")
     return 0
+
+
+def _record_overrides(args, plan, features, per_volume: bool) -> None:
+    """The printed and stored plan shows what runs: options that replaced a planned choice say so."""
+    if args.filter_features != "auto":
+        plan.override("inputs", "the image and ilastik's filter bank" if features else "the image alone",
+                      f"--filter-features {args.filter_features}")
+    if args.per_volume is not None or args.normalization:
+        method = {"zscore": "z-score", "percentile": "percentile", "none": "none"}[args.normalization or "zscore"]
+        plan.override("normalization", f"{method} {'per volume' if per_volume else 'of the training images'}",
+                      "given as an option")
 
 
 def _input_features(args, plan, spacing) -> dict | None:

@@ -71,6 +71,12 @@ PRESETS = {
 }
 
 
+def build_unet(**config) -> "UNet":
+    """The network from its configuration's fields: the form a BioImage.IO package's architecture
+    entry calls (`unet3d.model.unet.build_unet` with the fields as keyword arguments)."""
+    return UNet(UNetConfig(**config))
+
+
 class TestTimeBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm that can keep using the current batch's statistics in eval mode.
 

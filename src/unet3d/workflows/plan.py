@@ -83,6 +83,10 @@ class Plan:
     max_time: float | None
     choices: list[Choice] = field(default_factory=list)
 
+    def override(self, part: str, value: str, option: str) -> None:
+        """Record that an explicit option replaced the plan's choice for `part`."""
+        self.choices = [Choice(part, value, option) if c.part == part else c for c in self.choices]
+
     def config(self, data: TrainingSet, seed: int) -> TrainConfig:
         """The training recipe for the prepared data (densify's, over this plan's budget)."""
         return default_config(data, max_time=self.max_time, iterations=self.iterations, seed=seed)

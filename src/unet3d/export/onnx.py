@@ -43,9 +43,15 @@ def _dynamic_axes() -> dict:
     }
 
 
+def example_input(net: UNet) -> torch.Tensor:
+    """A small valid input tile to trace `net` on (at least 16 voxels per axis, so even the
+    coarsest level holds more than one value per normalization group)."""
+    config = net.config
+    return torch.zeros(1, config.in_channels, *config.geometry.valid_input_shape((16, 16, 16)))
+
+
 def _trace_to_onnx(net: UNet, opset: int) -> bytes:
-    """Serialized ONNX graph of `net`, traced on a small valid tile (at least 16 voxels per axis,
-    so even the coarsest level holds more than one value per normalization group).
+    """Serialized ONNX graph of `net`, traced on `example_input`.
 
     The TorchScript-based exporter is used on purpose: it records the crops and reshapes as shape
     arithmetic, so the graph stays valid for every tile size, needs no onnxscript, and exports
@@ -53,8 +59,7 @@ def _trace_to_onnx(net: UNet, opset: int) -> bytes:
     gradients on, whatever the caller's mode: without them the network runs its levels in
     slabs of rows, a loop the trace would fix to the example tile's size.
     """
-    config = net.config
-    example = torch.zeros(1, config.in_channels, *config.geometry.valid_input_shape((16, 16, 16)))
+    example = example_input(net)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The exporter's own deprecation notices, and tracer notes on input-size checks (a norm
@@ -67,14 +72,19 @@ def _trace_to_onnx(net: UNet, opset: int) -> bytes:
     return buffer.getvalue()
 
 
+def check_exportable(model: UNet, path) -> None:
+    """Refuse a network whose prediction is not a fixed function of its input tile."""
+    if model.config.norm == "batch" and model.config.norm_at_test == "batch":
+        raise UserError(f"{path}: a model that normalizes with each batch's own statistics at test time "
+                        "cannot be exported (its batch norm cannot be folded)")
+
+
 def export_onnx(model: UNet, path, info: dict | None = None, opset: int = DEFAULT_OPSET) -> None:
     """Write `model` (any mode; exported as it predicts) to an ONNX file atomically, with the
     model's configuration and `info` in the metadata."""
     path = Path(path)
     onnx = _require_onnx(path)
-    if model.config.norm == "batch" and model.config.norm_at_test == "batch":
-        raise UserError(f"{path}: a model that normalizes with each batch's own statistics at test time "
-                        "cannot be exported (its batch norm cannot be folded)")
+    check_exportable(model, path)
     net = fold_batch_norm(model).cpu().float().eval()
     graph = onnx.load_from_string(_trace_to_onnx(net, opset))
     description = {"config": model.config.to_dict(), "info": info or {}, "unet3d": unet3d.__version__}
