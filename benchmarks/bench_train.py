@@ -1,18 +1,22 @@
-"""Fully automatic segmentation: `unet3d train` on sparse slices of some MRI scans, scored on unseen scans.
+"""Fully automatic segmentation: `unet3d train` on sparse slices of some volumes, scored on unseen ones.
 
-Usage: .venv/bin/python benchmarks/bench_train.py [--quick] [--train-cases 40] [--test-cases 40]
-           [--max-time 600 ...] [--slices 2,3,3] [--dense] [--seed 0] [--results FILE.jsonl]
+Usage: .venv/bin/python benchmarks/bench_train.py [--quick] [--dataset hippocampus|em_vnc] [--fold K]
+           [--train-cases 40] [--test-cases 40] [--max-time 600 ...] [--slices 2,3,3] [--dense] [--seed 0]
+           [--train-options "--width 16"] [--results FILE.jsonl]
 
 MSD Hippocampus (../shared/data/hippocampus, or UNET3D_SHARED_DATA): a seeded permutation of the
-cases gives the training cases and the unseen ones. Training labels keep the paper's (x,y,z) =
-(3,3,2) slices of each training case — 3 yz-, 3 xz- and 2 xy-slices, (Z, Y, X) = (2, 3, 3) —
-(`--dense`: every voxel, the upper bound). `unet3d train` runs as a user types it: images,
-labels, ignore label, output, `--max-time` (wall seconds, all cores), nothing else: its plan
-decides the rest (printed). `unet3d predict` segments each unseen case; IoU per class and the
-foreground mean (anterior, posterior) on every voxel. The peer in the same run: ilastik's random
-forest (100 trees on the 7-scale filter bank of each scan, standardized on its own statistics),
+cases gives the training cases and the unseen ones; IoU per class and the foreground mean
+(anterior, posterior) on every voxel of the unseen cases. em_vnc: leave one quarter of the
+20×1024×1024 EM stack out (`--fold`), train on the other three; every class counts in the mean.
+Training labels keep the paper's (x,y,z) = (3,3,2) slices of each training volume — 3 yz-, 3 xz-
+and 2 xy-slices, (Z, Y, X) = (2, 3, 3) — (`--dense`: every voxel, the upper bound). `unet3d train`
+runs as a user types it: images, labels, ignore label, output, `--max-time` (wall seconds, all
+cores) and the voxel spacing where the volume has one, nothing else: its plan decides the rest
+(printed); `--train-options` adds options, to measure a choice of the plan against another.
+`unet3d predict` segments each unseen volume. The peer in the same run: ilastik's random forest
+(100 trees on the 7-scale filter bank of each volume, standardized on its own statistics),
 fitted on the same annotated voxels (a seeded sample of at most 100,000), predicting the same
-unseen cases. Rows go to `--results` as JSON lines; a rerun skips the rows already there.
+unseen volumes. Rows go to `--results` as JSON lines; a rerun skips the rows already there.
 """
 
 from __future__ import annotations
@@ -41,8 +45,11 @@ IGNORE = 255
 UNET3D = Path(sys.executable).with_name("unet3d")
 
 
-def split_cases(train: int, test: int, seed: int) -> tuple[list[str], list[str]]:
-    cases = sorted(p.name.removeprefix("hippocampus_").removesuffix(".nii.gz")
+def split_cases(dataset: str, train: int, test: int, seed: int, fold: int) -> tuple[list[str], list[str]]:
+    """Volume names (`experiments.paper.data.load`) to train on and to score on."""
+    if dataset == "em_vnc":
+        return [f"em_vnc_q{i}" for i in range(4) if i != fold], [f"em_vnc_q{fold}"]
+    cases = sorted(p.name.removesuffix(".nii.gz")
                    for p in (data.shared_data() / "hippocampus" / "images").glob("hippocampus_*.nii.gz"))
     if len(cases) < train + test:
         raise SystemExit(f"{len(cases)} hippocampus cases found, {train + test} needed")
@@ -50,8 +57,8 @@ def split_cases(train: int, test: int, seed: int) -> tuple[list[str], list[str]]
     return [cases[i] for i in order[:train]], [cases[i] for i in order[train:train + test]]
 
 
-def foreground_scores(confusion: np.ndarray) -> dict:
-    result = scores(confusion, [0, 1, 2], background=0)
+def foreground_scores(confusion: np.ndarray, background: int | None) -> dict:
+    result = scores(confusion, list(range(len(confusion))), background=background)
     return {"fg": round(result["mean_iou_foreground"], 4),
             "iou": {str(c["value"]): round(c["iou"], 3) for c in result["classes"]}}
 
@@ -59,28 +66,29 @@ def foreground_scores(confusion: np.ndarray) -> dict:
 def run_unet(train_cases, test_cases, slices, max_time: float, folder: Path, options: list[str]) -> dict:
     images, labels = [], []
     for case in train_cases:
-        volume = data.hippocampus(case)
+        volume = data.load(case)
         np.save(folder / f"{case}_image.npy", volume.image)
         np.save(folder / f"{case}_labels.npy", volume.truth.astype(np.uint8) if slices is None
                 else sparsify(volume.truth, slices, IGNORE).astype(np.uint8))
         images.append(str(folder / f"{case}_image.npy"))
         labels.append(str(folder / f"{case}_labels.npy"))
     model = folder / "model.safetensors"
+    spacing = ["--spacing", ",".join(f"{s:g}" for s in volume.spacing)] if volume.spacing else []
     start = time.monotonic()
     trained = subprocess.run([str(UNET3D), "train", "--images", *images, "--labels", *labels, "--ignore-label",
-                              str(IGNORE), "-o", str(model), "--max-time", f"{max_time:g}", "--quiet", *options],
+                              str(IGNORE), "-o", str(model), "--max-time", f"{max_time:g}", "--quiet", *spacing, *options],
                              capture_output=True, text=True, check=True)
     seconds = time.monotonic() - start
     best = model.with_name("model.best.safetensors")
-    confusion = np.zeros((3, 3), np.int64)
+    confusion = 0
     for case in test_cases:
-        volume = data.hippocampus(case)
+        volume = data.load(case)
         np.save(folder / "test.npy", volume.image)
         subprocess.run([str(UNET3D), "predict", str(best if best.exists() else model), str(folder / "test.npy"),
                         "-o", str(folder / "prediction.npy"), "--quiet"], capture_output=True, text=True,
                        check=True)
-        confusion += confusion_matrix(np.load(folder / "prediction.npy"), volume.truth, 3)
-    return {**foreground_scores(confusion), "s": round(seconds, 1), "plan": trained.stdout.strip().splitlines(),
+        confusion = confusion + confusion_matrix(np.load(folder / "prediction.npy"), volume.truth, volume.num_classes)
+    return {**foreground_scores(confusion, volume.background), "s": round(seconds, 1), "plan": trained.stdout.strip().splitlines(),
             "model": "best on the held-out training cases" if best.exists() else "last"}
 
 
@@ -88,16 +96,20 @@ def run_forest(train_cases, test_cases, slices, seed: int) -> dict:
     """The experiments' forest across volumes (`experiments.paper.methods`), each scan standardized on its own."""
     start = time.monotonic()
     standardized = lambda case: dataclasses.replace(  # noqa: E731
-        volume := data.hippocampus(case), image=apply_normalization(volume.image, fit_normalization([volume.image])))
+        volume := data.load(case), image=apply_normalization(volume.image, fit_normalization([volume.image])))
     train_volumes, test_volumes = [standardized(c) for c in train_cases], [standardized(c) for c in test_cases]
     sparse = [v.truth if slices is None else sparsify(v.truth, slices, IGNORE) for v in train_volumes]
     result = methods.segment("forest", train_volumes, sparse, test_volumes, 0, seed, None)
-    confusion = sum(confusion_matrix(labels, volume.truth, 3) for labels, volume in zip(result.labels, test_volumes))
-    return {**foreground_scores(confusion), "s": round(time.monotonic() - start, 1)}
+    confusion = sum(confusion_matrix(labels, volume.truth, volume.num_classes)
+                    for labels, volume in zip(result.labels, test_volumes))
+    return {**foreground_scores(confusion, test_volumes[0].background), "s": round(time.monotonic() - start, 1)}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=("hippocampus", "em_vnc"), default="hippocampus",
+                        help="em_vnc: train on three quarters of the EM stack, score the fourth (--fold)")
+    parser.add_argument("--fold", type=int, default=3, choices=range(4), help="em_vnc: the quarter left out")
     parser.add_argument("--train-cases", type=int, default=40)
     parser.add_argument("--test-cases", type=int, default=40)
     parser.add_argument("--max-time", type=float, nargs="+", default=[600.0], help="train's --max-time, each a row")
@@ -111,16 +123,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.train_cases, args.test_cases, args.max_time = 4, 2, [15.0]
-    if not (data.shared_data() / "hippocampus").exists():
-        print(f"skipped: {data.shared_data() / 'hippocampus'} not found (set UNET3D_SHARED_DATA)")
+    if not (data.shared_data() / args.dataset).exists():
+        print(f"skipped: {data.shared_data() / args.dataset} not found (set UNET3D_SHARED_DATA)")
         return
+    if args.dataset == "em_vnc":
+        args.train_cases, args.test_cases = 3, 1
     slices = None if args.dense else tuple(int(k) for k in args.slices.split(","))
     labels = "dense" if args.dense else args.slices
-    train_cases, test_cases = split_cases(args.train_cases, args.test_cases, args.seed)
+    train_cases, test_cases = split_cases(args.dataset, args.train_cases, args.test_cases, args.seed, args.fold)
     done = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
             if args.results and args.results.exists() else [])
-    same = lambda r: (r["labels"], r["train_cases"], r["test_cases"], r["seed"]) == (  # noqa: E731
-        labels, args.train_cases, args.test_cases, args.seed)
+    fold = args.fold if args.dataset == "em_vnc" else None
+    same = lambda r: (r.get("dataset", "hippocampus"), r.get("fold"), r["labels"], r["train_cases"],  # noqa: E731
+                      r["test_cases"], r["seed"]) == (args.dataset, fold, labels, args.train_cases, args.test_cases,
+                                                      args.seed)
     forest = next((r["forest"] for r in done if same(r)), None) or run_forest(train_cases, test_cases, slices, args.seed)
     options = args.train_options.split()
     rows = []
@@ -130,22 +146,24 @@ def main(argv=None) -> None:
         if row is None:
             with tempfile.TemporaryDirectory() as folder:
                 unet = run_unet(train_cases, test_cases, slices, max_time, Path(folder), options)
-            row = {"labels": labels, "train_cases": args.train_cases, "test_cases": args.test_cases,
+            row = {"dataset": args.dataset, "fold": fold, "labels": labels, "train_cases": args.train_cases, "test_cases": args.test_cases,
                    "seed": args.seed, "max_time": max_time, "train_options": args.train_options,
                    "unet": unet, "forest": forest}
             if args.results:
                 with args.results.open("a") as out:
                     out.write(json.dumps(row) + "\n")
         rows.append(row)
-    print("| labels | training cases | unseen cases | train options | train --max-time "
-          "| unet3d train: fg IoU (anterior / posterior) | forest: fg IoU (anterior / posterior) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dataset | labels | training cases | unseen cases | train options | train --max-time "
+          "| unet3d train: mean IoU (per class) | forest: mean IoU (per class) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        background = "0" if r.get("dataset", "hippocampus") == "hippocampus" else None
+        per_class = lambda result: " / ".join(  # noqa: E731
+            f"{iou:.2f}" for value, iou in result["iou"].items() if value != background)
         u, f = r["unet"], r["forest"]
-        print(f"| {r['labels']} | {r['train_cases']} | {r['test_cases']} | {r.get('train_options') or 'planned'} "
-              f"| {r['max_time']:g} s "
-              f"| {u['fg']:.3f} ({u['iou']['1']:.2f} / {u['iou']['2']:.2f}) "
-              f"| {f['fg']:.3f} ({f['iou']['1']:.2f} / {f['iou']['2']:.2f}) |")
+        print(f"| {r.get('dataset', 'hippocampus')} | {r['labels']} | {r['train_cases']} | {r['test_cases']} "
+              f"| {r.get('train_options') or 'planned'} | {r['max_time']:g} s "
+              f"| {u['fg']:.3f} ({per_class(u)}) | {f['fg']:.3f} ({per_class(f)}) |")
     if rows:
         print("\nplan of the last run:\n" + "\n".join(rows[-1]["unet"]["plan"]))
 
