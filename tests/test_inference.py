@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from unet3d.data.normalization import apply_normalization, fit_normalization
-from unet3d.inference import choose_output_tile, estimate_tile_bytes, fold_batch_norm, plan_tiles, predict_array, reflect_index
+from unet3d.inference import choose_output_tile, estimate_tile_bytes, plan_tiles, predict_array, reflect_index
+from unet3d.model import fold_batch_norm
 from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, default_max_memory, read_tile
 from unet3d.inference.tiling import gaussian_weight, grid_step
 from unet3d.model import UNet, UNetConfig

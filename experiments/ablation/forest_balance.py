@@ -27,7 +27,8 @@ from experiments.ablation import forest_blend
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE
 from unet3d.baselines.features import filter_features
-from unet3d.baselines.forest import UNLABELED, predict_probabilities, training_sample
+from unet3d.baselines.forest import predict_probabilities, training_sample
+from unet3d.data.labels import UNLABELED
 from unet3d.data.labels import decode_labels, encode_labels
 from unet3d.workflows.blend import geometric_mean
 from unet3d.workflows.densify import FOREST_TRAIN_VOXELS

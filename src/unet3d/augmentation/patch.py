@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from unet3d.augmentation import spatial
+import unet3d.augmentation.spatial as spatial
 from unet3d.augmentation.config import AugmentationConfig
 from unet3d.augmentation.intensity import random_intensity
 

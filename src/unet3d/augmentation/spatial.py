@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from unet3d.augmentation.config import AugmentationConfig
+from unet3d.data.labels import UNLABELED
 
 
 def patch_start(center, shape) -> np.ndarray:
@@ -243,7 +244,7 @@ def window(image: torch.Tensor, labels: torch.Tensor, start, shape) -> tuple[tor
         inside &= ((wanted >= 0) & (wanted < size)).reshape(view)
     image_patch = _gather_box(image, image_index, first_axis=1)
     label_patch = _gather_box(labels, label_index, first_axis=0).long()  # -1 must fit, also for uint8 labels
-    return image_patch, label_patch.masked_fill_(~inside, -1)
+    return image_patch, label_patch.masked_fill_(~inside, UNLABELED)
 
 
 def _gather_box(volume: torch.Tensor, index: list[torch.Tensor], first_axis: int) -> torch.Tensor:

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from unet3d.baselines.features import DEFAULT_SCALES, filter_features
+from unet3d.data.labels import UNLABELED
 
 if TYPE_CHECKING:
     from sklearn.ensemble import RandomForestClassifier
 
-UNLABELED = -1
 _PREDICT_CHUNK = 1 << 18  # voxels per predict_proba call
 _TREES_PER_ROUND = 10  # trees added at a time when the forest grows within a time limit
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from unet3d.cli.densify import add_run_options, densify_and_write
 from unet3d.cli.options import DefaultsHelpFormatter
-from unet3d.cli.train import resolve_device
+from unet3d.device import resolve_device
 from unet3d.data.sparse import labeled_fraction, positions_for, sparsify
 from unet3d.io import read_image, read_labels, write_volume
 

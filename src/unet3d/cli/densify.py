@@ -7,7 +7,7 @@ from pathlib import Path
 
 from unet3d.cli.evaluate import score_table
 from unet3d.cli.options import DefaultsHelpFormatter, float_list
-from unet3d.cli.train import resolve_device
+from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.evaluation import evaluate_volumes
 from unet3d.evaluation.figures import overlay_figure

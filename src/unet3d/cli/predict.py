@@ -12,9 +12,10 @@ import torch
 
 from unet3d.baselines.features import feature_memory_shortfall, raw_channels
 from unet3d.cli.options import int_triple
+from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.inference import choose_output_tile, estimate_tile_bytes, predict_volume
-from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, default_max_memory, resolve_device
+from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, default_max_memory
 from unet3d.inference.tiling import blend_bytes
 from unet3d.io import open_volume, parse_spec
 from unet3d.model import load_model
@@ -86,7 +87,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if not 0 <= args.overlap < 1:
         raise UserError(f"--overlap {args.overlap}: must be in [0, 1)")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     outputs = [spec for spec in (args.output, args.probabilities, args.uncertainty) if spec]
     _check_outputs(outputs, args.image)
     model, info = _load(args.model)
@@ -110,12 +111,6 @@ def _load(path: str):
     from unet3d.export.bioimageio import is_package, load_package
 
     return (load_package if is_package(path) else load_model)(path)
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device cuda: no CUDA device available to PyTorch {torch.__version__}")
-    return resolve_device(name)
 
 
 def _check_outputs(specs: list[str], image: str) -> None:

@@ -8,7 +8,9 @@ import dataclasses
 from unet3d.augmentation import AugmentationConfig
 from unet3d.cli.options import (DefaultsHelpFormatter, add_network_options, float_list, int_list, int_triple,
                                 network_config)
+from unet3d.device import resolve_device
 from unet3d.errors import UserError
+from unet3d.data.normalization import METHODS as NORMALIZATION_METHODS
 from unet3d.io import read_image, read_labels
 from unet3d.training import TrainConfig, train
 from unet3d.training.checkpoint import load_checkpoint, run_files
@@ -48,7 +50,7 @@ def register(subparsers) -> None:
     data.add_argument("--val-images", nargs="+", default=[], metavar="IMAGE", help="held-out images for validation")
     data.add_argument("--val-labels", nargs="+", default=[], metavar="LABELS",
                       help="their annotations (same ignore label); IoU per class is logged and the best model kept")
-    data.add_argument("--normalization", choices=("zscore", "percentile", "none"),
+    data.add_argument("--normalization", choices=NORMALIZATION_METHODS,
                       help="intensity normalization fitted on the training images and stored with the model "
                       "(default: planned, z-score)")
     data.add_argument("--per-volume", action=argparse.BooleanOptionalAction,
@@ -105,16 +107,6 @@ def register(subparsers) -> None:
                      help="continue the run that wrote MODEL.checkpoint.pt from where it stopped")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_train)
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return name
 
 
 def load_pairs(images, labels, channel_axis):
@@ -178,7 +170,7 @@ def _record_overrides(args, plan, features, per_volume: bool) -> None:
         plan.override("inputs", "the image and ilastik's filter bank" if features else "the image alone",
                       f"--filter-features {args.filter_features}")
     if args.per_volume is not None or args.normalization:
-        method = {"zscore": "z-score", "percentile": "percentile", "none": "none"}[args.normalization or "zscore"]
+        method = args.normalization or "zscore"
         plan.override("normalization", f"{method} {'per volume' if per_volume else 'of the training images'}",
                       "given as an option")
 
@@ -200,8 +192,7 @@ PAPER_TRAINING = {"iterations": DEFAULT_ITERATIONS, "patch": (116, 132, 132), "b
 TRAINING_OPTIONS = {"iterations": "iterations", "patch": "patch_shape", "batch_size": "batch_size",
                     "optimizer": "optimizer", "lr": "learning_rate", "momentum": "momentum",
                     "weight_decay": "weight_decay", "schedule": "schedule", "warmup": "warmup", "loss": "loss",
-                    "class_weighting": "class_weighting", "class_weights": "class_weights",
-                    "normalization": "normalization"}
+                    "class_weighting": "class_weighting", "class_weights": "class_weights"}
 AUGMENTATION_OPTIONS = ("no_augment", "rotation", "scale", "elastic_spacing", "elastic_sigma", "no_flip")
 
 

@@ -51,7 +51,7 @@ def value_indices(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
         return np.take(table, labels)
     position = np.searchsorted(values, labels).clip(0, max(values.size - 1, 0))
     found = values[position] == labels if values.size else np.zeros(labels.shape, dtype=bool)
-    return np.where(found, position, -1)
+    return np.where(found, position, UNLABELED)
 
 
 def _compact(labels: np.ndarray) -> np.ndarray:

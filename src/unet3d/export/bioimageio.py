@@ -28,7 +28,7 @@ from unet3d.atomic import atomic_path
 from unet3d.data.normalization import apply_normalization
 from unet3d.errors import UserError
 from unet3d.export.onnx import DEFAULT_OPSET, check_exportable, example_input, export_onnx
-from unet3d.inference.predictor import fold_batch_norm
+from unet3d.model.folding import fold_batch_norm
 from unet3d.model.serialization import FORMAT
 from unet3d.model.unet import UNet, UNetConfig
 

@@ -19,7 +19,7 @@ import torch
 import unet3d
 from unet3d.atomic import atomic_path
 from unet3d.errors import UserError
-from unet3d.inference.predictor import fold_batch_norm
+from unet3d.model.folding import fold_batch_norm
 from unet3d.model.unet import UNet
 
 # Opset 17 is the newest the TorchScript exporter writes without warnings and runs on every

@@ -1,7 +1,6 @@
 """Prediction of whole volumes of any size by tiling (seamless for valid-padding networks)."""
 
 from unet3d.inference.predictor import (
-    fold_batch_norm,
     normalized_entropy,
     predict_array,
     predict_volume,
@@ -11,6 +10,6 @@ from unet3d.inference.memory import estimate_tile_bytes
 from unet3d.inference.tiling import TilePlan, choose_output_tile, plan_tiles, reflect_index
 
 __all__ = [
-    "TilePlan", "choose_output_tile", "estimate_tile_bytes", "fold_batch_norm", "normalized_entropy",
+    "TilePlan", "choose_output_tile", "estimate_tile_bytes", "normalized_entropy",
     "plan_tiles", "predict_array", "predict_volume", "reflect_index", "tile_probabilities",
 ]

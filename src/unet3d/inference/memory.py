@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from unet3d.model import UNet, UNetConfig
+from unet3d.model.folding import fold_batch_norm
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number from glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -118,8 +119,6 @@ def _meta_network(config: UNetConfig, device_type: str) -> UNet:
     """The network as prediction runs it on `device_type` (batch norm folded away; on CUDA in float16,
     as autocast runs it there), without any weights. Folded in uninitialized CPU memory: folding
     on the meta device would run PyTorch's Python meta kernels (see meta_cat)."""
-    from unet3d.inference.predictor import fold_batch_norm
-
     with torch.device("meta"):
         net = UNet(config).eval()
     net = fold_batch_norm(net.to_empty(device="cpu")).to("meta")

@@ -10,59 +10,23 @@ window depth × the volume's Y × X).
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from itertools import combinations
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from unet3d.baselines.features import feature_memory_shortfall, region_with_input_features, with_input_features
 from unet3d.data.normalization import apply_normalization, for_volume
+from unet3d.device import resolve_device
 from unet3d.inference.memory import fix_mmap_threshold
 from unet3d.inference.tiling import TilePlan, choose_output_tile, gaussian_weight, mirrored_box, plan_tiles
-from unet3d.model.unet import TestTimeBatchNorm, UNet
+from unet3d.model.folding import fold_batch_norm
+from unet3d.model.unet import UNet
 
 DEFAULT_MAX_MEMORY = 1 << 30
-
-
-def fold_batch_norm(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every running-statistics batch norm merged into the convolution
-    before it (one layer less per convolution, same output up to float rounding).
-
-    Batch norms that use the batch's own statistics at test time cannot be folded and stay.
-    """
-    model = copy.deepcopy(model)
-    for block in model.modules():
-        if not isinstance(block, nn.Sequential):
-            continue
-        layers = list(block.named_children())
-        for (_, conv), (name, norm) in zip(layers, layers[1:]):
-            if isinstance(conv, (nn.Conv2d, nn.Conv3d)) and _is_foldable(norm):
-                _fold_into(conv, norm)
-                setattr(block, name, nn.Identity())
-    return model
-
-
-def _is_foldable(norm: nn.Module) -> bool:
-    return isinstance(norm, TestTimeBatchNorm) and not norm.use_batch_stats_at_test and norm.running_var is not None
-
-
-@torch.no_grad()
-def _fold_into(conv: nn.Module, norm: TestTimeBatchNorm) -> None:
-    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
-    conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-    conv.bias = nn.Parameter((bias - norm.running_mean) * scale + norm.bias)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def default_max_memory(device: torch.device) -> int:

@@ -1,7 +1,8 @@
-"""The network, its geometry, its summary table and its file format."""
+"""The network, its geometry, batch-norm folding, its summary table and its file format."""
 
+from unet3d.model.folding import fold_batch_norm
 from unet3d.model.geometry import Geometry
 from unet3d.model.serialization import load_model, read_description, save_model
 from unet3d.model.unet import PRESETS, UNet, UNetConfig, count_parameters
 
-__all__ = ["Geometry", "PRESETS", "UNet", "UNetConfig", "count_parameters", "load_model", "read_description", "save_model"]
+__all__ = ["Geometry", "PRESETS", "UNet", "UNetConfig", "count_parameters", "fold_batch_norm", "load_model", "read_description", "save_model"]

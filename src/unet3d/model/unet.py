@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from unet3d.model import geometry
+from unet3d.model.geometry import Geometry
 
 NORMS = ("batch", "instance", "group", "none")
 PADDINGS = ("valid", "same")
@@ -61,8 +61,8 @@ class UNetConfig:
         return asdict(self)
 
     @property
-    def geometry(self) -> geometry.Geometry:
-        return geometry.Geometry(self.levels, self.padding, self.dims)
+    def geometry(self) -> Geometry:
+        return Geometry(self.levels, self.padding, self.dims)
 
 
 PRESETS = {
@@ -190,7 +190,7 @@ class UNet(nn.Module):
         self.head = conv(channels, config.num_classes, kernel_size=1, bias=True)
 
     @property
-    def geometry(self) -> geometry.Geometry:
+    def geometry(self) -> Geometry:
         return self.config.geometry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from unet3d.augmentation import AugmentationConfig
+from unet3d.data.labels import WEIGHT_MODES as CLASS_WEIGHTING
+from unet3d.losses.factory import LOSSES
 from unet3d.model.unet import UNetConfig
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "poly")
-LOSSES = ("ce", "dice_ce")
-CLASS_WEIGHTING = ("inverse_sqrt", "inverse", "none")
 CLOCKS = ("wall", "cpu")
 
 
@@ -31,7 +31,6 @@ class TrainConfig:
     loss: str = "ce"
     class_weighting: str = "inverse_sqrt"
     class_weights: list[float] | None = None  # manual weights override class_weighting
-    normalization: str = "zscore"
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     seed: int = 0
     workers: int = 0  # DataLoader processes preparing patches while the network trains
@@ -64,7 +63,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        values = dict(values)
+        values = {k: v for k, v in values.items() if k != "normalization"}  # a field of older model files
         values["network"] = UNetConfig.from_dict(values["network"])
         values["augmentation"] = AugmentationConfig.from_dict(values["augmentation"])
         return cls(**values)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unet3d.baselines.forest import UNLABELED
+from unet3d.data.labels import UNLABELED
 from unet3d.evaluation.metrics import confusion_matrix, scores
 
 # A model's probability floor in the blend: one model's zero lowers a class, never vetoes it.
