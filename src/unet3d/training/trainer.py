@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,14 @@ def model_info(config: TrainConfig, data: TrainingSet, iterations: int, seconds:
 
 
 def train(config: TrainConfig, data: TrainingSet, output, *, validation: TrainingSet | None = None,
-          resume: bool = False, device: str = "cpu", progress: bool = True, network: UNet | None = None) -> TrainResult:
+          resume: bool = False, device: str = "cpu", progress: bool = True, network: UNet | None = None,
+          on_step: Callable[[UNet, int, float], bool] | None = None) -> TrainResult:
     """Train on sparse labels; writes the model, checkpoint, log and curve next to `output`.
 
     `network` starts training from that network (fine-tuning, or a variant of UNet) instead of a
-    freshly initialised one; its configuration must be `config.network`.
+    freshly initialised one; its configuration must be `config.network`. `on_step(model, iteration,
+    loss)` runs after every step, in the training thread (progress, previews); True stops the run
+    there, which is then reported as stopped by "request".
     """
     files = run_files(output)
     if data.channels != config.network.in_channels or len(data.class_values) != config.network.num_classes:
@@ -109,6 +113,9 @@ def train(config: TrainConfig, data: TrainingSet, output, *, validation: Trainin
                             f"checkpoint is kept in {files['checkpoint']} (try a lower --lr)")
         iteration += 1
         bar.update(1)
+        if on_step is not None and on_step(model, iteration, loss):
+            stopped_by = "request"
+            break
         if iteration % config.log_every == 0 or iteration == config.iterations:
             state["history"].append({"iteration": iteration, "loss": loss, "lr": lr,
                                      "seconds": round(clock.elapsed(), 2)})

@@ -1,0 +1,1 @@
+"""The interactive loop (paint, train, preview, correct), free of any GUI toolkit."""

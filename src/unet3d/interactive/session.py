@@ -1,0 +1,234 @@
+"""Paint, train, look, paint again: the interactive loop without any GUI.
+
+A `Session` holds one image and the network being trained on what has been painted on it. Each
+round trains densify's recipe on the current painting for a few seconds, starting from the
+weights of the previous round (a new network only when the painted classes change), and can be
+stopped at any step. While a round trains, the caller gets progress and, every few seconds, a
+preview of the slices in view, computed in the training thread between two steps, so a GUI thread
+only ever copies finished labels into a layer. "Segment" is densify's full-quality result: the
+network's probabilities (8 mirrorings where cheap) blended with ilastik's forest fitted on the
+painted voxels. napari's convention throughout: label 0 is unpainted, painted values are the
+classes, and results use the same values.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unet3d.data.labels import decode_labels
+from unet3d.data.normalization import apply_normalization, fit_normalization
+from unet3d.errors import UserError
+from unet3d.inference.predictor import normalized_entropy, predict_array
+from unet3d.model import UNet, save_model
+from unet3d.training import train
+from unet3d.training.dataset import TrainingSet, prepare_training_set
+from unet3d.workflows.densify import blend_with_forest, default_config, fit_forest_on_bank, predict_with_tta
+
+UNPAINTED = 0  # napari's Labels convention
+PREVIEW_EVERY = 3.0  # seconds of training between two previews of the slices in view
+PREVIEW_SLICES = 16  # z-slices predicted around the one in view (the slab's ends see mirrored context)
+PAINTED_SLICE_SHARE = 0.5  # a slice with at least this share of painted voxels is not suggested again
+
+
+@dataclass
+class Progress:
+    """What a round reports after each step."""
+    round: int
+    iteration: int
+    loss: float
+    seconds: float
+    budget: float
+
+
+@dataclass
+class Preview:
+    """Labels of the z-slices [start, stop) as the network predicts them now."""
+    start: int
+    stop: int
+    labels: np.ndarray
+
+
+@dataclass
+class RoundResult:
+    round: int
+    iterations: int
+    seconds: float
+    stopped_by: str  # "time", or "request" when stopped
+    class_values: list[int]
+    warm_start: bool  # continued from the previous round's weights
+
+
+def painted_classes(painted: np.ndarray, known: list[int] | None = None) -> list[int]:
+    """The class values painted in `painted` (0 = unpainted), checked: at least two classes, and
+    only classes of `known` (a loaded model's) when given."""
+    values = [int(v) for v in np.unique(painted) if v != UNPAINTED]
+    if not values:
+        raise UserError("nothing is painted yet: paint some voxels of each class (0 means unpainted)")
+    if known is not None:
+        extra = sorted(set(values) - set(known))
+        if extra:
+            raise UserError(f"painted value(s) {', '.join(map(str, extra))} are not classes of the model "
+                            f"(its classes: {', '.join(map(str, known))})")
+        return list(known)
+    if len(values) < 2:
+        raise UserError(f"only class {values[0]} is painted: paint at least two classes "
+                        "(for example the background as 1 and the structure as 2)")
+    if min(values) < 0:
+        raise UserError(f"painted value {min(values)} is negative: classes are positive label values")
+    return values
+
+
+class Session:
+    """One image and the network learning to segment it from its painted voxels."""
+
+    def __init__(self, image: np.ndarray, spacing=None, device: str = "cpu", seed: int = 0):
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4:
+            raise UserError(f"the image has shape {image.shape}: a 3D volume (Z, Y, X) or (C, Z, Y, X) is needed")
+        self.image = np.ascontiguousarray(image, dtype=np.float32)
+        self.spacing = tuple(spacing) if spacing is not None else None
+        self.device, self.seed = device, seed
+        self.normalization = fit_normalization([self.image])
+        self.normalized = apply_normalization(self.image, self.normalization)
+        self.network: UNet | None = None
+        self.class_values: list[int] | None = None
+        self.info: dict = {}
+        self.rounds = 0
+        self.lock = threading.Lock()  # held while the network trains or predicts: one user at a time
+        self._workdir = tempfile.TemporaryDirectory(prefix="unet3d-napari-")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.image.shape[1:])
+
+    def use_model(self, network: UNet, info: dict) -> None:
+        """Continue from a saved model (its classes; the image keeps its own normalization)."""
+        if network.config.in_channels != self.image.shape[0]:
+            raise UserError(f"the model reads {network.config.in_channels} channel(s), the image has "
+                            f"{self.image.shape[0]}")
+        if info.get("input_features"):
+            raise UserError("the model reads ilastik's filter bank; the interactive loop trains on the image alone")
+        with self.lock:
+            self.network, self.class_values, self.info = network, list(info["class_values"]), info
+
+    def training_set(self, painted: np.ndarray) -> TrainingSet:
+        if painted.shape != self.shape:
+            raise UserError(f"the labels have shape {painted.shape}, the image {self.shape}: paint on a Labels "
+                            "layer of the image's shape")
+        classes = painted_classes(painted, self.class_values if self.network is not None and
+                                  self._keeps_classes(painted) else None)
+        return prepare_training_set([self.image], [np.asarray(painted)], UNPAINTED, sources=["painted labels"],
+                                    class_values=classes, normalization=self.normalization, spacing=self.spacing)
+
+    def _keeps_classes(self, painted: np.ndarray) -> bool:
+        """Whether the painting stays within the current network's classes (else a new network)."""
+        values = set(int(v) for v in np.unique(painted)) - {UNPAINTED}
+        return values <= set(self.class_values or [])
+
+    def train_round(self, painted: np.ndarray, seconds: float, stop: threading.Event | None = None,
+                    on_progress=None, on_preview=None, view_z=lambda: None) -> RoundResult:
+        """Train for up to `seconds` on `painted`, from the previous round's weights when the
+        classes are the same. `on_progress(Progress)` after every step; `on_preview(Preview)` every
+        PREVIEW_EVERY seconds for the slab around `view_z()` (None: no preview); `stop` ends the
+        round after the current step, keeping what it learnt."""
+        if seconds <= 0:
+            raise UserError(f"the time budget must be positive, got {seconds:g} s")
+        data = self.training_set(painted)
+        warm = self.network is not None and data.class_values == self.class_values
+        config = default_config(data, max_time=seconds, seed=self.seed + self.rounds,
+                                network=self.network.config if warm else None)
+        self.rounds += 1
+        number, last_preview = self.rounds, [time.monotonic()]
+
+        def on_step(model, iteration, loss):
+            if on_progress is not None:
+                on_progress(Progress(number, iteration, loss, time.monotonic() - started, seconds))
+            z = view_z()
+            if on_preview is not None and z is not None and time.monotonic() - last_preview[0] >= PREVIEW_EVERY:
+                on_preview(self._slab_preview(model, data.class_values, z))
+                last_preview[0] = time.monotonic()
+            return stop is not None and stop.is_set()
+
+        with self.lock:
+            started = time.monotonic()
+            result = train(config, data, Path(self._workdir.name) / "round.safetensors", progress=False,
+                           device=self.device, network=self.network if warm else None, on_step=on_step)
+            self.network, self.class_values, self.info = result.model, data.class_values, result.info
+        return RoundResult(number, result.iterations, result.seconds, result.stopped_by, data.class_values, warm)
+
+    def _slab_preview(self, model: UNet, class_values, z: int) -> Preview:
+        start = max(0, min(z - PREVIEW_SLICES // 2, self.shape[0] - PREVIEW_SLICES))
+        stop = min(self.shape[0], start + PREVIEW_SLICES)
+        was_training = model.training
+        model.eval()
+        try:
+            probabilities = predict_array(model, self.normalized[:, start:stop], device=self.device)
+        finally:
+            model.train(was_training)
+        return Preview(start, stop, decode_labels(probabilities.argmax(0), class_values))
+
+    def _require_network(self) -> UNet:
+        if self.network is None:
+            raise UserError("no network yet: paint some voxels of each class and train first")
+        return self.network
+
+    def probabilities(self) -> np.ndarray:
+        """The network's class probabilities of the whole volume (K, Z, Y, X)."""
+        with self.lock:
+            return predict_array(self._require_network(), self.normalized, device=self.device)
+
+    def preview_volume(self) -> tuple[np.ndarray, np.ndarray]:
+        """The network's labels of the whole volume and its uncertainty (entropy / log K, 0..1)."""
+        probabilities = self.probabilities()
+        return decode_labels(probabilities.argmax(0), self.class_values), normalized_entropy(probabilities)
+
+    def segment(self, painted: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """densify's full-quality result: the network (8 mirrorings where cheap) blended with
+        ilastik's forest fitted on the painted voxels (geometric mean)."""
+        self._require_network()
+        data = self.training_set(painted)
+        if data.class_values != self.class_values:
+            raise UserError("the painting has classes the network was not trained on: train again first")
+        with self.lock:
+            network, _ = predict_with_tta(self._require_network(), self.normalized, None, 60.0, time.monotonic,
+                                          self.device, progress=False)
+        forest = fit_forest_on_bank(self.image, self.image, data, self.seed, threads, progress=False)
+        blended, _ = blend_with_forest(network, forest.probabilities, None)
+        return decode_labels(blended.argmax(0), self.class_values)
+
+    def save(self, path) -> None:
+        """The standard model file (`unet3d predict` uses it)."""
+        with self.lock:
+            save_model(path, self._require_network(), self.info)
+
+    def close(self) -> None:
+        self._workdir.cleanup()
+
+
+def uncertain_slice(uncertainty: np.ndarray, painted: np.ndarray) -> tuple[int, int, float]:
+    """(axis, index, score): the slice, along any axis, whose unpainted voxels the network is least
+    sure of on average, among the slices not yet painted (a slice counts as painted from
+    PAINTED_SLICE_SHARE of its voxels on; strokes leave it a candidate, orthogonal painted planes
+    crossing it too)."""
+    best = None
+    unpainted = painted == UNPAINTED
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        share = 1 - unpainted.mean(axis=others)
+        counts = unpainted.sum(axis=others)
+        means = np.where(counts > 0, (uncertainty * unpainted).sum(axis=others) / np.maximum(counts, 1), -np.inf)
+        means = np.where(share >= PAINTED_SLICE_SHARE, -np.inf, means)
+        index = int(np.argmax(means))
+        if np.isfinite(means[index]) and (best is None or means[index] > best[2]):
+            best = (axis, index, float(means[index]))
+    if best is None:
+        raise UserError("every slice is already painted")
+    return best

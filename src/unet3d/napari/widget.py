@@ -1,0 +1,279 @@
+"""The napari dock widget: paint a few slices, train, watch the preview, paint where it is wrong.
+
+All the work happens in `unet3d.interactive.session` on a worker thread; this module only wires
+napari layers and buttons to it. Progress and previews computed in the worker reach the layers
+through `ensure_main_thread`, so painting, scrolling and zooming stay responsive while a round
+trains. Errors become the status line, never a traceback dialog; the painting is only ever read.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import napari
+import numpy as np
+from magicgui.widgets import Container, FileEdit, FloatSpinBox, Label, PushButton, create_widget
+from napari.qt.threading import create_worker
+from superqt.utils import ensure_main_thread
+
+from unet3d.data.normalization import apply_normalization
+from unet3d.errors import UserError
+from unet3d.export.bioimageio import is_package, load_package
+from unet3d.inference.predictor import predict_array
+from unet3d.interactive.session import Preview, Progress, RoundResult, Session, uncertain_slice
+from unet3d.model import load_model
+
+PREVIEW_LAYER, UNCERTAINTY_LAYER, SEGMENTATION_LAYER = "unet3d preview", "unet3d uncertainty", "unet3d segmentation"
+AXIS_ORDER = {0: (0, 1, 2), 1: (1, 0, 2), 2: (2, 0, 1)}  # dims order that shows slices across each axis
+BUTTONS = ("train", "segment", "suggest", "save", "apply")
+
+
+class InteractiveWidget(Container):
+    """Train a 3D U-Net on the voxels painted in a Labels layer (0 = unpainted, 1..K = classes)."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self.image = create_widget(annotation=napari.layers.Image, label="image")
+        self.painting = create_widget(annotation=napari.layers.Labels, label="painting")
+        self.budget = FloatSpinBox(value=30.0, min=1.0, max=3600.0, step=5.0, label="seconds per round")
+        self.train = PushButton(text="Train")
+        self.stop = PushButton(text="Stop", enabled=False)
+        self.segment = PushButton(text="Segment volume (with the forest)")
+        self.suggest = PushButton(text="Suggest next slice")
+        self.model_file = FileEdit(mode="w", filter="*.safetensors", label="model file")
+        self.save = PushButton(text="Save model")
+        self.apply_model = FileEdit(mode="r", filter="*.safetensors *.zip", label="model to apply")
+        self.apply_to = create_widget(annotation=napari.layers.Image, label="to image")
+        self.apply = PushButton(text="Apply model")
+        self.status = Label(value="Paint a few voxels of each class (1, 2, ...), then Train.")
+        self.extend([self.image, self.painting, self.budget, self.train, self.stop, self.segment, self.suggest,
+                     self.model_file, self.save, self.apply_model, self.apply_to, self.apply, self.status])
+        self.session: Session | None = None
+        self._session_layer: str | None = None  # the image layer the session was made for
+        self.last_round: RoundResult | None = None
+        self.busy = False
+        self._stop_event = threading.Event()
+        self._view_z: int | None = None
+        self._closed = False
+        self.train.changed.connect(self.start_round)
+        self.stop.changed.connect(lambda: self._stop_event.set())
+        self.segment.changed.connect(self.segment_volume)
+        self.suggest.changed.connect(self.suggest_slice)
+        self.save.changed.connect(self.save_model)
+        self.apply.changed.connect(self.apply_saved_model)
+        viewer.dims.events.current_step.connect(self._remember_view)
+        self.native.destroyed.connect(self._on_close)
+        self._remember_view()
+
+    # --- actions (GUI thread) ---------------------------------------------------------------
+
+    def start_round(self) -> None:
+        """Train for `budget` seconds on the painting, continuing from the current network."""
+        layer = self.image.value
+        try:
+            if layer is None:
+                raise UserError("choose the image layer to segment")
+            painted = self._painted()
+        except UserError as exc:
+            return self.say(str(exc))
+        self._stop_event.clear()
+        self._labels_layer(PREVIEW_LAYER, np.uint8 if max(int(painted.max()), 1) < 256 else np.uint16)
+        budget = float(self.budget.value)
+
+        def work():  # the session (the image's normalization) is made here too, off the GUI thread
+            session = self._session_for(layer)
+            return session.train_round(painted, budget, self._stop_event, self._show_progress, self._show_preview,
+                                       lambda: self._view_z)
+
+        self._run(f"training for {budget:g} s ...", work, self._round_done, stoppable=True)
+
+    def segment_volume(self) -> None:
+        """Full quality: the network blended with ilastik's forest, as `unet3d densify` does."""
+        try:
+            session, painted = self._trained_session(), self._painted()
+        except UserError as exc:
+            return self.say(str(exc))
+        self._run("segmenting the volume (network and forest) ...", lambda: session.segment(painted),
+                  lambda labels: self._set_labels(SEGMENTATION_LAYER, labels, "segmented the volume"))
+
+    def suggest_slice(self) -> None:
+        """Move the viewer to the unpainted slice, along any axis, the network is least sure of."""
+        try:
+            session, painted = self._trained_session(), self._painted()
+        except UserError as exc:
+            return self.say(str(exc))
+        self._run("looking for the least certain slice ...",
+                  lambda: uncertain_slice(session.preview_volume()[1], painted), self._go_to_slice)
+
+    def save_model(self) -> None:
+        try:
+            session = self._trained_session()
+        except UserError as exc:
+            return self.say(str(exc))
+        path = str(self.model_file.value)
+        if not path or path == ".":
+            return self.say("choose a model file to save to")
+        path = path if path.endswith(".safetensors") else path + ".safetensors"
+        self._run("saving ...", lambda: session.save(path), lambda _: self.say(f"saved {path} (use it with "
+                                                                                "`unet3d predict`)"))
+
+    def apply_saved_model(self) -> None:
+        """Segment another open image with a saved model (the fully automatic workflow)."""
+        layer, path = self.apply_to.value, str(self.apply_model.value)
+        if layer is None:
+            return self.say("choose an image layer to apply the model to")
+
+        def work():
+            model, info = (load_package if is_package(path) else load_model)(path)
+            if info.get("input_features"):
+                raise UserError(f"{path}: the model reads ilastik's filter bank; use `unet3d predict` for it")
+            image = _channels_first(np.asarray(layer.data))
+            if image.shape[0] != model.config.in_channels:
+                raise UserError(f"{path}: the model reads {model.config.in_channels} channel(s), "
+                                f"{layer.name} has {image.shape[0]}")
+            probabilities = predict_array(model, apply_normalization(image.astype(np.float32), info["normalization"]))
+            return np.asarray(info["class_values"])[probabilities.argmax(0)]
+
+        self._run(f"applying {path} ...", work,
+                  lambda labels: self._set_labels(f"{layer.name} unet3d", labels, f"applied {path} to {layer.name}"))
+
+    # --- worker plumbing --------------------------------------------------------------------
+
+    def _run(self, text: str, work, done, stoppable: bool = False) -> None:
+        """`work()` in a worker thread; `done(result)` back in the GUI thread. One job at a time;
+        any error becomes the status line."""
+        if self.busy:
+            return self.say("busy: wait for the current job or press Stop")
+
+        def guarded():
+            try:
+                return True, work()
+            except UserError as exc:
+                return False, str(exc)
+            except Exception as exc:  # a GUI must report, not crash: the message names the failure
+                return False, f"failed: {type(exc).__name__}: {exc}"
+
+        self._set_busy(True, stoppable)
+        self.say(text)
+        worker = create_worker(guarded)
+        worker.returned.connect(lambda outcome: self._finished(outcome, done))
+        worker.start()
+
+    def _finished(self, outcome, done) -> None:
+        if self._closed:
+            return
+        self._set_busy(False, False)
+        ok, value = outcome
+        if ok:
+            done(value)
+        else:
+            self.say(value)
+
+    def _set_busy(self, busy: bool, stoppable: bool) -> None:
+        self.busy = busy
+        for name in BUTTONS:
+            getattr(self, name).enabled = not busy
+        self.stop.enabled = busy and stoppable
+
+    def _round_done(self, result: RoundResult) -> None:
+        self.last_round = result
+        how = "stopped" if result.stopped_by == "request" else "done"
+        start = "continued from the last round" if result.warm_start else "a new network"
+        self.say(f"round {result.round} {how}: {result.iterations} steps in {result.seconds:.0f} s ({start}); "
+                 "updating the preview of the whole volume ...")
+        session = self.session
+        self._run("predicting the whole volume ...", session.preview_volume, self._show_volume)
+
+    def _show_volume(self, labels_and_uncertainty) -> None:
+        labels, uncertainty = labels_and_uncertainty
+        self._set_labels(PREVIEW_LAYER, labels, f"preview of round {self.last_round.round if self.last_round else 0} "
+                         "(paint where it is wrong and Train again)")
+        if UNCERTAINTY_LAYER in self.viewer.layers:
+            self.viewer.layers[UNCERTAINTY_LAYER].data = uncertainty
+        else:
+            self.viewer.add_image(uncertainty, name=UNCERTAINTY_LAYER, colormap="magma", opacity=0.5,
+                                  contrast_limits=(0.0, 1.0), visible=False, scale=self._scale())
+
+    @ensure_main_thread
+    def _show_progress(self, progress: Progress) -> None:
+        if not self._closed and progress.iteration % 5 == 0:
+            self.say(f"round {progress.round}: {progress.iteration} steps, loss {progress.loss:.3f}, "
+                     f"{progress.seconds:.0f} / {progress.budget:.0f} s")
+
+    @ensure_main_thread
+    def _show_preview(self, preview: Preview) -> None:
+        if self._closed:
+            return
+        layer = self._labels_layer(PREVIEW_LAYER, preview.labels.dtype)
+        layer.data[preview.start:preview.stop] = preview.labels
+        layer.refresh()
+
+    # --- layers and state ---------------------------------------------------------------------
+
+    def _trained_session(self) -> Session:
+        """The session of the chosen image, once it has trained (else a message)."""
+        layer = self.image.value
+        if layer is None:
+            raise UserError("choose the image layer to segment")
+        if self.session is None or self._session_layer != layer.name or self.session.network is None:
+            raise UserError("no network for this image yet: paint and Train first")
+        return self.session
+
+    def _session_for(self, layer) -> Session:
+        """The session of `layer`, made on first use (in the worker thread: it normalizes the image)."""
+        if self.session is None or self._session_layer != layer.name:
+            image = _channels_first(np.asarray(layer.data))
+            self.session, self._session_layer = Session(image, spacing=tuple(layer.scale[-3:])), layer.name
+        return self.session
+
+    def _painted(self) -> np.ndarray:
+        layer = self.painting.value
+        if layer is None:
+            raise UserError("choose (or add) the Labels layer you paint on")
+        return np.array(layer.data, copy=True)
+
+    def _labels_layer(self, name: str, dtype) -> napari.layers.Labels:
+        if name not in self.viewer.layers:
+            shape = self.image.value.data.shape[-3:]
+            self.viewer.add_labels(np.zeros(shape, dtype), name=name, opacity=0.5, scale=self._scale())
+        return self.viewer.layers[name]
+
+    def _set_labels(self, name: str, labels: np.ndarray, message: str) -> None:
+        if name in self.viewer.layers:
+            self.viewer.layers[name].data = labels
+        else:
+            self.viewer.add_labels(labels, name=name, opacity=0.5, scale=self._scale())
+        self.say(message)
+
+    def _scale(self):
+        layer = self.image.value
+        return tuple(layer.scale[-3:]) if layer is not None else None
+
+    def _go_to_slice(self, suggestion) -> None:
+        axis, index, score = suggestion
+        first = self.viewer.dims.ndim - 3
+        self.viewer.dims.order = tuple(range(first)) + tuple(first + a for a in AXIS_ORDER[axis])
+        self.viewer.dims.set_current_step(first + axis, index)
+        self.say(f"paint slice {index} across axis {'zyx'[axis]}: the network is least sure there "
+                 f"(mean uncertainty {score:.2f})")
+
+    def _remember_view(self, event=None) -> None:
+        steps = self.viewer.dims.current_step
+        self._view_z = int(steps[-3]) if len(steps) >= 3 else None
+
+    def _on_close(self, *args) -> None:
+        self._closed = True
+        self._stop_event.set()
+
+    def say(self, text: str) -> None:
+        self.status.value = text
+
+
+def _channels_first(image: np.ndarray) -> np.ndarray:
+    """A layer's data as (C, Z, Y, X): a 3D layer has one channel, a 4D one its channels first."""
+    if image.ndim == 3:
+        return image[None]
+    if image.ndim == 4:
+        return image
+    raise UserError(f"the image layer has {image.ndim} dimensions: a 3D volume (Z, Y, X) or (C, Z, Y, X) is needed")

@@ -1,0 +1,114 @@
+"""The interactive loop without a GUI: rounds, warm start, napari's label convention, previews,
+stopping, full-quality segmentation and the slice suggestion, on the bundled nuclei volume."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from unet3d.data.sparse import sparsify
+from unet3d.errors import UserError
+from unet3d.evaluation.metrics import confusion_matrix, scores
+from unet3d.inference.predictor import predict_array
+from unet3d.interactive.session import UNPAINTED, Session, painted_classes, uncertain_slice
+from unet3d.data.normalization import apply_normalization
+from unet3d.model import UNet, load_model
+from unet3d.workflows.densify import default_config
+
+
+def painted_from_truth(truth: np.ndarray, slices) -> np.ndarray:
+    """A napari painting of the truth's classes (as values 1, 2, 3) on a few slices; 0 elsewhere."""
+    sparse = sparsify(truth.astype(np.int64), slices, -1)
+    return np.where(sparse >= 0, sparse + 1, UNPAINTED).astype(np.uint8)
+
+
+def unpainted_iou(labels: np.ndarray, truth: np.ndarray, painted: np.ndarray) -> float:
+    mask = painted == UNPAINTED
+    confusion = confusion_matrix(labels[mask].astype(np.int64) - 1, truth[mask].astype(np.int64), 3)
+    return scores(confusion, [0, 1, 2], background=0)["mean_iou_foreground"]
+
+
+def untrained_iou(session: Session, painted: np.ndarray, truth: np.ndarray) -> float:
+    """The IoU an untrained network of the recipe gets: what training must beat."""
+    untrained = UNet(default_config(session.training_set(painted), max_time=1).network).eval()
+    labels = np.asarray([1, 2, 3])[predict_array(untrained, session.normalized).argmax(0)]
+    return unpainted_iou(labels, truth, painted)
+
+
+def test_painted_classes_follow_napari_and_refuse_what_cannot_train():
+    assert painted_classes(np.array([[[0, 2, 5]]])) == [2, 5]
+    with pytest.raises(UserError, match="nothing is painted"):
+        painted_classes(np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(UserError, match="only class 3 is painted"):
+        painted_classes(np.array([[[0, 3]]]))
+    with pytest.raises(UserError, match="value.s. 7 are not classes of the model"):
+        painted_classes(np.array([[[1, 7]]]), known=[1, 2])
+
+
+def test_rounds_learn_preview_continue_and_stop(tmp_path, nuclei):
+    image, truth = nuclei
+    session = Session(image)
+    painted = painted_from_truth(truth, (1, 1, 1))
+    untrained = untrained_iou(session, painted, truth)
+
+    progress, previews = [], []
+    first = session.train_round(painted, 8.0, on_progress=progress.append, on_preview=previews.append,
+                                view_z=lambda: 15)
+    assert first.stopped_by == "time" and not first.warm_start and first.class_values == [1, 2, 3]
+    assert progress and progress[-1].iteration == first.iterations and progress[-1].round == 1
+    assert previews and all(p.labels.shape == (p.stop - p.start, *image.shape[1:]) for p in previews)
+    assert previews[0].start <= 15 < previews[0].stop and set(np.unique(previews[-1].labels)) <= {1, 2, 3}
+    labels, uncertainty = session.preview_volume()
+    assert unpainted_iou(labels, truth, painted) > untrained + 0.1
+    assert uncertainty.shape == truth.shape and 0 <= uncertainty.min() and uncertainty.max() <= 1
+
+    more = painted_from_truth(truth, (3, 3, 2))
+    before = session.network
+    second = session.train_round(more, 4.0)
+    assert second.warm_start and session.network is before  # continued from the same weights
+    assert np.count_nonzero(session.training_set(more).labels[0].numpy() >= 0) > np.count_nonzero(painted)
+
+    stop = threading.Event()
+    stop.set()
+    stopped = session.train_round(more, 30.0, stop=stop)
+    assert stopped.stopped_by == "request" and stopped.iterations == 1
+
+    session.save(tmp_path / "m.safetensors")
+    model, info = load_model(tmp_path / "m.safetensors")
+    assert info["class_values"] == [1, 2, 3]
+    saved = np.asarray(info["class_values"])[predict_array(model, apply_normalization(
+        image[None].astype(np.float32), info["normalization"])).argmax(0)]
+    np.testing.assert_array_equal(saved, session.preview_volume()[0])
+
+    segmentation = session.segment(more)
+    assert set(np.unique(segmentation)) <= {1, 2, 3}
+    assert unpainted_iou(segmentation, truth, more) > 0.4
+
+    new_class = more.copy()
+    new_class[0, 0, 0] = 4
+    assert not session.train_round(new_class, 2.0).warm_start and session.class_values == [1, 2, 3, 4]
+    session.close()
+
+
+def test_bad_input_is_one_line(nuclei):
+    image, truth = nuclei
+    session = Session(image)
+    with pytest.raises(UserError, match="labels have shape"):
+        session.train_round(np.zeros((3, 3, 3), np.uint8), 1.0)
+    with pytest.raises(UserError, match="no network yet"):
+        session.save("unused.safetensors")
+    with pytest.raises(UserError, match="budget must be positive"):
+        session.train_round(painted_from_truth(truth, (1, 1, 1)), 0)
+
+
+def test_uncertain_slice_skips_painted_slices():
+    uncertainty = np.zeros((4, 5, 6))
+    uncertainty[2] = 0.9  # the most uncertain z-slice...
+    painted = np.zeros((4, 5, 6), np.uint8)
+    painted[:, 0, :] = 1  # (a painted y-plane crosses every z-slice: they stay candidates)
+    assert uncertain_slice(uncertainty, painted)[:2] == (0, 2)
+    painted[2] = 1  # ...is painted now, which leaves the next most uncertain slice
+    axis, index, _ = uncertain_slice(uncertainty, painted)
+    assert (axis, index) != (0, 2)
+    with pytest.raises(UserError, match="every slice"):
+        uncertain_slice(uncertainty, np.ones((4, 5, 6), np.uint8))
