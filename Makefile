@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.unet3d-installed
 
-.PHONY: demo test install bench bench-quick experiments clean
+.PHONY: demo test install bench bench-quick experiments napari clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/unet3d demo -o demo-output
 
+# The napari tests need a display: pytest-xvfb starts Xvfb when it is installed (Debian's package,
+# with the X libraries Qt loads); without it they skip, saying so.
+XVFB_PACKAGES = xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 libxkbcommon-x11-0 libegl1
+
 test: $(STAMP)
+	@command -v Xvfb >/dev/null 2>&1 || apt-get install -y -q $(XVFB_PACKAGES) >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(XVFB_PACKAGES) >/dev/null 2>&1) \
+		|| echo "note: Xvfb could not be installed; the napari GUI tests will skip"
 	$(BIN)/python -m pytest -q
 
 # Full benchmarks: peers (MONAI, pytorch-3dunet) live in .venv-bench, created by peers.sh.
@@ -38,6 +45,10 @@ bench-quick: $(STAMP)
 # The paper's experiments on the real volumes in ../shared/data (hours; resumable).
 experiments: $(STAMP)
 	$(BIN)/python experiments/paper/run.py --out results/paper
+
+# The interactive loop in napari (paint, train, correct) on the built-in example.
+napari: $(STAMP)
+	$(BIN)/unet3d napari
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -1,6 +1,7 @@
 """The napari plugin in a real viewer (under Xvfb via pytest-xvfb): paint, train, preview, paint
 more, train again, save, predict with the CLI to the same result; the GUI stays responsive."""
 
+import os
 import time
 
 import numpy as np
@@ -8,6 +9,9 @@ import pytest
 
 pytest.importorskip("napari", reason="napari not installed (pip install 'unet3d[napari]')")
 pytest.importorskip("pytestqt", reason="pytest-qt not installed")
+if not os.environ.get("DISPLAY"):  # pytest-xvfb sets it when Xvfb is installed; Qt aborts without one
+    pytest.skip("no display: install Xvfb (Debian: apt-get install xvfb) for the napari GUI tests",
+                allow_module_level=True)
 
 from conftest import EXAMPLE  # noqa: E402
 from test_interactive import painted_from_truth, unpainted_iou, untrained_iou  # noqa: E402
@@ -15,11 +19,7 @@ from unet3d.cli.main import main  # noqa: E402
 
 
 @pytest.fixture
-def viewer(make_napari_viewer_proxy, request):
-    import os
-
-    if not os.environ.get("DISPLAY"):
-        pytest.skip("no display: install Xvfb (Debian: apt-get install xvfb) for the GUI tests")
+def viewer(make_napari_viewer_proxy):
     return make_napari_viewer_proxy()
 
 
