@@ -53,6 +53,7 @@ class Preview:
     start: int
     stop: int
     labels: np.ndarray
+    seconds: float  # what computing it took (training pauses for it)
 
 
 @dataclass
@@ -165,6 +166,7 @@ class Session:
         return RoundResult(number, result.iterations, result.seconds, result.stopped_by, data.class_values, warm)
 
     def _slab_preview(self, model: UNet, class_values, z: int) -> Preview:
+        began = time.monotonic()
         start = max(0, min(z - PREVIEW_SLICES // 2, self.shape[0] - PREVIEW_SLICES))
         stop = min(self.shape[0], start + PREVIEW_SLICES)
         was_training = model.training
@@ -173,7 +175,7 @@ class Session:
             probabilities = predict_array(model, self.normalized[:, start:stop], device=self.device)
         finally:
             model.train(was_training)
-        return Preview(start, stop, decode_labels(probabilities.argmax(0), class_values))
+        return Preview(start, stop, decode_labels(probabilities.argmax(0), class_values), time.monotonic() - began)
 
     def _require_network(self) -> UNet:
         if self.network is None:

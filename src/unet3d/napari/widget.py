@@ -9,6 +9,7 @@ trains. Errors become the status line, never a traceback dialog; the painting is
 from __future__ import annotations
 
 import threading
+import time
 
 import napari
 import numpy as np
@@ -52,6 +53,7 @@ class InteractiveWidget(Container):
         self.session: Session | None = None
         self._session_layer: str | None = None  # the image layer the session was made for
         self.last_round: RoundResult | None = None
+        self.preview_timings: list[tuple[float, float]] = []  # (computing in the worker, showing) seconds
         self.busy = False
         self._stop_event = threading.Event()
         self._view_z: int | None = None
@@ -205,9 +207,11 @@ class InteractiveWidget(Container):
     def _show_preview(self, preview: Preview) -> None:
         if self._closed:
             return
+        began = time.perf_counter()
         layer = self._labels_layer(PREVIEW_LAYER, preview.labels.dtype)
         layer.data[preview.start:preview.stop] = preview.labels
         layer.refresh()
+        self.preview_timings.append((preview.seconds, time.perf_counter() - began))
 
     # --- layers and state ---------------------------------------------------------------------
 
