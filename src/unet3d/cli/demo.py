@@ -5,11 +5,11 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from unet3d.cli.densify import add_run_options, densify_and_write
-from unet3d.cli.options import DefaultsHelpFormatter
+from unet3d.cli.options import DefaultsHelpFormatter, add_run_options
 from unet3d.device import resolve_device
 from unet3d.data.sparse import labeled_fraction, positions_for, sparsify
 from unet3d.io import read_image, read_labels, write_volume
+from unet3d.workflows.densify_files import densify_and_write
 
 IGNORE = 255
 SLICES = (3, 3, 2)  # the paper's table: 3, 3 and 2 annotated slices along Z, Y and X
@@ -51,7 +51,7 @@ def run(args) -> int:
           f"{labeled_fraction(sparse, IGNORE):.1%} of the voxels; the rest is unlabeled ({IGNORE})")
     print(f"learning from these slices alone for up to {args.max_time:.0f} s ...")
     report = densify_and_write(image, sparse, meta, str(out / "segmentation.tif"), IGNORE, truth=truth,
-                               max_time=args.max_time, seed=args.seed, source=image_path,
+                               max_time=args.max_time, seed=args.seed, source=image_path, spacing=meta.spacing,
                                device=resolve_device(args.device), threads=args.threads,
                                progress=not args.quiet)
     print(report)

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from unet3d.cli.evaluate import score_table
-from unet3d.cli.options import DefaultsHelpFormatter, float_list
+from unet3d.cli.options import DefaultsHelpFormatter, add_run_options, float_list
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
-from unet3d.evaluation import evaluate_volumes
-from unet3d.evaluation.figures import overlay_figure
-from unet3d.io import read_image, read_labels, write_volume
-from unet3d.io.spec import EXTENSIONS, parse_spec
+from unet3d.io import read_image, read_labels
 from unet3d.workflows.densify import (
     FILTER_FEATURES_MIN_ANNOTATED,
     FOREST_MAX_SHARE,
     FOREST_TREES,
     HOLD_OUT_MIN_ANNOTATED,
-    THREADS,
     TTA_MAX_SHARE,
     StartingModel,
-    densify,
 )
+from unet3d.workflows.densify_files import densify_and_write
 
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
@@ -81,24 +73,6 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def add_run_options(parser) -> None:
-    """Device, threads and progress options shared by densify and demo."""
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=THREADS,
-                        help="torch CPU threads (default: all cores); 1 costs least CPU on a machine busy with "
-                        "other work")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def output_base(spec: str) -> Path:
-    """SEGMENTATION's path without its volume extension (seg.nii.gz → seg)."""
-    path = parse_spec(spec).path
-    for extension in EXTENSIONS:
-        if path.lower().endswith(extension):
-            return Path(path[: -len(extension)])
-    return Path(path)
-
-
 def run(args) -> int:
     init = StartingModel.load(args.init) if args.init else None
     image, meta = read_image(args.image, args.channel_axis)
@@ -107,52 +81,11 @@ def run(args) -> int:
     if truth is not None and truth.shape != sparse.shape:
         raise UserError(f"{args.truth}: shape {truth.shape} differs from {args.sparse}: {sparse.shape}")
     report = densify_and_write(image, sparse, meta, args.output, args.ignore_label, model=args.model,
-                               overlay=args.overlay, probabilities=args.probabilities, truth=truth,
+                               overlay=args.overlay, probabilities=args.probabilities, truth=truth, source=args.image,
                                max_time=args.max_time, iterations=args.iterations, seed=args.seed,
-                               num_classes=args.num_classes, spacing=args.spacing, source=args.image,
-                               device=resolve_device(args.device), threads=args.threads,
-                               progress=not args.quiet,
+                               num_classes=args.num_classes, spacing=args.spacing or meta.spacing,
+                               device=resolve_device(args.device), threads=args.threads, progress=not args.quiet,
                                filter_features=AUTO_ON_OFF[args.filter_features], forest=AUTO_ON_OFF[args.forest],
                                tta=AUTO_ON_OFF[args.tta], init=init)
     print(report)
     return 0
-
-
-def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, model=None, overlay=None,
-                      probabilities=None, truth=None, max_time=120.0, iterations=100_000, seed=0,
-                      num_classes=None, spacing=None, source="image", device="cpu", threads=THREADS,
-                      progress=True, filter_features=None, forest=None, tta=None, init=None) -> str:
-    """Run densify and write segmentation, model, overlay (and probabilities); returns a report."""
-    base = output_base(output)
-    model = model or f"{base}.model.safetensors"
-    overlay = overlay or f"{base}.overlay.png"
-    if image.shape[1:] != sparse.shape:
-        raise UserError(f"{source}: image shape {image.shape[1:]} and sparse label shape {sparse.shape} differ")
-    result = densify(image, sparse, ignore_label, model, max_time=max_time, iterations=iterations, seed=seed,
-                     num_classes=num_classes,
-                     spacing=spacing or meta.spacing, source=source, progress=progress, device=device,
-                     threads=threads, filter_features=filter_features, forest=forest, tta=tta, init=init)
-    write_volume(output, result.segmentation, like=meta)
-    if probabilities:
-        write_volume(probabilities, result.probabilities.astype("float16"), like=meta)
-    lines = [f"input: {result.inputs}", f"result: {result.blend}",
-             *([f"blend: {result.weighing}"] if result.weighing else []),
-             *([f"filter bank and random forest ({result.forest_trees} trees) in {result.forest_seconds:.0f} s"]
-               if result.components else []),
-             f"trained {result.iterations} iterations in {result.seconds:.0f} s",
-             "predicted " + ("the 8 mirrored volumes, averaged (test-time flips)" if result.tta else "once"),
-             f"wrote {output} (segmentation), {model} (model), {overlay} (overlay)"]
-    title = f"unet3d densify: {Path(source).name}"
-    if truth is not None:
-        scores = evaluate_volumes(result.segmentation, truth, exclude=sparse, ignore_label=ignore_label)
-        lines += ["IoU on the unannotated voxels:", score_table(scores)]
-        if result.components:
-            alone = {name: evaluate_volumes(segmentation, truth, exclude=sparse, ignore_label=ignore_label)
-                     for name, segmentation in result.components.items()}
-            lines.append("foreground IoU of the parts: " + ", ".join(
-                f"{name} {scores_alone['mean_iou_foreground']:.3f}" for name, scores_alone in alone.items()))
-        title += f" — foreground IoU {scores['mean_iou_foreground']:.3f} on unannotated voxels"
-        lines.append("json: " + json.dumps({"mean_iou_foreground": scores["mean_iou_foreground"],
-                                            "iou": {c["value"]: c["iou"] for c in scores["classes"]}}))
-    overlay_figure(overlay, image, result.segmentation, result.info["class_values"], title=title)
-    return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from unet3d.model.unet import NORMS, PADDINGS, PRESETS, UNetConfig
+from unet3d.workflows.densify import THREADS as DENSIFY_THREADS
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,3 +64,12 @@ def network_config(args, **defaults) -> UNetConfig:
         if value is not None:
             base[key] = value
     return UNetConfig(**base)
+
+
+def add_run_options(parser) -> None:
+    """Device, threads and progress options shared by densify and demo."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=DENSIFY_THREADS,
+                        help="torch CPU threads (default: all cores); 1 costs least CPU on a machine busy with "
+                        "other work")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")

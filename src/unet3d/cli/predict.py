@@ -10,13 +10,12 @@ from pathlib import Path
 
 import torch
 
-from unet3d.baselines.features import feature_memory_shortfall, raw_channels
+from unet3d.baselines.features import raw_channels
 from unet3d.cli.options import int_triple
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
-from unet3d.inference import choose_output_tile, estimate_tile_bytes, predict_volume
-from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, default_max_memory
-from unet3d.inference.tiling import blend_bytes
+from unet3d.inference import predict_volume
+from unet3d.inference.predictor import DEFAULT_MAX_MEMORY
 from unet3d.io import open_volume, parse_spec
 from unet3d.model import load_model
 
@@ -94,14 +93,10 @@ def run(args) -> int:
     with open_volume(args.image, "image", args.channel_axis) as source:
         features = info.get("input_features")
         _check_image(args.image, source.shape, args.model, raw_channels(model.config.in_channels, features))
-        if feature_memory_shortfall(args.image, source.shape, features):
-            print(f"{args.image}: the filter bank of the whole volume does not fit in free memory; "
-                  "computing it tile by tile (slower)")
-        tile = args.tile or _tile_for_budget(model.config, source.shape[1:], args.max_memory, args.batch_size,
-                                             args.overlap, device)
         summary = predict_volume(
-            model, info, source, args.output, args.probabilities, args.uncertainty,
-            tile=tile, batch_size=args.batch_size, tta=args.tta, device=str(device), overlap=args.overlap, progress=not args.quiet,
+            model, info, source, args.output, args.probabilities, args.uncertainty, tile=args.tile,
+            max_memory=args.max_memory, batch_size=args.batch_size, tta=args.tta, device=str(device),
+            overlap=args.overlap, progress=not args.quiet, report=lambda note: print(note, file=sys.stderr),
         )
     _report(summary, outputs)
     return 0
@@ -154,22 +149,6 @@ def _check_image(spec: str, shape: tuple, model_path: str, in_channels: int) -> 
             f"{spec}: {shape[0]} channel(s), but {model_path} expects {in_channels} "
             "(use --channel-axis if the channels were not detected)"
         )
-
-
-def _tile_for_budget(config, shape, max_memory: int | None, batch_size: int, overlap: float,
-                     device: torch.device) -> tuple[int, int, int]:
-    budget = max_memory or default_max_memory(device)
-    try:
-        tile = choose_output_tile(config, shape, budget, batch_size, overlap, device.type)
-    except ValueError as exc:
-        raise UserError(f"--max-memory {budget / 2**20:.0f}M: too small, {exc}") from None
-    accumulators = blend_bytes(config, shape, tile)  # 0 for valid padding, whose tile is the output tile
-    excess = estimate_tile_bytes(config, tile, batch_size, device.type) + accumulators - budget if accumulators else 0
-    if excess > 0:
-        print(f"note: blending windows over {shape[1]}×{shape[2]} planes takes about {excess / 2**20:.0f} MiB beyond "
-              f"--max-memory (accumulators of {accumulators / 2**20:.0f} MiB; a valid-padding model streams within it)",
-              file=sys.stderr)
-    return tile
 
 
 def _report(summary: dict, outputs: list[str]) -> None:

@@ -21,8 +21,9 @@ from tqdm import tqdm
 from unet3d.baselines.features import feature_memory_shortfall, region_with_input_features, with_input_features
 from unet3d.data.normalization import apply_normalization, for_volume
 from unet3d.device import resolve_device
-from unet3d.inference.memory import fix_mmap_threshold
-from unet3d.inference.tiling import TilePlan, choose_output_tile, gaussian_weight, mirrored_box, plan_tiles
+from unet3d.errors import UserError
+from unet3d.inference.memory import estimate_tile_bytes, fix_mmap_threshold
+from unet3d.inference.tiling import TilePlan, blend_bytes, choose_output_tile, gaussian_weight, mirrored_box, plan_tiles
 from unet3d.model.folding import fold_batch_norm
 from unet3d.model.unet import UNet
 
@@ -141,12 +142,23 @@ def _blend_rows(tiles, plan: TilePlan):
 
 
 def make_plan(model: UNet, shape, tile=None, max_memory: int | None = None, batch_size: int = 1,
-              overlap: float = 0.25, device: torch.device = torch.device("cpu")) -> TilePlan:
+              overlap: float = 0.25, device: torch.device = torch.device("cpu"), report=None) -> TilePlan:
     """Tiles for a volume: `tile` (output tile size) if given, else the largest whose batch fits the
-    budget on `device` (default_max_memory if none is given)."""
+    budget on `device` (default_max_memory if none is given). `report(note)` hears when blending
+    same-padding windows needs memory beyond the budget."""
     if tile is None:
         budget = max_memory or default_max_memory(device)
-        tile = choose_output_tile(model.config, shape, budget, batch_size, overlap, device.type)
+        try:
+            tile = choose_output_tile(model.config, shape, budget, batch_size, overlap, device.type)
+        except ValueError as exc:
+            raise UserError(f"--max-memory {budget / 2**20:.0f}M: too small, {exc}") from None
+        accumulators = blend_bytes(model.config, shape, tile)  # 0 for valid padding: its tile is the output tile
+        excess = (estimate_tile_bytes(model.config, tile, batch_size, device.type) + accumulators - budget
+                  if accumulators else 0)
+        if excess > 0 and report is not None:
+            report(f"note: blending windows over {shape[1]}×{shape[2]} planes takes about {excess / 2**20:.0f} MiB "
+                   f"beyond --max-memory (accumulators of {accumulators / 2**20:.0f} MiB; a valid-padding model "
+                   "streams within it)")
     return plan_tiles(model.config, shape, tile, overlap)
 
 
@@ -176,7 +188,7 @@ def label_dtype(class_values) -> np.dtype:
     return np.min_scalar_type(min(class_values)) if min(class_values) < 0 else np.min_scalar_type(max(class_values))
 
 
-def region_reader(source, normalization: dict, input_features: dict | None):
+def region_reader(source, normalization: dict, input_features: dict | None, report=None):
     """box → the network's normalized input there.
 
     Filter-bank inputs are made once for the whole volume when they fit in free memory (62
@@ -188,6 +200,9 @@ def region_reader(source, normalization: dict, input_features: dict | None):
     if input_features is None:
         read = source.read
     elif feature_memory_shortfall("image", source.shape, input_features):
+        if report is not None:
+            report("the filter bank of the whole volume does not fit in free memory; computing it tile by tile "
+                   "(slower)")
         read = lambda box: region_with_input_features(source.read, shape, box, input_features)  # noqa: E731
     else:
         inputs = apply_normalization(with_input_features(source.read(), input_features), normalization)
@@ -198,12 +213,13 @@ def region_reader(source, normalization: dict, input_features: dict | None):
 
 def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,
                    tile=None, max_memory: int | None = None, batch_size: int = 1, tta: bool = False,
-                   device: str = "cpu", overlap: float = 0.25, progress: bool = False) -> dict:
+                   device: str = "cpu", overlap: float = 0.25, progress: bool = False, report=None) -> dict:
     """Predict an opened volume and write the requested outputs region by region.
 
     label_out: label values (argmax mapped through info['class_values']); prob_out: float16 class
     probabilities (K, Z, Y, X); uncertainty_out: float32 normalized entropy. Outputs share the
-    source's geometry (affine, spacing). Returns a summary of what was done.
+    source's geometry (affine, spacing). `report(note)` hears the memory decisions worth telling a
+    user (blending beyond the budget, the filter bank made tile by tile). Returns a summary.
     """
     from unet3d.io import volume_writer
 
@@ -213,9 +229,9 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     normalization = info.get("normalization") or {"method": "none", "channels": config.in_channels}
     class_values = np.asarray(info.get("class_values") or range(config.num_classes))
     device = resolve_device(device)
-    plan = make_plan(model, shape, tile, max_memory, batch_size, overlap, device)
+    plan = make_plan(model, shape, tile, max_memory, batch_size, overlap, device, report)
     net = prepare_network(model, device)
-    read = region_reader(source, normalization, info.get("input_features"))
+    read = region_reader(source, normalization, info.get("input_features"), report)
     counts = np.zeros(config.num_classes, np.int64)
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from unet3d.data.labels import decode_labels
 from unet3d.data.normalization import apply_normalization, fit_normalization
