@@ -63,7 +63,7 @@ def test_filter_feature_inputs_are_remade_by_predict(sparse_nuclei, tmp_path, mo
     """A densify model trained on filter-bank channels segments a volume file with `unet3d predict`."""
     import tifffile
 
-    from unet3d.baselines.features import region_with_input_features
+    from unet3d.data.features import region_with_input_features
     from unet3d.cli import main
     from unet3d.io import read_labels
 
@@ -94,7 +94,7 @@ def test_filter_feature_inputs_are_remade_by_predict(sparse_nuclei, tmp_path, mo
 
 
 def test_filter_features_too_large_for_memory_are_named():
-    from unet3d.baselines.features import feature_memory_shortfall, input_feature_spec
+    from unet3d.data.features import feature_memory_shortfall, input_feature_spec
 
     spec = input_feature_spec(None)
     assert feature_memory_shortfall("small.tif", (1, 31, 61, 57), spec) is None  # a few MiB: fine

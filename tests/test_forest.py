@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from unet3d.baselines import ILASTIK_SCALES, feature_names, filter_features, random_forest_segment
-from unet3d.baselines.features import (bank_halo, input_feature_spec, region_with_input_features,
+from unet3d.baselines import random_forest_segment
+from unet3d.data.features import ILASTIK_SCALES, feature_names, filter_features
+from unet3d.data.features import (bank_halo, input_feature_spec, region_with_input_features,
                                        symmetric_eigenvalues_3x3, with_input_features)
 from unet3d.data.labels import encode_labels
 from unet3d.data.sparse import sparsify

@@ -34,7 +34,7 @@ import torch
 from experiments.ablation.common import cpu_budget_config
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE, annotated_classes
-from unet3d.baselines import filter_features
+from unet3d.data.features import filter_features
 from unet3d.baselines.forest import fit_forest, predict_probabilities
 from unet3d.data.labels import UNLABELED, decode_labels, encode_labels
 from unet3d.data.normalization import apply_normalization

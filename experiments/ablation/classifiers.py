@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from experiments.ablation.blend_rules import load_run
 from experiments.paper.methods import IGNORE
-from unet3d.baselines.features import filter_features
+from unet3d.data.features import filter_features
 from unet3d.baselines.forest import make_forest, predict_probabilities, training_sample
 from unet3d.data.labels import UNLABELED, encode_labels
 from unet3d.workflows.blend import geometric_mean

@@ -26,7 +26,7 @@ from sklearn.ensemble import RandomForestClassifier
 from experiments.ablation import forest_blend
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE
-from unet3d.baselines.features import filter_features
+from unet3d.data.features import filter_features
 from unet3d.baselines.forest import predict_probabilities, training_sample
 from unet3d.data.labels import UNLABELED
 from unet3d.data.labels import decode_labels, encode_labels

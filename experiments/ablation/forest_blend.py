@@ -43,7 +43,7 @@ import torch
 from experiments.ablation.common import cpu_budget_config
 from experiments.paper import data, protocols
 from experiments.paper.methods import IGNORE, annotated_classes
-from unet3d.baselines.features import with_input_features
+from unet3d.data.features import with_input_features
 from unet3d.baselines.forest import ForestResult
 from unet3d.data.labels import decode_labels
 from unet3d.inference import predict_array

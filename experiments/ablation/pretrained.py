@@ -32,7 +32,7 @@ import torch
 from experiments.ablation.common import IGNORE, run_densify
 from experiments.ablation.synthetic_walls import synthetic_volume
 from experiments.paper import data
-from unet3d.baselines.features import input_feature_spec, with_input_features
+from unet3d.data.features import input_feature_spec, with_input_features
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
 from unet3d.workflows import densify as densify_workflow

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments.paper.data import Volume
-from unet3d.baselines import filter_features, random_forest_segment
+from unet3d.baselines import random_forest_segment
+from unet3d.data.features import filter_features
 from unet3d.baselines.forest import make_forest, predict_probabilities
 from unet3d.data.labels import decode_labels, encode_labels, present_values
 from unet3d.data.normalization import apply_normalization

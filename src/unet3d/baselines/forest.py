@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from unet3d.baselines.features import DEFAULT_SCALES, filter_features
+from unet3d.data.features import DEFAULT_SCALES, filter_features
 from unet3d.data.labels import UNLABELED
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from unet3d.baselines.features import raw_channels
+from unet3d.data.features import raw_channels
 from unet3d.cli.options import int_triple
 from unet3d.device import resolve_device
 from unet3d.errors import UserError

@@ -16,7 +16,7 @@ from unet3d.training import TrainConfig, train
 from unet3d.training.checkpoint import load_checkpoint, run_files
 from unet3d.training.config import CLASS_WEIGHTING, LOSSES, OPTIMIZERS, SCHEDULES
 from unet3d.training.dataset import prepare_training_set
-from unet3d.baselines.features import input_feature_spec, with_input_features
+from unet3d.data.features import input_feature_spec, with_input_features
 from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED
 from unet3d.workflows.plan import (DEFAULT_ITERATIONS, PER_VOLUME_SPREAD_RATIO, Fingerprint, plan_table,
                                    plan_training)

@@ -1,1 +1,2 @@
-"""Training data: label encoding, intensity normalization, patch sampling."""
+"""The network's inputs and targets: label encoding, intensity normalization, ilastik's filter bank
+(extra input channels, and the forest's features), patch sampling."""

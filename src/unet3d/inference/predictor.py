@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from unet3d.baselines.features import feature_memory_shortfall, region_with_input_features, with_input_features
+from unet3d.data.features import feature_memory_shortfall, region_with_input_features, with_input_features
 from unet3d.data.normalization import apply_normalization, for_volume
 from unet3d.device import resolve_device
 from unet3d.errors import UserError

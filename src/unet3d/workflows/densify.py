@@ -54,7 +54,7 @@ import torch
 from tqdm import tqdm
 
 from unet3d.augmentation import AugmentationConfig
-from unet3d.baselines.features import (
+from unet3d.data.features import (
     feature_memory_shortfall,
     filter_features,
     input_feature_spec,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from unet3d.baselines.features import feature_memory_shortfall, input_feature_spec
+from unet3d.data.features import feature_memory_shortfall, input_feature_spec
 from unet3d.errors import UserError
 from unet3d.training import TrainConfig
 from unet3d.training.dataset import TrainingSet, check_volumes
