@@ -109,16 +109,6 @@ class Session:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.image.shape[1:])
 
-    def use_model(self, network: UNet, info: dict) -> None:
-        """Continue from a saved model (its classes; the image keeps its own normalization)."""
-        if network.config.in_channels != self.image.shape[0]:
-            raise UserError(f"the model reads {network.config.in_channels} channel(s), the image has "
-                            f"{self.image.shape[0]}")
-        if info.get("input_features"):
-            raise UserError("the model reads ilastik's filter bank; the interactive loop trains on the image alone")
-        with self.lock:
-            self.network, self.class_values, self.info = network, list(info["class_values"]), info
-
     def training_set(self, painted: np.ndarray) -> TrainingSet:
         if painted.shape != self.shape:
             raise UserError(f"the labels have shape {painted.shape}, the image {self.shape}: paint on a Labels "
