@@ -73,3 +73,17 @@ def test_the_plan_prints_one_line_per_choice_with_its_reason():
     table = plan_table(plan.choices)
     assert len(table.splitlines()) == len(plan.choices) == 4
     assert all("(" in line and line.endswith(")") for line in table.splitlines())
+
+
+def test_options_that_replace_a_planned_choice_say_so_in_the_printed_plan(tmp_path, capsys):
+    from conftest import EXAMPLE
+    from unet3d.cli.main import main
+
+    assert main(["train", "--images", str(EXAMPLE / "image.tif"), "--labels", str(EXAMPLE / "labels.tif"),
+                 "--ignore-label", "255", "-o", str(tmp_path / "m.safetensors"), "--iterations", "1", "--quiet",
+                 "--patch", "8,16,16", "--width", "4", "--filter-features", "off"]) == 0
+    printed = {line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("  ")}
+    assert "given as an option" in printed["patch, batch"] and "8×16×16" in printed["patch, batch"]
+    assert "given as an option" in printed["network"] and "width 4" in printed["network"]
+    assert "--filter-features off" in printed["inputs"] and "given as an option" not in printed["loss"]

@@ -164,8 +164,19 @@ def run_train(args) -> int:
     return 0
 
 
+# The plan's recipe parts and the options that replace them.
+RECIPE_OPTIONS = {"network": ("width", "levels", "padding", "norm", "dims", "norm_at_test"),
+                  "patch, batch": ("patch", "batch_size"),
+                  "optimizer": ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup"),
+                  "loss": ("loss", "class_weighting", "class_weights")}
+
+
 def _record_overrides(args, plan, features, per_volume: bool) -> None:
     """The printed and stored plan shows what runs: options that replaced a planned choice say so."""
+    plan.given = {part for part, options in RECIPE_OPTIONS.items()
+                  if any(getattr(args, option, None) not in (None, False) for option in options)}
+    if _augmentation_given(args):
+        plan.given.add("augmentation")
     if args.filter_features != "auto":
         plan.override("inputs", "the image and ilastik's filter bank" if features else "the image alone",
                       f"--filter-features {args.filter_features}")
@@ -173,6 +184,10 @@ def _record_overrides(args, plan, features, per_volume: bool) -> None:
         method = args.normalization or "zscore"
         plan.override("normalization", f"{method} {'per volume' if per_volume else 'of the training images'}",
                       "given as an option")
+
+
+def _augmentation_given(args) -> bool:
+    return any(getattr(args, name) not in (None, False) for name in AUGMENTATION_OPTIONS)
 
 
 def _input_features(args, plan, spacing) -> dict | None:
@@ -225,7 +240,7 @@ def _paper_config(args, data) -> TrainConfig:
 
 def _augmentation(args, planned: AugmentationConfig) -> AugmentationConfig:
     """The plan's augmentation, or the paper's with the options given applied."""
-    if not any(getattr(args, name) not in (None, False) for name in AUGMENTATION_OPTIONS):
+    if not _augmentation_given(args):
         return planned
     base = AugmentationConfig()
     return dataclasses.replace(

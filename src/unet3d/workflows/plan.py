@@ -82,6 +82,7 @@ class Plan:
     iterations: int
     max_time: float | None
     choices: list[Choice] = field(default_factory=list)
+    given: set[str] = field(default_factory=set)  # parts of the recipe that options replaced
 
     def override(self, part: str, value: str, option: str) -> None:
         """Record that an explicit option replaced the plan's choice for `part`."""
@@ -107,7 +108,8 @@ class Plan:
                    not config.augmentation.elastic_sigma else "rotation, scaling, elastic, gray values, flips",
                    "flips beat the paper's augmentation at budgets of minutes (+0.04 to +0.055)"),
         ]
-        return self.choices + recipe
+        return self.choices + [Choice(c.part, c.value, "given as an option") if c.part in self.given else c
+                               for c in recipe]
 
     def to_dict(self, config: TrainConfig) -> dict:
         return {"choices": [asdict(c) for c in self.describe(config)],
