@@ -35,7 +35,6 @@ from experiments.paper import data
 from unet3d.data.features import input_feature_spec, with_input_features
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows import densify as densify_workflow
 from unet3d.workflows.densify import StartingModel, default_config
 
 SCORED = set(data.HIPPOCAMPUS_CASES) | set(data.HIPPOCAMPUS_TEST)
@@ -82,12 +81,12 @@ def pretrain(kind: str, model: str, budget: float, seed: int = 0) -> dict:
 def finetune(model: str, name: str, slices: str, seed: int, budget: float, lr: float | None = None,
              **options) -> dict:
     torch.set_num_threads(1)
+    start = StartingModel.load(model)
     if lr is not None:
-        recipe = densify_workflow.default_config
-        densify_workflow.default_config = lambda *a, **k: dataclasses.replace(recipe(*a, **k), learning_rate=lr)
+        start = dataclasses.replace(start, learning_rate=lr)
     volume = data.load(name)
     result = run_densify(volume.image, volume.truth, tuple(int(k) for k in slices.split(",")), volume.spacing, budget,
-                         seed, init=StartingModel.load(model), **options)
+                         seed, init=start, **options)
     return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "init": model, "lr": lr, **result}
 
 

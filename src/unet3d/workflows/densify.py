@@ -201,6 +201,7 @@ class StartingModel:
     normalization: str  # the intensity normalization method, refitted on the new volume
     per_volume: bool  # and kept per volume at prediction (`train --per-volume`)
     source: str
+    learning_rate: float = FINE_TUNING_LEARNING_RATE  # fine-tuning's rate (a tenth of a fresh network's)
 
     @classmethod
     def load(cls, path) -> "StartingModel":
@@ -215,7 +216,7 @@ class StartingModel:
 
     def training_options(self) -> dict:
         """What `default_config` changes to fine-tune this network rather than train a new one."""
-        return {"network": self.network.config, "learning_rate": FINE_TUNING_LEARNING_RATE}
+        return {"network": self.network.config, "learning_rate": self.learning_rate}
 
     def inputs(self, filter_features: bool | None) -> tuple[dict | None, str]:
         """The filter-bank spec to train with: the model's, whatever the annotation (it was trained so)."""
