@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -80,9 +81,9 @@ def export_bioimageio(model: UNet, info: dict, path, *, sample: np.ndarray, name
             error = exc.errors()[0]
             raise UserError(f"{path}: the BioImage.IO spec refuses the package: "
                             f"{'.'.join(map(str, error['loc'])) or 'model'}: {error['msg']}") from None
+        package = save_bioimageio_package(description, output_path=folder / "package.zip")
         with atomic_path(path) as tmp:
-            save_bioimageio_package(description, output_path=tmp.with_suffix(".zip"))
-            tmp.with_suffix(".zip").replace(tmp)
+            shutil.copyfile(package, tmp)
 
 
 def _check_expressible(model: UNet, info: dict, path: Path) -> None:

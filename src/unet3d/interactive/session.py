@@ -67,7 +67,7 @@ class RoundResult:
 
 def painted_classes(painted: np.ndarray, known: list[int] | None = None) -> list[int]:
     """The class values painted in `painted` (0 = unpainted), checked: at least two classes, and
-    only classes of `known` (a loaded model's) when given."""
+    only classes of `known` (the current network's) when given."""
     values = [int(v) for v in np.unique(painted) if v != UNPAINTED]
     if not values:
         raise UserError("nothing is painted yet: paint some voxels of each class (0 means unpainted)")
@@ -113,15 +113,11 @@ class Session:
         if painted.shape != self.shape:
             raise UserError(f"the labels have shape {painted.shape}, the image {self.shape}: paint on a Labels "
                             "layer of the image's shape")
-        classes = painted_classes(painted, self.class_values if self.network is not None and
-                                  self._keeps_classes(painted) else None)
+        values = np.unique(painted)  # once per round: the painting can be the size of the volume
+        keeps = self.network is not None and set(values.tolist()) - {UNPAINTED} <= set(self.class_values)
+        classes = painted_classes(values, self.class_values if keeps else None)
         return prepare_training_set([self.image], [np.asarray(painted)], UNPAINTED, sources=["painted labels"],
                                     class_values=classes, normalization=self.normalization, spacing=self.spacing)
-
-    def _keeps_classes(self, painted: np.ndarray) -> bool:
-        """Whether the painting stays within the current network's classes (else a new network)."""
-        values = set(int(v) for v in np.unique(painted)) - {UNPAINTED}
-        return values <= set(self.class_values or [])
 
     def train_round(self, painted: np.ndarray, seconds: float, stop: threading.Event | None = None,
                     on_progress=None, on_preview=None, view_z=lambda: None) -> RoundResult:

@@ -80,7 +80,7 @@ class InteractiveWidget(Container):
         except UserError as exc:
             return self.say(str(exc))
         self._stop_event.clear()
-        self._labels_layer(PREVIEW_LAYER, np.uint8 if max(int(painted.max()), 1) < 256 else np.uint16)
+        self._labels_layer(PREVIEW_LAYER, painted.dtype)  # the preview holds the painting's values
         budget = float(self.budget.value)
 
         def work():  # the session (the image's normalization) is made here too, off the GUI thread
