@@ -15,9 +15,9 @@ from unet3d.cli.options import int_triple
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.inference import predict_volume
+from unet3d.inference.distributed import CONNECT_TIMEOUT, DEFAULT_BLOCK, load_predictor, predict_distributed
 from unet3d.inference.predictor import DEFAULT_MAX_MEMORY
 from unet3d.io import open_volume, parse_spec
-from unet3d.model import load_model
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -54,7 +54,8 @@ def register(subparsers) -> None:
         "seamlessly: output tiles edge to edge, context mirrored at the border, the result does "
         "not depend on the tile size. Same-padding models blend overlapping windows. With HDF5 or "
         "Zarr input and output, tiles are read and written one at a time, so volumes larger than "
-        "memory work.",
+        "memory work. With --dask, blocks of the volume are predicted on a Dask cluster and written "
+        "into an OME-Zarr store (see the --dask options below).",
     )
     parser.add_argument("model", help="a model file written by `unet3d train`, or a BioImage.IO package "
                         "(.zip or folder) exported from one")
@@ -78,6 +79,24 @@ def register(subparsers) -> None:
     parser.add_argument("--channel-axis", type=int, metavar="N", help="the image file's channel axis, if not detected")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for PyTorch")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    cluster = parser.add_argument_group(
+        "prediction on a Dask cluster (needs unet3d[distributed])",
+        "OUTPUT is then an OME-Zarr 0.5 store (.zarr): the class probabilities (float16) as its image, the "
+        "label map under labels/segmentation, each with a pyramid of halved levels. IMAGE must be Zarr, HDF5 or "
+        ".npy, at the same path on every worker, and so must OUTPUT and MODEL. Running the same command again "
+        "after an interruption predicts only the blocks still missing. --max-memory is per task; "
+        "--probabilities and --uncertainty are not used.")
+    cluster.add_argument("--dask", metavar="ADDRESS",
+                         help="local (one worker process per CPU core), local:N (N worker processes), or the "
+                         "address of a running scheduler, tcp://HOST:PORT")
+    cluster.add_argument("--block", type=int_triple, metavar="Z,Y,X",
+                         help=f"block and output chunk size, rounded up to whole output tiles for valid-padding "
+                         f"models (default {DEFAULT_BLOCK} per axis, at most the volume)")
+    cluster.add_argument("--skip-empty", type=float, metavar="THRESHOLD",
+                         help="do not predict blocks whose raw intensities are all at most THRESHOLD: they are "
+                         "written as the first class with probability 1 (default: off, every block is predicted)")
+    cluster.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
+                         help=f"give up on a scheduler not reached within this time (default {CONNECT_TIMEOUT:g})")
     parser.set_defaults(run=run)
 
 
@@ -86,10 +105,14 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if not 0 <= args.overlap < 1:
         raise UserError(f"--overlap {args.overlap}: must be in [0, 1)")
+    if args.dask:
+        return _run_on_dask(args)
+    if args.block or args.skip_empty is not None:
+        raise UserError(f"{'--block' if args.block else '--skip-empty'}: only with --dask")
     device = resolve_device(args.device)
     outputs = [spec for spec in (args.output, args.probabilities, args.uncertainty) if spec]
     _check_outputs(outputs, args.image)
-    model, info = _load(args.model)
+    model, info = load_predictor(args.model)
     with open_volume(args.image, "image", args.channel_axis) as source:
         features = info.get("input_features")
         _check_image(args.image, source.shape, args.model, raw_channels(model.config.in_channels, features))
@@ -102,10 +125,25 @@ def run(args) -> int:
     return 0
 
 
-def _load(path: str):
-    from unet3d.export.bioimageio import is_package, load_package
-
-    return (load_package if is_package(path) else load_model)(path)
+def _run_on_dask(args) -> int:
+    if args.probabilities or args.uncertainty:
+        raise UserError(f"{'--probabilities' if args.probabilities else '--uncertainty'}: not with --dask, whose "
+                        "OUTPUT store holds the probabilities as its image and the labels under labels/")
+    _check_outputs([args.output], args.image)
+    summary = predict_distributed(
+        args.dask, args.model, args.image, args.output, block=args.block, tile=args.tile,
+        max_memory=args.max_memory, batch_size=args.batch_size, tta=args.tta, overlap=args.overlap,
+        channel_axis=args.channel_axis, skip_empty=args.skip_empty, device=args.device,
+        connect_timeout=args.connect_timeout, progress=not args.quiet,
+        report=lambda note: print(note, file=sys.stderr),
+    )
+    shape, block = ("x".join(map(str, summary[key])) for key in ("shape", "block"))
+    print(f"predicted {summary['predicted']} of {summary['blocks']} block(s) of {block} ({summary['already_done']} "
+          f"already done, {summary['empty']} empty) of {shape} voxels on {summary['workers']} worker(s): "
+          f"{summary['seconds']:.1f} s, {summary['voxels_per_second']:,.0f} voxels/s; "
+          f"{summary['levels']} level(s) in {summary['total_seconds']:.1f} s")
+    print(f"wrote {args.output}")
+    return 0
 
 
 def _check_outputs(specs: list[str], image: str) -> None:

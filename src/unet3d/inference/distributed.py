@@ -1,0 +1,324 @@
+"""Prediction of volumes too large for one machine on a Dask cluster, block by block.
+
+The client plans everything first and touches nothing until every check has passed: the model
+and the image are opened, their channels compared, per-volume normalization statistics fitted
+once for the whole volume, and the tiles of the whole volume planned exactly as single-process
+prediction plans them. The volume is then cut into blocks, each one chunk of every output
+array. A worker predicts a block from the tiles of that plan that touch it (valid padding:
+the tiles inside it, read with their context margin; same padding: every window overlapping it,
+blended with the same weights), so the result equals the single-process one, and writes the
+block straight into the output store; only a word per block returns to the client.
+
+Workers load the network once per process (cached by path and weight digest). A block's
+done-marker is written after its data, so an interrupted run resumes with the blocks still
+missing, and a block written twice (a lost worker's, redone by Dask) is written identically.
+Dask and ome-zarr are imported only here, when a prediction on a cluster is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from unet3d.data.features import raw_channels, region_with_input_features
+from unet3d.data.normalization import apply_normalization, for_volume
+from unet3d.device import resolve_device
+from unet3d.errors import UserError
+from unet3d.inference.memory import fix_mmap_threshold
+from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, _tile_outputs, label_dtype, make_plan, prepare_network
+from unet3d.inference.tiling import TilePlan, gaussian_weight, plan_tiles
+from unet3d.io import open_volume, parse_spec
+from unet3d.io.ome_zarr import (Block, PredictionStore, done_blocks, downsample_block, prepare_store, write_block,
+                                write_metadata)
+from unet3d.io.readers import FORMAT_NAMES
+
+DEFAULT_BLOCK = 256  # voxels per axis of a block (and output chunk) unless asked otherwise
+CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler before giving up
+REGION_FORMATS = ("zarr", "hdf5", "npy")  # inputs every worker reads region by region
+INSTALL = "prediction on Dask needs unet3d's distributed extra: pip install 'unet3d[distributed]'"
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """What every block's task needs, planned once on the client; small enough to send to each worker."""
+
+    model_path: str
+    model_digest: str
+    image: str  # spec with an absolute path: workers may run elsewhere
+    channel_axis: int | None
+    normalization: dict  # fitted: per-volume statistics already computed for the whole volume
+    input_features: dict | None
+    plan: TilePlan  # the whole volume's tile geometry, its starts left out (see axis_starts)
+    axis_starts: tuple[tuple[int, ...], ...]  # the plan's tile starts along each axis
+    store: PredictionStore
+    device: str
+    batch_size: int
+    tta: bool
+    skip_empty: float | None
+
+
+def load_predictor(path: str):
+    """(network, info) from a model file or a BioImage.IO package exported from one."""
+    from unet3d.export.bioimageio import is_package, load_package
+    from unet3d.model import load_model
+
+    return (load_package if is_package(path) else load_model)(path)
+
+
+def predict_distributed(cluster, model_path: str, image: str, output: str, *, block=None, tile=None,
+                        max_memory: int | None = None, batch_size: int = 1, tta: bool = False, overlap: float = 0.25,
+                        channel_axis: int | None = None, skip_empty: float | None = None, device: str = "cpu",
+                        connect_timeout: float = CONNECT_TIMEOUT, progress: bool = False, report=None) -> dict:
+    """Predict `image` with the model at `model_path` on a Dask cluster into the OME-Zarr store `output`.
+
+    cluster: a `distributed.Client`, or an address: 'local' (a worker process per CPU core),
+    'local:N', or a scheduler's 'tcp://HOST:PORT'. block: (Z, Y, X) block and chunk size, rounded
+    up to the tile grid (default 256 per axis). skip_empty: blocks whose raw intensities are all
+    at most this are written as the first class with probability 1 instead of being predicted.
+    `max_memory` is the budget of one task. Returns a summary of the run.
+    """
+    job = plan_job(model_path, image, output, block=block, tile=tile, max_memory=max_memory, batch_size=batch_size,
+                   tta=tta, overlap=overlap, channel_axis=channel_axis, skip_empty=skip_empty, device=device,
+                   report=report)
+    if not isinstance(cluster, str):
+        return run_job(cluster, job, progress)
+    with connect(cluster, connect_timeout) as client:
+        return run_job(client, job, progress)
+
+
+def plan_job(model_path: str, image: str, output: str, *, block=None, tile=None, max_memory: int | None = None,
+             batch_size: int = 1, tta: bool = False, overlap: float = 0.25, channel_axis: int | None = None,
+             skip_empty: float | None = None, device: str = "cpu", report=None) -> BlockJob:
+    """Every check and every decision of a run, on the client, before anything is written."""
+    _require_packages()
+    source, target = parse_spec(image), parse_spec(output)
+    if source.format not in REGION_FORMATS:
+        raise UserError(f"{image}: {FORMAT_NAMES[source.format]} files are not read region by region; convert the "
+                        "image to OME-Zarr (or HDF5) for prediction on Dask")
+    if target.format != "zarr" or target.key is not None:
+        raise UserError(f"{output}: prediction on Dask writes an OME-Zarr store; name a path ending in .zarr "
+                        "without a key")
+    image = os.path.abspath(source.path) + (f":/{source.key}" if source.key else "")
+    model, info = load_predictor(model_path)
+    config = model.config
+    features = info.get("input_features")
+    with open_volume(image, "image", channel_axis) as volume:
+        shape = tuple(volume.shape[1:])
+        expected = raw_channels(config.in_channels, features)
+        if volume.shape[0] != expected:
+            raise UserError(f"{source.text}: {volume.shape[0]} channel(s), but {model_path} expects {expected} "
+                            "(use --channel-axis if the channels were not detected)")
+        normalization = info.get("normalization") or {"method": "none", "channels": config.in_channels}
+        normalization = for_volume(normalization, raw_reader(volume, features), shape)
+        spacing = volume.meta.spacing
+    if tile is None:
+        wanted = tuple(min(b, n) for b, n in zip(block or (DEFAULT_BLOCK,) * 3, shape))
+        planning_device = torch.device("cuda" if device == "cuda" else "cpu")  # the client may have no GPU
+        tile = make_plan(model, wanted, None, max_memory or DEFAULT_MAX_MEMORY, batch_size, overlap,
+                         planning_device, report).output_shape
+    plan = plan_tiles(config, shape, tile, overlap)
+    class_values = tuple(int(v) for v in (info.get("class_values") or range(config.num_classes)))
+    digest = model_digest(model)
+    settings = {"model": digest, "normalization": normalization, "features": features, "tta": tta,
+                "input": plan.input_shape, "output": plan.output_shape, "skip_empty": skip_empty}
+    store = PredictionStore(
+        path=os.path.abspath(target.path), shape=shape, block=block_shape(plan, block), class_values=class_values,
+        label_dtype=str(label_dtype(list(class_values))), model=_digest(json.dumps(settings, sort_keys=True)),
+        spacing=tuple(spacing) if spacing else None)
+    axis_starts = tuple(tuple(sorted({s[a] for s in plan.starts})) for a in range(3))
+    return BlockJob(os.path.abspath(model_path), digest, image, channel_axis, normalization, features,
+                    replace(plan, starts=[]), axis_starts, store, device, batch_size, tta, skip_empty)
+
+
+def block_shape(plan: TilePlan, wanted=None) -> tuple[int, int, int]:
+    """Blocks of `wanted` size (default DEFAULT_BLOCK) at most the volume; for valid padding rounded
+    up to whole output tiles, so that every tile lies in exactly one block."""
+    wanted = wanted or (DEFAULT_BLOCK,) * 3
+    if not plan.blended:
+        wanted = tuple(-(-w // t) * t for w, t in zip(wanted, plan.output_shape))
+    return tuple(min(w, n) for w, n in zip(wanted, plan.volume_shape))
+
+
+def model_digest(model) -> str:
+    """SHA-256 of a network's architecture and weights: names the model a store was written with."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _require_packages() -> None:
+    try:
+        import distributed  # noqa: F401
+        import ome_zarr  # noqa: F401
+    except ImportError:
+        raise UserError(INSTALL) from None
+
+
+@contextlib.contextmanager
+def connect(address: str, timeout: float = CONNECT_TIMEOUT):
+    """A client of the cluster `address` names ('local', 'local:N' or a scheduler address), closed
+    on exit together with a local cluster it started; an unreachable scheduler is a UserError
+    after `timeout` seconds."""
+    _require_packages()
+    import distributed
+
+    if address == "local" or address.startswith("local:"):
+        workers = _local_workers(address)
+        with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = distributed.Client(address, timeout=timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise UserError(f"Dask scheduler {address}: not reachable within {timeout:g} s ({str(exc).splitlines()[0]})") from None
+    with client:
+        yield client
+
+
+def _local_workers(address: str) -> int:
+    count = address.partition(":")[2]
+    if not count:
+        return os.cpu_count() or 1
+    if not count.isdigit() or int(count) < 1:
+        raise UserError(f"Dask cluster {address!r}: expected local or local:N with N a positive number of workers")
+    return int(count)
+
+
+def run_job(client, job: BlockJob, progress: bool = False) -> dict:
+    """Predict the blocks not yet done, then the pyramid levels, then write the OME metadata."""
+    store = job.store
+    prepare_store(store)
+    done = done_blocks(store)
+    todo = [(index, block) for index, block in store.blocks() if not done[index]]
+    began = time.perf_counter()
+    shared = client.scatter(job, broadcast=True)
+    statuses = _run(client, [(predict_block, shared, index, block) for index, block in todo], progress, "predict")
+    seconds = time.perf_counter() - began
+    levels = store.level_shapes()
+    for level in range(1, len(levels)):
+        _run(client, [(downsample_block, store, level, block) for _, block in store.blocks(level)], progress,
+             f"level {level}")
+    write_metadata(store)
+    predicted = sum(int(np.prod([b.stop - b.start for b in block])) for _, block in todo)
+    return {
+        "shape": store.shape,
+        "block": store.block,
+        "blocks": len(done.flat),
+        "already_done": int(done.sum()),
+        "predicted": statuses.count("predicted"),
+        "empty": statuses.count("empty"),
+        "levels": len(levels),
+        "input_tile": job.plan.input_shape,
+        "output_tile": job.plan.output_shape,
+        "seconds": seconds,
+        "total_seconds": time.perf_counter() - began,
+        "voxels_per_second": predicted / max(seconds, 1e-9),
+        "workers": len(client.scheduler_info()["workers"]),
+    }
+
+
+def _run(client, calls: list[tuple], progress: bool, what: str) -> list:
+    """Submit every call, wait for all with a progress bar; on the first failure cancel the rest.
+    A worker lost mid-task costs only a retry: Dask runs its tasks again elsewhere."""
+    import distributed
+
+    futures = [client.submit(function, *args, pure=False) for function, *args in calls]
+    results = []
+    try:
+        with tqdm(total=len(futures), unit="block", desc=what, disable=not progress) as bar:
+            for future in distributed.as_completed(futures):
+                results.append(future.result())
+                bar.update()
+    except distributed.KilledWorker as exc:
+        raise UserError(f"workers died repeatedly on one block ({exc}); they probably ran out of memory: give them "
+                        "more, or lower --max-memory or --block") from None
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+    return results
+
+
+def predict_block(job: BlockJob, index, block: Block) -> str:
+    """Task: predict one block and write it with its marker; 'predicted' or 'empty'."""
+    with open_volume(job.image, "image", job.channel_axis) as volume:
+        if job.skip_empty is not None and float(volume.read(block).max()) <= job.skip_empty:
+            probabilities = np.zeros((len(job.store.class_values), *(b.stop - b.start for b in block)), np.float32)
+            probabilities[0] = 1
+            status = "empty"
+        else:
+            net, device = _network(job.model_path, job.model_digest, job.device)
+            read = normalized_reader(volume, job.normalization, job.input_features)
+            plan = replace(job.plan, starts=block_starts(job.axis_starts, job.plan.output_shape, block))
+            probabilities = block_probabilities(net, read, plan, block, device, job.batch_size, job.tta).cpu().numpy()
+            status = "predicted"
+    labels = np.asarray(job.store.class_values)[probabilities.argmax(axis=0)].astype(job.store.label_dtype)
+    write_block(job.store, index, block, probabilities.astype(np.float16), labels)
+    return status
+
+
+@functools.lru_cache(maxsize=2)
+def _network(path: str, digest: str, device: str):
+    """(prepared network, device), loaded once per worker process; a file changed since the client
+    planned the run is refused rather than mixed into its blocks."""
+    fix_mmap_threshold()  # otherwise the heap grows block after block
+    model, _ = load_predictor(path)
+    if model_digest(model) != digest:
+        raise UserError(f"{path}: changed since the prediction was planned (or differs on this worker)")
+    device = resolve_device(device)
+    return prepare_network(model, device), device
+
+
+def raw_reader(volume, features: dict | None):
+    """box → the network's input there before normalization (with its filter bank, if it has one)."""
+    if features is None:
+        return volume.read
+    shape = tuple(volume.shape[1:])
+    return lambda box: region_with_input_features(volume.read, shape, box, features)
+
+
+def normalized_reader(volume, normalization: dict, features: dict | None):
+    raw = raw_reader(volume, features)
+    return lambda box: apply_normalization(raw(box), normalization)
+
+
+def block_starts(axis_starts, size, block: Block) -> list[tuple[int, int, int]]:
+    """The tiles (output starts, in the plan's z, y, x order) whose output overlaps `block`."""
+    per_axis = [[s for s in starts if s < b.stop and s + k > b.start] for starts, k, b in zip(axis_starts, size, block)]
+    return list(itertools.product(*per_axis))
+
+
+def block_probabilities(net, read, plan: TilePlan, block: Block, device, batch_size: int, tta: bool) -> torch.Tensor:
+    """Probabilities (K, *block) of one block from its tiles: a valid tile's output copied where it
+    falls in the block, same-padding windows blended with the weights whole-volume prediction uses,
+    accumulated in the same order."""
+    shape = tuple(b.stop - b.start for b in block)
+    probabilities = torch.zeros((net.config.num_classes, *shape), device=device)
+    total = torch.zeros(shape, device=device) if plan.blended else None
+    weight = gaussian_weight(plan.output_shape, device) if plan.blended else None
+    everything = (slice(None),)
+    for start, probs in _tile_outputs(net, read, plan, device, batch_size, tta, False):
+        inside = [(max(r.start, b.start), min(r.stop, b.stop)) for r, b in zip(plan.output_region(start), block)]
+        source = tuple(slice(low - s, high - s) for (low, high), s in zip(inside, start))
+        target = tuple(slice(low - b.start, high - b.start) for (low, high), b in zip(inside, block))
+        if plan.blended:
+            probabilities[everything + target].addcmul_(weight[source], probs[everything + source])
+            total[target].add_(weight[source])
+        else:
+            probabilities[everything + target] = probs[everything + source]
+    return probabilities / total if plan.blended else probabilities
