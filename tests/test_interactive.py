@@ -1,5 +1,5 @@
 """The interactive loop without a GUI: rounds, warm start, napari's label convention, previews,
-stopping, full-quality segmentation and the slice suggestion, on the bundled nuclei volume."""
+stopping and full-quality segmentation, on the bundled nuclei volume."""
 
 import threading
 
@@ -10,7 +10,7 @@ from unet3d.data.sparse import sparsify
 from unet3d.errors import UserError
 from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.inference.predictor import predict_array
-from unet3d.interactive.session import UNPAINTED, Session, painted_classes, uncertain_slice
+from unet3d.interactive.session import UNPAINTED, Session, painted_classes
 from unet3d.data.normalization import apply_normalization
 from unet3d.model import UNet, load_model
 from unet3d.workflows.densify import default_config
@@ -99,16 +99,3 @@ def test_bad_input_is_one_line(nuclei):
         session.save("unused.safetensors")
     with pytest.raises(UserError, match="budget must be positive"):
         session.train_round(painted_from_truth(truth, (1, 1, 1)), 0)
-
-
-def test_uncertain_slice_skips_painted_slices():
-    uncertainty = np.zeros((4, 5, 6))
-    uncertainty[2] = 0.9  # the most uncertain z-slice...
-    painted = np.zeros((4, 5, 6), np.uint8)
-    painted[:, 0, :] = 1  # (a painted y-plane crosses every z-slice: they stay candidates)
-    assert uncertain_slice(uncertainty, painted)[:2] == (0, 2)
-    painted[2] = 1  # ...is painted now, which leaves the next most uncertain slice
-    axis, index, _ = uncertain_slice(uncertainty, painted)
-    assert (axis, index) != (0, 2)
-    with pytest.raises(UserError, match="every slice"):
-        uncertain_slice(uncertainty, np.ones((4, 5, 6), np.uint8))

@@ -12,12 +12,14 @@ _COLORS = np.array([
 ])
 
 
-def _gray(plane: np.ndarray) -> np.ndarray:
+def gray_plane(plane: np.ndarray) -> np.ndarray:
+    """A plane scaled to 0..1 between its 1st and 99.5th percentiles (outliers do not wash it out)."""
     low, high = np.percentile(plane, (1, 99.5))
     return np.clip((plane - low) / max(high - low, 1e-9), 0, 1)
 
 
-def _overlay(gray: np.ndarray, labels: np.ndarray, class_values, alpha: float) -> np.ndarray:
+def overlay_rgb(gray: np.ndarray, labels: np.ndarray, class_values, alpha: float) -> np.ndarray:
+    """RGB of a gray plane with every class but the first tinted in its colour."""
     rgb = np.repeat(gray[..., None], 3, axis=-1)
     for index, value in enumerate(class_values):
         if index == 0:  # the first class (background, usually) stays unpainted
@@ -46,10 +48,10 @@ def overlay_figure(path, image: np.ndarray, segmentation: np.ndarray, class_valu
     for axis, position in enumerate(positions):
         plane = np.take(image, position, axis=axis).astype(np.float32)
         labels = np.take(segmentation, position, axis=axis)
-        gray = _gray(plane)
+        gray = gray_plane(plane)
         axes[0, axis].imshow(gray, cmap="gray", interpolation="nearest")
         axes[0, axis].set_title(f"image, {names[axis]} = {position}")
-        axes[1, axis].imshow(_overlay(gray, labels, class_values, alpha), interpolation="nearest")
+        axes[1, axis].imshow(overlay_rgb(gray, labels, class_values, alpha), interpolation="nearest")
         axes[1, axis].set_title(f"segmentation, {names[axis]} = {position}")
         for row in axes[:, axis]:
             row.set_axis_off()

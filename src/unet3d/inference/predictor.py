@@ -211,6 +211,25 @@ def region_reader(source, normalization: dict, input_features: dict | None, repo
     return lambda box: apply_normalization(read(box), normalization)
 
 
+class _InMemory:
+    """An image already in memory (C, Z, Y, X), read like an opened volume."""
+
+    def __init__(self, image: np.ndarray):
+        self.image, self.shape = image, image.shape
+
+    def read(self, box=None) -> np.ndarray:
+        return self.image if box is None else self.image[(slice(None),) + tuple(box)]
+
+
+def predict_image(model: UNet, info: dict, image: np.ndarray, *, device: str = "cpu", tta: bool = False,
+                  progress: bool = False) -> np.ndarray:
+    """Class probabilities (K, Z, Y, X) of an image in memory (C, Z, Y, X), with the inputs a
+    model file describes (its normalization, its filter-bank channels) as `predict_volume` makes them."""
+    normalization = info.get("normalization") or {"method": "none", "channels": model.config.in_channels}
+    read = region_reader(_InMemory(np.asarray(image, np.float32)), normalization, info.get("input_features"))
+    return predict_array(model, read((slice(None),) * 3), device=device, tta=tta, progress=progress)
+
+
 def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,
                    tile=None, max_memory: int | None = None, batch_size: int = 1, tta: bool = False,
                    device: str = "cpu", overlap: float = 0.25, progress: bool = False, report=None) -> dict:

@@ -25,6 +25,7 @@ from unet3d.data.labels import decode_labels
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.errors import UserError
 from unet3d.inference.predictor import normalized_entropy, predict_array
+from unet3d.interactive.suggest import DEFAULT_STRATEGY, Suggestion, rank_slices
 from unet3d.model import UNet, save_model
 from unet3d.training import train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
@@ -33,7 +34,6 @@ from unet3d.workflows.densify import blend_with_forest, default_config, fit_fore
 UNPAINTED = 0  # napari's Labels convention
 PREVIEW_EVERY = 3.0  # seconds of training between two previews of the slices in view
 PREVIEW_SLICES = 16  # z-slices predicted around the one in view (the slab's ends see mirrored context)
-PAINTED_SLICE_SHARE = 0.5  # a slice with at least this share of painted voxels is not suggested again
 
 
 @dataclass
@@ -120,9 +120,10 @@ class Session:
                                     class_values=classes, normalization=self.normalization, spacing=self.spacing)
 
     def train_round(self, painted: np.ndarray, seconds: float, stop: threading.Event | None = None,
-                    on_progress=None, on_preview=None, view_z=lambda: None) -> RoundResult:
-        """Train for up to `seconds` on `painted`, from the previous round's weights when the
-        classes are the same. `on_progress(Progress)` after every step; `on_preview(Preview)` every
+                    on_progress=None, on_preview=None, view_z=lambda: None,
+                    iterations: int | None = None) -> RoundResult:
+        """Train for up to `seconds` (and at most `iterations` steps) on `painted`, from the
+        previous round's weights when the classes are the same. `on_progress(Progress)` after every step; `on_preview(Preview)` every
         PREVIEW_EVERY seconds for the slab around `view_z()` (None: no preview); `stop` ends the
         round after the current step, keeping what it learnt."""
         if seconds <= 0:
@@ -130,6 +131,7 @@ class Session:
         data = self.training_set(painted)
         warm = self.network is not None and data.class_values == self.class_values
         config = default_config(data, max_time=seconds, seed=self.seed + self.rounds,
+                                **({"iterations": iterations} if iterations else {}),
                                 network=self.network.config if warm else None)
         self.rounds += 1
         number, last_preview = self.rounds, [time.monotonic()]
@@ -191,6 +193,13 @@ class Session:
         blended, _ = blend_with_forest(network, forest.probabilities, None)
         return decode_labels(blended.argmax(0), self.class_values)
 
+    def suggest(self, painted: np.ndarray, count: int = 1, strategy: str = DEFAULT_STRATEGY) -> list[Suggestion]:
+        """The slices to paint next, best first (`interactive.suggest`): from the network's
+        probabilities of the whole volume and what is painted."""
+        probabilities = self.probabilities()
+        return rank_slices(probabilities, np.asarray(painted) != UNPAINTED, strategy=strategy, count=count,
+                           rng=np.random.default_rng([self.seed, self.rounds]))
+
     def save(self, path) -> None:
         """The standard model file (`unet3d predict` uses it)."""
         with self.lock:
@@ -198,24 +207,3 @@ class Session:
 
     def close(self) -> None:
         self._workdir.cleanup()
-
-
-def uncertain_slice(uncertainty: np.ndarray, painted: np.ndarray) -> tuple[int, int, float]:
-    """(axis, index, score): the slice, along any axis, whose unpainted voxels the network is least
-    sure of on average, among the slices not yet painted (a slice counts as painted from
-    PAINTED_SLICE_SHARE of its voxels on; strokes leave it a candidate, orthogonal painted planes
-    crossing it too)."""
-    best = None
-    unpainted = painted == UNPAINTED
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        share = 1 - unpainted.mean(axis=others)
-        counts = unpainted.sum(axis=others)
-        means = np.where(counts > 0, (uncertainty * unpainted).sum(axis=others) / np.maximum(counts, 1), -np.inf)
-        means = np.where(share >= PAINTED_SLICE_SHARE, -np.inf, means)
-        index = int(np.argmax(means))
-        if np.isfinite(means[index]) and (best is None or means[index] > best[2]):
-            best = (axis, index, float(means[index]))
-    if best is None:
-        raise UserError("every slice is already painted")
-    return best

@@ -21,7 +21,8 @@ from unet3d.data.normalization import apply_normalization
 from unet3d.errors import UserError
 from unet3d.export.bioimageio import is_package, load_package
 from unet3d.inference.predictor import predict_array
-from unet3d.interactive.session import Preview, Progress, RoundResult, Session, uncertain_slice
+from unet3d.interactive.session import Preview, Progress, RoundResult, Session
+from unet3d.interactive.suggest import Suggestion
 from unet3d.model import load_model
 
 PREVIEW_LAYER, UNCERTAINTY_LAYER, SEGMENTATION_LAYER = "unet3d preview", "unet3d uncertainty", "unet3d segmentation"
@@ -100,13 +101,13 @@ class InteractiveWidget(Container):
                   lambda labels: self._set_labels(SEGMENTATION_LAYER, labels, "segmented the volume"))
 
     def suggest_slice(self) -> None:
-        """Move the viewer to the unpainted slice, along any axis, the network is least sure of."""
+        """Move the viewer to the slice, along any axis, that painting would correct most
+        (`interactive.suggest`)."""
         try:
             session, painted = self._trained_session(), self._painted()
         except UserError as exc:
             return self.say(str(exc))
-        self._run("looking for the least certain slice ...",
-                  lambda: uncertain_slice(session.preview_volume()[1], painted), self._go_to_slice)
+        self._run("looking for the slice to paint next ...", lambda: session.suggest(painted)[0], self._go_to_slice)
 
     def save_model(self) -> None:
         try:
@@ -254,13 +255,13 @@ class InteractiveWidget(Container):
         layer = self.image.value
         return tuple(layer.scale[-3:]) if layer is not None else None
 
-    def _go_to_slice(self, suggestion) -> None:
-        axis, index, score = suggestion
+    def _go_to_slice(self, suggestion: Suggestion) -> None:
+        axis, index = suggestion.axis, suggestion.index
         first = self.viewer.dims.ndim - 3
         self.viewer.dims.order = tuple(range(first)) + tuple(first + a for a in AXIS_ORDER[axis])
         self.viewer.dims.set_current_step(first + axis, index)
-        self.say(f"paint slice {index} across axis {'zyx'[axis]}: the network is least sure there "
-                 f"(mean uncertainty {score:.2f})")
+        self.say(f"paint slice {index} across axis {'zyx'[axis]}: the network expects "
+                 f"{suggestion.score:,.0f} wrong voxels there")
 
     def _remember_view(self, event=None) -> None:
         steps = self.viewer.dims.current_step

@@ -1,0 +1,220 @@
+"""Which slice to paint next: the suggestion against evenly spaced, random and foreground-aware
+random slices, and an oracle, with a simulated annotator.
+
+Usage: .venv/bin/python benchmarks/bench_suggest.py [--quick] [--volumes nuclei_tiny hippocampus_001 ...]
+           [--strategies even random foreground oracle errors ...] [--seeds 5] [--steps 120]
+           [--results FILE.jsonl]
+
+Per volume, strategy and seed: start from one evenly spaced slice per axis, painted completely from
+the dense truth, and add one slice per round up to the 11 slices of the paper's (x,y,z) = (4,4,3),
+i.e. (z,y,x) = (3,4,4). Every round trains densify's network (the napari loop's `Session`: warm
+start from the previous round, the same number of steps per round for every strategy, so the
+comparison does not depend on how busy the machine is) and predicts the volume; the network's
+labels are scored (mean IoU over foreground classes) on the unannotated voxels and on the whole
+volume. Strategies:
+- even: the paper's evenly spaced slices, grown in the paper's order of slice counts
+  (1,1,1) → (2,2,1) → (3,3,2) → (4,4,3) in (x,y,z), one axis at a time in between;
+- random: a uniformly drawn slice not yet painted, any axis;
+- foreground: a random slice drawn with probability proportional to its foreground voxels in the
+  truth (what an annotator who looks for the structure would pick);
+- oracle: the slice where the current labels have the most errors (a ceiling, needs the truth);
+- the suggestion's strategies (`unet3d.interactive.suggest.STRATEGIES`).
+Rows go to `--results` as JSON lines, one per run with its curve; a rerun skips runs already there.
+The summary gives, per volume, the IoU on the unannotated voxels at each slice count (mean ± sd
+over seeds) and the slices each strategy needs to reach the IoU of evenly spaced (3,3,2) slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from experiments.paper import data
+from unet3d.data.sparse import slice_positions
+from unet3d.evaluation.metrics import confusion_matrix, scores
+from unet3d.interactive.session import Session
+from unet3d.interactive.suggest import STRATEGIES, rank_slices
+
+# (Z, Y, X) slice counts of the evenly spaced strategy, 3 to 11 slices: the paper's (x,y,z) settings
+# (1,1,1), (2,2,1), (3,3,2), (4,4,3) at 3, 5, 8 and 11, adding x, then y, then z in between.
+EVEN_GROWTH = [(1, 1, 1), (1, 1, 2), (1, 2, 2), (1, 2, 3), (1, 3, 3), (2, 3, 3), (2, 3, 4), (2, 4, 4), (3, 4, 4)]
+REFERENCE_SLICES = 8  # evenly spaced (x,y,z) = (3,3,2)
+PEERS = ("even", "random", "foreground", "oracle")
+SEEDED = ("random", "foreground", "sampled")
+DEFAULT_VOLUMES = ("nuclei_tiny", "ovule", "hippocampus_001", "hippocampus_003", "hippocampus_004",
+                   "hippocampus_006", "hippocampus_007", "em_vnc_q0")
+
+
+def slab(shape, axis: int, index: int) -> tuple:
+    return tuple(index if a == axis else slice(None) for a in range(3))
+
+
+def even_mask(shape, counts) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for axis, k in enumerate(counts):
+        for index in slice_positions(shape[axis], k):
+            mask[slab(shape, axis, index)] = True
+    return mask
+
+
+def foreground(volume: data.Volume) -> np.ndarray:
+    """Voxels of every class but the most frequent one (the background, or the cell interior)."""
+    return volume.truth != np.bincount(volume.truth.ravel()).argmax()
+
+
+def open_slices(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(axis, index) of the slices not yet painted."""
+    return [(axis, i) for axis in range(3) for i in range(mask.shape[axis])
+            if not mask[slab(mask.shape, axis, i)].mean() >= 0.5]
+
+
+def next_slice(strategy: str, volume: data.Volume, mask: np.ndarray, probabilities: np.ndarray,
+               labels: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    if strategy in STRATEGIES:
+        best = rank_slices(probabilities, mask, strategy=strategy, count=1, rng=rng)[0]
+        return best.axis, best.index
+    candidates = open_slices(mask)
+    if strategy == "random":
+        return candidates[rng.integers(len(candidates))]
+    if strategy == "foreground":
+        fg = foreground(volume)
+        weights = np.array([fg[slab(mask.shape, a, i)].sum() for a, i in candidates], float) + 1e-9
+        return candidates[rng.choice(len(candidates), p=weights / weights.sum())]
+    if strategy == "oracle":
+        wrong = (labels != volume.truth) & ~mask
+        return max(candidates, key=lambda c: wrong[slab(mask.shape, *c)].sum())
+    raise ValueError(f"unknown strategy {strategy}")
+
+
+def foreground_iou(volume: data.Volume, labels: np.ndarray, where: np.ndarray | None) -> float:
+    k = volume.num_classes
+    confusion = confusion_matrix(labels, volume.truth, k, mask=where)
+    return round(scores(confusion, list(range(k)), background=volume.background)["mean_iou_foreground"], 4)
+
+
+def run(volume: data.Volume, strategy: str, seed: int, steps: int, rounds: int) -> list[dict]:
+    """The curve of one strategy: per round, slices painted, annotated voxels and IoU."""
+    rng = np.random.default_rng([seed, 7])
+    shape = volume.truth.shape
+    mask = even_mask(shape, EVEN_GROWTH[0])
+    session = Session(volume.image, volume.spacing, seed=seed)
+    curve = []
+    try:
+        for slices in range(3, 3 + rounds):
+            painted = np.where(mask, volume.truth + 1, 0).astype(np.int32)  # 0 = unpainted
+            session.train_round(painted, seconds=1e9, iterations=steps)
+            probabilities = session.probabilities()
+            labels = np.asarray(session.class_values)[probabilities.argmax(0)] - 1
+            curve.append({"slices": slices, "annotated": int(mask.sum()),
+                          "iou": foreground_iou(volume, labels, ~mask), "iou_all": foreground_iou(volume, labels, None)})
+            print(f"  {volume.name} {strategy} seed {seed}: {slices} slices, IoU {curve[-1]['iou']:.3f}", flush=True)
+            if slices == 2 + rounds:
+                break
+            if strategy == "even":
+                mask = even_mask(shape, EVEN_GROWTH[slices - 2])
+            else:
+                axis, index = next_slice(strategy, volume, mask, _full_probabilities(probabilities, session, volume),
+                                         labels, rng)
+                mask[slab(shape, axis, index)] = True
+    finally:
+        session.close()
+    return curve
+
+
+def _full_probabilities(probabilities: np.ndarray, session: Session, volume: data.Volume) -> np.ndarray:
+    """The network's probabilities over every class of the truth (a class not painted yet has 0)."""
+    if probabilities.shape[0] == volume.num_classes:
+        return probabilities
+    full = np.zeros((volume.num_classes,) + probabilities.shape[1:], probabilities.dtype)
+    full[np.asarray(session.class_values) - 1] = probabilities
+    return full
+
+
+def slices_to_reach(curve: list[dict], target: float) -> float | None:
+    """Slices at which the curve first reaches `target`, interpolated between rounds (None: never)."""
+    previous = None
+    for point in curve:
+        if point["iou"] >= target:
+            if previous is None or point["iou"] == previous["iou"]:
+                return float(point["slices"])
+            share = (target - previous["iou"]) / (point["iou"] - previous["iou"])
+            return previous["slices"] + share
+        previous = point
+    return None
+
+
+def summarize(rows: list[dict]) -> None:
+    volumes = sorted({r["volume"] for r in rows})
+    strategies = [s for s in PEERS + STRATEGIES if any(r["strategy"] == s for r in rows)]
+    savings = {s: [] for s in strategies}
+    for name in volumes:
+        runs = {s: [r["curve"] for r in rows if r["volume"] == name and r["strategy"] == s] for s in strategies}
+        even = runs.get("even")
+        target = np.mean([c[REFERENCE_SLICES - 3]["iou"] for c in even]) if even and all(
+            len(c) > REFERENCE_SLICES - 3 for c in even) else None
+        print(f"\n{name}: IoU on the unannotated voxels (mean ± sd over seeds), by slices painted"
+              + (f"; evenly spaced (3,3,2) = {target:.3f}" if target is not None else ""))
+        counts = sorted({p["slices"] for c in sum(runs.values(), []) for p in c})
+        print(f"| strategy | seeds | " + " | ".join(str(n) for n in counts) + " | slices to reach (3,3,2) |")
+        print("|---|---|" + "---|" * len(counts) + "---|")
+        for strategy, curves in runs.items():
+            if not curves:
+                continue
+            cells = []
+            for n in counts:
+                values = [p["iou"] for c in curves for p in c if p["slices"] == n]
+                cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1
+                             else f"{values[0]:.3f}" if values else "")
+            reach = [slices_to_reach(c, target) for c in curves] if target is not None else []
+            needed = [r if r is not None else float("inf") for r in reach]
+            cell = f"{np.mean(needed):.1f}" if needed and np.isfinite(np.mean(needed)) else ("not reached" if needed else "")
+            if needed:
+                savings[strategy].append(1 - np.mean(needed) / REFERENCE_SLICES)
+            print(f"| {strategy} | {len(curves)} | " + " | ".join(cells) + f" | {cell} |")
+    print("\nSlices saved against evenly spaced (3,3,2), averaged over the volumes (-inf: not reached on one):")
+    for strategy, values in savings.items():
+        if values:
+            print(f"  {strategy}: {100 * np.mean(values):.0f} % over {len(values)} volume(s)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="nuclei_tiny only, 2 rounds of 5 steps: keeps the code working")
+    parser.add_argument("--volumes", nargs="+", default=list(DEFAULT_VOLUMES))
+    parser.add_argument("--strategies", nargs="+", default=list(PEERS) + ["errors"],
+                        choices=list(PEERS) + list(STRATEGIES))
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of the random strategies (others: 1)")
+    parser.add_argument("--steps", type=int, default=120, help="training steps per round")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds (3 slices + one per round; 9 ends at 11)")
+    parser.add_argument("--results", type=Path, default=Path("results/suggest.jsonl"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.volumes, args.seeds, args.steps, args.rounds = ["nuclei_tiny"], 1, 5, 2
+        args.results = args.results.with_name("suggest-quick.jsonl")
+        args.results.unlink(missing_ok=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
+    done = {(r["volume"], r["strategy"], r["seed"], r["steps"]) for r in rows}
+    for name in args.volumes:
+        volume = data.load(name)
+        for strategy in args.strategies:
+            for seed in range(args.seeds if strategy in SEEDED else 1):
+                if (name, strategy, seed, args.steps) in done:
+                    continue
+                curve = run(volume, strategy, seed, args.steps, args.rounds)
+                row = {"volume": name, "strategy": strategy, "seed": seed, "steps": args.steps, "curve": curve}
+                with args.results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                rows.append(row)
+    summarize([r for r in rows if r["steps"] == args.steps and r["volume"] in args.volumes])
+
+
+if __name__ == "__main__":
+    main()

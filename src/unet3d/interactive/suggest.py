@@ -1,0 +1,112 @@
+"""Which slice to annotate next: rank the slices not yet annotated by what painting them would fix.
+
+Every strategy scores each candidate slice (any axis) from the current network's class
+probabilities and the mask of annotated voxels; the highest score is suggested first. A slice
+counts as annotated from ANNOTATED_SLICE_SHARE of its voxels on, so strokes leave a slice a
+candidate while a fully painted plane does not come back. The strategies (measured against evenly
+spaced and random slices in benchmarks/bench_suggest.py, docs/suggest.md):
+
+- "errors": the expected number of wrong voxels in the slice's unannotated part, the sum of
+  1 - max probability: what painting the slice corrects directly, larger slices counting more.
+- "uncertainty": the mean normalized entropy of the slice's unannotated voxels.
+- "spread": "errors" damped near annotated slices of the same axis, so that neighbours of a
+  painted slice, which teach the network little new, wait their turn.
+- "balanced": "errors" with each voxel weighted by 1/sqrt(frequency) of its predicted class, so
+  that mistakes on a rare class weigh more than mistakes on the background.
+- "sampled": a slice drawn at random with probability proportional to its "errors" score, which
+  keeps successive suggestions apart without a distance rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from unet3d.errors import UserError
+from unet3d.inference.predictor import normalized_entropy
+
+ANNOTATED_SLICE_SHARE = 0.5  # a slice with at least this share of annotated voxels is not suggested again
+STRATEGIES = ("errors", "uncertainty", "spread", "balanced", "sampled")
+DEFAULT_STRATEGY = "errors"
+AXIS_NAMES = "zyx"
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    axis: int  # 0 z, 1 y, 2 x
+    index: int
+    score: float
+
+    def describe(self) -> str:
+        return f"{AXIS_NAMES[self.axis]}={self.index} (score {self.score:.4g})"
+
+
+def rank_slices(probabilities: np.ndarray, annotated: np.ndarray, *, strategy: str = DEFAULT_STRATEGY,
+                axes=(0, 1, 2), count: int | None = None, rng: np.random.Generator | None = None) -> list[Suggestion]:
+    """The candidate slices along `axes`, best first (at most `count`), scored by `strategy` from
+    the network's probabilities (K, Z, Y, X) and the boolean mask of annotated voxels (Z, Y, X)."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if probabilities.shape[1:] != annotated.shape:
+        raise UserError(f"the probabilities cover {probabilities.shape[1:]} voxels, the annotation {annotated.shape}")
+    if not annotated.any():
+        raise UserError("no voxel is annotated: annotate at least a few voxels of each class first")
+    voxel_scores = _voxel_scores(probabilities, strategy)
+    candidates = []
+    for axis in axes:
+        sums, open_slices = _slice_sums(voxel_scores, annotated, axis, mean=strategy == "uncertainty")
+        if strategy == "spread":
+            sums = sums * _distance_damping(annotated, axis)
+        candidates += [Suggestion(axis, int(i), float(sums[i])) for i in np.flatnonzero(open_slices)]
+    if not candidates:
+        raise UserError("every slice along the chosen axes is already annotated")
+    if strategy == "sampled":
+        return _draw_in_order(candidates, rng or np.random.default_rng(), count)
+    return sorted(candidates, key=lambda s: -s.score)[:count]
+
+
+def _voxel_scores(probabilities: np.ndarray, strategy: str) -> np.ndarray:
+    """Per-voxel score: entropy for "uncertainty", otherwise the chance of a wrong argmax."""
+    if strategy == "uncertainty":
+        return normalized_entropy(probabilities)
+    wrong = 1.0 - probabilities.max(axis=0)
+    if strategy != "balanced":
+        return wrong
+    predicted = probabilities.argmax(axis=0)
+    frequency = np.bincount(predicted.ravel(), minlength=probabilities.shape[0]) / predicted.size
+    weights = 1.0 / np.sqrt(np.maximum(frequency, 1.0 / predicted.size))
+    return wrong * (weights / weights.min())[predicted]
+
+
+def _slice_sums(voxel_scores: np.ndarray, annotated: np.ndarray, axis: int, mean: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice along `axis`: the sum (or mean) of the scores of its unannotated voxels, and
+    whether the slice is still a candidate."""
+    others = tuple(a for a in range(3) if a != axis)
+    open_voxels = ~annotated
+    counts = open_voxels.sum(axis=others)
+    sums = np.where(open_voxels, voxel_scores, 0).sum(axis=others)
+    if mean:
+        sums = sums / np.maximum(counts, 1)
+    share_annotated = 1 - counts / np.prod([annotated.shape[a] for a in others])
+    return sums, (share_annotated < ANNOTATED_SLICE_SHARE) & (counts > 0)
+
+
+def _distance_damping(annotated: np.ndarray, axis: int) -> np.ndarray:
+    """Per slice: min(1, distance to the nearest annotated slice of this axis / the spacing that
+    evenly spaced slices would have), 1 everywhere when none of this axis is annotated."""
+    others = tuple(a for a in range(3) if a != axis)
+    n = annotated.shape[axis]
+    painted = np.flatnonzero(annotated.mean(axis=others) >= ANNOTATED_SLICE_SHARE)
+    if painted.size == 0:
+        return np.ones(n)
+    distance = np.abs(np.arange(n)[:, None] - painted[None, :]).min(axis=1)
+    return np.minimum(1.0, distance / (n / (painted.size + 1)))
+
+
+def _draw_in_order(candidates: list[Suggestion], rng: np.random.Generator, count: int | None) -> list[Suggestion]:
+    """Candidates drawn without replacement with probability proportional to their score."""
+    scores = np.array([max(c.score, 0.0) for c in candidates]) + 1e-12
+    order = rng.choice(len(candidates), size=min(count or len(candidates), len(candidates)), replace=False,
+                       p=scores / scores.sum())
+    return [candidates[i] for i in order]
