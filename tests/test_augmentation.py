@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage
 
 from tests.conftest import shared_volume
-from unet3d.augmentation import AugmentationConfig, sample_patch, spatial
+from unet3d.augmentation import AugmentationConfig, cut_patch, draw_augmentation, finish_patch, sample_patch, spatial
 from unet3d.augmentation.spatial import random_elastic_field, random_linear_map, spline_interpolation_matrix
 
 SPATIAL_ONLY = dict(gamma=(1.0, 1.0), intensity_scale=(1.0, 1.0), intensity_shift=(0.0, 0.0))
@@ -110,6 +110,40 @@ def test_flips_are_copied_exactly_as_resampling_would_place_them(nuclei, center,
         assert torch.allclose(copied[0], resampled[0], atol=1e-4)
         assert torch.equal(copied[1], resampled[1])
     assert spatial.flips_of(np.diag([1.0, 1.1, -1.0])) is None
+
+
+def test_rotated_and_zoomed_patch_reads_the_transformed_positions():
+    """On an image whose channels are the voxel coordinates, trilinear sampling is exact: every
+    voxel of the patch must hold the position the linear map sends it to (non-cubic region)."""
+    shape, center = (12, 30, 20), (20, 32, 28)
+    coordinates = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in (40, 64, 56)],
+                                             indexing="ij"))
+    labels = torch.zeros(coordinates.shape[1:], dtype=torch.int64)
+    angle = np.deg2rad(25.0)
+    linear = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(angle), -np.sin(angle)], [0.0, np.sin(angle), np.cos(angle)]])
+    linear = linear @ np.diag([0.9, 1.1, 0.8]) @ np.array([[1.0, 0.2, 0.0], [0.0, 1.0, 0.0], [0.1, 0.0, 1.0]])
+    patch, _ = spatial.sample_transformed(coordinates, labels, center, shape, linear, None)
+    offsets = np.stack(np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij"), -1)
+    expected = np.asarray(center) + offsets @ linear.T
+    assert np.abs(patch.permute(1, 2, 3, 0).numpy() - expected).max() < 1e-3
+
+
+@pytest.mark.parametrize("config", [AugmentationConfig(), AugmentationConfig(elastic_sigma=0.0),
+                                    AugmentationConfig(**NO_AUGMENTATION), None])
+def test_a_region_cut_from_the_control_points_gives_the_same_patch(nuclei_volume, config):
+    """What a GPU is sent (the region bounded from the elastic control points, field made there)
+    gives the patch made on the CPU, up to float rounding of the wider region's coordinates."""
+    image, labels = nuclei_volume
+    for seed, center in itertools.product(range(3), [(15, 30, 28), (1, 2, 55)]):
+        draws = [draw_augmentation(np.random.default_rng(seed), config, (20, 40, 36), (1.0, 1.0, 1.5), 1)
+                 for _ in range(2)]
+        cpu = finish_patch(cut_patch(image, labels, center, (20, 40, 36), draws[0], (1.0, 1.0, 1.5)))
+        sent = cut_patch(image, labels, center, (20, 40, 36), draws[1], (1.0, 1.0, 1.5), exact=False)
+        device = finish_patch(sent.to("cpu"))
+        assert torch.allclose(cpu[0], device[0], atol=1e-4)
+        assert (cpu[1] == device[1]).float().mean() > 0.999  # nearest-neighbour ties may round either way
+        assert torch.equal(cpu[0], sample_patch(image, labels, center, (20, 40, 36), np.random.default_rng(seed),
+                                                config, (1.0, 1.0, 1.5))[0])
 
 
 def test_labels_stay_aligned_with_the_image(nuclei_volume):

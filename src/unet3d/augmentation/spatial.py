@@ -14,6 +14,7 @@ visited positions is read from the volume, so the cost depends on the patch, not
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -93,6 +94,14 @@ def random_elastic_field(rng: np.random.Generator, config: AugmentationConfig, s
     """(Z, Y, X, 3) displacement in voxels, or None when elastic_sigma is 0.
 
     The layout is grid_sample's: components in (x, y, z) order, so sampling needs no copy.
+    """
+    control = random_elastic_control(rng, config, shape, spacing)
+    return None if control is None else control.to(device).field()
+
+
+def random_elastic_control(rng: np.random.Generator, config: AugmentationConfig, shape,
+                           spacing) -> "ElasticControl | None":
+    """The random part of an elastic deformation of a `shape` patch, or None when elastic_sigma is 0.
 
     Spacing and sigma are given in voxels of the finest axis and converted per axis, so the
     deformation is the same in physical units on anisotropic data; undeformable axes get none.
@@ -103,62 +112,127 @@ def random_elastic_field(rng: np.random.Generator, config: AugmentationConfig, s
     voxels_per_unit = spacing.min() / spacing
     free = deformable_axes(spacing, config)
     grid_spacing = config.elastic_spacing * voxels_per_unit
-    mz, my, mx = (torch.as_tensor(spline_interpolation_matrix(n, s), dtype=torch.float32, device=device)
-                  for n, s in zip(shape, grid_spacing))
+    matrices = tuple(torch.as_tensor(spline_interpolation_matrix(n, s), dtype=torch.float32)
+                     for n, s in zip(shape, grid_spacing))
     sigma = config.elastic_sigma * voxels_per_unit * free
-    control = rng.normal(size=(3, mz.shape[1], my.shape[1], mx.shape[1])) * sigma[:, None, None, None]
-    field = torch.as_tensor(control[::-1].copy(), dtype=torch.float32, device=device) @ mx.T  # (3, i, j, X)
-    field = (my @ field).permute(1, 2, 3, 0).reshape(mz.shape[1], -1)  # (i, Y·X·3), small
-    return (mz @ field).reshape(*shape, 3)  # the only dense step writes the final layout
+    control = rng.normal(size=(3, *(m.shape[1] for m in matrices))) * sigma[:, None, None, None]
+    return ElasticControl(torch.as_tensor(control[::-1].copy(), dtype=torch.float32), matrices)
+
+
+@dataclass
+class ElasticControl:
+    """Control-point displacements (3, i, j, k), components (x, y, z), and the spline matrices
+    (Z×i, Y×j, X×k) that spread them over the patch: a few kilobytes that make the dense field
+    wherever the patch is resampled (on a GPU: without sending the field over the bus)."""
+
+    vectors: torch.Tensor
+    matrices: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    def to(self, device, non_blocking: bool = False) -> "ElasticControl":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return ElasticControl(move(self.vectors), tuple(move(m) for m in self.matrices))
+
+    def pin_memory(self) -> "ElasticControl":
+        return ElasticControl(self.vectors.pin_memory(), tuple(m.pin_memory() for m in self.matrices))
+
+    def field(self) -> torch.Tensor:
+        """(Z, Y, X, 3) displacement in voxels, grid_sample's component order."""
+        mz, my, mx = self.matrices
+        field = self.vectors @ mx.T  # (3, i, j, X)
+        field = (my @ field).permute(1, 2, 3, 0).reshape(mz.shape[1], -1)  # (i, Y·X·3), small
+        return (mz @ field).reshape(mz.shape[0], my.shape[0], mx.shape[0], 3)  # the only dense step
+
+    def bound(self) -> np.ndarray:
+        """Per axis (z, y, x), a bound on |displacement| read off the control points alone.
+
+        Every displacement is a sum of control vectors weighted by products of the matrices'
+        entries, so it is at most the largest control vector times the largest absolute row
+        sum of each matrix: enough to cut the region a patch reads before its field exists.
+        """
+        spread = math.prod(float(m.abs().sum(1).max()) for m in self.matrices)
+        return self.vectors.abs().amax(dim=(1, 2, 3)).double().numpy()[::-1] * spread
 
 
 def sample_transformed(image: torch.Tensor, labels: torch.Tensor, center, shape, linear: np.ndarray,
                        displacement: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image (trilinear, mirrored) and labels (nearest, -1 outside) at q(p) for every output voxel p.
+    """Image (trilinear, mirrored) and labels (nearest, -1 outside) at q(p) for every output voxel p."""
+    reach = None
+    if displacement is not None:
+        smallest, largest = (v.cpu().numpy()[::-1] for v in torch.aminmax(displacement.reshape(-1, 3), dim=0))
+        reach = (smallest, largest)
+    image_region, label_region, warp = cut_transformed(image, labels, center, shape, linear, reach)
+    return resample(image_region, label_region, warp, displacement)
 
-    Only the part of the volume that q reaches, directly or mirrored, is read; positions are
-    built directly in grid_sample's normalized coordinates of that region, whose border along
-    any axis where q leaves the volume is the volume's own border, so grid_sample's reflection
-    is the volume's mirroring.
+
+@dataclass
+class Warp:
+    """Where each voxel of a patch reads its cut region, in grid_sample's normalized coordinates:
+    matrix·u + offset + scale·displacement(p), u ∈ [-1, 1]³ (float32 tensors, components (x, y, z))."""
+
+    matrix: torch.Tensor  # (3, 3): row k, the effect of u_k
+    offset: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, int, int]
+
+    def to(self, device, non_blocking: bool = False) -> "Warp":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Warp(move(self.matrix), move(self.offset), move(self.scale), self.shape)
+
+
+def cut_transformed(image: torch.Tensor, labels: torch.Tensor, center, shape, linear: np.ndarray,
+                    reach: tuple[np.ndarray, np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor, Warp]:
+    """The region of the volume that q reaches, directly or mirrored, and how to resample it.
+
+    `reach` bounds the displacement per axis (z, y, x) as (smallest, largest); None: no
+    displacement. Any bound containing the true one gives the same patch (up to float rounding
+    of the normalized coordinates): a wider region only costs reading more. The region's border
+    along any axis where q leaves the volume is the volume's own border, so grid_sample's
+    reflection is the volume's mirroring. Labels come back as float class + 1 (0: outside).
     """
     shape = np.asarray(shape)
     pivot = patch_start(center, shape) + shape // 2
     half, shift = (shape - 1) / 2, (shape - 1) / 2 - shape // 2  # offset o = half·u + shift, u ∈ [-1, 1]
     corners = np.stack(np.meshgrid(*[[-1.0, 1.0]] * 3, indexing="ij"), -1).reshape(-1, 3)
-    reach = (corners * half + shift) @ linear.T
-    low, high = pivot + reach.min(0), pivot + reach.max(0)
-    if displacement is not None:
-        smallest, largest = (v.cpu().numpy()[::-1] for v in torch.aminmax(displacement.reshape(-1, 3), dim=0))
-        low, high = low + smallest, high + largest
+    extent = (corners * half + shift) @ linear.T
+    low, high = pivot + extent.min(0), pivot + extent.max(0)
+    if reach is not None:
+        low, high = low + reach[0], high + reach[1]
     start, stop = region_reached(np.floor(low).astype(np.int64), np.ceil(high).astype(np.int64), labels.shape)
     size = np.maximum(stop - start + 1, 2)  # see _widen_single_voxel_axes
     scale = 2.0 / (size - 1)  # region voxel → normalized coordinate
-    grid = normalized_grid(scale * linear * half[None, :], scale * (pivot - start + linear @ shift) - 1,
-                           scale, shape, displacement, image.device)
     box = tuple(slice(a, b + 1) for a, b in zip(start, stop))
     image_region, label_region = _widen_single_voxel_axes(image[(slice(None), *box)].float(),
                                                           labels[box].to(torch.float32).add_(1))  # 0: outside
-    image_region, label_region = image_region[None], label_region[None, None]
-    image_patch = F.grid_sample(image_region, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
-    label_patch = F.grid_sample(label_region, grid, mode="nearest", padding_mode="zeros", align_corners=True)
+    reverse = [2, 1, 0]  # grid_sample orders components (x, y, z)
+    as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=image.device)  # noqa: E731
+    matrix, offset = scale[:, None] * linear * half[None, :], scale * (pivot - start + linear @ shift) - 1
+    warp = Warp(as_tensor(matrix[reverse].T), as_tensor(offset[reverse]), as_tensor(scale[reverse]),
+                tuple(int(n) for n in shape))
+    return image_region, label_region, warp
+
+
+def resample(image_region: torch.Tensor, label_region: torch.Tensor, warp: Warp,
+             displacement: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch from its cut region: image trilinear (mirrored), labels nearest (-1 outside)."""
+    grid = normalized_grid(warp, displacement)
+    image_patch = F.grid_sample(image_region[None], grid, mode="bilinear", padding_mode="reflection",
+                                align_corners=True)
+    label_patch = F.grid_sample(label_region[None, None], grid, mode="nearest", padding_mode="zeros",
+                                align_corners=True)
     return image_patch[0], label_patch[0, 0].long().sub_(1)
 
 
-def normalized_grid(matrix: np.ndarray, offset: np.ndarray, scale: np.ndarray, shape, displacement, device) -> torch.Tensor:
+def normalized_grid(warp: Warp, displacement: torch.Tensor | None) -> torch.Tensor:
     """grid_sample's (1, Z, Y, X, 3) grid: matrix·u + offset + scale·displacement, u ∈ [-1, 1]³.
 
     Built by broadcasting three per-axis terms into the (scaled) displacement in place, which
     is several times faster on a CPU than F.affine_grid's batched product.
     """
-    reverse = [2, 1, 0]  # grid_sample orders components (x, y, z)
-    columns = torch.as_tensor(matrix[reverse].T, dtype=torch.float32, device=device)  # row k: effect of u_k
+    shape, device = warp.shape, warp.matrix.device
     axes = [torch.linspace(-1, 1, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in shape]
-    terms = [axes[k].reshape([-1 if a == k else 1 for a in range(3)] + [1]) * columns[k] for k in range(3)]
-    terms[0] = terms[0] + torch.as_tensor(offset[reverse], dtype=torch.float32, device=device)
-    if displacement is None:
-        grid = torch.zeros(*shape, 3, device=device)
-    else:
-        grid = displacement * torch.as_tensor(scale[reverse], dtype=torch.float32, device=device)
+    terms = [axes[k].reshape([-1 if a == k else 1 for a in range(3)] + [1]) * warp.matrix[k] for k in range(3)]
+    terms[0] = terms[0] + warp.offset
+    grid = torch.zeros(*shape, 3, device=device) if displacement is None else displacement * warp.scale
     for term in terms:
         grid += term
     return grid[None]
