@@ -35,7 +35,8 @@ from unet3d.data.normalization import apply_normalization, for_volume
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.inference.memory import fix_mmap_threshold
-from unet3d.inference.predictor import DEFAULT_MAX_MEMORY, _tile_outputs, label_dtype, make_plan, prepare_network
+from unet3d.inference.predictor import (DEFAULT_MAX_MEMORY, _tile_outputs, label_dtype, make_plan, prepare_network,
+                                        tile_probabilities)
 from unet3d.inference.tiling import TilePlan, gaussian_weight, plan_tiles
 from unet3d.io import open_volume, parse_spec
 from unet3d.io.ome_zarr import (Block, PredictionStore, done_blocks, downsample_block, prepare_store, write_block,
@@ -202,8 +203,11 @@ def _local_workers(address: str) -> int:
 
 
 def run_job(client, job: BlockJob, progress: bool = False) -> dict:
-    """Predict the blocks not yet done, then the pyramid levels, then write the OME metadata."""
+    """Prepare every worker, predict the blocks not yet done, then the pyramid levels, then write the
+    OME metadata. The summary's `seconds` and `voxels_per_second` are those of the blocks' pass."""
     store = job.store
+    started = time.perf_counter()
+    client.run(prepare_worker, job)
     prepare_store(store)
     done = done_blocks(store)
     todo = [(index, block) for index, block in store.blocks() if not done[index]]
@@ -212,10 +216,12 @@ def run_job(client, job: BlockJob, progress: bool = False) -> dict:
     statuses = _run(client, [(predict_block, shared, index, block) for index, block in todo], progress, "predict")
     seconds = time.perf_counter() - began
     levels = store.level_shapes()
+    pyramid_began = time.perf_counter()
     for level in range(1, len(levels)):
         _run(client, [(downsample_block, store, level, block) for _, block in store.blocks(level)], progress,
              f"level {level}")
     write_metadata(store)
+    pyramid_seconds = time.perf_counter() - pyramid_began
     predicted = sum(int(np.prod([b.stop - b.start for b in block])) for _, block in todo)
     return {
         "shape": store.shape,
@@ -228,7 +234,8 @@ def run_job(client, job: BlockJob, progress: bool = False) -> dict:
         "input_tile": job.plan.input_shape,
         "output_tile": job.plan.output_shape,
         "seconds": seconds,
-        "total_seconds": time.perf_counter() - began,
+        "pyramid_seconds": pyramid_seconds,
+        "total_seconds": time.perf_counter() - started,
         "voxels_per_second": predicted / max(seconds, 1e-9),
         "workers": len(client.scheduler_info()["workers"]),
     }
@@ -270,6 +277,14 @@ def predict_block(job: BlockJob, index, block: Block) -> str:
     labels = np.asarray(job.store.class_values)[probabilities.argmax(axis=0)].astype(job.store.label_dtype)
     write_block(job.store, index, block, probabilities.astype(np.float16), labels)
     return status
+
+
+def prepare_worker(job: BlockJob) -> None:
+    """Run on every worker before any block: load the network (kept for the whole run) and pass one
+    tile through it, so that a worker that cannot read the model fails the run before anything is
+    written, and PyTorch's first pass of the tile's shape (seconds) is not paid inside a block."""
+    net, device = _network(job.model_path, job.model_digest, job.device)
+    tile_probabilities(net, torch.zeros((1, net.config.in_channels, *job.plan.input_shape)), device)
 
 
 @functools.lru_cache(maxsize=2)
