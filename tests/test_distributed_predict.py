@@ -185,6 +185,29 @@ def test_real_volume_crop_equals_single_process(client, tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
+def test_filter_bank_inputs_equal_single_process_bit_for_bit(client, tmp_path, monkeypatch):
+    """Each tile's filter bank is made from its box grown by the bank's reach, as single-process
+    prediction does when the whole volume's bank does not fit in memory."""
+    from unet3d.data.features import with_input_features
+    from unet3d.inference import predictor
+
+    image = blobs((16, 48, 48), seed=4)
+    write_volume(str(tmp_path / "in.zarr"), image)
+    features = {"bank": "ilastik", "scales": [1.0], "spacing": None}
+    inputs = with_input_features(image[None].astype(np.float32), features)
+    torch.manual_seed(2)
+    model = UNet(UNetConfig(in_channels=inputs.shape[0], num_classes=3, width=4, levels=3, padding="valid"))
+    info = {"class_values": [0, 3, 7], "normalization": fit_normalization([inputs]), "input_features": features}
+    save_model(tmp_path / "bank.safetensors", model, info)
+    out = tmp_path / "out.zarr"
+    predict_distributed(client, str(tmp_path / "bank.safetensors"), str(tmp_path / "in.zarr"), str(out),
+                        block=(16, 32, 32), tile=VALID_TILE)
+    monkeypatch.setattr(predictor, "feature_memory_shortfall", lambda *args: "short of memory")
+    reference = single_process(tmp_path, str(tmp_path / "bank.safetensors"), str(tmp_path / "in.zarr"), VALID_TILE)
+    for got, want in zip(stored(out), reference):
+        np.testing.assert_array_equal(got, want)
+
+
 def unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
