@@ -190,13 +190,14 @@ def main(argv=None) -> None:
     parser.add_argument("--volumes", nargs="+", default=list(DEFAULT_VOLUMES))
     parser.add_argument("--strategies", nargs="+", default=list(PEERS) + ["errors"],
                         choices=list(PEERS) + list(STRATEGIES))
-    parser.add_argument("--seeds", type=int, default=5, help="seeds of the random strategies (others: 1)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of random and sampled slices (others: 1)")
+    parser.add_argument("--foreground-seeds", type=int, default=3, help="seeds of foreground-aware random slices")
     parser.add_argument("--steps", type=int, default=120, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=9, help="rounds (3 slices + one per round; 9 ends at 11)")
     parser.add_argument("--results", type=Path, default=Path("results/suggest.jsonl"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.volumes, args.seeds, args.steps, args.rounds = ["nuclei_tiny"], 1, 5, 2
+        args.volumes, args.seeds, args.foreground_seeds, args.steps, args.rounds = ["nuclei_tiny"], 1, 1, 5, 2
         args.results = args.results.with_name("suggest-quick.jsonl")
         args.results.unlink(missing_ok=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,8 @@ def main(argv=None) -> None:
     for name in args.volumes:
         volume = data.load(name)
         for strategy in args.strategies:
-            for seed in range(args.seeds if strategy in SEEDED else 1):
+            seeds = args.foreground_seeds if strategy == "foreground" else args.seeds if strategy in SEEDED else 1
+            for seed in range(seeds):
                 if (name, strategy, seed, args.steps) in done:
                     continue
                 curve = run(volume, strategy, seed, args.steps, args.rounds)

@@ -1,21 +1,17 @@
 """The paper's experiment runner: protocols, methods, resumable records, and the quick run end to end."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO, shared_volume
+from conftest import shared_volume
 
-if str(REPO) not in sys.path:  # experiments/ lives beside src/, not inside the installed package
-    sys.path.insert(0, str(REPO))
-
-from experiments.paper import data, protocols, run  # noqa: E402
-from experiments.paper.methods import IGNORE, _network_variant, segment  # noqa: E402
-from unet3d.data.sparse import positions_for  # noqa: E402
-from unet3d.training.dataset import prepare_training_set  # noqa: E402
-from unet3d.workflows.densify import default_config  # noqa: E402
+from experiments.paper import data, protocols, run
+from experiments.paper.methods import IGNORE, _network_variant, segment
+from unet3d.data.sparse import positions_for
+from unet3d.training.dataset import prepare_training_set
+from unet3d.workflows.densify import default_config
 
 
 def test_quick_run_records_every_run_writes_report_and_resumes(tmp_path):
@@ -165,31 +161,3 @@ def test_synthetic_walls_are_labelled_by_the_ovule_rule():
     assert image.shape == (1, 16, 40, 40) and image.dtype == np.float32 and set(np.unique(labels)) <= {0, 1, 2}
     assert 0.02 < (labels == 2).mean() < 0.4
     assert np.array_equal(synthetic_volume(0, shape=(16, 40, 40))[0], image)  # reproducible by seed
-
-
-def test_class_offsets_make_the_shares_meet_their_target():
-    """prior_matching: hard offsets make the argmax shares, soft ones the mean probabilities, meet the target."""
-    from experiments.ablation.prior_matching import class_shares, match_shares
-
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(3, 20, 30, 30)) + np.array([2.0, 0.0, -1.0])[:, None, None, None]
-    probabilities = np.exp(logits) / np.exp(logits).sum(0)
-    target = np.array([0.6, 0.3, 0.1])
-    hard = match_shares(probabilities, target, hard=True)
-    assert np.allclose(class_shares(hard.argmax(0), [0, 1, 2]), target, atol=0.01)
-    soft = match_shares(probabilities, target, hard=False)
-    assert np.allclose(soft.reshape(3, -1).mean(1), target, atol=0.01)
-
-
-def test_in_painting_batches_hide_cuboids_and_keep_the_image_as_target():
-    from experiments.ablation.self_supervised import masked_batch
-
-    import torch
-
-    volume = torch.arange(2 * 20 * 30 * 30, dtype=torch.float32).reshape(2, 20, 30, 30)
-    inputs, targets, mask = masked_batch(volume, (8, 16, 16), 3, np.random.default_rng(0))
-    assert inputs.shape == (3, 2, 8, 16, 16) and targets.shape == (3, 1, 8, 16, 16) and mask.shape == (3, 1, 8, 16, 16)
-    assert 0.02 < mask.float().mean() < 0.9
-    visible = ~mask.expand_as(inputs)
-    assert not (inputs[:, :1][mask] == targets[mask]).any()  # noise where hidden
-    assert (inputs[:, :1][visible[:, :1]] == targets[visible[:, :1]]).all()

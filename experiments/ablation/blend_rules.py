@@ -1,6 +1,6 @@
 """Other ways to combine the U-Net's and the forest's probabilities, scored offline.
 
-Usage: .venv/bin/python experiments/ablation/blend_rules.py FILE.npz...
+Usage: .venv/bin/python -m experiments.ablation.blend_rules FILE.npz...
   FILE.npz  written by `forest_blend.py ... save=FILE.npz`, named VOLUME_SLICES_sSEED.npz
 
 For each saved run, scores (foreground IoU on the voxels no slice annotates) densify's rule, the
@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 from scipy.ndimage import gaussian_filter

@@ -1,6 +1,6 @@
 """Foreground IoU against CPU seconds: densify at several budgets next to the random forest.
 
-Usage: .venv/bin/python experiments/ablation/curve.py [--volume nuclei_tiny] [--slices 3,3,2]
+Usage: .venv/bin/python -m experiments.ablation.curve [--volume nuclei_tiny] [--slices 3,3,2]
            [--budgets 20 60 120] [--seeds 0 1] [--output docs/figures/densify_vs_forest.png]
 
 Each budget is a separate run of `unet3d densify` with its defaults (the schedule anneals over the
@@ -12,20 +12,18 @@ CPU seconds for features, fit and prediction, and its IoU.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_volume, run_densify, run_forest  # noqa: E402
+from experiments.ablation.common import load_volume, run_densify, run_forest
 
-from unet3d.atomic import atomic_path  # noqa: E402
+from unet3d.atomic import atomic_path
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Does averaging the U-Net's and the random forest's class probabilities beat either alone?
 
-Usage: .venv/bin/python experiments/ablation/forest_blend.py VOLUME SLICES SEED BUDGET [notta] [trees=N] [save=FILE]
+Usage: .venv/bin/python -m experiments.ablation.forest_blend VOLUME SLICES SEED BUDGET [notta] [trees=N] [save=FILE]
        [width=W] [levels=L] [batch=B] [lr=RATE] [weighting=W]
        [patch=Z,Y,X]
   VOLUME   nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN
@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 import torch

@@ -1,6 +1,6 @@
 """How densify weighs its network against the forest on held-out annotated blocks, against other rules.
 
-Usage: .venv/bin/python experiments/ablation/held_out_blend.py FILE.npz...
+Usage: .venv/bin/python -m experiments.ablation.held_out_blend FILE.npz...
   FILE.npz  written by `benchmarks/bench_densify.py --save FOLDER`, named VOLUME_SLICES_sSEED_tSECONDS.npz
 
 For each saved run, scores (foreground IoU on the voxels no slice annotates) the plain geometric
@@ -15,8 +15,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 

@@ -1,6 +1,6 @@
 """Does ilastik's filter bank, given to the U-Net as extra input channels, raise densify's IoU?
 
-Usage: .venv/bin/python experiments/ablation/input_features.py VOLUME SLICES VARIANT SEED BUDGET [LOSS]
+Usage: .venv/bin/python -m experiments.ablation.input_features VOLUME SLICES VARIANT SEED BUDGET [LOSS]
   VOLUME   nuclei_tiny, ovule, em_vnc_q0..3, hippocampus_NNN
   SLICES   k per axis, e.g. 1,1,1
   VARIANT  plain (the image), features (+ 61 filters at ilastik's seven scales),
@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 import torch

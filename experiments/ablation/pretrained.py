@@ -1,9 +1,9 @@
 """Does a network pretrained on other volumes of the same kind, then fine-tuned on the user's
 slices, beat densify's fresh network and the random forest?
 
-Usage: .venv/bin/python experiments/ablation/pretrained.py pretrain KIND MODEL BUDGET [SEED]
-       .venv/bin/python experiments/ablation/pretrained.py finetune MODEL VOLUME SLICES SEED BUDGET [lr=R]
-       .venv/bin/python experiments/ablation/pretrained.py alone MODEL VOLUME SLICES BUDGET
+Usage: .venv/bin/python -m experiments.ablation.pretrained pretrain KIND MODEL BUDGET [SEED]
+       .venv/bin/python -m experiments.ablation.pretrained finetune MODEL VOLUME SLICES SEED BUDGET [lr=R]
+       .venv/bin/python -m experiments.ablation.pretrained alone MODEL VOLUME SLICES BUDGET
   KIND     hippocampus: every case of ../shared/data/hippocampus except the ones the experiments
            score (experiments/paper/data.py); em_vnc: the quarters q1-q3 (the test quarter is q0);
            synthetic_walls: 12 synthetic cell-wall stacks (synthetic_walls.py), for the ovule
@@ -22,10 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 

@@ -1,6 +1,6 @@
 """Densify ablation: each idea's change of foreground IoU (unannotated voxels) at a fixed CPU budget.
 
-Usage: .venv/bin/python experiments/ablation/run.py [--quick] [--volumes nuclei_tiny,hippocampus_001]
+Usage: .venv/bin/python -m experiments.ablation.run [--quick] [--volumes nuclei_tiny,hippocampus_001]
            [--slices 3,3,2 ...] [--variants baseline,same ...] [--seeds 0 1] [--budget CPU_SECONDS]
            [--results FILE.jsonl]
 
@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hippocampus_cases, load_volume, run_forest, run_unet  # noqa: E402
+from experiments.ablation.common import hippocampus_cases, load_volume, run_forest, run_unet
 
-from unet3d.augmentation import AugmentationConfig  # noqa: E402
+from unet3d.augmentation import AugmentationConfig
 
 
 def _network(config, **changes):

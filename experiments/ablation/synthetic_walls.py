@@ -1,6 +1,6 @@
 """Synthetic cell-wall volumes: a prior for densify on tissue imaged by its cell walls, free of any licence.
 
-Usage: .venv/bin/python experiments/ablation/synthetic_walls.py show FOLDER [COUNT] [SEED]
+Usage: .venv/bin/python -m experiments.ablation.synthetic_walls show FOLDER [COUNT] [SEED]
   writes COUNT volumes (default 2) as FOLDER/synthetic_NN_{image,labels}.tif to look at
 
 Cells are the Voronoi regions of random seeds (the cell size varies per volume); a wall is a

@@ -1,6 +1,6 @@
 """Re-run the 3D U-Net paper's experiments on the public volumes and write a Markdown report.
 
-Usage: .venv/bin/python experiments/paper/run.py [--quick] [--out results/paper] [--budget SECONDS]
+Usage: .venv/bin/python -m experiments.paper.run [--quick] [--out results/paper] [--budget SECONDS]
            [--only slices,crossval,automatic] [--datasets nuclei_tiny,ovule,hippocampus,em_vnc]
            [--methods unet3d,unet3d_nobn,unet2d,forest,unet3d_dense] [--slices 1,1,1 4,4,3]
 
@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `experiments` importable from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tqdm import tqdm
 
