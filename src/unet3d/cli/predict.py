@@ -85,7 +85,7 @@ def register(subparsers) -> None:
         "label map under labels/segmentation, each with a pyramid of halved levels. IMAGE must be Zarr, HDF5 or "
         ".npy, at the same path on every worker, and so must OUTPUT and MODEL. Running the same command again "
         "after an interruption predicts only the blocks still missing. --max-memory is per task; "
-        "--probabilities and --uncertainty are not used.")
+        "--probabilities and --uncertainty are refused (OUTPUT holds the probabilities).")
     cluster.add_argument("--dask", metavar="ADDRESS",
                          help="local (one worker process per CPU core), local:N (N worker processes), or the "
                          "address of a running scheduler, tcp://HOST:PORT")
