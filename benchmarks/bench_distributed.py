@@ -98,7 +98,8 @@ def report(rows, shape) -> None:
     for workers, summary in rows:
         rate = summary["voxels_per_second"]
         print(f"{workers:>7} {summary['seconds']:>10.1f} {summary['pyramid_seconds']:>10.1f} "
-              f"{rate:>12,.0f} {rate / workers:>11,.0f} {rate / workers / base:>10.0%} {summary['worker_peak_mib']:>16.0f}")
+              f"{rate:>12,.0f} {rate / workers:>11,.0f} {rate / workers / base:>10.0%} "
+              f"{summary['worker_peak_mib']:>16.0f}")
 
 
 if __name__ == "__main__":

@@ -273,7 +273,8 @@ def test_cli_runs_on_a_scheduler_and_reports_errors_in_one_line(client, tmp_path
 
 
 def test_core_imports_without_dask_and_says_what_to_install(monkeypatch):
-    code = "import sys, unet3d.cli.predict; print(any(m.split('.')[0] in ('dask', 'distributed', 'ome_zarr') for m in sys.modules))"
+    code = ("import sys, unet3d.cli.predict; "
+            "print(any(m.split('.')[0] in ('dask', 'distributed', 'ome_zarr') for m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
     monkeypatch.setitem(sys.modules, "distributed", None)

@@ -188,7 +188,8 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT):
     try:
         client = distributed.Client(address, timeout=timeout)
     except (OSError, TimeoutError, ValueError) as exc:
-        raise UserError(f"Dask scheduler {address}: not reachable within {timeout:g} s ({str(exc).splitlines()[0]})") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"Dask scheduler {address}: not reachable within {timeout:g} s ({reason})") from None
     with client:
         yield client
 
