@@ -8,7 +8,6 @@ import dataclasses
 from unet3d.augmentation import AugmentationConfig
 from unet3d.cli.options import (DefaultsHelpFormatter, add_network_options, float_list, int_list, int_triple,
                                 network_config)
-from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.data.normalization import METHODS as NORMALIZATION_METHODS
 from unet3d.io import read_image, read_labels
@@ -16,6 +15,7 @@ from unet3d.training import TrainConfig, train
 from unet3d.training.checkpoint import load_checkpoint, run_files
 from unet3d.training.config import CLASS_WEIGHTING, LOSSES, OPTIMIZERS, SCHEDULES
 from unet3d.training.dataset import prepare_training_set
+from unet3d.training.distributed import DEFAULT_TIMEOUT, Processes, joined
 from unet3d.data.features import input_feature_spec, with_input_features
 from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED
 from unet3d.workflows.plan import (DEFAULT_ITERATIONS, PER_VOLUME_SPREAD_RATIO, Fingerprint, plan_table,
@@ -97,7 +97,11 @@ def register(subparsers) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="makes a CPU run reproducible (and the validation split)")
     run.add_argument("--workers", type=int, default=0, help="processes preparing augmented patches in the background")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (under torchrun: each process "
+                     "takes cuda:LOCAL_RANK, or the CPU)")
+    run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                     help="under torchrun: how long a process waits for the others, to join and at every step, "
+                     "before it stops with an error")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, all cores)")
     run.add_argument("--amp", action="store_true", help="bf16 mixed precision (CUDA only)")
     run.add_argument("--validate-every", type=int, default=200, help="iterations between validations")
@@ -117,7 +121,12 @@ def load_pairs(images, labels, channel_axis):
 
 
 def run_train(args) -> int:
-    device = resolve_device(args.device)
+    """Trains alone, or as one of the processes torchrun started (data-parallel; process 0 prints and writes)."""
+    with joined(args.device, args.timeout) as processes:
+        return _train(args, processes)
+
+
+def _train(args, processes: Processes) -> int:
     if args.threads:
         import torch
 
@@ -155,12 +164,14 @@ def run_train(args) -> int:
                                           class_values=data.class_values, normalization=data.normalization,
                                           spacing=data.spacing, input_features=features)
     config = _config(args, data, plan)
-    if plan is not None and not args.resume:
+    if plan is not None and not args.resume and processes.leader:
         print("plan (options override their part):\n" + plan_table(plan.describe(config)))
-    result = train(config, data, args.output, validation=validation, resume=args.resume, device=device,
-                   progress=not args.quiet)
-    print(f"trained {result.iterations} iterations in {result.seconds:.0f} s (stopped by {result.stopped_by}); "
-          f"model written to {args.output}")
+    result = train(config, data, args.output, validation=validation, resume=args.resume, device=processes.device,
+                   progress=not args.quiet, processes=processes)
+    if processes.leader:
+        across = f" by {processes.count} processes" if processes.count > 1 else ""
+        print(f"trained {result.iterations} iterations{across} in {result.seconds:.0f} s (stopped by "
+              f"{result.stopped_by}); model written to {args.output}")
     return 0
 
 

@@ -34,6 +34,7 @@ class TrainConfig:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     seed: int = 0
     workers: int = 0  # DataLoader processes preparing patches while the network trains
+    processes: int = 1  # data-parallel processes, each drawing batch_size patches of every batch (set by train)
     channels_last: bool = True
     amp: bool = False  # mixed precision (CUDA only)
     checkpoint_every: float = 60.0  # seconds between checkpoints
@@ -51,8 +52,8 @@ class TrainConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.batch_size < 1 or self.iterations < 0 or self.learning_rate <= 0:
-            raise ValueError("batch size ≥ 1, iterations ≥ 0 and a positive learning rate are required")
+        if self.batch_size < 1 or self.iterations < 0 or self.learning_rate <= 0 or self.processes < 1:
+            raise ValueError("batch size ≥ 1, iterations ≥ 0, a positive learning rate and processes ≥ 1 are required")
         self.patch_shape = tuple(self.patch_shape)
 
     def to_dict(self) -> dict:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from unet3d.data.labels import class_counts, class_weights
@@ -20,7 +23,8 @@ from unet3d.losses import make_loss
 from unet3d.model import UNet, save_model
 from unet3d.training.checkpoint import load_checkpoint, run_files, save_checkpoint
 from unet3d.training.config import TrainConfig
-from unet3d.training.dataset import PatchBatches, TrainingSet, batch_loader
+from unet3d.training.dataset import PatchBatches, TrainingSet, training_batches
+from unet3d.training.distributed import Processes, global_loss
 from unet3d.training.history import plot_curve, write_log
 from unet3d.training.schedule import learning_rate_factor, make_optimizer, run_progress
 
@@ -63,14 +67,27 @@ def model_info(config: TrainConfig, data: TrainingSet, iterations: int, seconds:
 
 def train(config: TrainConfig, data: TrainingSet, output, *, validation: TrainingSet | None = None,
           resume: bool = False, device: str = "cpu", progress: bool = True, network: UNet | None = None,
-          on_step: Callable[[UNet, int, float], bool] | None = None) -> TrainResult:
+          on_step: Callable[[UNet, int, float], bool] | None = None, batches: Dataset | None = None,
+          step: Callable[["Step", torch.Tensor, torch.Tensor, float], float] | None = None,
+          processes: Processes | None = None) -> TrainResult:
     """Train on sparse labels; writes the model, checkpoint, log and curve next to `output`.
 
     `network` starts training from that network (fine-tuning, or a variant of UNet) instead of a
     freshly initialised one; its configuration must be `config.network`. `on_step(model, iteration,
     loss)` runs after every step, in the training thread (progress, previews); True stops the run
     there, which is then reported as stopped by "request".
+
+    Variants of the loop are passed in, never patched in: `batches[i]` gives (images, targets) of
+    iteration i instead of PatchBatches (see patch_geometry for the shapes), and
+    `step(default, images, targets, lr) -> loss` replaces the optimisation step, with `default`, the
+    standard Step (its model, optimizer and loss_fn), there to call or extend.
+
+    `processes` (distributed.joined) trains data-parallel: `config.batch_size` patches per process,
+    the loss and batch norm over all of them, files written by process 0, every process returning
+    the same network.
     """
+    processes = processes or Processes(device=torch.device(device))
+    config = dataclasses.replace(config, processes=processes.count)
     files = run_files(output)
     if data.channels != config.network.in_channels or len(data.class_values) != config.network.num_classes:
         raise UserError("the network's channels or classes do not match the training data")
@@ -84,60 +101,70 @@ def train(config: TrainConfig, data: TrainingSet, output, *, validation: Trainin
     if resume:
         state = _restore(files["checkpoint"], config, model, optimizer)
     counts = class_counts([l.numpy() for l in data.labels], len(data.class_values))
-    weights = class_weights(counts, config.class_weighting, config.class_weights)
-    loss_fn = make_loss(config.loss, torch.tensor(weights, dtype=torch.float32, device=device))
+    weights = torch.tensor(class_weights(counts, config.class_weighting, config.class_weights), dtype=torch.float32,
+                           device=device)
+    loss_fn = make_loss(config.loss, weights) if processes.count == 1 else global_loss(config.loss, weights)
     input_shape, output_shape = patch_geometry(config)
-    batches = PatchBatches(data, input_shape, output_shape, config.batch_size, config.augmentation, config.seed)
+    if batches is None:
+        batches = PatchBatches(data, input_shape, output_shape, config.batch_size, config.augmentation, config.seed,
+                               processes.rank, processes.count)
     channels_last = config.channels_last and config.network.dims == 3
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
 
-    step = _Step(model, optimizer, loss_fn, config, device, channels_last)
+    default_step = Step(processes.parallel(model), optimizer, loss_fn, config, device, channels_last)
+    run_step = default_step if step is None else functools.partial(step, default_step)
     clock = _Clock(state["elapsed"], config.clock)
     last_checkpoint = time.monotonic()
     stopped_by = "iterations"
     iteration = state["iteration"]
-    bar = tqdm(total=config.iterations, initial=iteration, disable=not progress, unit="it", dynamic_ncols=True)
-    loader = batch_loader(batches, iteration, config.iterations, config.workers)
-    voxels = config.batch_size * math.prod(output_shape)
-    for images, targets in loader:
-        if config.max_time is not None and clock.elapsed() >= config.max_time:
-            stopped_by = "time"
-            break
-        fraction = run_progress(iteration, config.iterations, clock.elapsed(), config.max_time)
-        lr = config.learning_rate * learning_rate_factor(config.schedule, fraction, config.warmup)
-        loss = step(images, targets, lr)
-        if not math.isfinite(loss):
-            _save(files, model, config, data, state, optimizer, write_checkpoint=False)
-            raise UserError(f"loss became {loss} at iteration {iteration + 1}; stopped. The last good "
-                            f"checkpoint is kept in {files['checkpoint']} (try a lower --lr)")
-        iteration += 1
-        bar.update(1)
-        if on_step is not None and on_step(model, iteration, loss):
-            stopped_by = "request"
-            break
-        if iteration % config.log_every == 0 or iteration == config.iterations:
-            state["history"].append({"iteration": iteration, "loss": loss, "lr": lr,
-                                     "seconds": round(clock.elapsed(), 2)})
-            bar.set_postfix(loss=f"{loss:.4f}", vox_s=f"{voxels * (bar.format_dict.get('rate') or 0):.3g}")
-        if validation is not None and iteration % config.validate_every == 0:
-            _validate_and_keep_best(model, validation, state, iteration, files, config, data, device, clock)
+    bar = tqdm(total=config.iterations, initial=iteration, disable=not (progress and processes.leader), unit="it",
+               dynamic_ncols=True)
+    voxels = config.batch_size * processes.count * math.prod(output_shape)
+    with processes.failures_reported(files["checkpoint"]):
+        for images, targets in training_batches(batches, iteration, config.iterations, config.workers, device):
+            elapsed = processes.leader_value(clock.elapsed())
+            if config.max_time is not None and elapsed >= config.max_time:
+                stopped_by = "time"
+                break
+            fraction = run_progress(iteration, config.iterations, elapsed, config.max_time)
+            lr = config.learning_rate * learning_rate_factor(config.schedule, fraction, config.warmup)
+            loss = run_step(images, targets, lr)
+            if not math.isfinite(loss):  # the loss is the same on every process: all stop here
+                if processes.leader:
+                    _save(files, model, config, data, state, optimizer, write_checkpoint=False)
+                raise UserError(f"loss became {loss} at iteration {iteration + 1}; stopped. The last good "
+                                f"checkpoint is kept in {files['checkpoint']} (try a lower --lr)")
+            iteration += 1
+            bar.update(1)
+            if on_step is not None and processes.any(on_step(model, iteration, loss)):
+                stopped_by = "request"
+                break
+            if iteration % config.log_every == 0 or iteration == config.iterations:
+                state["history"].append({"iteration": iteration, "loss": loss, "lr": lr,
+                                         "seconds": round(clock.elapsed(), 2)})
+                bar.set_postfix(loss=f"{loss:.4f}", vox_s=f"{voxels * (bar.format_dict.get('rate') or 0):.3g}")
+            if validation is not None and iteration % config.validate_every == 0:
+                _validate_and_keep_best(model, validation, state, iteration, files, config, data, device, clock,
+                                        processes)
+            state["iteration"], state["elapsed"] = iteration, clock.elapsed()
+            if processes.leader and time.monotonic() - last_checkpoint >= config.checkpoint_every:
+                _save(files, model, config, data, state, optimizer)
+                last_checkpoint = time.monotonic()
+        bar.close()
         state["iteration"], state["elapsed"] = iteration, clock.elapsed()
-        if time.monotonic() - last_checkpoint >= config.checkpoint_every:
+        if validation is not None and (not state["history"] or "val_mean_iou" not in state["history"][-1]):
+            _validate_and_keep_best(model, validation, state, iteration, files, config, data, device, clock, processes)
+        if processes.leader:
             _save(files, model, config, data, state, optimizer)
-            last_checkpoint = time.monotonic()
-    bar.close()
-    state["iteration"], state["elapsed"] = iteration, clock.elapsed()
-    if validation is not None and (not state["history"] or "val_mean_iou" not in state["history"][-1]):
-        _validate_and_keep_best(model, validation, state, iteration, files, config, data, device, clock)
-    _save(files, model, config, data, state, optimizer)
+        processes.barrier()  # on return, every process's model file is written
     model = model.to(memory_format=torch.contiguous_format).eval()
     return TrainResult(model, model_info(config, data, iteration, state["elapsed"]), iteration,
                        state["elapsed"], stopped_by, state["history"])
 
 
-class _Step:
-    """One optimisation step: forward, masked loss, backward, update."""
+class Step:
+    """One optimisation step: forward, masked loss, backward, update; returns the loss."""
 
     def __init__(self, model, optimizer, loss_fn, config: TrainConfig, device, channels_last: bool):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
@@ -173,8 +200,12 @@ class _Clock:
 
 def _restore(path: Path, config: TrainConfig, model, optimizer) -> dict:
     checkpoint = load_checkpoint(path)
-    if TrainConfig.from_dict(checkpoint["config"]).network != config.network:
+    stored = TrainConfig.from_dict(checkpoint["config"])
+    if stored.network != config.network:
         raise UserError(f"{path}: the checkpoint was trained with another network configuration")
+    if stored.processes != config.processes:
+        raise UserError(f"{path}: the checkpoint was trained by {stored.processes} process(es); resume it with as "
+                        f"many (each process draws its share of every batch), not {config.processes}")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     return {key: checkpoint[key] for key in ("iteration", "elapsed", "history", "best")}
@@ -193,21 +224,29 @@ def _save(files, model, config, data, state, optimizer, write_checkpoint: bool =
     plot_curve(files["curve"], state["history"])
 
 
-def _validate_and_keep_best(model, validation, state, iteration, files, config, data, device, clock) -> None:
-    result = validate(model, validation, device)
+def _validate_and_keep_best(model, validation, state, iteration, files, config, data, device, clock,
+                            processes: Processes) -> None:
+    result = validate(model, validation, device, processes)
     state["history"].append({"iteration": iteration, "seconds": round(clock.elapsed(), 2), **result})
     if state["best"] is None or result["val_mean_iou"] > state["best"]:
         state["best"] = result["val_mean_iou"]
-        save_model(files["best"], model, model_info(config, data, iteration, clock.elapsed()))
+        if processes.leader:
+            save_model(files["best"], model, model_info(config, data, iteration, clock.elapsed()))
 
 
-def validate(model, validation: TrainingSet, device: str = "cpu") -> dict:
-    """IoU per class on the annotated voxels of held-out volumes (their -1 voxels are ignored)."""
+def validate(model, validation: TrainingSet, device: str = "cpu", processes: Processes | None = None) -> dict:
+    """IoU per class on the annotated voxels of held-out volumes (their -1 voxels are ignored).
+
+    With several processes each predicts every N-th volume and the counts are summed, so all
+    get the same result (and none waits long for the others in its next exchange).
+    """
+    processes = processes or Processes()
     k = len(validation.class_values)
     confusion = np.zeros((k, k), dtype=np.int64)
-    for image, labels in zip(validation.images, validation.labels):
+    volumes = list(zip(validation.images, validation.labels))[processes.rank::processes.count]
+    for image, labels in volumes:
         probabilities = predict_array(model, image.numpy(), device=device)
         truth = labels.numpy()
         confusion += confusion_matrix(probabilities.argmax(0), truth, k, mask=truth >= 0)
-    result = scores(confusion, validation.class_values, background=None)
+    result = scores(processes.sum(confusion), validation.class_values, background=None)
     return {"val_mean_iou": result["mean_iou"], "val_iou": [c["iou"] for c in result["classes"]]}
