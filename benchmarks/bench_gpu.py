@@ -2,7 +2,7 @@
 and whole-volume prediction against MONAI's sliding window.
 
 Usage:
-    python benchmarks/bench_gpu.py [--quick] [--device cuda] [--repeats N] [--volume 256]
+    python benchmarks/bench_gpu.py [--quick] [--device cuda] [--repeats N] [--volume 256] [--part feed]
 
 Training rows time one step of the paper's network (3 input channels, 3 classes, first width 32,
 4 levels, valid padding, batch norm; input 116×132×132 → output 28×44×44 as in the paper; batch
@@ -22,6 +22,16 @@ budget and at a GPU-sized one, and MONAI's `sliding_window_inference` (Gaussian,
 the same prepared network, with unet3d's window and with the whole volume as its window. A last
 table compares float16 GPU probabilities with float32 CPU ones on a small crop.
 
+Feed rows compare, for the paper configuration (its network, tile and augmentation, batch 1)
+and for the plan `unet3d train` follows by default (densify's recipe: width 8, 3 levels, 16×40×40,
+batch 4, flips), iterations per second of the training loop as `unet3d train` runs it (batches
+from `training.dataset.training_batches`, then `training.trainer.Step`) against the step alone on
+a batch already on the device, and the batches alone. On a GPU the patches' regions are cut on the
+CPU by a background thread and resampled on the GPU, so end to end should reach at least 90 % of
+the step alone. On the CPU the loop prepares each batch before its step, as it always has; the
+row with a background thread shows what overlapping would give on that machine's cores.
+`--part feed` also runs on a CPU at full size.
+
 Every row reports the first call (warm-up: allocation, kernel selection, compilation) and the
 median of the timed calls after it, and the peak of torch's CUDA allocator. A row that fails
 reports its error and the run goes on. Without a GPU the script says so and, with --quick, runs
@@ -40,12 +50,17 @@ import torch
 
 from bench_train_step import monai_basicunet_model, pytorch3dunet_model
 from timing import first_and_median_time
+from unet3d.augmentation import AugmentationConfig
 from unet3d.inference import predict_array
 from unet3d.inference.memory import estimate_tile_bytes
 from unet3d.inference.predictor import default_max_memory, make_plan, prepare_network
 from unet3d.inference.tiling import blend_bytes
 from unet3d.losses import make_loss
 from unet3d.model import PRESETS, UNet, UNetConfig
+from unet3d.training import TrainConfig
+from unet3d.training.dataset import PatchBatches, batch_loader, prefetched, prepare_training_set, training_batches
+from unet3d.training.trainer import Step, patch_geometry
+from unet3d.workflows.densify import default_config
 
 PAPER_INPUT = (116, 132, 132)  # (Z, Y, X): the paper's tile, output 28×44×44
 PAPER_ITERATIONS_PER_SECOND = 70_000 / (3 * 24 * 3600)
@@ -208,6 +223,79 @@ def peer_rows(width: int, patch: int, device, repeats) -> list[str]:
     return rows
 
 
+# ----------------------------------------------------------------------------- data feed
+
+
+def sparse_volume(shape, channels: int, seed: int = 0):
+    """A random (C, Z, Y, X) image with every 8th z-slice annotated with three classes (255 elsewhere)."""
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((channels, *shape), dtype=np.float32)
+    labels = np.full(shape, 255, dtype=np.uint8)
+    labels[::8] = rng.integers(0, 3, size=labels[::8].shape)
+    return prepare_training_set([image], [labels], 255)
+
+
+def feed_cases(quick: bool) -> dict[str, tuple[TrainConfig, object]]:
+    """(configuration, training set) of the paper's run and of the default plan's."""
+    paper_data = sparse_volume((60, 60, 60) if quick else (140, 180, 180), channels=3)
+    network, shape = (QUICK_CONFIG, QUICK_INPUT) if quick else (PRESETS["paper"], PAPER_INPUT)
+    paper = TrainConfig(network=network, patch_shape=shape, batch_size=1, optimizer="sgd", learning_rate=1e-4,
+                        momentum=0.99, loss="ce", augmentation=AugmentationConfig())
+    plan_data = sparse_volume((24, 48, 48) if quick else (64, 256, 256), channels=1)
+    return {"paper (network, tile, augmentation)": (paper, paper_data),
+            "default plan (densify's recipe)": (default_config(plan_data), plan_data)}
+
+
+def loop_seconds(batches, step, lr: float, count: int) -> float:
+    """Median seconds from one step's end to the next's, each batch fetched in between."""
+    ends = [time.perf_counter()]
+    for images, targets in batches:
+        step(images, targets, lr)  # returns the loss as a float: the device has finished
+        ends.append(time.perf_counter())
+    return float(np.median(np.diff(ends)[1:count + 1]))
+
+
+def feed_rows(device: torch.device, repeats: int, quick: bool) -> list[str]:
+    rows = []
+    for name, (config, data) in feed_cases(quick).items():
+
+        def row(config=config, data=data):
+            torch.manual_seed(0)
+            input_shape, output_shape = patch_geometry(config)
+            batches = PatchBatches(data, input_shape, output_shape, config.batch_size, config.augmentation, 0)
+            model = UNet(config.network).to(device).to(memory_format=torch.channels_last_3d)
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.99)
+            step = Step(model, optimizer, make_loss(config.loss), config, device, channels_last=True)
+            count = repeats + 1  # the first iteration warms up
+            images, targets = next(training_batches(batches, 0, 1, 0, device))
+            _, step_only = timed(lambda: step(images, targets, 1e-4), repeats, device)
+            loop = loop_seconds(training_batches(batches, 0, count + 1, 0, device), step, 1e-4, repeats)
+            start = time.perf_counter()
+            for _ in training_batches(batches, 0, count, 0, device):
+                synchronize(device)
+            data_only = (time.perf_counter() - start) / count
+            cells = [f"{1 / step_only:.3g}", f"{1 / loop:.3g}", f"{100 * step_only / loop:.0f} %"]
+            if device.type == "cpu":
+                threaded = loop_seconds(prefetched(batch_loader(batches, 0, count + 1, 0)), step, 1e-4, repeats)
+                cells.append(f"{1 / threaded:.3g} ({100 * step_only / threaded:.0f} %)")
+            else:
+                cells.append("–")
+            patch = "×".join(map(str, input_shape))
+            return f"| {name} | {patch} × {config.batch_size} | {' | '.join(cells)} | {data_only:.4f} |"
+
+        rows.append(guarded(name, 7, row))
+    return rows
+
+
+def feed_table(device: torch.device, repeats: int, quick: bool) -> None:
+    print(f"\n### Training loop end to end (batches + step) against the step alone, "
+          f"{'tiny sizes' if quick else 'full sizes'}, median of {repeats}\n")
+    print("| run | input × batch | step only it/s | end to end it/s | end to end ÷ step | CPU: with a "
+          "background thread it/s | batches alone s |\n|---|---|---:|---:|---:|---:|---:|")
+    for row in feed_rows(device, repeats, quick):
+        print(row, flush=True)
+
+
 # ----------------------------------------------------------------------------- prediction
 
 
@@ -320,19 +408,22 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, help="timed calls per row (default 5, quick 1)")
     parser.add_argument("--volume", type=int, help="edge of the predicted cube (default 256, quick 32)")
-    parser.add_argument("--part", choices=("all", "training", "prediction"), default="all", help="which tables to run")
+    parser.add_argument("--part", choices=("all", "training", "feed", "prediction"), default="all",
+                        help="which tables to run")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type != "cuda" and not args.quick:
+    if device.type != "cuda" and not args.quick and args.part != "feed":
         raise SystemExit("bench_gpu: no CUDA device (torch.cuda.is_available() is False); "
-                         "run it on a GPU machine, or with --quick for a CPU smoke test")
+                         "run it on a GPU machine, with --quick for a CPU smoke test, or --part feed")
     repeats = args.repeats or (1 if args.quick else 5)
     config, shape = (QUICK_CONFIG, QUICK_INPUT) if args.quick else (PRESETS["paper"], PAPER_INPUT)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}")
-    if args.part != "prediction":
+    if args.part in ("all", "training"):
         training_tables(config, shape, device, repeats, args.quick)
-    if args.part == "training":
+    if args.part in ("all", "feed"):
+        feed_table(device, max(repeats, 2), args.quick)
+    if args.part not in ("all", "prediction"):
         return
     size = args.volume or (32 if args.quick else 256)
     print(f"\n### Prediction of a {size}³ volume (probabilities back on the host)\n")

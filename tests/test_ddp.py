@@ -1,4 +1,5 @@
-"""Data-parallel training on the CPU: two gloo processes train as one process with the whole batch.
+"""Data-parallel training on the CPU: two gloo processes train as one process with the whole batch;
+and the other variants of the training loop, passed to train() as arguments.
 
 Run as a script (`torchrun ... tests/test_ddp.py FOLDER`), this file is one training process that
 saves what it ended with; the tests start it, and the command line, as real separate processes.
@@ -203,6 +204,41 @@ def test_a_process_that_never_joins_is_a_one_line_error(tmp_path):
     assert alone.returncode == 2
     assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]]
     assert "did not all join" in stderr and "within 3 s" in stderr
+
+
+def test_train_takes_its_batch_source_and_step_as_arguments(tmp_path):
+    """Variants of the loop are arguments, not patched module globals."""
+    from unet3d.augmentation import AugmentationConfig
+    from unet3d.model import UNetConfig
+    from unet3d.training import TrainConfig, train
+    from unet3d.training.dataset import PatchBatches, prepare_training_set
+    from unet3d.training.trainer import patch_geometry
+
+    image, sparse = nuclei_training_set()
+    data = prepare_training_set([image], [sparse], IGNORE)
+    config = TrainConfig(network=UNetConfig(in_channels=1, num_classes=3, width=4, levels=2, padding="same"),
+                         patch_shape=(16, 24, 24), iterations=3, checkpoint_every=1e9,
+                         augmentation=AugmentationConfig(enabled=False))
+    shapes = patch_geometry(config)
+    asked, steps = [], []
+
+    class Later(PatchBatches):
+        def __getitem__(self, iteration):
+            asked.append(iteration)
+            return super().__getitem__(iteration + 7)
+
+    def counted(default, images, targets, lr):
+        steps.append(images.shape)
+        return default(images, targets, lr)
+
+    plain = train(config, data, tmp_path / "plain.safetensors", progress=False).model.state_dict()
+    given = train(config, data, tmp_path / "given.safetensors", progress=False, step=counted,
+                  batches=PatchBatches(data, *shapes, 1, None, config.seed)).model.state_dict()
+    later = train(config, data, tmp_path / "later.safetensors", progress=False,
+                  batches=Later(data, *shapes, 1, None, config.seed)).model.state_dict()
+    assert all(torch.equal(plain[k], given[k]) for k in plain)  # the defaults, passed in, are the defaults
+    assert steps == [(1, 1, *shapes[0])] * 3 and asked == [0, 1, 2]
+    assert not torch.equal(plain["head.weight"], later["head.weight"])
 
 
 if __name__ == "__main__":
