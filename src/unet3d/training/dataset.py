@@ -95,7 +95,7 @@ class PatchBatches(Dataset):
     in sequence from the generator of (seed, i), and process `rank` makes the rank-th consecutive
     batch_size of them: together the processes train on exactly the batch one process would draw
     with the whole batch size, and one process draws what it always drew. Drawing a patch's
-    random numbers costs microseconds; only the own share is cut and resampled.
+    random numbers costs far less than cutting and resampling it, which only the own share needs.
     """
 
     def __init__(self, data: TrainingSet, input_shape, output_shape, batch_size: int,

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.losses.cross_entropy import voxel_weights
+from unet3d.losses.factory import LOSSES
 
 DEFAULT_TIMEOUT = 600.0  # seconds a process waits for the others: to join, and in every collective
 
@@ -270,8 +271,8 @@ def global_loss(name: str, class_weights: torch.Tensor | None = None,
             value = value + dice_weight * _dice_loss(*totals[2:].reshape(3, logits.shape[1]))
         return value
 
-    if name not in ("ce", "dice_ce"):
-        raise ValueError(f"loss must be ce or dice_ce, got {name!r}")
+    if name not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
     return loss
 
 
