@@ -35,7 +35,7 @@ from unet3d.data.normalization import apply_normalization, for_volume
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.inference.memory import fix_mmap_threshold
-from unet3d.inference.predictor import (DEFAULT_MAX_MEMORY, _tile_outputs, label_dtype, make_plan, prepare_network,
+from unet3d.inference.predictor import (DEFAULT_MAX_MEMORY, tile_outputs, label_dtype, make_plan, prepare_network,
                                         tile_probabilities)
 from unet3d.inference.tiling import TilePlan, gaussian_weight, plan_tiles
 from unet3d.io import open_volume, parse_spec
@@ -328,7 +328,7 @@ def block_probabilities(net, read, plan: TilePlan, block: Block, device, batch_s
     total = torch.zeros(shape, device=device) if plan.blended else None
     weight = gaussian_weight(plan.output_shape, device) if plan.blended else None
     everything = (slice(None),)
-    for start, probs in _tile_outputs(net, read, plan, device, batch_size, tta, False):
+    for start, probs in tile_outputs(net, read, plan, device, batch_size, tta, False):
         inside = [(max(r.start, b.start), min(r.stop, b.stop)) for r, b in zip(plan.output_region(start), block)]
         source = tuple(slice(low - s, high - s) for (low, high), s in zip(inside, start))
         target = tuple(slice(low - b.start, high - b.start) for (low, high), b in zip(inside, block))

@@ -86,7 +86,7 @@ def read_tile(read, plan: TilePlan, start, device: torch.device) -> torch.Tensor
     return x
 
 
-def _tile_outputs(net, read, plan: TilePlan, device, batch_size: int, tta: bool, progress: bool):
+def tile_outputs(net, read, plan: TilePlan, device, batch_size: int, tta: bool, progress: bool):
     """(output start, probabilities over the tile's whole network output, on `device`) per tile, in order."""
     with tqdm(total=len(plan.starts), unit="tile", disable=not progress, desc="predict") as bar:
         for first in range(0, len(plan.starts), batch_size):
@@ -100,7 +100,7 @@ def iter_regions(net, read, plan: TilePlan, device, batch_size: int = 1, tta: bo
                  progress: bool = False) -> Iterator[tuple[tuple[slice, ...], torch.Tensor]]:
     """Final probabilities (K, z, y, x) region by region, still on `device` (copied once, to where
     the caller keeps them); the regions tile the volume exactly."""
-    tiles = _tile_outputs(net, read, plan, device, batch_size, tta, progress)
+    tiles = tile_outputs(net, read, plan, device, batch_size, tta, progress)
     if plan.blended:
         yield from _blend_rows(tiles, plan)
         return

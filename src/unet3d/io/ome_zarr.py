@@ -92,9 +92,9 @@ def _create(store: PredictionStore) -> None:
     """All arrays of all levels, built beside the target and renamed into place."""
     import zarr
 
-    from unet3d.io.writers import _atomic_directory
+    from unet3d.io.writers import atomic_directory
 
-    with _atomic_directory(store.path, keep_existing=False) as tmp:
+    with atomic_directory(store.path, keep_existing=False) as tmp:
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
         labels = root.create_group(SEGMENTATION)
         classes = len(store.class_values)

@@ -137,7 +137,7 @@ class _ZarrWriter(VolumeWriter):
     def _open(self):
         import zarr
 
-        tmp = self._cleanup.enter_context(_atomic_directory(self.spec.path, keep_existing=self.spec.key is not None))
+        tmp = self._cleanup.enter_context(atomic_directory(self.spec.path, keep_existing=self.spec.key is not None))
         try:
             root = zarr.open_group(tmp, mode="a")
         except Exception as exc:  # an existing store that is not a readable Zarr group
@@ -161,7 +161,7 @@ def _ome_metadata(axes: str, spacing: tuple | None) -> dict:
 
 
 @contextlib.contextmanager
-def _atomic_directory(path: str, keep_existing: bool):
+def atomic_directory(path: str, keep_existing: bool):
     """Like atomic_path for a directory: build beside `path`, then swap it in on success."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
