@@ -192,12 +192,15 @@ def main(argv=None) -> None:
                         choices=list(PEERS) + list(STRATEGIES))
     parser.add_argument("--seeds", type=int, default=5, help="seeds of random and sampled slices (others: 1)")
     parser.add_argument("--foreground-seeds", type=int, default=3, help="seeds of foreground-aware random slices")
+    parser.add_argument("--network-seeds", type=int, default=1,
+                        help="seeds of the network's training for the deterministic strategies (even, oracle, suggestion)")
     parser.add_argument("--steps", type=int, default=120, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=9, help="rounds (3 slices + one per round; 9 ends at 11)")
     parser.add_argument("--results", type=Path, default=Path("results/suggest.jsonl"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.volumes, args.seeds, args.foreground_seeds, args.steps, args.rounds = ["nuclei_tiny"], 1, 1, 5, 2
+        args.volumes, args.seeds, args.foreground_seeds, args.network_seeds = ["nuclei_tiny"], 1, 1, 1
+        args.steps, args.rounds = 5, 2
         args.results = args.results.with_name("suggest-quick.jsonl")
         args.results.unlink(missing_ok=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +209,8 @@ def main(argv=None) -> None:
     for name in args.volumes:
         volume = data.load(name)
         for strategy in args.strategies:
-            seeds = args.foreground_seeds if strategy == "foreground" else args.seeds if strategy in SEEDED else 1
+            seeds = (args.foreground_seeds if strategy == "foreground" else args.seeds if strategy in SEEDED
+                     else args.network_seeds)
             for seed in range(seeds):
                 if (name, strategy, seed, args.steps) in done:
                     continue
