@@ -27,10 +27,13 @@ def register(subparsers) -> None:
         help="rank the slices not yet annotated: which one to paint next",
         description="Rank the slices of IMAGE (along z, y and x) that SPARSE does not annotate yet by how many "
         "voxels the current network expects to get wrong there (the sum of 1 - its highest class probability over "
-        "the slice's unannotated voxels), print the best --count and write a PNG of the best one with the current "
-        "segmentation and its uncertainty. The network is --model, or densify's network trained now for --max-time "
-        "seconds on the annotated voxels. A slice counts as annotated from half of its voxels on. How this compares "
-        "with evenly spaced and random slices, measured with a simulated annotator: docs/suggest.md.",
+        "the slice's unannotated voxels), damped near slices already annotated along the same axis; print the best "
+        "--count and write a PNG of the best one with the current segmentation and its uncertainty. The network is "
+        "--model, or densify's network trained now for --max-time seconds on the annotated voxels. A slice counts "
+        "as annotated from half of its voxels on. How it compares: with a simulated annotator on eight real "
+        "volumes, no ranking saved slices against evenly spaced ones beyond the noise between training seeds "
+        "(random slices did as well; docs/suggest.md); use it to find where the network is wrong, and keep "
+        "spreading slices evenly when in doubt.",
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("image", help="image volume (.tif .nii.gz .h5:/dataset .zarr .npy ...)")

@@ -260,8 +260,8 @@ class InteractiveWidget(Container):
         first = self.viewer.dims.ndim - 3
         self.viewer.dims.order = tuple(range(first)) + tuple(first + a for a in AXIS_ORDER[axis])
         self.viewer.dims.set_current_step(first + axis, index)
-        self.say(f"paint slice {index} across axis {'zyx'[axis]}: the network expects "
-                 f"{suggestion.score:,.0f} wrong voxels there")
+        self.say(f"paint slice {index} across axis {'zyx'[axis]}: the network expects many wrong voxels "
+                 "there, away from the painted slices")
 
     def _remember_view(self, event=None) -> None:
         steps = self.viewer.dims.current_step
