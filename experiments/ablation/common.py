@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.paper import data as volumes
 from unet3d.baselines import random_forest_segment
 from unet3d.data.labels import decode_labels, encode_labels
 from unet3d.data.sparse import sparsify
@@ -24,46 +25,22 @@ from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
 from unet3d.workflows.densify import default_config, densify
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
 IGNORE = 255
-EM_VNC_SPACING = (50.0, 4.6, 4.6)  # nm (Z, Y, X)
 FOREST_TRAIN_VOXELS = 100_000  # as benchmarks/bench_forest.py
 
 
 def load_volume(name: str) -> tuple[np.ndarray, np.ndarray, tuple | None]:
-    """(image (1, Z, Y, X) float32, truth (Z, Y, X) int64, spacing or None); hippocampus_NNN picks a case."""
-    if name == "nuclei_tiny":
-        import tifffile
-
-        folder = REPO / "src" / "unet3d" / "examples" / "nuclei_tiny"
-        return (tifffile.imread(folder / "image.tif")[None].astype(np.float32),
-                tifffile.imread(folder / "labels.tif").astype(np.int64), None)
-    if name == "ovule":
-        import h5py
-
-        with h5py.File(SHARED_DATA / "ovule" / "ovule.h5", "r") as f:
-            return f["raw"][:][None].astype(np.float32), f["labels"][:].astype(np.int64), None
-    if name == "em_vnc":
-        import tifffile
-
-        quarter = (slice(None), slice(0, 512), slice(0, 512))
-        image = tifffile.imread(SHARED_DATA / "em_vnc" / "image.tif")[quarter]
-        truth = tifffile.imread(SHARED_DATA / "em_vnc" / "labels.tif")[quarter].astype(np.int64)
-        return image[None].astype(np.float32), truth, EM_VNC_SPACING
-    if name.startswith("hippocampus_"):
-        import nibabel
-
-        folder = SHARED_DATA / "hippocampus"
-        zyx = lambda path: np.asarray(nibabel.load(path).dataobj).transpose(2, 1, 0)  # noqa: E731
-        file = f"{name}.nii.gz"
-        return (zyx(folder / "images" / file)[None].astype(np.float32),
-                np.rint(zyx(folder / "labels" / file)).astype(np.int64), None)
-    raise SystemExit(f"unknown volume {name!r}")
+    """(image (1, Z, Y, X) float32, truth (Z, Y, X) int64, spacing or None) of a volume
+    `experiments.paper.data.load` names; "em_vnc" is its first quarter (em_vnc_q0), as in the
+    ablation's tables."""
+    volume = volumes.load("em_vnc_q0" if name == "em_vnc" else name)
+    return volume.image.astype(np.float32), volume.truth, volume.spacing
 
 
 def hippocampus_cases(count: int) -> list[str]:
-    return [p.name.removesuffix(".nii.gz") for p in sorted((SHARED_DATA / "hippocampus" / "images").glob("*.nii.gz"))[:count]]
+    """The first `count` hippocampus cases by file name."""
+    images = sorted((volumes.shared_data() / "hippocampus" / "images").glob("*.nii.gz"))
+    return [p.name.removesuffix(".nii.gz") for p in images[:count]]
 
 
 def training_set(image, truth, slices, spacing, normalization: str = "zscore"):

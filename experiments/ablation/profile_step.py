@@ -1,6 +1,6 @@
 """Where does a densify training step spend its CPU time? Patch preparation vs forward/backward.
 
-Usage: .venv/bin/python experiments/ablation/profile_step.py [--steps N] [--layers]
+Usage: .venv/bin/python -m experiments.ablation.profile_step [--steps N] [--layers]
 
 Prints CPU seconds (process time, all threads) per step for a few network/patch/augmentation
 variants on the bundled nuclei example; with --layers, the CPU milliseconds of each 3×3×3
@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -25,8 +23,7 @@ from unet3d.model import UNet, UNetConfig
 from unet3d.training.dataset import PatchBatches
 from unet3d.workflows.densify import default_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_volume, training_set  # noqa: E402
+from experiments.ablation.common import load_volume, training_set
 
 VARIANTS = {
     # name: (padding, width, levels, output patch, batch, augmentation)
