@@ -40,7 +40,7 @@ from experiments.paper import data
 from unet3d.data.sparse import slice_positions
 from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.interactive.session import Session
-from unet3d.interactive.suggest import STRATEGIES, rank_slices
+from unet3d.interactive.suggest import DEFAULT_STRATEGY, STRATEGIES, rank_slices
 
 # (Z, Y, X) slice counts of the evenly spaced strategy, 3 to 11 slices: the paper's (x,y,z) settings
 # (1,1,1), (2,2,1), (3,3,2), (4,4,3) at 3, 5, 8 and 11, adding x, then y, then z in between.
@@ -209,7 +209,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="nuclei_tiny only, 2 rounds of 5 steps: keeps the code working")
     parser.add_argument("--volumes", nargs="+", default=list(DEFAULT_VOLUMES))
-    parser.add_argument("--strategies", nargs="+", default=list(PEERS) + ["errors"],
+    parser.add_argument("--strategies", nargs="+", default=list(PEERS) + [DEFAULT_STRATEGY],
                         choices=list(PEERS) + list(STRATEGIES))
     parser.add_argument("--seeds", type=int, default=5, help="seeds of random and sampled slices (others: 1)")
     parser.add_argument("--foreground-seeds", type=int, default=3, help="seeds of foreground-aware random slices")
