@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ from unet3d.workflows.blend import HeldOut, choose_network_weight, hold_out_bloc
 from unet3d.errors import UserError
 from unet3d.inference import predict_array
 from unet3d.model import UNet, UNetConfig, load_model
-from unet3d.training import TrainConfig, train
+from unet3d.training import TrainConfig, TrainResult, train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
 
 # Flips only: rotations, zoom, elastic motion and gray-value changes switched off.
@@ -289,57 +289,124 @@ def predict_with_tta(model, image: np.ndarray, tta: bool | None, max_time: float
     return probabilities, False
 
 
-def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path, *, config: TrainConfig | None = None,
-            max_time: float = 120.0, iterations: int = 100_000, seed: int = 0, spacing=None, num_classes: int | None = None,
-            source: str = "image", progress: bool = True, device: str = "cpu", threads: int | None = THREADS,
-            filter_features: bool | None = None, forest: bool | None = None, tta: bool | None = None,
-            clock: str = "wall", init: StartingModel | None = None) -> DensifyResult:
-    """Train on the annotated voxels of `sparse`, then predict every voxel of `image`.
+@dataclass
+class DensifyOptions:
+    """How densify runs; every field defaults to the product's choice (see `densify`)."""
+    max_time: float | None = 120.0
+    iterations: int = 100_000
+    seed: int = 0
+    spacing: tuple | None = None
+    num_classes: int | None = None
+    source: str = "image"
+    progress: bool = True
+    device: str = "cpu"
+    threads: int | None = THREADS
+    filter_features: bool | None = None
+    forest: bool | None = None
+    tta: bool | None = None
+    clock: str = "wall"
+    init: StartingModel | None = None
+    config: TrainConfig | None = None  # the training configuration, instead of `default_config`'s
 
-    `max_time` covers the filter bank, the forest and training (`clock`: wall or CPU seconds of
-    this process; None: `iterations` alone stops training); prediction comes on top. `threads` is
-    the CPU thread count of the network and the forest (None: torch's setting, every core for the
-    forest). `filter_features` gives the network ilastik's filter bank of the whole volume as extra
-    input channels: True always, False never, None when enough voxels are annotated
-    (`choose_inputs`). `forest` blends a random forest on the same bank into the result: True
-    always, False never, None when the bank fits in memory (`choose_forest`). The model file holds
-    the network alone. `tta` averages the network's predictions of the 8 mirrored volumes: True
-    always, False never, None when they cost at most TTA_MAX_SHARE of `max_time`. `init` fine-tunes
-    a trained network (its classes, inputs and normalization) instead of training a new one.
-    """
-    now = time.process_time if clock == "cpu" else time.monotonic
-    start = now()
+    @property
+    def now(self):
+        return time.process_time if self.clock == "cpu" else time.monotonic
+
+
+@dataclass
+class DensifyInputs:
+    """What the first stage decides: the training set, what the network reads, whether the forest
+    joins, and the annotated voxels held out to weigh the two."""
+    data: TrainingSet
+    network_input: np.ndarray | None  # the image with its filter-bank channels, before normalization
+    inputs: str
+    use_forest: bool
+    blend: str
+    held: HeldOut | None
+
+
+def prepare_inputs(image: np.ndarray, sparse: np.ndarray, ignore_label: int, options: DensifyOptions) -> DensifyInputs:
+    """Stage 1: the network's inputs (the image, with the filter bank when it helps), the encoded
+    and normalized training set, the forest decision and the held-out voxels."""
+    init = options.init
     if init is not None:
-        features, inputs = init.inputs(filter_features)
+        features, inputs = init.inputs(options.filter_features)
     else:
-        features, inputs = choose_inputs(filter_features, image.shape, sparse, ignore_label, spacing, source)
-    use_forest, blend = choose_forest(forest, image.shape, spacing, source)
+        features, inputs = choose_inputs(options.filter_features, image.shape, sparse, ignore_label, options.spacing,
+                                         options.source)
+    use_forest, blend = choose_forest(options.forest, image.shape, options.spacing, options.source)
     network_input = with_input_features(image, features) if features else image
-    data = prepare_training_set([network_input], [sparse], ignore_label, sources=[source], num_classes=num_classes,
-                                spacing=spacing, input_features=features,
+    data = prepare_training_set([network_input], [sparse], ignore_label, sources=[options.source],
+                                num_classes=options.num_classes, spacing=options.spacing, input_features=features,
                                 **(init.training_set_options() if init is not None else {}))
     if init is not None and init.network.config.in_channels != data.channels:
         raise UserError(f"{init.source}: the model reads {init.network.config.in_channels} input channel(s), "
-                        f"{source} gives {data.channels}")
-    held = hold_out_for_blend(data, use_forest, seed)
-    forest_limit = None if max_time is None else FOREST_MAX_SHARE * max_time
-    forest_result = (fit_forest_on_bank(image, network_input, data, seed, threads, progress, forest_limit, now)
-                     if use_forest else None)
-    del network_input
+                        f"{options.source} gives {data.channels}")
+    return DensifyInputs(data, network_input, inputs, use_forest, blend, hold_out_for_blend(data, use_forest, options.seed))
+
+
+def fit_forest(image: np.ndarray, prepared: DensifyInputs, options: DensifyOptions) -> ForestResult | None:
+    """Stage 2: ilastik's forest on the filter bank of the annotated voxels (None when it does not join)."""
+    if not prepared.use_forest:
+        return None
+    limit = None if options.max_time is None else FOREST_MAX_SHARE * options.max_time
+    return fit_forest_on_bank(image, prepared.network_input, prepared.data, options.seed, options.threads,
+                              options.progress, limit, options.now)
+
+
+def train_network(prepared: DensifyInputs, model_path, options: DensifyOptions, seconds: float | None) -> TrainResult:
+    """Stage 3: densify's network (or the one `init` starts from) trained for `seconds`."""
+    init = options.init
+    config = options.config or default_config(prepared.data, max_time=seconds, iterations=options.iterations,
+                                              seed=options.seed, clock=options.clock,
+                                              **(init.training_options() if init is not None else {}))
+    return train(config, prepared.data, model_path, progress=options.progress, device=options.device,
+                 network=init.network if init is not None else None)
+
+
+def blend_stage(network: np.ndarray, forest: ForestResult | None, held: HeldOut | None) -> tuple[np.ndarray, str, dict]:
+    """Stage 5: the network's probabilities blended with the forest's (unchanged without a forest),
+    how they were weighed, and each one's map."""
+    if forest is None:
+        return network, "", {}
+    blended, weighing = blend_with_forest(network, forest.probabilities, held)
+    return blended, weighing, {"network": network, "forest": forest.probabilities}
+
+
+def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path,
+            options: DensifyOptions | None = None, **changes) -> DensifyResult:
+    """Train on the annotated voxels of `sparse`, then predict every voxel of `image`: the stages
+    prepare_inputs → fit_forest → train_network → prediction (`predict_with_tta`) → blend_stage.
+
+    `options` (DensifyOptions; `changes` replace its fields): `max_time` covers the filter bank, the
+    forest and training (`clock`: wall or CPU seconds of this process; None: `iterations` alone
+    stops training); prediction comes on top. `threads` is the CPU thread count of the network and
+    the forest (None: torch's setting, every core for the forest). `filter_features` gives the
+    network ilastik's filter bank of the whole volume as extra input channels: True always, False
+    never, None when enough voxels are annotated (`choose_inputs`). `forest` blends a random forest
+    on the same bank into the result: True always, False never, None when the bank fits in memory
+    (`choose_forest`). The model file holds the network alone. `tta` averages the network's
+    predictions of the 8 mirrored volumes: True always, False never, None when they cost at most
+    TTA_MAX_SHARE of `max_time`. `init` fine-tunes a trained network (its classes, inputs and
+    normalization) instead of training a new one.
+    """
+    options = replace(options or DensifyOptions(), **changes)
+    now = options.now
+    start = now()
+    prepared = prepare_inputs(image, sparse, ignore_label, options)
+    forest_result = fit_forest(image, prepared, options)
+    prepared.network_input = None  # the unnormalized bank is not needed beyond the forest
     spent = now() - start
+    max_time = options.max_time
     training_time = None if max_time is None else max(max_time - spent, max_time * MIN_TRAINING_SHARE)
-    config = config or default_config(data, max_time=training_time, iterations=iterations, seed=seed, clock=clock,
-                                      **(init.training_options() if init is not None else {}))
-    with torch_threads(threads):
-        result = train(config, data, model_path, progress=progress, device=device,
-                       network=init.network if init is not None else None)
-        probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), tta, max_time, now, device,
-                                              progress)
+    data = prepared.data
+    with torch_threads(options.threads):
+        result = train_network(prepared, model_path, options, training_time)
+        probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), options.tta, max_time, now,
+                                              options.device, options.progress)
+    probabilities, weighing, parts = blend_stage(probabilities, forest_result, prepared.held)
     decode = lambda p: decode_labels(p.argmax(0), data.class_values)  # noqa: E731
-    parts, weighing = {}, ""
-    if forest_result is not None:
-        parts = {"network": probabilities, "forest": forest_result.probabilities}
-        probabilities, weighing = blend_with_forest(probabilities, forest_result.probabilities, held)
     return DensifyResult(decode(probabilities), probabilities, result.model, result.info, result.iterations,
-                         result.seconds, inputs, blend, tta, spent, forest_result.trees if forest_result else 0,
-                         {name: decode(p) for name, p in parts.items()}, parts, weighing, held)
+                         result.seconds, prepared.inputs, prepared.blend, tta, spent,
+                         forest_result.trees if forest_result else 0,
+                         {name: decode(p) for name, p in parts.items()}, parts, weighing, prepared.held)
