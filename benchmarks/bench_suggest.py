@@ -40,7 +40,7 @@ from experiments.paper import data
 from unet3d.data.sparse import slice_positions
 from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.interactive.session import Session
-from unet3d.interactive.suggest import DEFAULT_STRATEGY, STRATEGIES, rank_slices
+from unet3d.interactive.suggest import DEFAULT_STRATEGY, STRATEGIES, candidate_slices, rank_slices
 
 # (Z, Y, X) slice counts of the evenly spaced strategy, 3 to 11 slices: the paper's (x,y,z) settings
 # (1,1,1), (2,2,1), (3,3,2), (4,4,3) at 3, 5, 8 and 11, adding x, then y, then z in between.
@@ -69,10 +69,9 @@ def foreground(volume: data.Volume) -> np.ndarray:
     return volume.truth != np.bincount(volume.truth.ravel()).argmax()
 
 
-def open_slices(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(axis, index) of the slices not yet painted."""
-    return [(axis, i) for axis in range(3) for i in range(mask.shape[axis])
-            if not mask[slab(mask.shape, axis, i)].mean() >= 0.5]
+def per_slice_counts(voxels: np.ndarray) -> list[np.ndarray]:
+    """Per axis, the number of True voxels in each slice."""
+    return [voxels.sum(axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)]
 
 
 def next_slice(strategy: str, volume: data.Volume, mask: np.ndarray, probabilities: np.ndarray,
@@ -80,16 +79,16 @@ def next_slice(strategy: str, volume: data.Volume, mask: np.ndarray, probabiliti
     if strategy in STRATEGIES:
         best = rank_slices(probabilities, mask, strategy=strategy, count=1, rng=rng)[0]
         return best.axis, best.index
-    candidates = open_slices(mask)
+    candidates = candidate_slices(mask)
     if strategy == "random":
         return candidates[rng.integers(len(candidates))]
     if strategy == "foreground":
-        fg = foreground(volume)
-        weights = np.array([fg[slab(mask.shape, a, i)].sum() for a, i in candidates], float) + 1e-9
+        counts = per_slice_counts(foreground(volume))
+        weights = np.array([counts[a][i] for a, i in candidates], float) + 1e-9
         return candidates[rng.choice(len(candidates), p=weights / weights.sum())]
     if strategy == "oracle":
-        wrong = (labels != volume.truth) & ~mask
-        return max(candidates, key=lambda c: wrong[slab(mask.shape, *c)].sum())
+        counts = per_slice_counts((labels != volume.truth) & ~mask)
+        return max(candidates, key=lambda c: counts[c[0]][c[1]])
     raise ValueError(f"unknown strategy {strategy}")
 
 

@@ -53,12 +53,13 @@ def rank_slices(probabilities: np.ndarray, annotated: np.ndarray, *, strategy: s
     if not annotated.any():
         raise UserError("no voxel is annotated: annotate at least a few voxels of each class first")
     voxel_scores = _voxel_scores(probabilities, strategy)
-    candidates = []
-    for axis in axes:
-        sums, open_slices = _slice_sums(voxel_scores, annotated, axis, mean=strategy == "uncertainty")
+    open_slices = candidate_slices(annotated, axes)
+    scores = {}
+    for axis in {axis for axis, _ in open_slices}:
+        scores[axis] = _slice_sums(voxel_scores, annotated, axis, mean=strategy == "uncertainty")
         if strategy == "spread":
-            sums = sums * _distance_damping(annotated, axis)
-        candidates += [Suggestion(axis, int(i), float(sums[i])) for i in np.flatnonzero(open_slices)]
+            scores[axis] = scores[axis] * _distance_damping(annotated, axis)
+    candidates = [Suggestion(axis, index, float(scores[axis][index])) for axis, index in open_slices]
     if not candidates:
         raise UserError("every slice along the chosen axes is already annotated")
     if strategy == "sampled":
@@ -79,25 +80,29 @@ def _voxel_scores(probabilities: np.ndarray, strategy: str) -> np.ndarray:
     return wrong * (weights / weights.min())[predicted]
 
 
-def _slice_sums(voxel_scores: np.ndarray, annotated: np.ndarray, axis: int, mean: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per slice along `axis`: the sum (or mean) of the scores of its unannotated voxels, and
-    whether the slice is still a candidate."""
+def annotated_share(annotated: np.ndarray, axis: int) -> np.ndarray:
+    """Per slice along `axis`: the share of its voxels that are annotated."""
+    return annotated.mean(axis=tuple(a for a in range(3) if a != axis))
+
+
+def candidate_slices(annotated: np.ndarray, axes=(0, 1, 2)) -> list[tuple[int, int]]:
+    """(axis, index) of the slices along `axes` that count as not yet annotated."""
+    return [(axis, int(i)) for axis in axes
+            for i in np.flatnonzero(annotated_share(annotated, axis) < ANNOTATED_SLICE_SHARE)]
+
+
+def _slice_sums(voxel_scores: np.ndarray, annotated: np.ndarray, axis: int, mean: bool) -> np.ndarray:
+    """Per slice along `axis`: the sum (or mean) of the scores of its unannotated voxels."""
     others = tuple(a for a in range(3) if a != axis)
-    open_voxels = ~annotated
-    counts = open_voxels.sum(axis=others)
-    sums = np.where(open_voxels, voxel_scores, 0).sum(axis=others)
-    if mean:
-        sums = sums / np.maximum(counts, 1)
-    share_annotated = 1 - counts / np.prod([annotated.shape[a] for a in others])
-    return sums, (share_annotated < ANNOTATED_SLICE_SHARE) & (counts > 0)
+    sums = np.where(annotated, 0, voxel_scores).sum(axis=others)
+    return sums / np.maximum((~annotated).sum(axis=others), 1) if mean else sums
 
 
 def _distance_damping(annotated: np.ndarray, axis: int) -> np.ndarray:
     """Per slice: min(1, distance to the nearest annotated slice of this axis / the spacing that
     evenly spaced slices would have), 1 everywhere when none of this axis is annotated."""
-    others = tuple(a for a in range(3) if a != axis)
     n = annotated.shape[axis]
-    painted = np.flatnonzero(annotated.mean(axis=others) >= ANNOTATED_SLICE_SHARE)
+    painted = np.flatnonzero(annotated_share(annotated, axis) >= ANNOTATED_SLICE_SHARE)
     if painted.size == 0:
         return np.ones(n)
     distance = np.abs(np.arange(n)[:, None] - painted[None, :]).min(axis=1)
