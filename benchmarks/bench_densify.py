@@ -1,7 +1,7 @@
 """densify against ilastik's random forest, side by side on the same annotated voxels.
 
 Usage: .venv/bin/python benchmarks/bench_densify.py [--quick] [--volumes ovule em_vnc_q0 colin27 ...]
-           [--slices 3,3,2] [--max-time 600] [--seeds 0 1] [--results FILE.jsonl] [--save FOLDER]
+           [--slices 3,3,2] [--max-time 600] [--seeds 0 1] [--results FILE.jsonl] [--save FOLDER] [--train]
 
 Per volume and seed: keep the paper's evenly spread orthogonal slices of the dense truth (k per
 axis, (Z, Y, X)); fit the forest peer (ilastik's recipe: 100 trees on the full 7-scale filter
@@ -10,6 +10,9 @@ run densify with its defaults and `--max-time`, as `unet3d densify` does (wall c
 IoU on the unannotated voxels, per class and the mean over foreground classes (every class on
 em_vnc, which has no background), and wall seconds. densify's own forest and network, and their
 plain geometric mean where densify weighed the two, are scored from the same run.
+`--train`: `unet3d train` with the same `--max-time` and nothing else (its plan), then `unet3d
+predict`, on the same sparse volume: the fully automatic default should do at least as well as
+densify's network, which trains on the same recipe for the share of the budget the forest leaves.
 Rows go to `--results` as JSON lines; a rerun skips the rows already there (resumable); `--save`
 keeps each run's probability maps for offline study.
 Volumes: nuclei_tiny (bundled), ovule, em_vnc (whole), em_vnc_q0..3, colin27, hippocampus_NNN
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,8 +80,27 @@ def run_densify(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: 
             "iterations": result.iterations, "trees": result.forest_trees, "blend": result.weighing}
 
 
+def run_train(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: int) -> dict:
+    """The fully automatic command on this one volume, as a user types it: `unet3d train` with only
+    the budget (its plan decides the rest), then `unet3d predict` on the same volume."""
+    unet3d = Path(sys.executable).with_name("unet3d")
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as folder:
+        image, labels, model, output = (Path(folder) / n for n in ("image.npy", "labels.npy", "m.safetensors", "out.npy"))
+        np.save(image, volume.image.astype(np.float32))
+        np.save(labels, sparse)
+        spacing = ["--spacing", ",".join(f"{s:g}" for s in volume.spacing)] if volume.spacing else []
+        subprocess.run([str(unet3d), "train", "--images", str(image), "--labels", str(labels), "--ignore-label",
+                        str(IGNORE), "-o", str(model), "--max-time", f"{max_time:g}", "--seed", str(seed), "--quiet",
+                        *spacing], check=True, capture_output=True, text=True)
+        subprocess.run([str(unet3d), "predict", str(model), str(image), "-o", str(output), "--quiet"], check=True,
+                       capture_output=True, text=True)
+        segmentation = np.load(output)
+    return {**score(volume, segmentation, sparse), "s": round(time.monotonic() - start, 1)}
+
+
 def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int, save: Path | None = None,
-            forest: dict | None = None) -> dict:
+            forest: dict | None = None, with_train: bool = False) -> dict:
     """One row; `forest`: the peer's scores from an earlier row on the same voxels (it does not
     depend on densify's recipe or budget), else it is fitted here."""
     volume = data.load(name)
@@ -86,20 +109,22 @@ def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int, save
     return {"volume": name, "slices": ",".join(map(str, slices)), "seed": seed, "max_time": max_time,
             "voxels": int(volume.truth.size), "annotated": round(float(np.mean(sparse != IGNORE)), 4),
             "forest": forest or run_forest(volume, sparse, classes, seed),
-            "densify": run_densify(volume, sparse, max_time, seed, save)}
+            "densify": run_densify(volume, sparse, max_time, seed, save),
+            **({"train": run_train(volume, sparse, max_time, seed)} if with_train else {})}
 
 
 def print_table(rows: list[dict]) -> None:
     print("| volume | recipe | voxels | slices | seed | annotated | forest (s) | densify (s) | lead | densify's network | "
-          "densify's forest | equal weights | iterations |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "densify's forest | equal weights | iterations | unet3d train (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f, d = r["forest"], r["densify"]
         parts = d["parts"]
         part = lambda k: f"{parts[k]:.3f}" if k in parts else "–"  # noqa: E731
+        train = f"{r['train']['fg']:.3f} ({r['train']['s']:.0f})" if "train" in r else "–"
         print(f"| {r['volume']} | {r.get('recipe') or 'defaults'} | {r['voxels'] / 1e6:.1f} M | {r['slices']} | {r['seed']} | {100 * r['annotated']:.1f} % "
               f"| {f['fg']:.3f} ({f['s']:.0f}) | {d['fg']:.3f} ({d['s']:.0f}) | {d['fg'] - f['fg']:+.3f} "
-              f"| {part('network')} | {part('forest')} | {part('equal weights')} | {d['iterations']} |")
+              f"| {part('network')} | {part('forest')} | {part('equal weights')} | {d['iterations']} | {train} |")
     if rows:
         leads = [r["densify"]["fg"] - r["forest"]["fg"] for r in rows]
         print(f"\nmean lead over the forest: {np.mean(leads):+.3f} (min {min(leads):+.3f}) over {len(rows)} runs")
@@ -117,6 +142,9 @@ def main(argv=None) -> None:
                         "(float16 .npz per run) for offline study of blend rules")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
                         help="change one of densify's recipe constants for an experiment (e.g. HOLD_OUT_SHARE=0.2)")
+    parser.add_argument("--train", action="store_true",
+                        help="also run `unet3d train` with the same --max-time (nothing else) on the volume and score "
+                        "its prediction: the fully automatic default against densify's network")
     parser.add_argument("--quick", action="store_true", help="the bundled example at 10 s: keeps this script working")
     args = parser.parse_args(argv)
     if args.quick:
@@ -135,7 +163,7 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             key = (name, args.slices, seed, args.max_time, recipe)
             row = next((r for r in done if (r["volume"], r["slices"], r["seed"], r["max_time"], r.get("recipe", ""))
-                        == key), None)
+                        == key and ("train" in r or not args.train)), None)
             if row is None:
                 tag = "".join(f"_{c}" for c in args.set)
                 save = args.save / f"{name}_{args.slices}_s{seed}_t{args.max_time:g}{tag}.npz" if args.save else None
@@ -143,7 +171,7 @@ def main(argv=None) -> None:
                     args.save.mkdir(parents=True, exist_ok=True)
                 forest = next((r["forest"] for r in done if (r["volume"], r["slices"], r["seed"])
                                == (name, args.slices, seed)), None)
-                row = {**measure(name, slices, args.max_time, seed, save, forest), "recipe": recipe}
+                row = {**measure(name, slices, args.max_time, seed, save, forest, args.train), "recipe": recipe}
                 if args.results:
                     with args.results.open("a") as out:
                         out.write(json.dumps(row) + "\n")

@@ -22,7 +22,6 @@ unseen volumes. Rows go to `--results` as JSON lines; a rerun skips the rows alr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -37,7 +36,6 @@ import numpy as np
 
 from experiments.paper import data
 from experiments.paper import methods
-from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix, scores
 
@@ -95,11 +93,9 @@ def run_unet(train_cases, test_cases, slices, max_time: float, folder: Path, opt
 def run_forest(train_cases, test_cases, slices, seed: int) -> dict:
     """The experiments' forest across volumes (`experiments.paper.methods`), each scan standardized on its own."""
     start = time.monotonic()
-    standardized = lambda case: dataclasses.replace(  # noqa: E731
-        volume := data.load(case), image=apply_normalization(volume.image, fit_normalization([volume.image])))
-    train_volumes, test_volumes = [standardized(c) for c in train_cases], [standardized(c) for c in test_cases]
+    train_volumes, test_volumes = [data.load(c) for c in train_cases], [data.load(c) for c in test_cases]
     sparse = [v.truth if slices is None else sparsify(v.truth, slices, IGNORE) for v in train_volumes]
-    result = methods.segment("forest", train_volumes, sparse, test_volumes, 0, seed, None)
+    result = methods.segment("forest", train_volumes, sparse, test_volumes, None, None, seed, None)
     confusion = sum(confusion_matrix(labels, volume.truth, volume.num_classes)
                     for labels, volume in zip(result.labels, test_volumes))
     return {**foreground_scores(confusion, test_volumes[0].background), "s": round(time.monotonic() - start, 1)}

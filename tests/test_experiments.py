@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from conftest import shared_volume
 
-from experiments.paper import data, protocols, run
+from experiments.paper import data, protocols, report, run
 from experiments.paper.methods import IGNORE, _network_variant, segment
 from unet3d.data.sparse import positions_for
 from unet3d.training.dataset import prepare_training_set
@@ -15,7 +15,7 @@ from unet3d.workflows.densify import default_config
 
 
 def test_quick_run_records_every_run_writes_report_and_resumes(tmp_path):
-    assert run.main(["--quick", "--out", str(tmp_path), "--budget", "2"]) == 0
+    assert run.main(["--quick", "--out", str(tmp_path), "--steps", "3"]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [r.id for r in run.quick_plan()]
     for record in records:
@@ -30,7 +30,7 @@ def test_quick_run_records_every_run_writes_report_and_resumes(tmp_path):
     figures = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
     assert "iou_vs_labeled.png" in figures and len(figures) == 1 + len(records)
 
-    assert run.main(["--quick", "--out", str(tmp_path), "--budget", "2"]) == 0  # resumes: nothing left to run
+    assert run.main(["--quick", "--out", str(tmp_path), "--steps", "3"]) == 0  # resumes: nothing left to run
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(records)
 
 
@@ -90,7 +90,7 @@ def test_methods_train_on_some_volumes_and_segment_another(nuclei, method, tmp_p
                           None, 0) for i in range(2)]
     held_out = data.Volume("held_out", image[None, :, 30:], truth[:, 30:].astype(np.int64), None, 0)
     sparse = [protocols.sparsify(v.truth, (2, 2, 1), ignore_label=IGNORE) for v in halves]
-    result = segment(method, halves, sparse, [held_out], budget=1.0, seed=0, workdir=tmp_path)
+    result = segment(method, halves, sparse, [held_out], seconds=None, steps=3, seed=0, workdir=tmp_path)
     assert result.class_values == [0, 1, 2]
     assert result.labels[0].shape == held_out.truth.shape
     assert set(np.unique(result.labels[0])) <= {0, 1, 2}
@@ -116,15 +116,16 @@ def test_hippocampus_cases_exist_and_the_split_is_disjoint():
 
 def test_records_resume_last_wins_and_cut_lines_are_skipped(tmp_path):
     path = tmp_path / "results.jsonl"
-    run.append_record(path, {"id": "a", "budget": 5.0, "method": "unet3d", "mean_iou": 0.1})
-    run.append_record(path, {"id": "b", "budget": 5.0, "method": "unet3d", "mean_iou": 0.2})
-    run.append_record(path, {"id": "a", "budget": 9.0, "method": "unet3d", "mean_iou": 0.3})
-    run.append_record(path, {"id": "f", "budget": 5.0, "method": "forest", "mean_iou": 0.4})
+    run.append_record(path, {"id": "a", "budget": "5 steps", "method": "unet3d", "mean_iou": 0.1})
+    run.append_record(path, {"id": "b", "budget": "5 steps", "method": "unet3d", "mean_iou": 0.2})
+    run.append_record(path, {"id": "a", "budget": "9 steps", "method": "unet3d", "mean_iou": 0.3})
+    run.append_record(path, {"id": "f", "budget": "5 steps", "method": "forest", "mean_iou": 0.4})
     with open(path, "a") as f:
         f.write('{"id": "c", "budg')  # interrupted mid-line
     records = run.load_records(path)
     assert [(r["id"], r["mean_iou"]) for r in records] == [("b", 0.2), ("a", 0.3), ("f", 0.4)]
-    assert run.finished(records, 9.0) == {"a", "f"}  # a forest has no training budget: never rerun
+    assert run.finished(records, protocols.Budget(steps=9)) == {"a", "f"}  # a forest has no training budget
+    assert run.finished(records, protocols.Budget(seconds=9.0)) == {"f"}
 
 
 def test_unknown_dataset_is_refused(capsys):
@@ -161,3 +162,26 @@ def test_synthetic_walls_are_labelled_by_the_ovule_rule():
     assert image.shape == (1, 16, 40, 40) and image.dtype == np.float32 and set(np.unique(labels)) <= {0, 1, 2}
     assert 0.02 < (labels == 2).mean() < 0.4
     assert np.array_equal(synthetic_volume(0, shape=(16, 40, 40))[0], image)  # reproducible by seed
+
+
+def test_slice_settings_are_the_papers_x_y_z():
+    """(x,y,z) = (4,4,3): 4 slices across x, 4 across y, 3 across z (the paper's notation)."""
+    assert protocols.zyx("4,4,3") == (3, 4, 4) == protocols.CROSSVAL_SLICES
+    truth = np.zeros((30, 40, 50), np.int64)
+    run_ = protocols.Run("slices", "g", "2,2,1", "unet3d", ("v",), ("v",))
+    volume = data.Volume("v", truth[None].astype(np.float32), truth, None, 0)
+    (sparse,), _ = protocols._annotation(run_, [volume])
+    annotated = sparse != IGNORE
+    assert annotated.all(axis=(1, 2)).sum() == 1  # one whole xy-slice (across z)
+    assert annotated.all(axis=(0, 2)).sum() == 2 and annotated.all(axis=(0, 1)).sum() == 2
+
+
+def test_seeds_are_separate_runs_and_the_report_gives_their_spread(tmp_path):
+    runs = protocols.slice_runs({"g": ["v"]}, ("unet3d",), ("1,1,1",), seeds=(0, 1))
+    assert len({r.id for r in runs}) == 2 and [r.seed for r in runs] == [0, 1]
+    records = [{"experiment": "slices", "group": "g", "setting": "1,1,1", "method": "unet3d", "seed": seed,
+                "labeled_fraction": 0.1, "seconds": 1.0, "scores": [{"mean_iou": iou, "iou": {"1": iou}}]}
+               for seed, iou in ((0, 0.5), (1, 0.7))]
+    cell = report.summarize(records, "slices")["g"][("1,1,1", "unet3d")]
+    assert cell["mean_iou"] == pytest.approx(0.6) and cell["sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert "± 0.141" in report._cell(cell) and cell["seeds"] == 2

@@ -87,3 +87,28 @@ def test_options_that_replace_a_planned_choice_say_so_in_the_printed_plan(tmp_pa
     assert "given as an option" in printed["patch, batch"] and "8×16×16" in printed["patch, batch"]
     assert "given as an option" in printed["network"] and "width 4" in printed["network"]
     assert "--filter-features off" in printed["inputs"] and "given as an option" not in printed["loss"]
+
+
+def test_the_planned_hold_out_trains_on_the_others_and_keeps_the_best_model(tmp_path, capsys):
+    import tifffile
+    from conftest import EXAMPLE
+    from unet3d.cli.main import main
+
+    image, labels = tifffile.imread(EXAMPLE / "image.tif"), tifffile.imread(EXAMPLE / "labels.tif")
+    paths = []
+    for i in range(4):  # four crops of the example, with their annotation
+        crop = (slice(None), slice(14 * i, 14 * i + 24))
+        np.save(tmp_path / f"image{i}.npy", image[crop])
+        np.save(tmp_path / f"labels{i}.npy", labels[crop])
+        paths.append((str(tmp_path / f"image{i}.npy"), str(tmp_path / f"labels{i}.npy")))
+    model = tmp_path / "m.safetensors"
+    assert main(["train", "--images", *[p[0] for p in paths], "--labels", *[p[1] for p in paths],
+                 "--ignore-label", "255", "-o", str(model), "--iterations", "2", "--validate-every", "1",
+                 "--quiet", "--patch", "8,16,16", "--width", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 4 volumes held out" in printed
+    assert model.with_name("m.best.safetensors").exists()
+    from unet3d.model.serialization import load_model
+
+    sources = load_model(model)[1]["training"]["sources"]
+    assert len(sources) == 3 and all(s in [p[0] for p in paths] for s in sources)

@@ -1,6 +1,8 @@
 """The compared methods, each trained on sparse labels of some volumes and segmenting others.
 
-unet3d        the densify recipe (unet3d.workflows.densify.default_config): 3D U-Net with batch norm
+unet3d        what `unet3d train` plans for these volumes and this budget (unet3d.workflows.plan:
+              normalization, inputs, held-out validation volumes, densify's recipe): 3D U-Net with
+              batch norm
 unet3d_nobn   the same network without normalization (the paper's "3D w/o BN")
 unet2d        the same recipe with 2D convolutions, applied to every z-slice independently (the
               paper's "2D with BN"); it learns from every annotated voxel, i.e. from whole annotated
@@ -25,11 +27,11 @@ from unet3d.baselines import random_forest_segment
 from unet3d.data.features import filter_features
 from unet3d.baselines.forest import make_forest, predict_probabilities
 from unet3d.data.labels import decode_labels, encode_labels, present_values
-from unet3d.data.normalization import apply_normalization
-from unet3d.inference import predict_array
+from unet3d.data.normalization import apply_normalization, fit_normalization
+from unet3d.inference.predictor import predict_image
+from unet3d.model.serialization import load_model
 from unet3d.training import train
-from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows.densify import default_config
+from unet3d.workflows.plan import Fingerprint, plan_training, training_sets
 
 IGNORE = 255
 UNET_METHODS = ("unet3d", "unet3d_nobn", "unet2d", "unet3d_dense")
@@ -53,12 +55,13 @@ def annotated_classes(sparse: list[np.ndarray]) -> list[int]:
 
 
 def segment(method: str, train_volumes: list[Volume], sparse: list[np.ndarray], test_volumes: list[Volume],
-            budget: float, seed: int, workdir: Path) -> Segmentation:
-    """Train `method` on the annotated voxels of `sparse` (IGNORE elsewhere), segment `test_volumes`."""
+            seconds: float | None, steps: int | None, seed: int, workdir: Path) -> Segmentation:
+    """Train `method` on the annotated voxels of `sparse` (IGNORE elsewhere) for `steps` steps or
+    `seconds` (networks), segment `test_volumes`."""
     if method == "forest":
         return _forest(train_volumes, sparse, test_volumes, seed)
     if method in UNET_METHODS:
-        return _unet(method, train_volumes, sparse, test_volumes, budget, seed, workdir)
+        return _unet(method, train_volumes, sparse, test_volumes, seconds, steps, seed, Path(workdir))
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -75,18 +78,23 @@ def _network_variant(config, method: str):
     return config
 
 
-def _unet(method, train_volumes, sparse, test_volumes, budget, seed, workdir) -> Segmentation:
-    classes = annotated_classes(sparse)
-    data = prepare_training_set([v.image for v in train_volumes], sparse, IGNORE, sources=[v.name for v in train_volumes],
-                                class_values=classes, spacing=train_volumes[0].spacing)
-    config = _network_variant(default_config(data, max_time=budget, seed=seed), method)
-    result = train(config, data, Path(workdir) / "model.safetensors", progress=False)
+def _unet(method, train_volumes, sparse, test_volumes, seconds, steps, seed, workdir: Path) -> Segmentation:
+    """`unet3d train`'s plan for these volumes (the variant's network), its best model on the held-out
+    volumes where the plan holds some out, predicting as `unet3d predict` does."""
+    images, names, spacing = [v.image for v in train_volumes], [v.name for v in train_volumes], train_volumes[0].spacing
+    plan = plan_training(Fingerprint.of(images, sparse, IGNORE, spacing, names), max_time=seconds, iterations=steps,
+                         validation_given=False, seed=seed, source=names[0])
+    data, validation = training_sets(images, sparse, IGNORE, names, held_out=plan.validation_volumes,
+                                     features=plan.input_features, per_volume=plan.per_volume, spacing=spacing,
+                                     class_values=annotated_classes(sparse))
+    config = _network_variant(plan.config(data, seed), method)
+    output = workdir / "model.safetensors"
+    result = train(config, data, output, validation=validation, progress=False)
+    best = output.with_name("model.best.safetensors")
+    model, info = load_model(best) if best.exists() else load_model(output)
     start = time.perf_counter()
-    labels = []
-    for volume in test_volumes:
-        image = apply_normalization(volume.image, data.normalization)
-        labels.append(decode_labels(predict_array(result.model, image).argmax(0), classes))
-    return Segmentation(labels, classes, result.iterations, result.seconds, time.perf_counter() - start)
+    labels = [decode_labels(predict_image(model, info, volume.image).argmax(0), data.class_values) for volume in test_volumes]
+    return Segmentation(labels, data.class_values, result.iterations, result.seconds, time.perf_counter() - start)
 
 
 def _forest(train_volumes, sparse, test_volumes, seed) -> Segmentation:
@@ -101,13 +109,20 @@ def _forest(train_volumes, sparse, test_volumes, seed) -> Segmentation:
     return _forest_across_volumes(train_volumes, sparse, test_volumes, classes, seed)
 
 
+def _standardized(volume: Volume) -> np.ndarray:
+    """The image standardized on its own statistics: scans whose intensity scales differ (MRI) give
+    the forest comparable filter responses, as they give the network (`unet3d train`'s plan)."""
+    return apply_normalization(volume.image, fit_normalization([volume.image]))
+
+
 def _forest_across_volumes(train_volumes, sparse, test_volumes, classes, seed) -> Segmentation:
-    """ilastik's recipe over several volumes: filter features, a forest fitted on sampled annotated voxels."""
+    """ilastik's recipe over several volumes: filter features of each volume standardized on its own,
+    a forest fitted on sampled annotated voxels."""
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     samples, targets = [], []
     for volume, labels in zip(train_volumes, sparse):
-        features = filter_features(volume.image, spacing=volume.spacing).reshape(-1, labels.size)
+        features = filter_features(_standardized(volume), spacing=volume.spacing).reshape(-1, labels.size)
         encoded = encode_labels(labels, classes, IGNORE, volume.name).reshape(-1)
         annotated = np.flatnonzero(encoded >= 0)
         share = FOREST_TRAIN_VOXELS * annotated.size // sum(int((s != IGNORE).sum()) for s in sparse)
@@ -125,5 +140,5 @@ def _forest_across_volumes(train_volumes, sparse, test_volumes, classes, seed) -
 
 def _forest_predict(forest, volume: Volume, num_classes: int) -> np.ndarray:
     """Most probable class index per voxel of a test volume."""
-    features = filter_features(volume.image, spacing=volume.spacing).reshape(-1, volume.truth.size)
+    features = filter_features(_standardized(volume), spacing=volume.spacing).reshape(-1, volume.truth.size)
     return predict_probabilities(forest, features, num_classes).argmax(0).reshape(volume.truth.shape)

@@ -2,10 +2,14 @@
 
 slices     the table of annotated slices per axis: densify one volume from k slices per axis and
            score IoU on the voxels nobody annotated (unet3d_dense: all voxels labeled, all scored)
-crossval   Table 1, semi-automatic: the (4, 4, 3) annotated slices of a volume dealt into three
-           subsets; train on two, score the voxels of the third subset's slices that the training
-           slices do not cover
+crossval   Table 1, semi-automatic: the (x,y,z) = (4,4,3) annotated slices of a volume dealt into
+           three subsets; train on two, score the voxels of the third subset's slices that the
+           training slices do not cover
 automatic  Table 3, fully automatic: train on sparsely annotated volumes, segment unseen ones
+
+Slice counts are written as the paper writes them, (x,y,z): "4,4,3" is 4 yz-slices (across x),
+4 xz-slices and 3 xy-slices, i.e. (Z, Y, X) = (3, 4, 4) in the arrays. Every run has a seed (the
+network's initialisation and patches, the forest's trees); the tables give mean ± sd over seeds.
 """
 
 from __future__ import annotations
@@ -23,11 +27,30 @@ from unet3d.data.sparse import labeled_fraction, positions_for, sparsify
 from unet3d.evaluation import evaluate_volumes
 
 EXPERIMENTS = ("slices", "crossval", "automatic")
-SLICE_SETTINGS = ("1,1,1", "2,2,1", "3,3,2", "4,4,3")
-CROSSVAL_SLICES = (4, 4, 3)  # 11 slices, dealt into 3 subsets of 4, 4 and 3
-AUTOMATIC_SLICES = (4, 4, 3)  # annotation of each training volume in the fully automatic protocol
+SLICE_SETTINGS = ("1,1,1", "2,2,1", "3,3,2", "4,4,3")  # the paper's, (x,y,z)
 FOLDS = 3
-SEED = 0
+SEEDS = (0, 1, 2)
+
+
+def zyx(setting: str) -> tuple[int, int, int]:
+    """Slices per array axis (Z, Y, X) of a setting written as the paper writes it, (x,y,z)."""
+    x, y, z = (int(k) for k in setting.split(","))
+    return z, y, x
+
+
+CROSSVAL_SLICES = zyx("4,4,3")  # 11 slices, dealt into 3 subsets of 4, 4 and 3
+AUTOMATIC_SLICES = zyx("4,4,3")  # annotation of each training volume in the fully automatic protocol
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training per network run: a number of steps (the same work on a busy or an idle machine),
+    or wall seconds."""
+    steps: int | None = None
+    seconds: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.steps} steps" if self.steps else f"{self.seconds:g} s"
 
 
 @dataclass(frozen=True)
@@ -38,30 +61,28 @@ class Run:
     method: str
     train: tuple[str, ...]  # volumes whose annotation trains the method
     test: tuple[str, ...]  # volumes it segments and is scored on
+    seed: int = 0
 
     @property
     def id(self) -> str:
-        return "/".join((self.experiment, self.group, self.setting, self.method, "+".join(self.test)))
+        return "/".join((self.experiment, self.group, self.setting, self.method, "+".join(self.test), f"seed {self.seed}"))
 
 
-def slice_runs(volumes: dict[str, list[str]], methods, settings=SLICE_SETTINGS) -> list[Run]:
-    runs = []
-    for group, names in volumes.items():
-        for name in names:
-            for method in methods:
-                for setting in (("dense",) if method == "unet3d_dense" else settings):
-                    runs.append(Run("slices", group, setting, method, (name,), (name,)))
-    return runs
+def slice_runs(volumes: dict[str, list[str]], methods, settings=SLICE_SETTINGS, seeds=SEEDS) -> list[Run]:
+    return [Run("slices", group, setting, method, (name,), (name,), seed)
+            for seed in seeds for group, names in volumes.items() for name in names for method in methods
+            for setting in (("dense",) if method == "unet3d_dense" else settings)]
 
 
-def crossval_runs(volumes: dict[str, list[str]], methods, folds=range(FOLDS)) -> list[Run]:
-    return [Run("crossval", group, f"subset {fold + 1}", method, (name,), (name,))
-            for group, names in volumes.items() for name in names for fold in folds for method in methods]
+def crossval_runs(volumes: dict[str, list[str]], methods, folds=range(FOLDS), seeds=SEEDS) -> list[Run]:
+    return [Run("crossval", group, f"subset {fold + 1}", method, (name,), (name,), seed)
+            for seed in seeds for group, names in volumes.items() for name in names for fold in folds
+            for method in methods]
 
 
-def automatic_runs(splits: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]], methods) -> list[Run]:
-    return [Run("automatic", group, f"test {'+'.join(test)}", method, train, test)
-            for group, pairs in splits.items() for train, test in pairs for method in methods]
+def automatic_runs(splits: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]], methods, seeds=SEEDS) -> list[Run]:
+    return [Run("automatic", group, f"test {'+'.join(test)}", method, train, test, seed)
+            for seed in seeds for group, pairs in splits.items() for train, test in pairs for method in methods]
 
 
 def em_vnc_splits() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
@@ -91,14 +112,15 @@ def crossval_split(truth: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray
     return sparse, held_out & (sparse == IGNORE)
 
 
-def execute(run: Run, budget: float, figures: Path | None = None) -> dict:
+def execute(run: Run, budget: Budget, figures: Path | None = None) -> dict:
     """Train and score one run; returns its JSON record (and writes its overlay into `figures`)."""
     train_volumes = [data.load(name) for name in run.train]
     test_volumes = [v for v in train_volumes if v.name in run.test] or [data.load(name) for name in run.test]
     sparse, masks = _annotation(run, train_volumes)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="unet3d-paper-") as workdir:
-        result = segment(run.method, train_volumes, sparse, test_volumes, budget, SEED, Path(workdir))
+        result = segment(run.method, train_volumes, sparse, test_volumes, budget.seconds, budget.steps, run.seed,
+                         Path(workdir))
     seconds = time.perf_counter() - start
     scores = []
     for volume, labels in zip(test_volumes, result.labels):
@@ -107,7 +129,7 @@ def execute(run: Run, budget: float, figures: Path | None = None) -> dict:
         if figures is not None:
             _overlay(figures, run, volume, labels, result.class_values)
     return {
-        "id": run.id, **asdict(run), "budget": budget,
+        "id": run.id, **asdict(run), "budget": str(budget),
         "labeled_fraction": float(np.mean([labeled_fraction(s, IGNORE) for s in sparse])),
         "scores": scores, "mean_iou": float(np.mean([s["mean_iou"] for s in scores])),
         "iterations": result.iterations, "seconds_train": round(result.seconds_train, 1),
@@ -120,8 +142,7 @@ def _annotation(run: Run, volumes: list[data.Volume]) -> tuple[list[np.ndarray],
     if run.method == "unet3d_dense":
         return [v.truth.astype(np.uint8) for v in volumes], {}
     if run.experiment == "slices":
-        slices = tuple(int(k) for k in run.setting.split(","))
-        sparse = sparsify(volumes[0].truth, slices, ignore_label=IGNORE)
+        sparse = sparsify(volumes[0].truth, zyx(run.setting), ignore_label=IGNORE)
         return [sparse], {volumes[0].name: sparse == IGNORE}
     if run.experiment == "crossval":
         fold = int(run.setting.removeprefix("subset ")) - 1

@@ -24,7 +24,8 @@ ORDER = ("unet3d", "unet3d_nobn", "unet2d", "forest", "unet3d_dense")
 
 
 def summarize(records: list[dict], experiment: str) -> dict:
-    """{group: {(setting, method): {mean_iou, iou per class, labeled, volumes, seconds}}} averaged over volumes."""
+    """{group: {(setting, method): {mean_iou, sd, seeds, iou per class, labeled, volumes, seconds}}}:
+    averaged over volumes, then mean and standard deviation over seeds."""
     cells = defaultdict(lambda: defaultdict(list))
     for record in records:
         if record["experiment"] == experiment:
@@ -36,7 +37,12 @@ def _mean_cell(runs: list[dict]) -> dict:
     scores = [s for r in runs for s in r["scores"]]
     classes = sorted({c for s in scores for c in s["iou"]}, key=int)
     per_class = {c: _mean([s["iou"].get(c) for s in scores]) for c in classes}
-    return {"mean_iou": _mean([s["mean_iou"] for s in scores]), "iou": per_class, "volumes": len(scores),
+    by_seed = defaultdict(list)
+    for run in runs:
+        by_seed[run.get("seed", 0)] += [s["mean_iou"] for s in run["scores"]]
+    seed_means = [m for m in (_mean(v) for v in by_seed.values()) if m is not None]
+    return {"mean_iou": _mean(seed_means), "sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else None,
+            "seeds": len(by_seed), "iou": per_class, "volumes": len(scores) // len(by_seed),
             "labeled": float(np.mean([r["labeled_fraction"] for r in runs])), "seconds": sum(r["seconds"] for r in runs)}
 
 
@@ -53,7 +59,8 @@ def _cell(cell: dict | None) -> str:
     if cell is None:
         return "not run"
     classes = " / ".join("–" if v is None else f"{v:.2f}" for v in cell["iou"].values())
-    return f"**{_fmt(cell['mean_iou'])}** ({classes})"
+    spread = f" ± {cell['sd']:.3f}" if cell["sd"] is not None else ""
+    return f"**{_fmt(cell['mean_iou'])}**{spread} ({classes})"
 
 
 def _methods(table: dict) -> list[str]:
@@ -62,8 +69,9 @@ def _methods(table: dict) -> list[str]:
 
 
 def _volumes_note(table: dict) -> str:
-    counts = {cell["volumes"] for cell in table.values()}
-    return f" ({max(counts)} volumes, averaged)" if max(counts) > 1 else ""
+    volumes, seeds = (max(cell[key] for cell in table.values()) for key in ("volumes", "seeds"))
+    parts = ([f"{volumes} volumes averaged"] if volumes > 1 else []) + ([f"{seeds} seeds"] if seeds > 1 else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def slices_section(summary: dict) -> list[str]:
@@ -71,11 +79,13 @@ def slices_section(summary: dict) -> list[str]:
              "IoU on the voxels nobody annotated: **mean over foreground classes** (em_vnc: over all four "
              "classes, its class 0 is membrane) and, in brackets, per class 0 / 1 / …. The dense row trains on "
              "every voxel and is scored on every voxel (fit within the same budget: an upper bound). "
+             "± is the standard deviation over seeds (each seed's value a mean over the volumes). "
+             "Slices per axis as the paper writes them, (x,y,z): 4,4,3 is 4 yz-, 4 xz- and 3 xy-slices. "
              "Paper: 3D U-Net with BN, mean of its three samples.", ""]
     for group, table in summary.items():
         methods = [m for m in _methods(table) if m != "unet3d_dense"]
         lines += [f"### {group}{_volumes_note(table)}", "",
-                  "| slices (z,y,x) | labeled % | " + " | ".join(METHOD_NAMES[m] for m in methods) + " | paper labeled % | paper IoU |",
+                  "| slices (x,y,z) | labeled % | " + " | ".join(METHOD_NAMES[m] for m in methods) + " | paper labeled % | paper IoU |",
                   "|---" * (len(methods) + 4) + "|"]
         for setting in sorted({s for s, _ in table if s != "dense"}):
             labeled = next(table[(setting, m)]["labeled"] for m in methods if (setting, m) in table)
@@ -150,17 +160,17 @@ def write_report(records: list[dict], out: Path, header: list[str]) -> Path:
     if crossval:
         lines += comparison_section(
             "## 2. Semi-automatic 3-fold cross-validation (the paper's Table 1)", crossval, PAPER_CROSSVAL,
-            "The (4,4,3) annotated slices of a volume dealt into three subsets (4, 4 and 3 slices, each with "
+            "The (x,y,z) = (4,4,3) annotated slices of a volume dealt into three subsets (4, 4 and 3 slices, each with "
             "slices of several axes); train on two, IoU on the third subset's voxels that no training slice covers.")
     automatic = summarize(records, "automatic")
     if automatic:
         lines += comparison_section(
             "## 3. Fully automatic (the paper's Table 3)", automatic, PAPER_AUTOMATIC,
-            "Train on (4,4,3) slices of each training volume (dense method: every voxel), segment unseen "
+            "Train on (x,y,z) = (4,4,3) slices of each training volume (dense method: every voxel), segment unseen "
             "volumes, IoU on all their voxels. em_vnc: four 20×512×512 quarters, each held out once.")
-    lines += ["## Runs", "", "| run | budget s | labeled % | mean IoU | iterations | seconds (train / predict / total) |",
+    lines += ["## Runs", "", "| run | budget | labeled % | mean IoU | iterations | seconds (train / predict / total) |",
               "|---|---|---|---|---|---|"]
-    lines += [f"| {r['id']} | {r['budget']:g} | {100 * r['labeled_fraction']:.1f} | {_fmt(r['mean_iou'])} | {r['iterations'] or '–'} | "
+    lines += [f"| {r['id']} | {r['budget']} | {100 * r['labeled_fraction']:.1f} | {_fmt(r['mean_iou'])} | {r['iterations'] or '–'} | "
               f"{r['seconds_train']} / {r['seconds_predict']} / {r['seconds']} |" for r in records]
     path = out / "report.md"
     with atomic_path(path) as tmp:

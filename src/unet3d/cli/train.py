@@ -14,12 +14,11 @@ from unet3d.io import read_image, read_labels
 from unet3d.training import TrainConfig, train
 from unet3d.training.checkpoint import load_checkpoint, run_files
 from unet3d.training.config import CLASS_WEIGHTING, LOSSES, OPTIMIZERS, SCHEDULES
-from unet3d.training.dataset import prepare_training_set
 from unet3d.training.distributed import DEFAULT_TIMEOUT, Processes, joined
-from unet3d.data.features import input_feature_spec, with_input_features
+from unet3d.data.features import input_feature_spec
 from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED
 from unet3d.workflows.plan import (DEFAULT_ITERATIONS, PER_VOLUME_SPREAD_RATIO, Fingerprint, plan_table,
-                                   plan_training)
+                                   plan_training, training_sets)
 
 
 def register(subparsers) -> None:
@@ -142,27 +141,15 @@ def _train(args, processes: Processes) -> int:
     per_volume = args.per_volume if args.per_volume is not None else bool(plan and plan.per_volume)
     if plan is not None:
         _record_overrides(args, plan, features, per_volume)
-    if features:
-        images = [with_input_features(image, features) for image in images]
-    sources = list(args.images)
-    held = plan.validation_volumes if plan else []
-    validation_pairs = [(images[i], labels[i], sources[i]) for i in held]
-    images, labels, sources = ([x[i] for i in range(len(sources)) if i not in held] for x in (images, labels, sources))
-    data = prepare_training_set(images, labels, args.ignore_label, sources=sources,
-                                num_classes=args.num_classes, class_values=args.classes,
-                                normalization=args.normalization or "zscore", spacing=spacing, per_volume=per_volume,
-                                input_features=features)
+    validation = []
     if args.val_images:
         val_images, val_labels, _ = load_pairs(args.val_images, args.val_labels, args.channel_axis)
-        if features:
-            val_images = [with_input_features(image, features) for image in val_images]
-        validation_pairs = list(zip(val_images, val_labels, args.val_images))
-    validation = None
-    if validation_pairs:
-        val_images, val_labels, val_sources = (list(x) for x in zip(*validation_pairs))
-        validation = prepare_training_set(val_images, val_labels, args.ignore_label, sources=val_sources,
-                                          class_values=data.class_values, normalization=data.normalization,
-                                          spacing=data.spacing, input_features=features)
+        validation = list(zip(val_images, val_labels, args.val_images))
+    data, validation = training_sets(images, labels, args.ignore_label, list(args.images),
+                                     held_out=plan.validation_volumes if plan else [], features=features,
+                                     per_volume=per_volume, spacing=spacing, validation=validation,
+                                     normalization=args.normalization or "zscore", num_classes=args.num_classes,
+                                     class_values=args.classes)
     config = _config(args, data, plan)
     if plan is not None and not args.resume and processes.leader:
         print("plan (options override their part):\n" + plan_table(plan.describe(config)))

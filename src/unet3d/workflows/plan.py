@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from unet3d.data.features import feature_memory_shortfall, input_feature_spec
+from unet3d.data.features import feature_memory_shortfall, input_feature_spec, with_input_features
 from unet3d.errors import UserError
 from unet3d.training import TrainConfig
-from unet3d.training.dataset import TrainingSet, check_volumes
+from unet3d.training.dataset import TrainingSet, check_volumes, prepare_training_set
 from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED, TARGET_PATCH, default_config
 
 # Volumes are standardized each on its own statistics (in training and at prediction) when their
@@ -173,6 +173,33 @@ def _validation(fingerprint: Fingerprint, given: bool, seed: int) -> tuple[list[
     chosen = sorted(np.random.default_rng(seed).choice(count, held, replace=False).tolist())
     return chosen, (f"{held} of {count} volumes held out (numbers {', '.join(str(i + 1) for i in chosen)})",
                     "no --val-images: the best model on unseen volumes is kept (MODEL.best.safetensors)")
+
+
+def training_sets(images: list[np.ndarray], labels: list[np.ndarray], ignore_label: int, sources: list[str], *,
+                  held_out: list[int], features: dict | None, per_volume: bool, spacing,
+                  validation: list[tuple[np.ndarray, np.ndarray, str]] = (), normalization: str = "zscore",
+                  num_classes: int | None = None, class_values: list[int] | None = None
+                  ) -> tuple[TrainingSet, TrainingSet | None]:
+    """The training set a plan trains on and its validation set (None: nothing to validate on).
+
+    `held_out`: training volumes kept for validation (the plan's automatic split); `validation`:
+    (image, labels, source) given separately instead. Both get the filter bank `features` and the
+    training normalization, as prediction will give them."""
+    if features:
+        images = [with_input_features(image, features) for image in images]
+        validation = [(with_input_features(image, features), l, s) for image, l, s in validation]
+    pairs = list(validation) or [(images[i], labels[i], sources[i]) for i in held_out]
+    kept = [i for i in range(len(images)) if i not in held_out]
+    data = prepare_training_set([images[i] for i in kept], [labels[i] for i in kept], ignore_label,
+                                sources=[sources[i] for i in kept], num_classes=num_classes, class_values=class_values,
+                                normalization=normalization, spacing=spacing, per_volume=per_volume,
+                                input_features=features)
+    if not pairs:
+        return data, None
+    val_images, val_labels, val_sources = (list(x) for x in zip(*pairs))
+    return data, prepare_training_set(val_images, val_labels, ignore_label, sources=val_sources,
+                                      class_values=data.class_values, normalization=data.normalization,
+                                      spacing=data.spacing, input_features=features)
 
 
 def plan_table(choices: list[Choice]) -> str:
