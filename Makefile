@@ -32,15 +32,15 @@ test: $(STAMP)
 # Full benchmarks: peers (MONAI, pytorch-3dunet) live in .venv-bench, created by peers.sh.
 bench: $(STAMP)
 	bash benchmarks/peers.sh
-	.venv-bench/bin/python benchmarks/bench_train_step.py
-	.venv-bench/bin/python benchmarks/bench_predict.py
-	.venv-bench/bin/python benchmarks/bench_augmentation.py
-	$(BIN)/python benchmarks/bench_forest.py
+	.venv-bench/bin/python -m benchmarks.bench_train_step
+	.venv-bench/bin/python -m benchmarks.bench_predict
+	.venv-bench/bin/python -m benchmarks.bench_augmentation
+	$(BIN)/python -m benchmarks.bench_forest
 
 # Short runs that keep the benchmark code working (no timing assertions); part of CI.
 bench-quick: $(STAMP)
-	for f in benchmarks/bench_*.py; do $(BIN)/python $$f --quick || exit 1; done
-	$(BIN)/python benchmarks/bench_predict.py --quick --planning --repeats 1
+	for f in benchmarks/bench_*.py; do $(BIN)/python -m benchmarks.$$(basename $$f .py) --quick || exit 1; done
+	$(BIN)/python -m benchmarks.bench_predict --quick --planning --repeats 1
 
 # The paper's experiments on the real volumes in ../shared/data (hours; resumable).
 experiments: $(STAMP)

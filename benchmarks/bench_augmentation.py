@@ -1,6 +1,6 @@
 """Time per augmented training patch: unet3d vs MONAI, scipy and elasticdeform, against the training step.
 
-Usage: .venv-bench/bin/python benchmarks/bench_augmentation.py [--quick]
+Usage: .venv-bench/bin/python -m benchmarks.bench_augmentation [--quick]
 (MONAI rows need the peer environment, `bash benchmarks/peers.sh`; elasticdeform rows need
 elasticdeform; rows whose library is missing are left out with a note.)
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from timing import median_time
+from benchmarks.timing import median_time
 from unet3d.augmentation import AugmentationConfig, sample_patch
 from unet3d.augmentation import spatial
 from unet3d.model import UNet, UNetConfig

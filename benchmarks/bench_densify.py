@@ -1,6 +1,6 @@
 """densify against ilastik's random forest, side by side on the same annotated voxels.
 
-Usage: .venv/bin/python benchmarks/bench_densify.py [--quick] [--volumes ovule em_vnc_q0 colin27 ...]
+Usage: .venv/bin/python -m benchmarks.bench_densify [--quick] [--volumes ovule em_vnc_q0 colin27 ...]
            [--slices 3,3,2] [--max-time 600] [--seeds 0 1] [--results FILE.jsonl] [--save FOLDER] [--train]
 
 Per volume and seed: keep the paper's evenly spread orthogonal slices of the dense truth (k per
@@ -28,9 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 

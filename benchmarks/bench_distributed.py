@@ -7,8 +7,8 @@ store each time (the time of the blocks' pass; each worker has passed one tile t
 before it, as every run does). Peak memory is each worker process's VmHWM after its run (Python, PyTorch and
 Dask included), the largest over the workers; the client's own peak is printed too.
 
-    .venv/bin/python benchmarks/bench_distributed.py            # 512×1024×1024 voxels, default 256³ blocks
-    .venv/bin/python benchmarks/bench_distributed.py --quick    # 64×256×256, 64×128×128 blocks (CI, ~1 min)
+    .venv/bin/python -m benchmarks.bench_distributed            # 512×1024×1024 voxels, default 256³ blocks
+    .venv/bin/python -m benchmarks.bench_distributed --quick    # 64×256×256, 64×128×128 blocks (CI, ~1 min)
 """
 
 from __future__ import annotations

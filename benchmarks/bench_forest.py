@@ -1,6 +1,6 @@
 """Densifying sparse slices with the ilastik-style random forest: IoU on unannotated voxels and time.
 
-Usage: .venv/bin/python benchmarks/bench_forest.py [--quick] [--datasets nuclei_tiny,ovule,em_vnc,hippocampus]
+Usage: .venv/bin/python -m benchmarks.bench_forest [--quick] [--datasets nuclei_tiny,ovule,em_vnc,hippocampus]
                                                    [--slices 1,1,1 3,3,2] [--max-train-voxels N]
 
 The paper's protocol: keep the ground truth on a few orthogonal slices (k per axis, evenly spread),

@@ -2,7 +2,7 @@
 and whole-volume prediction against MONAI's sliding window.
 
 Usage:
-    python benchmarks/bench_gpu.py [--quick] [--device cuda] [--repeats N] [--volume 256] [--part feed]
+    python -m benchmarks.bench_gpu [--quick] [--device cuda] [--repeats N] [--volume 256] [--part feed]
 
 Training rows time one step of the paper's network (3 input channels, 3 classes, first width 32,
 4 levels, valid padding, batch norm; input 116×132×132 → output 28×44×44 as in the paper; batch
@@ -48,8 +48,8 @@ import time
 import numpy as np
 import torch
 
-from bench_train_step import monai_basicunet_model, pytorch3dunet_model
-from timing import first_and_median_time
+from benchmarks.bench_train_step import monai_basicunet_model, pytorch3dunet_model
+from benchmarks.timing import first_and_median_time
 from unet3d.augmentation import AugmentationConfig
 from unet3d.inference import predict_array
 from unet3d.inference.memory import estimate_tile_bytes

@@ -7,7 +7,7 @@ lives in a separate environment so the product's stays small:
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install torch==2.13.0 monai numpy scipy h5py tifffile
     .venv-bench/bin/pip install -e . --no-deps
-    .venv-bench/bin/python benchmarks/bench_predict.py [--quick] [--repeats 3] [--max-memory 2048]
+    .venv-bench/bin/python -m benchmarks.bench_predict [--quick] [--repeats 3] [--max-memory 2048]
 
 Also: `--streaming` measures peak memory of HDF5→HDF5 and Zarr→Zarr prediction for volumes of
 growing size under one memory budget; `--memory-model` compares the tile memory estimate with measured peaks;
@@ -146,7 +146,8 @@ def pytorch3dunet_one(job: dict, image: np.ndarray, model) -> dict:
 
 
 def run_child(job: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_predict", "--child", json.dumps(job)],
+                         capture_output=True, text=True, cwd=REPO)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """Which slice to paint next: the suggestion against evenly spaced, random and foreground-aware
 random slices, and an oracle, with a simulated annotator.
 
-Usage: .venv/bin/python benchmarks/bench_suggest.py [--quick] [--volumes nuclei_tiny hippocampus_001 ...]
+Usage: .venv/bin/python -m benchmarks.bench_suggest [--quick] [--volumes nuclei_tiny hippocampus_001 ...]
            [--strategies even random foreground oracle errors ...] [--seeds 5] [--network-seeds 1]
            [--steps 60] [--rounds 6] [--results FILE.jsonl]
 
@@ -28,11 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 

@@ -1,6 +1,6 @@
 """Fully automatic segmentation: `unet3d train` on sparse slices of some volumes, scored on unseen ones.
 
-Usage: .venv/bin/python benchmarks/bench_train.py [--quick] [--dataset hippocampus|em_vnc] [--fold K]
+Usage: .venv/bin/python -m benchmarks.bench_train [--quick] [--dataset hippocampus|em_vnc] [--fold K]
            [--train-cases 40] [--test-cases 40] [--max-time 600 ...] [--slices 2,3,3] [--dense] [--seed 0]
            [--train-options "--width 16"] [--results FILE.jsonl]
 
@@ -28,9 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 

@@ -1,7 +1,7 @@
 """Training-step speed, memory and efficiency: unet3d vs pytorch-3dunet and MONAI; CPU options; ONNX.
 
 Usage:
-    .venv/bin/python benchmarks/bench_train_step.py [--quick] [--peer-python .venv-bench/bin/python]
+    .venv/bin/python -m benchmarks.bench_train_step [--quick] [--peer-python .venv-bench/bin/python]
 
 One training step = forward, cross-entropy, backward and an SGD step (momentum 0.99, as in the
 paper), batch 1, float32, 1 input channel, 3 classes, 4 levels. Every configuration runs in a
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from timing import median_time
+from benchmarks.timing import median_time
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PEER_PYTHON = REPO / ".venv-bench" / "bin" / "python"
@@ -203,9 +203,10 @@ def child_main(cases: list[dict]) -> None:
 def run_cases(cases: list[dict], python: str, timeout: float) -> list[dict]:
     """Results of `cases`, run one after another in one fresh process."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    command = [python, __file__, "--case", json.dumps(cases)]
+    command = [python, "-m", "benchmarks.bench_train_step", "--case", json.dumps(cases)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout * len(cases), env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout * len(cases), env=env,
+                              cwd=REPO)
         stdout, stderr = done.stdout, done.stderr
     except subprocess.TimeoutExpired as exc:
         stdout, stderr = exc.stdout or "", f"over the {timeout:.0f} s limit per configuration"
