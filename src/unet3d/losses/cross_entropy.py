@@ -17,12 +17,23 @@ def weighted_cross_entropy(
     torch's `cross_entropy(weight=..., reduction="mean")`) makes the loss independent of how many
     voxels a patch happens to have annotated. A batch without annotated voxels gives 0, not NaN.
     """
+    return cross_entropy_from_sums(*cross_entropy_sums(logits, target, class_weights))
+
+
+def cross_entropy_sums(logits: torch.Tensor, target: torch.Tensor,
+                       class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ w[t]·CE, Σ w[t]) over the annotated voxels: the loss's two terms, which processes
+    training on parts of one batch add up before forming the loss (training.distributed)."""
     labeled = target >= 0
     safe_target = target.clamp(min=0)
     voxel_ce = F.cross_entropy(logits, safe_target, reduction="none")
     weights = voxel_weights(safe_target, labeled, class_weights, voxel_ce.dtype)
-    total = weights.sum()
-    return (weights * voxel_ce).sum() / torch.where(total > 0, total, torch.ones_like(total))
+    return (weights * voxel_ce).sum(), weights.sum()
+
+
+def cross_entropy_from_sums(weighted: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """The loss from its sums; 0 (not NaN) when no voxel is annotated."""
+    return weighted / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def voxel_weights(safe_target, labeled, class_weights, dtype) -> torch.Tensor:

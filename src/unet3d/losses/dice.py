@@ -19,18 +19,26 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     voxels still lowers the Dice of the true classes and raises the cross-entropy. A batch with no
     annotated voxel gives 0 with zero gradient.
     """
-    num_classes = logits.shape[1]
+    return dice_from_sums(*dice_sums(logits, target))
+
+
+def dice_sums(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per class, over the annotated voxels: (Σ p·onehot, Σ p, Σ onehot), which processes training
+    on parts of one batch add up before forming the loss (training.distributed)."""
     labeled = (target >= 0).unsqueeze(1)
     probabilities = torch.softmax(logits, dim=1) * labeled
-    one_hot = F.one_hot(target.clamp(min=0), num_classes).movedim(-1, 1) * labeled
+    one_hot = (F.one_hot(target.clamp(min=0), logits.shape[1]).movedim(-1, 1) * labeled).to(probabilities.dtype)
     dims = [0, *range(2, logits.ndim)]
-    intersection = (probabilities * one_hot).sum(dims)
-    size_sum = probabilities.sum(dims) + one_hot.sum(dims)
-    present = one_hot.sum(dims) > 0
-    if not present.any():
-        return (probabilities * 0).sum()
-    dice = 2 * intersection[present] / size_sum[present]
-    return 1 - dice.mean()
+    return (probabilities * one_hot).sum(dims), probabilities.sum(dims), one_hot.sum(dims)
+
+
+def dice_from_sums(intersection: torch.Tensor, predicted: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """1 − mean Dice over the classes with annotated voxels (0 with zero gradient when none has),
+    without a data-dependent branch."""
+    present = annotated > 0
+    dice = 2 * intersection / torch.where(present, predicted + annotated, torch.ones_like(annotated))
+    mean = (dice * present).sum() / present.sum().clamp(min=1)
+    return torch.where(present.any(), 1 - mean, mean * 0)
 
 
 def dice_cross_entropy(

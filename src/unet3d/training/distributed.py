@@ -28,13 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
-from unet3d.losses.cross_entropy import voxel_weights
+from unet3d.losses.cross_entropy import cross_entropy_from_sums, cross_entropy_sums
+from unet3d.losses.dice import dice_from_sums, dice_sums
 from unet3d.losses.factory import LOSSES
 
 DEFAULT_TIMEOUT = 600.0  # seconds a process waits for the others: to join, and in every collective
@@ -258,37 +258,15 @@ def global_loss(name: str, class_weights: torch.Tensor | None = None,
     all-reduce's backward sums the N identical upstream gradients, the average divides by N.
     """
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        labeled = target >= 0
-        safe_target = target.clamp(min=0)
-        voxel_ce = F.cross_entropy(logits, safe_target, reduction="none")
-        weights = voxel_weights(safe_target, labeled, class_weights, voxel_ce.dtype)
-        sums = [(weights * voxel_ce).sum()[None], weights.sum()[None]]
+        sums = [torch.stack(cross_entropy_sums(logits, target, class_weights))]
         if name == "dice_ce":
-            sums += _dice_sums(logits, safe_target, labeled)
+            sums += dice_sums(logits, target)
         totals = summed_over_processes(torch.cat(sums))
-        value = totals[0] / torch.where(totals[1] > 0, totals[1], torch.ones_like(totals[1]))
+        value = cross_entropy_from_sums(totals[0], totals[1])
         if name == "dice_ce":
-            value = value + dice_weight * _dice_loss(*totals[2:].reshape(3, logits.shape[1]))
+            value = value + dice_weight * dice_from_sums(*totals[2:].reshape(3, logits.shape[1]))
         return value
 
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
     return loss
-
-
-def _dice_sums(logits, safe_target, labeled) -> list[torch.Tensor]:
-    """Per class, over annotated voxels: Σ p·onehot, Σ p, Σ onehot (losses.soft_dice_loss's sums)."""
-    mask = labeled.unsqueeze(1)
-    probabilities = torch.softmax(logits, dim=1) * mask
-    one_hot = (F.one_hot(safe_target, logits.shape[1]).movedim(-1, 1) * mask).to(probabilities.dtype)
-    dims = [0, *range(2, logits.ndim)]
-    return [(probabilities * one_hot).sum(dims), probabilities.sum(dims), one_hot.sum(dims)]
-
-
-def _dice_loss(intersection, predicted, annotated) -> torch.Tensor:
-    """1 − mean Dice over the classes annotated anywhere in the global batch (0 when none is),
-    without a data-dependent branch."""
-    present = annotated > 0
-    dice = 2 * intersection / torch.where(present, predicted + annotated, torch.ones_like(annotated))
-    mean = (dice * present).sum() / present.sum().clamp(min=1)
-    return torch.where(present.any(), 1 - mean, mean * 0)
