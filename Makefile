@@ -44,7 +44,7 @@ bench-quick: $(STAMP)
 
 # The paper's experiments on the real volumes in ../shared/data (hours; resumable).
 experiments: $(STAMP)
-	$(BIN)/python -m experiments.paper.run --out results/paper
+	$(BIN)/python -m experiments.paper.run
 
 # The interactive loop in napari (paint, train, correct) on the built-in example.
 napari: $(STAMP)

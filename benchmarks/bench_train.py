@@ -1,7 +1,8 @@
 """Fully automatic segmentation: `unet3d train` on sparse slices of some volumes, scored on unseen ones.
 
 Usage: .venv/bin/python -m benchmarks.bench_train [--quick] [--dataset hippocampus|em_vnc] [--fold K]
-           [--train-cases 40] [--test-cases 40] [--max-time 600 ...] [--slices 2,3,3] [--dense] [--seed 0]
+           [--train-cases 40] [--test-cases 40] [--max-time 600 ... | --steps 2000 ...] [--slices 2,3,3]
+           [--dense] [--seed 0]
            [--train-options "--width 16"] [--results FILE.jsonl]
 
 MSD Hippocampus (../shared/data/hippocampus, or UNET3D_SHARED_DATA): a seeded permutation of the
@@ -11,7 +12,7 @@ cases gives the training cases and the unseen ones; IoU per class and the foregr
 Training labels keep the paper's (x,y,z) = (3,3,2) slices of each training volume — 3 yz-, 3 xz-
 and 2 xy-slices, (Z, Y, X) = (2, 3, 3) — (`--dense`: every voxel, the upper bound). `unet3d train`
 runs as a user types it: images, labels, ignore label, output, `--max-time` (wall seconds, all
-cores) and the voxel spacing where the volume has one, nothing else: its plan decides the rest
+cores; `--steps`: `--iterations` instead, the same work however busy the machine is) and the voxel spacing where the volume has one, nothing else: its plan decides the rest
 (printed); `--train-options` adds options, to measure a choice of the plan against another.
 `unet3d predict` segments each unseen volume. The peer in the same run: ilastik's random forest
 (100 trees on the 7-scale filter bank of each volume, standardized on its own statistics),
@@ -58,7 +59,7 @@ def foreground_scores(confusion: np.ndarray, background: int | None) -> dict:
             "iou": {str(c["value"]): round(c["iou"], 3) for c in result["classes"]}}
 
 
-def run_unet(train_cases, test_cases, slices, max_time: float, folder: Path, options: list[str]) -> dict:
+def run_unet(train_cases, test_cases, slices, budget: list[str], folder: Path, options: list[str]) -> dict:
     images, labels = [], []
     for case in train_cases:
         volume = data.load(case)
@@ -71,7 +72,7 @@ def run_unet(train_cases, test_cases, slices, max_time: float, folder: Path, opt
     spacing = ["--spacing", ",".join(f"{s:g}" for s in volume.spacing)] if volume.spacing else []
     start = time.monotonic()
     trained = subprocess.run([str(UNET3D), "train", "--images", *images, "--labels", *labels, "--ignore-label",
-                              str(IGNORE), "-o", str(model), "--max-time", f"{max_time:g}", "--quiet", *spacing, *options],
+                              str(IGNORE), "-o", str(model), *budget, "--quiet", *spacing, *options],
                              capture_output=True, text=True, check=True)
     seconds = time.monotonic() - start
     best = model.with_name("model.best.safetensors")
@@ -83,7 +84,9 @@ def run_unet(train_cases, test_cases, slices, max_time: float, folder: Path, opt
                         "-o", str(folder / "prediction.npy"), "--quiet"], capture_output=True, text=True,
                        check=True)
         confusion = confusion + confusion_matrix(np.load(folder / "prediction.npy"), volume.truth, volume.num_classes)
-    return {**foreground_scores(confusion, volume.background), "s": round(seconds, 1), "plan": trained.stdout.strip().splitlines(),
+    steps = int(trained.stdout.split("trained ")[-1].split()[0])
+    return {**foreground_scores(confusion, volume.background), "s": round(seconds, 1), "steps": steps,
+            "plan": trained.stdout.strip().splitlines(),
             "model": "best on the held-out training cases" if best.exists() else "last"}
 
 
@@ -105,7 +108,10 @@ def main(argv=None) -> None:
     parser.add_argument("--fold", type=int, default=3, choices=range(4), help="em_vnc: the quarter left out")
     parser.add_argument("--train-cases", type=int, default=40)
     parser.add_argument("--test-cases", type=int, default=40)
-    parser.add_argument("--max-time", type=float, nargs="+", default=[600.0], help="train's --max-time, each a row")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--max-time", type=float, nargs="+", default=[600.0], help="train's --max-time, each a row")
+    budget.add_argument("--steps", type=int, nargs="+",
+                        help="train's --iterations instead, each a row: comparisons that machine load cannot bias")
     parser.add_argument("--slices", default="2,3,3", help="slices per axis, (Z, Y, X): the paper's (x,y,z) = (3,3,2)")
     parser.add_argument("--dense", action="store_true", help="train on every voxel of the training cases")
     parser.add_argument("--seed", type=int, default=0, help="the split and the forest")
@@ -133,29 +139,31 @@ def main(argv=None) -> None:
     forest = next((r["forest"] for r in done if same(r)), None) or run_forest(train_cases, test_cases, slices, args.seed)
     options = args.train_options.split()
     rows = []
-    for max_time in args.max_time:
-        row = next((r for r in done if same(r) and r["max_time"] == max_time
+    budgets = ([(f"{n} steps", ["--iterations", str(n)]) for n in args.steps] if args.steps else
+               [(f"{t:g} s", ["--max-time", f"{t:g}"]) for t in args.max_time])
+    for label, budget in budgets:
+        row = next((r for r in done if same(r) and r["budget"] == label
                     and r.get("train_options", "") == args.train_options), None)
         if row is None:
             with tempfile.TemporaryDirectory() as folder:
-                unet = run_unet(train_cases, test_cases, slices, max_time, Path(folder), options)
+                unet = run_unet(train_cases, test_cases, slices, budget, Path(folder), options)
             row = {"dataset": args.dataset, "fold": fold, "labels": labels, "train_cases": args.train_cases, "test_cases": args.test_cases,
-                   "seed": args.seed, "max_time": max_time, "train_options": args.train_options,
+                   "seed": args.seed, "budget": label, "train_options": args.train_options,
                    "unet": unet, "forest": forest}
             if args.results:
                 with args.results.open("a") as out:
                     out.write(json.dumps(row) + "\n")
         rows.append(row)
-    print("| dataset | labels | training cases | unseen cases | train options | train --max-time "
+    print("| dataset | labels | training cases | unseen cases | train options | budget | steps "
           "| unet3d train: mean IoU (per class) | forest: mean IoU (per class) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         background = "0" if r.get("dataset", "hippocampus") == "hippocampus" else None
         per_class = lambda result: " / ".join(  # noqa: E731
             f"{iou:.2f}" for value, iou in result["iou"].items() if value != background)
         u, f = r["unet"], r["forest"]
         print(f"| {r.get('dataset', 'hippocampus')} | {r['labels']} | {r['train_cases']} | {r['test_cases']} "
-              f"| {r.get('train_options') or 'planned'} | {r['max_time']:g} s "
+              f"| {r.get('train_options') or 'planned'} | {r['budget']} | {u['steps']} "
               f"| {u['fg']:.3f} ({per_class(u)}) | {f['fg']:.3f} ({per_class(f)}) |")
     if rows:
         print("\nplan of the last run:\n" + "\n".join(rows[-1]["unet"]["plan"]))
