@@ -40,23 +40,31 @@ RECORDS = Path(__file__).resolve().parent / "records"
 SECONDS_PER_STEP = 0.35  # the planned network's step (batch 4 of 16×40×40) on 2 cores: 0.11-0.35 s as hosts differ
 # Training steps per network run: the budget at which dense labels clearly beat sparse ones on the
 # volumes of the tables (docs/results.md says how it was found).
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 1000
+# Without --datasets, the volumes each experiment runs on: what 3 seeds of every run at
+# DEFAULT_STEPS fit in about 7 hours of a 2-core CPU (the ovule and the EM stack need more per run
+# than that leaves: --datasets adds them, with every hippocampus case).
+DEFAULT_VOLUMES = {"slices": {"nuclei_tiny": ["nuclei_tiny"], "hippocampus": ["hippocampus_001"]},
+                   "crossval": {"nuclei_tiny": ["nuclei_tiny"]}, "automatic": ("hippocampus",)}
 
 
 def full_plan(methods=METHODS, datasets=None, settings=SLICE_SETTINGS, only=EXPERIMENTS, seeds=SEEDS) -> list[Run]:
-    volumes = {g: v for g, v in PER_VOLUME.items() if datasets is None or g in datasets}
+    """The runs of `only`: on DEFAULT_VOLUMES, or on every volume of `datasets`."""
+    chosen = lambda experiment: (DEFAULT_VOLUMES[experiment] if datasets is None else  # noqa: E731
+                                 {g: v for g, v in PER_VOLUME.items() if g in datasets})
     keep = lambda wanted: [m for m in wanted if m in methods]  # noqa: E731
     runs = []
     if "slices" in only:
-        runs += protocols.slice_runs(volumes, keep(("unet3d", "forest", "unet3d_dense")), settings, seeds)
+        runs += protocols.slice_runs(chosen("slices"), keep(("unet3d", "forest", "unet3d_dense")), settings, seeds)
     if "crossval" in only:
-        runs += protocols.crossval_runs(volumes, keep(("unet3d", "unet3d_nobn", "unet2d", "forest")), seeds=seeds)
+        runs += protocols.crossval_runs(chosen("crossval"), keep(("unet3d", "unet3d_nobn", "unet2d", "forest")),
+                                        seeds=seeds)
     if "automatic" in only:
         hippocampus = lambda cases: tuple(f"hippocampus_{c}" for c in cases)  # noqa: E731
         splits = {"em_vnc": protocols.em_vnc_splits(),
                   "hippocampus": [(hippocampus(data.HIPPOCAMPUS_TRAIN), hippocampus(data.HIPPOCAMPUS_TEST))]}
-        runs += protocols.automatic_runs({g: s for g, s in splits.items() if datasets is None or g in datasets},
-                                         keep(METHODS), seeds)
+        groups = DEFAULT_VOLUMES["automatic"] if datasets is None else datasets
+        runs += protocols.automatic_runs({g: s for g, s in splits.items() if g in groups}, keep(METHODS), seeds)
     return runs
 
 
