@@ -186,36 +186,3 @@ def test_seeds_are_separate_runs_and_the_report_gives_their_spread(tmp_path):
     assert cell["mean_iou"] == pytest.approx(0.6) and cell["sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     assert "± 0.141" in report._cell(cell) and cell["seeds"] == 2
 
-
-def _module(name: str, *args: str) -> str:
-    """Runs `python -m NAME ARGS` from the repository root, as the usage lines say; its stdout."""
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", name, *args], capture_output=True, text=True, timeout=600,
-                          cwd=data.REPO)
-    assert done.returncode == 0, f"{name} {' '.join(args)}:\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
-def test_every_kept_experiment_runs_in_its_smallest_form(tmp_path):
-    """Each script experiments/README.md keeps, on the bundled example with a few CPU seconds: none can
-    rot unnoticed (the paper's runner has its own test above)."""
-    out = str(tmp_path)
-    _module("experiments.ablation.run", "--quick", "--variants", "baseline", "--budget", "3",
-            "--results", f"{out}/ablation.jsonl")
-    _module("experiments.ablation.curve", "--budgets", "3", "--seeds", "0", "--output", f"{out}/curve.png")
-    saved = f"{out}/nuclei_tiny_1,1,1_s0.npz"
-    line = _module("experiments.ablation.forest_blend", "nuclei_tiny", "1,1,1", "0", "6", "notta", "trees=5",
-                   f"save={saved}")
-    assert 0 <= json.loads(line)["fg_iou"]["geometric"] <= 1
-    _module("experiments.ablation.blend_rules", saved)
-    _module("benchmarks.bench_densify", "--quick", "--save", f"{out}/maps")
-    _module("experiments.ablation.held_out_blend", *map(str, (tmp_path / "maps").glob("*.npz")))
-    _module("experiments.ablation.input_features", "nuclei_tiny", "1,1,1", "plain", "0", "3")
-    _module("experiments.ablation.profile_step", "--steps", "1")
-    _module("experiments.ablation.synthetic_walls", "show", f"{out}/walls", "1", "0")
-    model = f"{out}/walls.safetensors"
-    _module("experiments.ablation.pretrained", "pretrain", "synthetic_walls", model, "3")
-    _module("experiments.ablation.pretrained", "alone", model, "nuclei_tiny", "1,1,1", "3")
-    assert (tmp_path / "curve.png").exists() and list((tmp_path / "walls").glob("*.tif"))
