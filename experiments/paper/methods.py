@@ -91,7 +91,7 @@ def _unet(method, train_volumes, sparse, test_volumes, seconds, steps, seed, wor
     output = workdir / "model.safetensors"
     result = train(config, data, output, validation=validation, progress=False)
     best = output.with_name("model.best.safetensors")
-    model, info = load_model(best) if best.exists() else load_model(output)
+    model, info = load_model(best if best.exists() else output)
     start = time.perf_counter()
     labels = [decode_labels(predict_image(model, info, volume.image).argmax(0), data.class_values) for volume in test_volumes]
     return Segmentation(labels, data.class_values, result.iterations, result.seconds, time.perf_counter() - start)
