@@ -1,13 +1,14 @@
 """Does a network pretrained on other volumes of the same kind, then fine-tuned on the user's
 slices, beat densify's fresh network and the random forest?
 
-Usage: .venv/bin/python -m experiments.ablation.pretrained pretrain KIND MODEL BUDGET [SEED]
+Usage: .venv/bin/python -m experiments.ablation.pretrained pretrain KIND MODEL BUDGET [SEED] [volumes=N]
        .venv/bin/python -m experiments.ablation.pretrained finetune MODEL VOLUME SLICES SEED BUDGET [lr=R]
        .venv/bin/python -m experiments.ablation.pretrained alone MODEL VOLUME SLICES BUDGET
   KIND     hippocampus: every case of ../shared/data/hippocampus except the ones the experiments
            score (experiments/paper/data.py); em_vnc: the quarters q1-q3 (the test quarter is q0);
            synthetic_walls: 12 synthetic cell-wall stacks (synthetic_walls.py), for the ovule
   BUDGET   CPU seconds of this process (one thread)
+  volumes=N  pretrain on the first N of those volumes only (a quick run)
   lr=R     fine-tune at this peak learning rate instead of densify's
 
 pretrain trains densify's network on the dense labels of those volumes and writes MODEL;
@@ -51,16 +52,17 @@ def pretraining_names(kind: str) -> list[str]:
 SYNTHETIC_VOLUMES = 12
 
 
-def pretraining_volumes(kind: str) -> list[data.Volume]:
-    """The volumes, with dense labels, that a model of this kind is trained on."""
+def pretraining_volumes(kind: str, count: int | None = None) -> list[data.Volume]:
+    """The volumes, with dense labels, that a model of this kind is trained on (the first `count`)."""
     if kind == "synthetic_walls":
-        return [data.Volume(f"synthetic_{seed}", *synthetic_volume(seed), None, 0) for seed in range(SYNTHETIC_VOLUMES)]
-    return [data.load(name) for name in pretraining_names(kind)]
+        return [data.Volume(f"synthetic_{seed}", *synthetic_volume(seed), None, 0)
+                for seed in range(min(count or SYNTHETIC_VOLUMES, SYNTHETIC_VOLUMES))]
+    return [data.load(name) for name in pretraining_names(kind)[:count]]
 
 
-def pretrain(kind: str, model: str, budget: float, seed: int = 0) -> dict:
+def pretrain(kind: str, model: str, budget: float, seed: int = 0, count: int | None = None) -> dict:
     torch.set_num_threads(1)
-    volumes = pretraining_volumes(kind)
+    volumes = pretraining_volumes(kind, count)
     # The EM and cell-wall networks read the filter bank, as densify gives it on EM and the ovule
     # (tens to hundreds of thousands of annotated voxels).
     spec = input_feature_spec(volumes[0].spacing) if kind in ("em_vnc", "synthetic_walls") else None
@@ -90,7 +92,9 @@ def finetune(model: str, name: str, slices: str, seed: int, budget: float, lr: f
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "pretrain":
-        print(json.dumps(pretrain(args[0], args[1], float(args[2]), int(args[3]) if len(args) > 3 else 0)), flush=True)
+        count = next((int(a[8:]) for a in args[3:] if a.startswith("volumes=")), None)
+        seed = next((int(a) for a in args[3:] if a.isdigit()), 0)
+        print(json.dumps(pretrain(args[0], args[1], float(args[2]), seed, count)), flush=True)
     elif command == "alone":
         result = finetune(args[0], args[1], args[2], 0, float(args[3]), iterations=0, forest=False)
         print(json.dumps(result), flush=True)
