@@ -28,7 +28,6 @@ def nuclei_training_set(flipped: bool = False):
     import tifffile
 
     from unet3d.data.sparse import sparsify
-    from unet3d.training.dataset import prepare_training_set
 
     image, labels = tifffile.imread(EXAMPLE / "image.tif"), tifffile.imread(EXAMPLE / "labels.tif")
     if flipped:
