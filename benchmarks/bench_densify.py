@@ -36,7 +36,6 @@ from unet3d.baselines import random_forest_segment
 from unet3d.data.labels import decode_labels, encode_labels
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation import evaluate_volumes
-from unet3d.workflows import densify as workflow
 from unet3d.workflows.blend import geometric_mean
 from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, densify
 
@@ -111,15 +110,15 @@ def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int, save
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| volume | recipe | voxels | slices | seed | annotated | forest (s) | densify (s) | lead | densify's network | "
+    print("| volume | voxels | slices | seed | annotated | forest (s) | densify (s) | lead | densify's network | "
           "densify's forest | equal weights | iterations | unet3d train (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f, d = r["forest"], r["densify"]
         parts = d["parts"]
         part = lambda k: f"{parts[k]:.3f}" if k in parts else "–"  # noqa: E731
         train = f"{r['train']['fg']:.3f} ({r['train']['s']:.0f})" if "train" in r else "–"
-        print(f"| {r['volume']} | {r.get('recipe') or 'defaults'} | {r['voxels'] / 1e6:.1f} M | {r['slices']} | {r['seed']} | {100 * r['annotated']:.1f} % "
+        print(f"| {r['volume']} | {r['voxels'] / 1e6:.1f} M | {r['slices']} | {r['seed']} | {100 * r['annotated']:.1f} % "
               f"| {f['fg']:.3f} ({f['s']:.0f}) | {d['fg']:.3f} ({d['s']:.0f}) | {d['fg'] - f['fg']:+.3f} "
               f"| {part('network')} | {part('forest')} | {part('equal weights')} | {d['iterations']} | {train} |")
     if rows:
@@ -137,8 +136,6 @@ def main(argv=None) -> None:
     parser.add_argument("--save", type=Path, metavar="FOLDER",
                         help="also keep densify's network and forest probabilities and its held-out voxels "
                         "(float16 .npz per run) for offline study of blend rules")
-    parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
-                        help="change one of densify's recipe constants for an experiment (e.g. HOLD_OUT_SHARE=0.2)")
     parser.add_argument("--train", action="store_true",
                         help="also run `unet3d train` with the same --max-time (nothing else) on the volume and score "
                         "its prediction: the fully automatic default against densify's network")
@@ -147,28 +144,21 @@ def main(argv=None) -> None:
     if args.quick:
         args.volumes, args.max_time, args.seeds = ["nuclei_tiny"], 10.0, [0]
     slices = tuple(int(k) for k in args.slices.split(","))
-    recipe = " ".join(sorted(args.set))
-    for change in args.set:
-        name, value = change.split("=", 1)
-        if not hasattr(workflow, name):
-            parser.error(f"--set {change}: densify has no constant {name}")
-        setattr(workflow, name, type(getattr(workflow, name))(value))
     done = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
             if args.results and args.results.exists() else [])
     rows = []
     for name in args.volumes:
         for seed in args.seeds:
-            key = (name, args.slices, seed, args.max_time, recipe)
+            key = (name, args.slices, seed, args.max_time, "")  # rows of other recipes (older files) don't count
             row = next((r for r in done if (r["volume"], r["slices"], r["seed"], r["max_time"], r.get("recipe", ""))
                         == key and ("train" in r or not args.train)), None)
             if row is None:
-                tag = "".join(f"_{c}" for c in args.set)
-                save = args.save / f"{name}_{args.slices}_s{seed}_t{args.max_time:g}{tag}.npz" if args.save else None
+                save = args.save / f"{name}_{args.slices}_s{seed}_t{args.max_time:g}.npz" if args.save else None
                 if save:
                     args.save.mkdir(parents=True, exist_ok=True)
                 forest = next((r["forest"] for r in done if (r["volume"], r["slices"], r["seed"])
                                == (name, args.slices, seed)), None)
-                row = {**measure(name, slices, args.max_time, seed, save, forest, args.train), "recipe": recipe}
+                row = measure(name, slices, args.max_time, seed, save, forest, args.train)
                 if args.results:
                     with args.results.open("a") as out:
                         out.write(json.dumps(row) + "\n")
