@@ -70,7 +70,9 @@ def _methods(table: dict) -> list[str]:
 
 def _volumes_note(table: dict) -> str:
     volumes, seeds = (max(cell[key] for cell in table.values()) for key in ("volumes", "seeds"))
-    parts = ([f"{volumes} volumes averaged"] if volumes > 1 else []) + ([f"{seeds} seeds"] if seeds > 1 else [])
+    fewest = min(cell["seeds"] for cell in table.values())
+    counted = f"{seeds} seeds" if fewest == seeds else f"{fewest}–{seeds} seeds per cell, one where no ± is shown"
+    parts = ([f"{volumes} volumes averaged"] if volumes > 1 else []) + ([counted] if seeds > 1 else [])
     return f" ({', '.join(parts)})" if parts else ""
 
 
