@@ -90,6 +90,22 @@ def em_vnc_quarter(index: int) -> Volume:
     return Volume(f"em_vnc_q{index}", image[None], truth, EM_VNC_SPACING, None)
 
 
+HALF_AXIS = {"em_vnc": 1}  # (Z, Y, X) axis each volume is halved across; others: x
+
+
+def half(name: str, index: int) -> Volume:
+    """Half 0 or 1 of a volume, cut across its longest in-plane axis (ovule: x, em_vnc: y,
+    colin27: the left and right hemispheres): train on one half's slices, segment the other."""
+    volume = load(name)
+    axis = HALF_AXIS.get(name, 2)
+    middle = volume.truth.shape[axis] // 2
+    region = [slice(None)] * 3
+    region[axis] = slice(0, middle) if index == 0 else slice(middle, None)
+    region = tuple(region)
+    return Volume(f"{name}_h{index}", volume.image[(slice(None),) + region], volume.truth[region],
+                  volume.spacing, volume.background)
+
+
 def _nifti_zyx(path: Path) -> np.ndarray:
     """A NIfTI volume's (x, y, z) array turned into (z, y, x)."""
     import nibabel
@@ -115,7 +131,8 @@ def colin27() -> Volume:
 
 
 def load(name: str) -> Volume:
-    """A volume by its run-id name: nuclei_tiny, ovule, em_vnc, em_vnc_q0..3, hippocampus_NNN, colin27."""
+    """A volume by its run-id name: nuclei_tiny, ovule, em_vnc, em_vnc_q0..3, hippocampus_NNN, colin27,
+    and any of them but the hippocampus cases with _h0 or _h1, its halves."""
     if name == "nuclei_tiny":
         return nuclei_tiny()
     if name == "ovule":
@@ -124,6 +141,8 @@ def load(name: str) -> Volume:
         return em_vnc()
     if name == "colin27":
         return colin27()
+    if name[-3:] in ("_h0", "_h1"):
+        return half(name[:-3], int(name[-1]))
     if name.startswith("em_vnc_q"):
         return em_vnc_quarter(int(name.removeprefix("em_vnc_q")))
     if name.startswith("hippocampus_"):

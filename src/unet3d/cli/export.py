@@ -37,11 +37,30 @@ def register(subparsers) -> None:
     package.add_argument("--author", action="append", metavar="NAME",
                          help="an author (repeat for several; default: your login name)")
     package.add_argument("--license", default="CC-BY-4.0", help="SPDX licence of the package (default CC-BY-4.0)")
+    parser.add_argument("--network-alone", action="store_true",
+                        help="a model that blends its network with a random forest: export the network alone "
+                        "(neither format can hold the forest); without it such a model is refused")
     parser.set_defaults(run=run)
+
+
+def network_info(args, info: dict) -> dict:
+    """The model's description for a format that holds the network alone: a model blended with a
+    forest is refused unless --network-alone, which says what the network alone scored."""
+    if "forest" not in info:
+        return info
+    scores = (info["forest"].get("evidence") or {}).get("mean_iou") or {}
+    scored = (f" (held-out mean IoU: network alone {scores['network']:.3f}, blend {scores['blend']:.3f})"
+              if scores else "")
+    if not args.network_alone:
+        raise UserError(f"{args.model}: blends its network with a random forest{scored}, which ONNX and BioImage.IO "
+                        "cannot hold; add --network-alone to export the network alone")
+    print(f"exporting the network alone{scored}")
+    return {key: value for key, value in info.items() if key != "forest"}
 
 
 def run(args) -> int:
     model, info = load_model(args.model)
+    info = network_info(args, info)
     if args.onnx:
         export_onnx(model, args.onnx, info=info, opset=args.opset)
         print(f"wrote {args.onnx}")

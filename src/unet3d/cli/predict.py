@@ -18,6 +18,7 @@ from unet3d.inference import predict_volume
 from unet3d.inference.distributed import CONNECT_TIMEOUT, DEFAULT_BLOCK, load_predictor, predict_distributed
 from unet3d.inference.predictor import DEFAULT_MAX_MEMORY
 from unet3d.io import open_volume, parse_spec
+from unet3d.model import load_forest
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -113,6 +114,7 @@ def run(args) -> int:
     outputs = [spec for spec in (args.output, args.probabilities, args.uncertainty) if spec]
     _check_outputs(outputs, args.image)
     model, info = load_predictor(args.model)
+    forest = load_forest(args.model, info)
     with open_volume(args.image, "image", args.channel_axis) as source:
         features = info.get("input_features")
         _check_image(args.image, source.shape, args.model, raw_channels(model.config.in_channels, features))
@@ -120,6 +122,7 @@ def run(args) -> int:
             model, info, source, args.output, args.probabilities, args.uncertainty, tile=args.tile,
             max_memory=args.max_memory, batch_size=args.batch_size, tta=args.tta, device=str(device),
             overlap=args.overlap, progress=not args.quiet, report=lambda note: print(note, file=sys.stderr),
+            forest=forest,
         )
     _report(summary, outputs)
     return 0
@@ -193,7 +196,8 @@ def _report(summary: dict, outputs: list[str]) -> None:
     shape = "x".join(map(str, summary["shape"]))
     tile_in = "x".join(map(str, summary["input_tile"]))
     tile_out = "x".join(map(str, summary["output_tile"]))
-    print(f"predicted {shape} voxels in {summary['tiles']} tile(s) of {tile_in} -> {tile_out}: "
+    blend = ", blended with the model's forest" if summary["forest"] else ""
+    print(f"predicted {shape} voxels in {summary['tiles']} tile(s) of {tile_in} -> {tile_out}{blend}: "
           f"{summary['seconds']:.1f} s, {summary['voxels_per_second']:,.0f} voxels/s")
     print("labels: " + ", ".join(f"{value}: {share:.1%}" for value, share in summary["class_fractions"].items()))
     for spec in outputs:

@@ -9,14 +9,15 @@ from unet3d.augmentation import AugmentationConfig
 from unet3d.cli.options import (DefaultsHelpFormatter, add_network_options, float_list, int_list, int_triple,
                                 network_config)
 from unet3d.errors import UserError
-from unet3d.data.normalization import METHODS as NORMALIZATION_METHODS
+from unet3d.data.normalization import METHODS as NORMALIZATION_METHODS, fit_normalization
 from unet3d.io import read_image, read_labels
 from unet3d.training import TrainConfig, train
 from unet3d.training.checkpoint import load_checkpoint, run_files
 from unet3d.training.config import CLASS_WEIGHTING, LOSSES, OPTIMIZERS, SCHEDULES
 from unet3d.training.distributed import DEFAULT_TIMEOUT, Processes, joined
 from unet3d.data.features import input_feature_spec
-from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED
+from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED, FOREST_MAX_SHARE
+from unet3d.workflows.forest import ForestStage
 from unet3d.workflows.plan import (DEFAULT_ITERATIONS, PER_VOLUME_SPREAD_RATIO, Fingerprint, plan_table,
                                    plan_training, training_sets)
 
@@ -60,6 +61,11 @@ def register(subparsers) -> None:
     data.add_argument("--filter-features", choices=("auto", "on", "off"), default="auto",
                       help="also give the network ilastik's filter bank (61 filters per channel) as input channels; "
                       f"auto: planned, from {FILTER_FEATURES_MIN_ANNOTATED:,} annotated voxels when it fits in memory")
+    data.add_argument("--forest", choices=("auto", "on", "off"), default="auto",
+                      help="also fit ilastik's random forest on the annotated voxels and store it in the model, "
+                      "blended with the network at prediction by a weight chosen on annotation neither trained "
+                      f"on (the validation volumes, else held-out blocks); it takes up to {FOREST_MAX_SHARE:.0%} of "
+                      "--max-time. auto: on, except with --preset paper")
     parser.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     add_network_options(parser)
     opt = parser.add_argument_group(
@@ -141,24 +147,35 @@ def _train(args, processes: Processes) -> int:
     per_volume = args.per_volume if args.per_volume is not None else bool(plan and plan.per_volume)
     if plan is not None:
         _record_overrides(args, plan, features, per_volume)
-    validation = []
+    given_validation = []
     if args.val_images:
         val_images, val_labels, _ = load_pairs(args.val_images, args.val_labels, args.channel_axis)
-        validation = list(zip(val_images, val_labels, args.val_images))
-    data, validation = training_sets(images, labels, args.ignore_label, list(args.images),
-                                     held_out=plan.validation_volumes if plan else [], features=features,
-                                     per_volume=per_volume, spacing=spacing, validation=validation,
-                                     normalization=args.normalization or "zscore", num_classes=args.num_classes,
-                                     class_values=args.classes)
+        given_validation = list(zip(val_images, val_labels, args.val_images))
+    held_volumes = plan.validation_volumes if plan else []
+    data, validation = training_sets(images, labels, args.ignore_label, list(args.images), held_out=held_volumes,
+                                     features=features, per_volume=per_volume, spacing=spacing,
+                                     validation=given_validation, normalization=args.normalization or "zscore",
+                                     num_classes=args.num_classes, class_values=args.classes)
     config = _config(args, data, plan)
     if plan is not None and not args.resume and processes.leader:
         print("plan (options override their part):\n" + plan_table(plan.describe(config)))
+    stage = None
+    if args.forest == "on" or (args.forest == "auto" and args.preset != "paper"):
+        raw_validation = [image for image, _, _ in given_validation] or [images[i] for i in held_volumes]
+        stage = ForestStage([images[i] for i in range(len(images)) if i not in held_volumes], raw_validation,
+                            args.seed, args.threads)
+        config = stage.fit(data, validation, config, input_feature_spec(spacing),
+                           fit_normalization(stage.train_images, args.normalization or "zscore", per_volume=per_volume),
+                           processes, resume=args.resume)
     result = train(config, data, args.output, validation=validation, resume=args.resume, device=processes.device,
                    progress=not args.quiet, processes=processes)
     if processes.leader:
         across = f" by {processes.count} processes" if processes.count > 1 else ""
         print(f"trained {result.iterations} iterations{across} in {result.seconds:.0f} s (stopped by "
               f"{result.stopped_by}); model written to {args.output}")
+        if stage is not None:
+            files = run_files(args.output)
+            stage.weigh_and_store([files["model"], files["best"]], data, validation, str(processes.device))
     return 0
 
 

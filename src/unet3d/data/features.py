@@ -108,13 +108,8 @@ def with_input_features(image: np.ndarray, spec: dict) -> np.ndarray:
 def bank_halo(spec: dict) -> tuple[int, int, int]:
     """Voxels beyond a region, per axis (Z, Y, X), that its filter bank reads: the widest kernel
     chain (a second derivative, or a gradient smoothed again for the structure tensor)."""
-    def reach(sigma: float, smoothing_only: bool) -> int:
-        if smoothing_only:
-            return _radius(sigma, 0)
-        return max(_radius(sigma, 2), _radius(sigma, 1) + _radius(_OUTER_RATIO * sigma, 0))
-
-    return tuple(max(reach(scale / ratio, scale < SMOOTHING_ONLY_BELOW) for scale in spec["scales"])
-                 for ratio in _spacing_ratios(spec["spacing"]))
+    ratios = _spacing_ratios(spec["spacing"])
+    return tuple(max(axis) for axis in zip(*(scale_halo(scale, ratios) for scale in spec["scales"])))
 
 
 def region_with_input_features(read, volume_shape, box: tuple[slice, ...], spec: dict) -> np.ndarray:
@@ -125,6 +120,65 @@ def region_with_input_features(read, volume_shape, box: tuple[slice, ...], spec:
     grown = tuple(slice(max(b.start - h, 0), min(b.stop + h, n)) for b, h, n in zip(box, halo, volume_shape))
     inside = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
     return with_input_features(read(grown), spec)[(slice(None),) + inside]
+
+
+def scale_halo(scale: float, ratios) -> tuple[int, int, int]:
+    """Voxels beyond a region, per axis (Z, Y, X), that the features of one scale read."""
+    smoothing_only = scale < SMOOTHING_ONLY_BELOW
+
+    def reach(sigma: float) -> int:
+        if smoothing_only:
+            return _radius(sigma, 0)
+        return max(_radius(sigma, 2), _radius(sigma, 1) + _radius(_OUTER_RATIO * sigma, 0))
+
+    return tuple(reach(scale / ratio) for ratio in ratios)
+
+
+def region_bank(read, volume_shape, box: tuple[slice, ...], spec: dict) -> np.ndarray:
+    """The filter bank (F, z, y, x) of the whole volume, cropped to `box`, computed from `read`
+    (box → (C, z, y, x) image) scale by scale, each from the box grown by that scale's own reach:
+    the same values as `filter_features` of the whole volume, for the work of a few boxes (a small
+    scale reads a few voxels around the box, the widest tens)."""
+    ratios = _spacing_ratios(spec["spacing"])
+    inner = tuple(b.stop - b.start for b in box)
+    channels = None
+    out, row = None, 0
+    for scale in spec["scales"]:
+        grown = tuple(slice(max(b.start - h, 0), min(b.stop + h, n))
+                      for b, h, n in zip(box, scale_halo(scale, ratios), volume_shape))
+        inside = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
+        image = np.asarray(read(grown), dtype=np.float32)
+        if out is None:
+            channels = image.shape[0]
+            out = np.empty((channels * _bank_size(spec),) + inner, dtype=np.float32)
+        count = len(features_at(scale))
+        scratch = np.empty((count,) + image.shape[1:], dtype=np.float32)
+        for channel in range(channels):
+            _scale_features(_Filter(image[channel], scale, ratios), scratch)
+            first = channel * _bank_size(spec) + row
+            out[first:first + count] = scratch[(slice(None),) + inside]
+        row += count
+    return out
+
+
+def bank_at(read, volume_shape, spec: dict, voxels: np.ndarray, block=(32, 256, 256)) -> np.ndarray:
+    """(F, N) filter bank at the flat indices `voxels` of a (Z, Y, X) volume (`read`: box →
+    (C, z, y, x) image), made on the bounding box of the voxels in each `block` of a grid: the bank
+    of the whole volume is never held, only of the regions the voxels lie in."""
+    coordinates = np.stack(np.unravel_index(voxels, volume_shape))
+    counts = [-(-n // b) for n, b in zip(volume_shape, block)]
+    ids = np.ravel_multi_index(tuple(c // b for c, b in zip(coordinates, block)), counts)
+    order = np.argsort(ids, kind="stable")
+    boundaries = np.flatnonzero(np.diff(ids[order])) + 1
+    out = None
+    for members in np.split(order, boundaries):
+        local = coordinates[:, members]
+        box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(local.min(axis=1), local.max(axis=1)))
+        bank = region_bank(read, volume_shape, box, spec)
+        if out is None:
+            out = np.empty((bank.shape[0], voxels.size), dtype=np.float32)
+        out[:, members] = bank[(slice(None),) + tuple(c - b.start for c, b in zip(local, box))]
+    return out
 
 
 def feature_memory_shortfall(name: str, shape, spec: dict | None) -> str | None:

@@ -25,6 +25,7 @@ from unet3d.errors import UserError
 from unet3d.inference.memory import estimate_tile_bytes, fix_mmap_threshold
 from unet3d.inference.tiling import TilePlan, blend_bytes, choose_output_tile, gaussian_weight, mirrored_box, plan_tiles
 from unet3d.model.folding import fold_batch_norm
+from unet3d.model.forest import ForestModel
 from unet3d.model.unet import UNet
 
 DEFAULT_MAX_MEMORY = 1 << 30
@@ -222,18 +223,27 @@ class _InMemory:
 
 
 def predict_image(model: UNet, info: dict, image: np.ndarray, *, device: str = "cpu", tta: bool = False,
-                  progress: bool = False) -> np.ndarray:
+                  progress: bool = False, forest: ForestModel | None = None) -> np.ndarray:
     """Class probabilities (K, Z, Y, X) of an image in memory (C, Z, Y, X), with the inputs a
-    model file describes (its normalization, its filter-bank channels) as `predict_volume` makes them."""
+    model file describes (its normalization, its filter-bank channels) as `predict_volume` makes
+    them, blended with the model's `forest` when it has one."""
     normalization = info.get("normalization") or {"method": "none", "channels": model.config.in_channels}
-    read = region_reader(_InMemory(np.asarray(image, np.float32)), normalization, info.get("input_features"))
-    return predict_array(model, read((slice(None),) * 3), device=device, tta=tta, progress=progress)
+    source = _InMemory(np.asarray(image, np.float32))
+    read = region_reader(source, normalization, info.get("input_features"))
+    probabilities = predict_array(model, read((slice(None),) * 3), device=device, tta=tta, progress=progress)
+    if forest is None:
+        return probabilities
+    everything = tuple(slice(0, n) for n in source.shape[1:])
+    return forest.blend(probabilities, forest.region_probabilities(source.read, source.shape[1:])(everything))
 
 
 def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,
                    tile=None, max_memory: int | None = None, batch_size: int = 1, tta: bool = False,
-                   device: str = "cpu", overlap: float = 0.25, progress: bool = False, report=None) -> dict:
-    """Predict an opened volume and write the requested outputs region by region.
+                   device: str = "cpu", overlap: float = 0.25, progress: bool = False, report=None,
+                   forest: ForestModel | None = None) -> dict:
+    """Predict an opened volume and write the requested outputs region by region; with the model's
+    `forest`, each region's probabilities are the blend of the network's and the forest's there
+    (its filter bank made for that region alone).
 
     label_out: label values (argmax mapped through info['class_values']); prob_out: float16 class
     probabilities (K, Z, Y, X); uncertainty_out: float32 normalized entropy. Outputs share the
@@ -251,6 +261,7 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     plan = make_plan(model, shape, tile, max_memory, batch_size, overlap, device, report)
     net = prepare_network(model, device)
     read = region_reader(source, normalization, info.get("input_features"), report)
+    forest_at = forest.region_probabilities(source.read, shape) if forest is not None else None
     counts = np.zeros(config.num_classes, np.int64)
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -263,6 +274,8 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
         uncertainty = open_writer(uncertainty_out, shape, np.float32)
         for region, probs in iter_regions(net, read, plan, device, batch_size, tta, progress):
             probs = probs.cpu().numpy()
+            if forest_at is not None:
+                probs = forest.blend(probs, forest_at(region))
             winners = probs.argmax(axis=0)
             counts += np.bincount(winners.ravel(), minlength=config.num_classes)
             if labels:
@@ -275,6 +288,7 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     return {
         "shape": shape,
         "tiles": len(plan.starts),
+        "forest": forest is not None,
         "input_tile": plan.input_shape,
         "output_tile": plan.output_shape,
         "seconds": seconds,

@@ -1,7 +1,8 @@
 """Self-describing model files: safetensors weights plus a JSON description in the metadata.
 
 A model file holds everything prediction needs (architecture, classes, ignore label, intensity
-normalization, patch geometry, voxel spacing, versions) and loads without executing any code.
+normalization, patch geometry, voxel spacing, versions, and the random forest blended with the
+network when it has one: `model.forest`) and loads without executing any code.
 """
 
 from __future__ import annotations
@@ -17,20 +18,27 @@ import torch
 import unet3d
 from unet3d.atomic import atomic_path
 from unet3d.errors import UserError
+from unet3d.model.forest import TENSOR as FOREST_TENSOR, ForestModel
 from unet3d.model.unet import UNet, UNetConfig
 
 FORMAT = "unet3d-model/1"
 
 
-def save_model(path, model: UNet, info: dict | None = None) -> None:
-    """Write weights and description atomically; `info` must be JSON-serialisable."""
+def save_model(path, model: UNet, info: dict | None = None, forest: ForestModel | None = None) -> None:
+    """Write weights (and `forest`, blended with the network at prediction) and description
+    atomically; `info` must be JSON-serialisable."""
+    info = {key: value for key, value in (info or {}).items() if key != "forest"}
+    if forest is not None:
+        info["forest"] = forest.describe()
     description = {
         "format": FORMAT,
         "config": model.config.to_dict(),
-        "info": info or {},
+        "info": info,
         "versions": {"unet3d": unet3d.__version__, "torch": torch.__version__, "numpy": np.__version__},
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if forest is not None:
+        state[FOREST_TENSOR] = torch.frombuffer(bytearray(forest.to_bytes()), dtype=torch.uint8)
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(state, str(tmp), metadata={"unet3d": json.dumps(description)})
 
@@ -59,7 +67,20 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
     model = UNet(UNetConfig.from_dict(description["config"]))
     try:
         state = safetensors.torch.load_file(str(path), device=str(device))
+        state.pop(FOREST_TENSOR, None)
         model.load_state_dict(state)
     except Exception as exc:
         raise UserError(f"{path}: weights do not match the described network ({exc})") from None
     return model.to(device).eval(), description["info"]
+
+
+def load_forest(path, info: dict | None = None) -> ForestModel | None:
+    """The forest a model file blends with its network (None: the network alone)."""
+    info = read_description(path)["info"] if info is None else info
+    if "forest" not in info:
+        return None
+    with safetensors.safe_open(str(path), framework="np") as f:
+        if FOREST_TENSOR not in f.keys():
+            raise UserError(f"{path}: the description names a forest the file does not hold")
+        data = f.get_tensor(FOREST_TENSOR).tobytes()
+    return ForestModel.from_parts(info["forest"], data, str(path))

@@ -1,0 +1,174 @@
+"""The forest beside a trained network: fitted on the annotated voxels of the training volumes,
+weighed against the network on annotation neither of them trained on, stored in the model file.
+
+Across scans the network leads ilastik's forest by far; within one microscopy volume the forest
+can lead a network trained for minutes, most on thin classes. The user cannot know which case
+theirs is, so `unet3d train` delivers both and lets held-out annotation decide the network's
+weight in their geometric mean: the validation volumes when there are any, else whole blocks of
+the annotation kept out of both models' training (as densify does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from unet3d.baselines.forest import fit_forest
+from unet3d.data.features import bank_at
+from unet3d.data.labels import UNLABELED
+from unet3d.data.normalization import apply_normalization, for_volume
+from unet3d.inference import predict_array
+from unet3d.model import load_model, save_model
+from unet3d.model.forest import ForestModel
+from unet3d.workflows.blend import HeldOut, choose_network_weight, hold_out_blocks
+from unet3d.workflows.densify import (FOREST_MAX_SHARE, FOREST_TRAIN_VOXELS, FOREST_TREES, HOLD_OUT_MIN_ANNOTATED,
+                                      HOLD_OUT_SHARE, MIN_TRAINING_SHARE)
+
+# Annotated voxels the weighing scores at most (a seeded sample): the network is predicted on the
+# whole volumes, the forest's filter bank only around these voxels.
+WEIGHING_VOXELS = 500_000
+
+
+@dataclass
+class Annotated:
+    """Annotated voxels of one volume: the raw image (C, Z, Y, X) they lie in, the network's
+    normalized input there (None: not needed), their flat indices and class indices."""
+    image: np.ndarray
+    network_input: np.ndarray | None
+    voxels: np.ndarray
+    classes: np.ndarray
+
+
+def annotated(image: np.ndarray, labels: np.ndarray, network_input: np.ndarray | None = None) -> Annotated:
+    """The annotated voxels of (Z, Y, X) class indices `labels` (-1 unlabeled)."""
+    flat = labels.reshape(-1)
+    voxels = np.flatnonzero(flat != UNLABELED)
+    return Annotated(image, network_input, voxels, flat[voxels])
+
+
+def subsample(volumes: list[Annotated], count: int, seed: int) -> list[Annotated]:
+    """At most `count` voxels over all volumes, a seeded sample in proportion to each volume's."""
+    total = sum(v.voxels.size for v in volumes)
+    if total <= count:
+        return volumes
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(total, dtype=bool)
+    keep[rng.choice(total, count, replace=False)] = True
+    out, start = [], 0
+    for volume in volumes:
+        chosen = keep[start:start + volume.voxels.size]
+        out.append(Annotated(volume.image, volume.network_input, volume.voxels[chosen], volume.classes[chosen]))
+        start += volume.voxels.size
+    return out
+
+
+def bank_of(volume: Annotated, bank: dict, normalization: dict) -> np.ndarray:
+    """(F, N) filter bank at the volume's annotated voxels, of its image normalized as the forest reads it."""
+    image, shape = volume.image, volume.image.shape[1:]
+    read = lambda box: image[(slice(None),) + box]  # noqa: E731
+    fitted = for_volume(normalization, read, shape)
+    return bank_at(lambda box: apply_normalization(read(box), fitted), shape, bank, volume.voxels)
+
+
+def fit_model_forest(volumes: list[Annotated], bank: dict, normalization: dict, num_classes: int, *,
+                     seconds: float | None, seed: int, threads: int | None = None) -> ForestModel:
+    """ilastik's forest on a seeded sample of FOREST_TRAIN_VOXELS annotated voxels of `volumes`,
+    growing at most FOREST_TREES trees within `seconds` (the filter bank included). Its network
+    weight is the plain geometric mean's until `weigh` decides."""
+    start = time.monotonic()
+    sample = subsample(volumes, FOREST_TRAIN_VOXELS, seed)
+    features = np.concatenate([bank_of(v, bank, normalization) for v in sample], axis=1)
+    classes = np.concatenate([v.classes for v in sample])
+    left = None if seconds is None else max(seconds - (time.monotonic() - start), 0.0)
+    forest = fit_forest(features, classes, np.arange(classes.size), FOREST_TREES, seed, None, threads or -1, left)
+    return ForestModel(forest, num_classes, bank, normalization, 0.5)
+
+
+def hold_out(labels: list[np.ndarray], block, seed: int) -> list[HeldOut] | None:
+    """Whole blocks of about HOLD_OUT_SHARE of each volume's annotation taken out of the (Z, Y, X)
+    class indices `labels` (in place) to weigh the blend on; None with too few annotated voxels
+    (under HOLD_OUT_MIN_ANNOTATED, where the plain geometric mean is kept)."""
+    if sum(int(np.count_nonzero(l >= 0)) for l in labels) < HOLD_OUT_MIN_ANNOTATED:
+        return None
+    return [hold_out_blocks(l, HOLD_OUT_SHARE, tuple(min(b, n) for b, n in zip(block, l.shape)), seed + i)
+            for i, l in enumerate(labels)]
+
+
+def weigh(network, forest: ForestModel, volumes: list[Annotated], what: str, seed: int, device: str = "cpu") -> str:
+    """Set `forest.network_weight` to what scores best on the annotated voxels of `volumes`
+    (`network` predicted on their whole normalized inputs, the forest only around the voxels);
+    returns one line saying how it was weighed, on `what`."""
+    volumes = subsample([v for v in volumes if v.voxels.size], WEIGHING_VOXELS, seed)
+    network_at = np.concatenate([
+        predict_array(network, v.network_input, device=device).reshape(forest.num_classes, -1)[:, v.voxels]
+        for v in volumes], axis=1)
+    forest_at = np.concatenate([forest.probabilities(bank_of(v, forest.bank, forest.normalization))
+                                for v in volumes], axis=1)
+    classes = np.concatenate([v.classes for v in volumes])
+    choice = choose_network_weight(network_at, forest_at, HeldOut(np.arange(classes.size), classes))
+    forest.network_weight = choice.network_weight
+    forest.evidence = {"on": what, "voxels": int(classes.size),
+                       "mean_iou": {"forest": choice.scores[0.0], "network": choice.scores[1.0],
+                                    "blend": choice.scores[choice.network_weight]}}
+    return choice.describe(int(classes.size)) + f" ({what})"
+
+
+@dataclass
+class ForestStage:
+    """`unet3d train`'s forest: fitted before the network (its time taken out of the network's
+    budget), weighed against each model file the run wrote, and stored in them."""
+    train_images: list  # raw (C, Z, Y, X) images of the training volumes, in the training set's order
+    validation_images: list  # and of the validation volumes
+    seed: int = 0
+    threads: int | None = None
+    forest: ForestModel | None = None
+    held: list[HeldOut] | None = None  # blocks held out of the training labels when there are no validation volumes
+
+    def fit(self, data, validation, config, bank: dict, normalization: dict, processes, resume: bool = False):
+        """Hold out blocks if there are no validation volumes, fit the forest on up to
+        FOREST_MAX_SHARE of `config.max_time`, and return `config` with the network's budget less
+        the forest's time (the same on every process; a resumed run keeps its budget)."""
+        labels = [l.numpy() for l in data.labels]
+        if validation is None:
+            self.held = hold_out(labels, config.patch_shape, self.seed)
+        seconds = None if config.max_time is None else FOREST_MAX_SHARE * config.max_time
+        started = time.monotonic()
+        self.forest = fit_model_forest([annotated(image, l) for image, l in zip(self.train_images, labels)], bank,
+                                       normalization, len(data.class_values), seconds=seconds, seed=self.seed,
+                                       threads=self.threads)
+        spent = processes.leader_value(time.monotonic() - started)
+        if processes.leader:
+            print(f"forest: {self.forest.forest.n_estimators} trees on ilastik's filter bank in {spent:.0f} s")
+        if config.max_time is None or resume:
+            return config
+        return dataclasses.replace(config, max_time=max(config.max_time - spent, MIN_TRAINING_SHARE * config.max_time))
+
+    def evaluation(self, data, validation) -> tuple[list[Annotated], str]:
+        """The annotated voxels neither model trained on, and what they are."""
+        if validation is not None:
+            volumes = [annotated(raw, l.numpy(), x.numpy())
+                       for raw, l, x in zip(self.validation_images, validation.labels, validation.images)]
+            return volumes, f"the annotation of {len(volumes)} validation volume(s)"
+        if self.held is None:
+            return [], ""
+        return ([Annotated(raw, x.numpy(), held.voxels, held.classes)
+                 for raw, x, held in zip(self.train_images, data.images, self.held)],
+                "annotated blocks held out of both models' training")
+
+    def weigh_and_store(self, paths, data, validation, device: str = "cpu") -> None:
+        """Weigh the forest against the network of each model file in `paths` that exists, and store
+        it there (not where the network alone scores best, weight 1)."""
+        volumes, what = self.evaluation(data, validation)
+        for path in (p for p in paths if p.exists()):
+            network, info = load_model(path)
+            if volumes:
+                line = weigh(network, self.forest, volumes, what, self.seed, device)
+            else:
+                self.forest.network_weight = 0.5
+                line = "equal weights in the geometric mean: too few annotated voxels to hold any out"
+            keep = self.forest.network_weight < 1
+            save_model(path, network, info, self.forest if keep else None)
+            print(f"{path}: {line}; {'forest stored' if keep else 'the network alone, no forest stored'}")

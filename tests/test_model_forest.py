@@ -1,0 +1,197 @@
+"""The forest inside a model file: the filter bank region by region, storage without pickle, the
+blend applied tile by tile by `predict`, and `train` fitting, weighing and storing it."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from unet3d.cli import main
+from unet3d.data.features import bank_at, filter_features, input_feature_spec, region_bank
+from unet3d.data.normalization import fit_normalization
+from unet3d.errors import UserError
+from unet3d.inference import predict_volume
+from unet3d.inference.predictor import predict_image
+from unet3d.io import open_volume
+from unet3d.model import UNet, UNetConfig, load_forest, load_model, save_model
+from unet3d.model import forest as forest_module
+from unet3d.model.forest import TENSOR, ForestModel, split_box
+from unet3d.workflows.forest import annotated, fit_model_forest
+
+IGNORE = 255
+
+
+def blobs(shape=(24, 48, 40), seed=0):
+    """A synthetic two-class volume: bright blobs on a noisy background, (1, Z, Y, X) and truth."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.indices(shape)
+    truth = np.zeros(shape, np.int64)
+    for _ in range(12):
+        c = [rng.integers(0, n) for n in shape]
+        truth[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < rng.integers(16, 50)] = 1
+    image = (100 + 60 * truth + rng.normal(0, 20, shape)).astype(np.float32)
+    return image[None], truth
+
+
+def slices_of(truth: np.ndarray) -> np.ndarray:
+    sparse = np.full(truth.shape, IGNORE, np.uint8)
+    for z in (5, 12, 19):
+        sparse[z] = truth[z]
+    sparse[:, 20] = truth[:, 20]
+    sparse[:, :, 17] = truth[:, :, 17]
+    return sparse
+
+
+@pytest.mark.parametrize("spacing", [None, (4.0, 1.0, 1.0)])
+def test_the_bank_of_a_region_is_the_whole_volumes_bank_there(spacing):
+    image, _ = blobs((20, 40, 36))
+    image = np.concatenate([image, image[:, :, ::-1] * 0.5])  # two channels
+    spec = input_feature_spec(spacing)
+    whole = filter_features(image, spacing=spacing)
+    read = lambda box: image[(slice(None),) + box]  # noqa: E731
+    box = (slice(3, 11), slice(0, 17), slice(20, 36))
+    np.testing.assert_array_equal(region_bank(read, image.shape[1:], box, spec), whole[(slice(None),) + box])
+    voxels = np.random.default_rng(1).choice(image[0].size, 300, replace=False)
+    np.testing.assert_array_equal(bank_at(read, image.shape[1:], spec, voxels, block=(7, 16, 16)),
+                                  whole.reshape(whole.shape[0], -1)[:, voxels])
+
+
+def test_split_box_covers_the_box_once_in_small_blocks():
+    box = (slice(2, 30), slice(5, 70), slice(0, 41))
+    blocks = split_box(box, 5000)
+    cover = np.zeros((30, 70, 41), int)
+    for block in blocks:
+        assert np.prod([b.stop - b.start for b in block]) <= 5000
+        cover[block] += 1
+    assert (cover[box] == 1).all() and cover.sum() == cover[box].size
+
+
+def fitted_forest(image, truth, weight=0.5):
+    forest = fit_model_forest([annotated(image, np.where(slices_of(truth) == IGNORE, -1, truth))],
+                              input_feature_spec(None), fit_normalization([image]), 2, seconds=None, seed=0)
+    forest.network_weight = weight
+    return forest
+
+
+def small_network(classes=2):
+    torch.manual_seed(0)
+    return UNet(UNetConfig(in_channels=1, num_classes=classes, width=2, levels=2, padding="same", norm="batch")).eval()
+
+
+def info_for(image):
+    return {"class_values": [0, 1], "ignore_label": IGNORE, "normalization": fit_normalization([image]),
+            "spacing": [1.0, 1.0, 1.0]}
+
+
+def test_a_model_file_holds_the_forest_and_loads_it_without_pickle(tmp_path):
+    image, truth = blobs()
+    forest = fitted_forest(image, truth, 0.3)
+    path = tmp_path / "m.safetensors"
+    save_model(path, small_network(), info_for(image), forest)
+    network, info = load_model(path)  # the network's weights alone, the forest's tensor left aside
+    loaded = load_forest(path, info)
+    assert loaded.network_weight == 0.3 and info["forest"]["trees"] == forest.forest.n_estimators
+    features = filter_features(image).reshape(61, -1)
+    np.testing.assert_array_equal(loaded.probabilities(features), forest.probabilities(features))
+    # A model file without a forest (every file written before) is the network alone.
+    save_model(tmp_path / "plain.safetensors", network, info_for(image))
+    assert load_forest(tmp_path / "plain.safetensors") is None
+
+
+def test_a_forest_needing_untrusted_types_is_refused(tmp_path):
+    import skops.io
+    from fractions import Fraction
+
+    image, truth = blobs()
+    path = tmp_path / "m.safetensors"
+    save_model(path, small_network(), info_for(image), fitted_forest(image, truth))
+    state = safetensors.torch.load_file(str(path))
+    state[TENSOR] = torch.frombuffer(bytearray(skops.io.dumps(Fraction(1, 3))), dtype=torch.uint8)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    safetensors.torch.save_file(state, str(path), metadata=metadata)
+    with pytest.raises(UserError, match="types unet3d does not load.*fractions.Fraction"):
+        load_forest(path)
+    state[TENSOR] = torch.zeros(10, dtype=torch.uint8)
+    safetensors.torch.save_file(state, str(path), metadata=metadata)
+    with pytest.raises(UserError, match="stored forest is not readable"):
+        load_forest(path)
+
+
+def test_predict_blends_tile_by_tile_as_on_the_whole_volume(tmp_path, monkeypatch):
+    """Streaming from HDF5 in small tiles, with forest blocks smaller still, gives the blend of the
+    whole volume in memory: the filter bank made per region is the whole volume's there."""
+    image, truth = blobs()
+    forest = fitted_forest(image, truth, 0.4)
+    network, info = small_network(), info_for(image)
+    whole = predict_image(network, info, image[0:1], forest=forest)
+    monkeypatch.setattr(forest_module, "BLOCK_VOXELS", 3000)
+    with h5py.File(tmp_path / "in.h5", "w") as f:
+        f.create_dataset("raw", data=image[0], chunks=(8, 16, 16))
+    with open_volume(f"{tmp_path / 'in.h5'}:/raw") as source:
+        summary = predict_volume(network, info, source, prob_out=f"{tmp_path / 'p.h5'}:/p", tile=(8, 16, 16),
+                                 forest=forest)
+    assert summary["forest"] and summary["tiles"] > 1
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        streamed = f["p"][:].astype(np.float32)
+    np.testing.assert_allclose(streamed, whole, atol=2e-3)  # float16 output
+    network_alone = predict_image(network, info, image)
+    assert np.abs(whole - network_alone).max() > 0.05  # the forest changed the result
+
+
+def write_case(folder, name, image, sparse):
+    import tifffile
+
+    tifffile.imwrite(folder / f"{name}.tif", image[0])
+    tifffile.imwrite(folder / f"{name}_s.tif", sparse)
+    return str(folder / f"{name}.tif"), str(folder / f"{name}_s.tif")
+
+
+def test_train_fits_weighs_and_stores_the_forest_and_predict_applies_it(tmp_path, capsys):
+    image, truth = blobs((40, 128, 128))
+    sparse = slices_of(truth)
+    assert np.count_nonzero(sparse != IGNORE) >= 50_000  # enough to hold blocks out for the weighing
+    img, lab = write_case(tmp_path, "a", image, sparse)
+    model = tmp_path / "m.safetensors"
+    assert main.main(["train", "--images", img, "--labels", lab, "--ignore-label", str(IGNORE), "-o", str(model),
+                      "--iterations", "3", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "forest: 100 trees on ilastik's filter bank" in printed
+    assert "chosen on" in printed and "held out of both models' training" in printed
+    network, info = load_model(model)
+    evidence = info["forest"]["evidence"]
+    assert evidence["voxels"] > 1000 and set(evidence["mean_iou"]) == {"forest", "network", "blend"}
+    # The weight chosen is the best of those tried on the held-out voxels, so never below either model there.
+    assert evidence["mean_iou"]["blend"] >= max(evidence["mean_iou"]["forest"], evidence["mean_iou"]["network"]) - 0.002
+    forest = load_forest(model, info)
+    assert main.main(["predict", str(model), img, "-o", str(tmp_path / "seg.npy"), "--quiet"]) == 0
+    assert "blended with the model's forest" in capsys.readouterr().out
+    expected = predict_image(network, info, image, forest=forest).argmax(0)
+    np.testing.assert_array_equal(np.load(tmp_path / "seg.npy"), expected)
+    # Three steps of a network against a forest on blobs: the blend beats the untrained network.
+    assert (expected == truth).mean() > (predict_image(network, info, image).argmax(0) == truth).mean()
+
+
+def test_train_without_the_forest_and_export_of_a_blended_model(tmp_path, capsys):
+    image, truth = blobs()
+    img, lab = write_case(tmp_path, "a", image, slices_of(truth))
+    plain, blended = tmp_path / "plain.safetensors", tmp_path / "blended.safetensors"
+    common = ["--images", img, "--labels", lab, "--ignore-label", str(IGNORE), "--iterations", "2", "--quiet"]
+    assert main.main(["train", *common, "-o", str(plain), "--forest", "off"]) == 0
+    assert "forest" not in load_model(plain)[1]
+    assert main.main(["train", *common, "-o", str(blended)]) == 0
+    assert "too few annotated voxels to hold any out" in capsys.readouterr().out
+    assert load_forest(blended).network_weight == 0.5
+    onnx = tmp_path / "m.onnx"
+    assert main.main(["export", str(blended), "--onnx", str(onnx)]) == 2
+    assert "blends its network with a random forest" in capsys.readouterr().err and not onnx.exists()
+    pytest.importorskip("onnx")
+    assert main.main(["export", str(blended), "--onnx", str(onnx), "--network-alone"]) == 0
+    assert "exporting the network alone" in capsys.readouterr().out
+    import onnx as onnx_lib
+
+    stored = json.loads({p.key: p.value for p in onnx_lib.load(str(onnx)).metadata_props}["unet3d"])
+    assert "forest" not in stored["info"]
