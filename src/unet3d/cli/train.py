@@ -64,7 +64,7 @@ def register(subparsers) -> None:
     data.add_argument("--forest", choices=("auto", "on", "off"), default="auto",
                       help="also fit ilastik's random forest on the annotated voxels and store it in the model, "
                       "blended with the network at prediction by a weight chosen on annotation neither trained "
-                      f"on (the validation volumes, else held-out blocks); it takes up to {FOREST_MAX_SHARE:.0%} of "
+                      f"on (the validation volumes, else held-out blocks); it takes up to {FOREST_MAX_SHARE * 100:.0f}%% of "
                       "--max-time. auto: on, except with --preset paper")
     parser.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     add_network_options(parser)
