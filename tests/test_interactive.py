@@ -9,10 +9,10 @@ import pytest
 from unet3d.data.sparse import sparsify
 from unet3d.errors import UserError
 from unet3d.evaluation.metrics import confusion_matrix, scores
-from unet3d.inference.predictor import predict_array
+from unet3d.inference.predictor import predict_array, predict_image
 from unet3d.interactive.session import UNPAINTED, Session, painted_classes
 from unet3d.data.normalization import apply_normalization
-from unet3d.model import UNet, load_model
+from unet3d.model import UNet, load_forest, load_model
 from unet3d.workflows.densify import default_config
 
 
@@ -26,6 +26,12 @@ def unpainted_iou(labels: np.ndarray, truth: np.ndarray, painted: np.ndarray) ->
     mask = painted == UNPAINTED
     confusion = confusion_matrix(labels[mask].astype(np.int64) - 1, truth[mask].astype(np.int64), 3)
     return scores(confusion, [0, 1, 2], background=0)["mean_iou_foreground"]
+
+
+def unpainted_iou_slab(preview, truth: np.ndarray, painted: np.ndarray) -> float:
+    """unpainted_iou of a preview's slab."""
+    slab = slice(preview.start, preview.stop)
+    return unpainted_iou(preview.labels, truth[slab], painted[slab])
 
 
 def untrained_iou(session: Session, painted: np.ndarray, truth: np.ndarray) -> float:
@@ -58,6 +64,8 @@ def test_rounds_learn_preview_continue_and_stop(tmp_path, nuclei):
     assert progress and progress[-1].iteration == first.iterations and progress[-1].round == 1
     assert previews and all(p.labels.shape == (p.stop - p.start, *image.shape[1:]) for p in previews)
     assert previews[0].start <= 15 < previews[0].stop and set(np.unique(previews[-1].labels)) <= {1, 2, 3}
+    # The first preview is the forest's, shown before the network's first step: already a segmentation.
+    assert len(previews) >= 2 and unpainted_iou_slab(previews[0], truth, painted) > untrained + 0.1
     labels, uncertainty = session.preview_volume()
     assert unpainted_iou(labels, truth, painted) > untrained + 0.1
     assert uncertainty.shape == truth.shape and 0 <= uncertainty.min() and uncertainty.max() <= 1
@@ -76,9 +84,14 @@ def test_rounds_learn_preview_continue_and_stop(tmp_path, nuclei):
     session.save(tmp_path / "m.safetensors")
     model, info = load_model(tmp_path / "m.safetensors")
     assert info["class_values"] == [1, 2, 3]
-    saved = np.asarray(info["class_values"])[predict_array(model, apply_normalization(
-        image[None].astype(np.float32), info["normalization"])).argmax(0)]
+    forest = load_forest(tmp_path / "m.safetensors", info)
+    assert forest is not None and forest.network_weight == 0.5
+    # The saved model segments as the loop shows: the network blended with the round's forest.
+    saved = np.asarray(info["class_values"])[predict_image(model, info, image[None], forest=forest).argmax(0)]
     np.testing.assert_array_equal(saved, session.preview_volume()[0])
+    network_alone = np.asarray(info["class_values"])[predict_array(model, apply_normalization(
+        image[None].astype(np.float32), info["normalization"])).argmax(0)]
+    assert not np.array_equal(network_alone, saved)
 
     segmentation = session.segment(more)
     assert set(np.unique(segmentation)) <= {1, 2, 3}

@@ -195,3 +195,18 @@ def test_train_without_the_forest_and_export_of_a_blended_model(tmp_path, capsys
 
     stored = json.loads({p.key: p.value for p in onnx_lib.load(str(onnx)).metadata_props}["unet3d"])
     assert "forest" not in stored["info"]
+
+
+def test_densifys_model_file_segments_as_densify_did(tmp_path):
+    """densify stores its forest and the blend's weight with the network: `predict` with its model
+    gives densify's own segmentation (test-time flips off, which predict does not apply by default)."""
+    from unet3d.workflows.densify import densify
+
+    image, truth = blobs()
+    sparse = slices_of(truth)
+    model = tmp_path / "m.safetensors"
+    result = densify(image, sparse, IGNORE, model, iterations=3, max_time=None, tta=False, progress=False)
+    network, info = load_model(model)
+    forest = load_forest(model, info)
+    assert forest is not None and forest.network_weight == 0.5  # few annotated voxels: equal weights
+    np.testing.assert_array_equal(predict_image(network, info, image, forest=forest).argmax(0), result.segmentation)

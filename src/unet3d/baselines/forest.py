@@ -32,6 +32,7 @@ class ForestResult:
     seconds_fit: float
     seconds_predict: float
     trees: int
+    forest: RandomForestClassifier | None = None  # the fitted forest, to store beside a network
 
 
 def random_forest_segment(
@@ -79,7 +80,7 @@ def segment_features(features: np.ndarray, sparse: np.ndarray, *, n_trees: int =
     seconds_predict = time.perf_counter() - start
 
     labels = probabilities.argmax(axis=0).astype(np.int64)
-    return ForestResult(labels, probabilities, 0.0, seconds_fit, seconds_predict, forest.n_estimators)
+    return ForestResult(labels, probabilities, 0.0, seconds_fit, seconds_predict, forest.n_estimators, forest)
 
 
 def _check_inputs(image: np.ndarray, sparse: np.ndarray) -> None:

@@ -27,7 +27,8 @@ def register(subparsers) -> None:
         "voxels of SPARSE (every voxel holding the ignore label is unlabeled), then segment every voxel of IMAGE "
         "by the geometric mean of their probabilities (weighted by how each scores on held-out annotated voxels when "
         "there are many). Besides SEGMENTATION it writes the trained network "
-        "(reusable with `unet3d predict`, which segments with the network alone) and a PNG of slices with the "
+        "with the forest and the weight between them (reusable with `unet3d predict`, which segments with the same "
+        "blend) and a PNG of slices with the "
         "result overlaid.",
         formatter_class=DefaultsHelpFormatter,
     )
@@ -65,7 +66,7 @@ def register(subparsers) -> None:
                         f"{HOLD_OUT_MIN_ANNOTATED:,} annotated voxels on, weighted by what scores best on a tenth of "
                         f"them that neither model trains on): up to {FOREST_TREES} trees, as "
                         f"many as fit in {FOREST_MAX_SHARE * 100:.0f}%% of --max-time, which the forest's time "
-                        "comes out of; auto: when the bank fits in memory. The model file holds the network alone")
+                        "comes out of; auto: when the bank fits in memory. The model file holds the forest too")
     parser.add_argument("--tta", choices=AUTO_ON_OFF, default="auto",
                         help="average the network's predictions of the 8 mirrored volumes; auto: when that costs at "
                         f"most {TTA_MAX_SHARE * 100:.0f}%% of --max-time (a small volume)")

@@ -3,12 +3,14 @@
 A `Session` holds one image and the network being trained on what has been painted on it. Each
 round trains densify's recipe on the current painting for a few seconds, starting from the
 weights of the previous round (a new network only when the painted classes change), and can be
-stopped at any step. While a round trains, the caller gets progress and, every few seconds, a
-preview of the slices in view, computed in the training thread between two steps, so a GUI thread
-only ever copies finished labels into a layer. "Segment" is densify's full-quality result: the
-network's probabilities (8 mirrorings where cheap) blended with ilastik's forest fitted on the
-painted voxels. napari's convention throughout: label 0 is unpainted, painted values are the
-classes, and results use the same values.
+stopped at any step. Each round first fits ilastik's forest on the painted voxels (a few seconds,
+its filter bank made only around them) and previews the slices in view with it, so the user sees
+a segmentation before the network has learnt anything; while the network trains, every few
+seconds the preview shows the blend of both (their geometric mean), computed in the training
+thread between two steps, so a GUI thread only ever copies finished labels into a layer. The
+whole volume, "Segment", "Suggest" and "Save" use the same blend, so the saved model segments
+with `unet3d predict` as the loop showed. napari's convention throughout: label 0 is unpainted,
+painted values are the classes, and results use the same values.
 """
 
 from __future__ import annotations
@@ -21,19 +23,24 @@ from pathlib import Path
 
 import numpy as np
 
+from unet3d.data.features import input_feature_spec
 from unet3d.data.labels import decode_labels
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.errors import UserError
 from unet3d.inference.predictor import normalized_entropy, predict_array
 from unet3d.interactive.suggest import DEFAULT_STRATEGY, Suggestion, rank_slices
-from unet3d.model import UNet, save_model
+from unet3d.model import ForestModel, UNet, save_model
 from unet3d.training import train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
-from unet3d.workflows.densify import blend_with_forest, default_config, fit_forest_on_bank, predict_with_tta
+from unet3d.workflows.densify import default_config, predict_with_tta
+from unet3d.workflows.forest import annotated, fit_model_forest
 
 UNPAINTED = 0  # napari's Labels convention
 PREVIEW_EVERY = 3.0  # seconds of training between two previews of the slices in view
 PREVIEW_SLICES = 16  # z-slices predicted around the one in view (the slab's ends see mirrored context)
+# Seconds a round's forest may take (filter bank around the painted voxels, fit) before the network
+# starts: trees are grown 10 at a time while they fit, so the first preview comes within seconds.
+FOREST_SECONDS = 3.0
 
 
 @dataclass
@@ -88,7 +95,7 @@ def painted_classes(painted: np.ndarray, known: list[int] | None = None) -> list
 class Session:
     """One image and the network learning to segment it from its painted voxels."""
 
-    def __init__(self, image: np.ndarray, spacing=None, device: str = "cpu", seed: int = 0):
+    def __init__(self, image: np.ndarray, spacing=None, device: str = "cpu", seed: int = 0, forest: bool = True):
         if image.ndim == 3:
             image = image[None]
         if image.ndim != 4:
@@ -99,6 +106,9 @@ class Session:
         self.normalization = fit_normalization([self.image])
         self.normalized = apply_normalization(self.image, self.normalization)
         self.network: UNet | None = None
+        self.use_forest = forest
+        self.forest: ForestModel | None = None  # this round's, fitted on the painted voxels
+        self._forest_cache: dict[tuple, np.ndarray] = {}  # its probabilities per region, for the round
         self.class_values: list[int] | None = None
         self.info: dict = {}
         self.rounds = 0
@@ -147,22 +157,57 @@ class Session:
 
         with self.lock:
             started = time.monotonic()
+            self._fit_forest(data)
+            z = view_z()
+            if on_preview is not None and z is not None and self.forest is not None:
+                on_preview(self._slab_preview(None, data.class_values, z))
             result = train(config, data, Path(self._workdir.name) / "round.safetensors", progress=False,
                            device=self.device, network=self.network if warm else None, on_step=on_step)
             self.network, self.class_values, self.info = result.model, data.class_values, result.info
         return RoundResult(number, result.iterations, result.seconds, result.stopped_by, data.class_values, warm)
 
-    def _slab_preview(self, model: UNet, class_values, z: int) -> Preview:
+    def _fit_forest(self, data: TrainingSet) -> None:
+        """This round's forest on the painted voxels (None when the session runs without one)."""
+        self.forest, self._forest_cache = None, {}
+        if not self.use_forest:
+            return
+        self.forest = fit_model_forest([annotated(self.image, data.labels[0].numpy())],
+                                       input_feature_spec(self.spacing), self.normalization, len(data.class_values),
+                                       seconds=FOREST_SECONDS, seed=self.seed + self.rounds)
+
+    def _forest_probabilities(self, box: tuple[slice, ...]) -> np.ndarray:
+        """The round's forest's (K, z, y, x) probabilities of `box`, computed once per round."""
+        key = tuple((b.start, b.stop) for b in box)
+        if key not in self._forest_cache:
+            self._forest_cache[key] = self.forest.region_probabilities(
+                lambda region: self.image[(slice(None),) + region], self.shape)(box)
+        return self._forest_cache[key]
+
+    def _blend(self, network: np.ndarray | None, box: tuple[slice, ...]) -> np.ndarray:
+        """What the loop shows of `box`: the network's probabilities blended with the forest's, the
+        forest's alone before the network exists (None), the network's alone without a forest."""
+        if self.forest is None:
+            return network
+        forest = self._forest_probabilities(box)
+        return forest if network is None else self.forest.blend(network, forest)
+
+    def _slab_preview(self, model: UNet | None, class_values, z: int) -> Preview:
         began = time.monotonic()
         start = max(0, min(z - PREVIEW_SLICES // 2, self.shape[0] - PREVIEW_SLICES))
         stop = min(self.shape[0], start + PREVIEW_SLICES)
-        was_training = model.training
-        model.eval()
-        try:
-            probabilities = predict_array(model, self.normalized[:, start:stop], device=self.device)
-        finally:
-            model.train(was_training)
+        network = None
+        if model is not None:
+            was_training = model.training
+            model.eval()
+            try:
+                network = predict_array(model, self.normalized[:, start:stop], device=self.device)
+            finally:
+                model.train(was_training)
+        probabilities = self._blend(network, (slice(start, stop), slice(0, self.shape[1]), slice(0, self.shape[2])))
         return Preview(start, stop, decode_labels(probabilities.argmax(0), class_values), time.monotonic() - began)
+
+    def _everything(self) -> tuple[slice, ...]:
+        return tuple(slice(0, n) for n in self.shape)
 
     def _require_network(self) -> UNet:
         if self.network is None:
@@ -170,18 +215,19 @@ class Session:
         return self.network
 
     def probabilities(self) -> np.ndarray:
-        """The network's class probabilities of the whole volume (K, Z, Y, X)."""
+        """The class probabilities of the whole volume (K, Z, Y, X): the network's blended with the round's forest."""
         with self.lock:
-            return predict_array(self._require_network(), self.normalized, device=self.device)
+            return self._blend(predict_array(self._require_network(), self.normalized, device=self.device),
+                               self._everything())
 
     def preview_volume(self) -> tuple[np.ndarray, np.ndarray]:
         """The network's labels of the whole volume and its uncertainty (entropy / log K, 0..1)."""
         probabilities = self.probabilities()
         return decode_labels(probabilities.argmax(0), self.class_values), normalized_entropy(probabilities)
 
-    def segment(self, painted: np.ndarray, threads: int | None = None) -> np.ndarray:
-        """densify's full-quality result: the network (8 mirrorings where cheap) blended with
-        ilastik's forest fitted on the painted voxels (geometric mean)."""
+    def segment(self, painted: np.ndarray) -> np.ndarray:
+        """The full-quality result: the network (8 mirrorings where cheap) blended with the
+        round's forest, as the previews and the saved model blend them."""
         self._require_network()
         data = self.training_set(painted)
         if data.class_values != self.class_values:
@@ -189,8 +235,7 @@ class Session:
         with self.lock:
             network, _ = predict_with_tta(self._require_network(), self.normalized, None, 60.0, time.monotonic,
                                           self.device, progress=False)
-        forest = fit_forest_on_bank(self.image, self.image, data, self.seed, threads, progress=False)
-        blended, _ = blend_with_forest(network, forest.probabilities, None)
+            blended = self._blend(network, self._everything())
         return decode_labels(blended.argmax(0), self.class_values)
 
     def suggest(self, painted: np.ndarray, count: int = 1, strategy: str = DEFAULT_STRATEGY) -> list[Suggestion]:
@@ -201,9 +246,9 @@ class Session:
                            rng=np.random.default_rng([self.seed, self.rounds]))
 
     def save(self, path) -> None:
-        """The standard model file (`unet3d predict` uses it)."""
+        """The standard model file, with the round's forest (`unet3d predict` blends as the loop did)."""
         with self.lock:
-            save_model(path, self._require_network(), self.info)
+            save_model(path, self._require_network(), self.info, self.forest)
 
     def close(self) -> None:
         self._workdir.cleanup()

@@ -17,13 +17,13 @@ from magicgui.widgets import Container, FileEdit, FloatSpinBox, Label, PushButto
 from napari.qt.threading import create_worker
 from superqt.utils import ensure_main_thread
 
-from unet3d.data.normalization import apply_normalization
+from unet3d.data.features import raw_channels
 from unet3d.errors import UserError
 from unet3d.export.bioimageio import is_package, load_package
-from unet3d.inference.predictor import predict_array
+from unet3d.inference.predictor import predict_image
 from unet3d.interactive.session import Preview, Progress, RoundResult, Session
 from unet3d.interactive.suggest import Suggestion
-from unet3d.model import load_model
+from unet3d.model import load_forest, load_model
 
 PREVIEW_LAYER, UNCERTAINTY_LAYER, SEGMENTATION_LAYER = "unet3d preview", "unet3d uncertainty", "unet3d segmentation"
 AXIS_ORDER = {0: (0, 1, 2), 1: (1, 0, 2), 2: (2, 0, 1)}  # dims order that shows slices across each axis
@@ -92,7 +92,7 @@ class InteractiveWidget(Container):
         self._run(f"training for {budget:g} s ...", work, self._round_done, stoppable=True)
 
     def segment_volume(self) -> None:
-        """Full quality: the network blended with ilastik's forest, as `unet3d densify` does."""
+        """Full quality: the network (8 mirrorings where cheap) blended with the round's forest."""
         try:
             session, painted = self._trained_session(), self._painted()
         except UserError as exc:
@@ -128,14 +128,14 @@ class InteractiveWidget(Container):
             return self.say("choose an image layer to apply the model to")
 
         def work():
-            model, info = (load_package if is_package(path) else load_model)(path)
-            if info.get("input_features"):
-                raise UserError(f"{path}: the model reads ilastik's filter bank; use `unet3d predict` for it")
+            package = is_package(path)
+            model, info = (load_package if package else load_model)(path)
             image = _channels_first(np.asarray(layer.data))
-            if image.shape[0] != model.config.in_channels:
-                raise UserError(f"{path}: the model reads {model.config.in_channels} channel(s), "
-                                f"{layer.name} has {image.shape[0]}")
-            probabilities = predict_array(model, apply_normalization(image.astype(np.float32), info["normalization"]))
+            channels = raw_channels(model.config.in_channels, info.get("input_features"))
+            if image.shape[0] != channels:
+                raise UserError(f"{path}: the model reads {channels} channel(s), {layer.name} has {image.shape[0]}")
+            # As `unet3d predict` segments: filter-bank inputs remade, the model's forest blended in.
+            probabilities = predict_image(model, info, image, forest=None if package else load_forest(path, info))
             return np.asarray(info["class_values"])[probabilities.argmax(0)]
 
         self._run(f"applying {path} ...", work,

@@ -65,7 +65,7 @@ from unet3d.data.labels import decode_labels
 from unet3d.workflows.blend import HeldOut, choose_network_weight, hold_out_blocks, weighted_geometric_mean
 from unet3d.errors import UserError
 from unet3d.inference import predict_array
-from unet3d.model import UNet, UNetConfig, load_model
+from unet3d.model import ForestModel, UNet, UNetConfig, load_model, save_model
 from unet3d.training import TrainConfig, TrainResult, train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
 
@@ -249,12 +249,13 @@ def hold_out_for_blend(data: TrainingSet, use_forest: bool, seed: int) -> HeldOu
     return held if len(held) else None
 
 
-def blend_with_forest(network: np.ndarray, forest: np.ndarray, held: HeldOut | None) -> tuple[np.ndarray, str]:
-    """The blended probabilities and one line saying how they were weighed."""
+def blend_with_forest(network: np.ndarray, forest: np.ndarray, held: HeldOut | None) -> tuple[np.ndarray, str, float]:
+    """The blended probabilities, one line saying how they were weighed, and the network's weight."""
     if held is None:
-        return weighted_geometric_mean(network, forest), "geometric mean with equal weights"
+        return weighted_geometric_mean(network, forest), "geometric mean with equal weights", 0.5
     choice = choose_network_weight(network, forest, held)
-    return weighted_geometric_mean(network, forest, choice.network_weight), choice.describe(len(held))
+    return (weighted_geometric_mean(network, forest, choice.network_weight), choice.describe(len(held)),
+            choice.network_weight)
 
 
 def fit_forest_on_bank(image: np.ndarray, network_input: np.ndarray, data: TrainingSet, seed: int,
@@ -364,13 +365,24 @@ def train_network(prepared: DensifyInputs, model_path, options: DensifyOptions, 
                  network=init.network if init is not None else None)
 
 
-def blend_stage(network: np.ndarray, forest: ForestResult | None, held: HeldOut | None) -> tuple[np.ndarray, str, dict]:
+def blend_stage(network: np.ndarray, forest: ForestResult | None,
+                held: HeldOut | None) -> tuple[np.ndarray, str, dict, float]:
     """Stage 5: the network's probabilities blended with the forest's (unchanged without a forest),
-    how they were weighed, and each one's map."""
+    how they were weighed, each one's map, and the network's weight."""
     if forest is None:
-        return network, "", {}
-    blended, weighing = blend_with_forest(network, forest.probabilities, held)
-    return blended, weighing, {"network": network, "forest": forest.probabilities}
+        return network, "", {}, 1.0
+    blended, weighing, weight = blend_with_forest(network, forest.probabilities, held)
+    return blended, weighing, {"network": network, "forest": forest.probabilities}, weight
+
+
+def store_forest(model_path, result: TrainResult, forest: ForestResult, data: TrainingSet, channels: int,
+                 weight: float) -> None:
+    """Stage 6: the forest joins the network in the model file with the weight the blend used, so
+    that `unet3d predict` with densify's model segments as densify did (the forest reads the raw
+    image's filter bank, as here)."""
+    model = ForestModel(forest.forest, len(data.class_values), input_feature_spec(data.spacing),
+                        {"method": "none", "channels": channels}, weight)
+    save_model(model_path, result.model, result.info, model)
 
 
 def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path,
@@ -385,7 +397,8 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     network ilastik's filter bank of the whole volume as extra input channels: True always, False
     never, None when enough voxels are annotated (`choose_inputs`). `forest` blends a random forest
     on the same bank into the result: True always, False never, None when the bank fits in memory
-    (`choose_forest`). The model file holds the network alone. `tta` averages the network's
+    (`choose_forest`). The model file holds the network and, where it was blended in, the forest with
+    the network's weight (`store_forest`), so `unet3d predict` segments as densify did. `tta` averages the network's
     predictions of the 8 mirrored volumes: True always, False never, None when they cost at most
     TTA_MAX_SHARE of `max_time`. `init` fine-tunes a trained network (its classes, inputs and
     normalization) instead of training a new one.
@@ -404,7 +417,9 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
         result = train_network(prepared, model_path, options, training_time)
         probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), options.tta, max_time, now,
                                               options.device, options.progress)
-    probabilities, weighing, parts = blend_stage(probabilities, forest_result, prepared.held)
+    probabilities, weighing, parts, weight = blend_stage(probabilities, forest_result, prepared.held)
+    if forest_result is not None and weight < 1:
+        store_forest(model_path, result, forest_result, data, image.shape[0], weight)
     decode = lambda p: decode_labels(p.argmax(0), data.class_values)  # noqa: E731
     return DensifyResult(decode(probabilities), probabilities, result.model, result.info, result.iterations,
                          result.seconds, prepared.inputs, prepared.blend, tta, spent,

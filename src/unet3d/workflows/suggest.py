@@ -1,5 +1,6 @@
-"""`unet3d suggest`: the network that judges the slices (a model file, or densify's network trained
-now on the annotated voxels), its ranking of the slices not yet annotated, and a picture of the best."""
+"""`unet3d suggest`: the model that judges the slices (a model file, or the napari loop's network
+and forest trained now on the annotated voxels, blended as `predict` blends them), its ranking of
+the slices not yet annotated, and a picture of the best."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from unet3d.evaluation.figures import gray_plane, overlay_rgb
 from unet3d.inference.predictor import normalized_entropy, predict_image
 from unet3d.interactive.session import UNPAINTED, Session
 from unet3d.interactive.suggest import AXIS_NAMES, DEFAULT_STRATEGY, Suggestion, rank_slices
-from unet3d.model import load_model
+from unet3d.model import load_forest, load_model
 from unet3d.atomic import atomic_path
 
 
@@ -64,11 +65,11 @@ def _model_probabilities(model_path, image, values, device, source):
     if unknown:
         raise UserError(f"{source}: label value(s) {', '.join(map(str, unknown))} are not classes of {model_path} "
                         f"(its classes: {', '.join(map(str, class_values))}); check --ignore-label")
-    return predict_image(model, info, image, device=device), class_values
+    return predict_image(model, info, image, device=device, forest=load_forest(model_path, info)), class_values
 
 
 def _trained_probabilities(image, sparse, values, annotated, max_time, seed, spacing, device):
-    """densify's network (the napari loop's recipe) trained on the annotated voxels; its
+    """The napari loop's network and forest trained on the annotated voxels; their blended
     probabilities over the annotated classes."""
     if len(values) < 2:
         raise UserError(f"only label value {values[0]} is annotated: annotate at least two classes")
@@ -80,7 +81,8 @@ def _trained_probabilities(image, sparse, values, annotated, max_time, seed, spa
         probabilities = session.probabilities()
     finally:
         session.close()
-    return probabilities, values, f"densify's network trained for {result.seconds:.0f} s ({result.iterations} steps)"
+    return probabilities, values, (f"densify's network trained for {result.seconds:.0f} s ({result.iterations} steps)"
+                                   f"{' blended with the forest' if session.forest is not None else ''}")
 
 
 def suggestion_figure(path, image: np.ndarray, result: SuggestResult, alpha: float = 0.45) -> None:
