@@ -304,3 +304,34 @@ def test_a_worker_lost_mid_run_leaves_the_result_unchanged(client, tmp_path, vol
     reference = single_process(tmp_path, model, image, VALID_TILE)
     for got, want in zip(stored(out), reference):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_model_with_a_forest_blends_it_block_by_block_as_single_process(client, tmp_path):
+    """The forest's filter bank is made per block, its per-volume statistics fitted once on the client."""
+    from unet3d.data.features import input_feature_spec
+    from unet3d.model import load_forest
+    from unet3d.workflows.forest import annotated, fit_model_forest
+
+    image = blobs((24, 40, 36), seed=3)
+    write_volume(str(tmp_path / "in.zarr"), image)
+    raw = image.astype(np.float32)[None]
+    sparse = np.full(image.shape, -1)
+    sparse[::6] = np.digitize(image[::6], np.percentile(image, [40, 70]))  # three classes by brightness
+    forest = fit_model_forest([annotated(raw, sparse)], input_feature_spec(None),
+                              fit_normalization([raw], per_volume=True), 3, seconds=None, seed=0)
+    forest.network_weight = 0.3
+    model_path = save_network(tmp_path / "same.safetensors", image, padding="same")
+    network, info = load_model(model_path)
+    save_model(model_path, network, info, forest)
+    out = tmp_path / "out.zarr"
+    predict_distributed(client, model_path, str(tmp_path / "in.zarr"), str(out), block=(12, 20, 20), tile=SAME_WINDOW)
+    labels, probabilities = stored(out)
+    network, info = load_model(model_path)
+    with open_volume(str(tmp_path / "in.zarr")) as source:
+        predict_volume(network, info, source, str(tmp_path / "ref_labels.npy"), str(tmp_path / "ref_probs.npy"),
+                       tile=SAME_WINDOW, forest=load_forest(model_path, info))
+    reference = np.load(tmp_path / "ref_probs.npy").astype(np.float32)
+    np.testing.assert_allclose(probabilities.astype(np.float32), reference, atol=2e-3)
+    top = np.sort(reference, axis=0)
+    clear = top[-1] - top[-2] > 4e-3
+    np.testing.assert_array_equal(labels[clear], np.load(tmp_path / "ref_labels.npy")[clear])

@@ -15,10 +15,9 @@ from unet3d.cli.options import int_triple
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.inference import predict_volume
-from unet3d.inference.distributed import CONNECT_TIMEOUT, DEFAULT_BLOCK, load_predictor, predict_distributed
+from unet3d.inference.distributed import CONNECT_TIMEOUT, DEFAULT_BLOCK, load_forest, load_predictor, predict_distributed
 from unet3d.inference.predictor import DEFAULT_MAX_MEMORY
 from unet3d.io import open_volume, parse_spec
-from unet3d.model import load_forest
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

@@ -66,6 +66,7 @@ class BlockJob:
     batch_size: int
     tta: bool
     skip_empty: float | None
+    forest_normalization: dict | None = None  # fitted for the volume; None: the model has no forest
 
 
 def load_predictor(path: str):
@@ -74,6 +75,14 @@ def load_predictor(path: str):
     from unet3d.model import load_model
 
     return (load_package if is_package(path) else load_model)(path)
+
+
+def load_forest(path: str, info: dict | None = None):
+    """The forest a model file blends in (None: the network alone, as every BioImage.IO package)."""
+    from unet3d.export.bioimageio import is_package
+    from unet3d.model import load_forest as load
+
+    return None if is_package(path) else load(path, info)
 
 
 def predict_distributed(cluster, model_path: str, image: str, output: str, *, block=None, tile=None,
@@ -111,6 +120,7 @@ def plan_job(model_path: str, image: str, output: str, *, block=None, tile=None,
                         "without a key")
     image = os.path.abspath(source.path) + (f":/{source.key}" if source.key else "")
     model, info = load_predictor(model_path)
+    forest = load_forest(model_path, info)
     config = model.config
     features = info.get("input_features")
     with open_volume(image, "image", channel_axis) as volume:
@@ -121,6 +131,7 @@ def plan_job(model_path: str, image: str, output: str, *, block=None, tile=None,
                             "(use --channel-axis if the channels were not detected)")
         normalization = info.get("normalization") or {"method": "none", "channels": config.in_channels}
         normalization = for_volume(normalization, raw_reader(volume, features), shape)
+        forest_normalization = None if forest is None else forest.volume_normalization(volume.read, shape)
         spacing = volume.meta.spacing
     if tile is None:
         wanted = tuple(min(b, n) for b, n in zip(block or (DEFAULT_BLOCK,) * 3, shape))
@@ -131,6 +142,7 @@ def plan_job(model_path: str, image: str, output: str, *, block=None, tile=None,
     class_values = tuple(int(v) for v in (info.get("class_values") or range(config.num_classes)))
     digest = model_digest(model)
     settings = {"model": digest, "normalization": normalization, "features": features, "tta": tta,
+                "forest": info.get("forest"),
                 "input": plan.input_shape, "output": plan.output_shape, "skip_empty": skip_empty}
     store = PredictionStore(
         path=os.path.abspath(target.path), shape=shape, block=block_shape(plan, block), class_values=class_values,
@@ -138,7 +150,8 @@ def plan_job(model_path: str, image: str, output: str, *, block=None, tile=None,
         spacing=tuple(spacing) if spacing else None)
     axis_starts = tuple(tuple(sorted({s[a] for s in plan.starts})) for a in range(3))
     return BlockJob(os.path.abspath(model_path), digest, image, channel_axis, normalization, features,
-                    replace(plan, starts=[]), axis_starts, store, device, batch_size, tta, skip_empty)
+                    replace(plan, starts=[]), axis_starts, store, device, batch_size, tta, skip_empty,
+                    forest_normalization)
 
 
 def block_shape(plan: TilePlan, wanted=None) -> tuple[int, int, int]:
@@ -274,6 +287,10 @@ def predict_block(job: BlockJob, index, block: Block) -> str:
             read = normalized_reader(volume, job.normalization, job.input_features)
             plan = replace(job.plan, starts=block_starts(job.axis_starts, job.plan.output_shape, block))
             probabilities = block_probabilities(net, read, plan, block, device, job.batch_size, job.tta).cpu().numpy()
+            if job.forest_normalization is not None:
+                forest = _forest(job.model_path, job.model_digest)
+                probabilities = forest.blend(probabilities, forest.region_probabilities(
+                    volume.read, tuple(volume.shape[1:]), job.forest_normalization)(block))
             status = "predicted"
     labels = np.asarray(job.store.class_values)[probabilities.argmax(axis=0)].astype(job.store.label_dtype)
     write_block(job.store, index, block, probabilities.astype(np.float16), labels)
@@ -298,6 +315,13 @@ def _network(path: str, digest: str, device: str):
         raise UserError(f"{path}: changed since the prediction was planned (or differs on this worker)")
     device = resolve_device(device)
     return prepare_network(model, device), device
+
+
+@functools.lru_cache(maxsize=2)
+def _forest(path: str, digest: str):
+    """The model's forest, loaded once per worker process (`digest`: the network's, which the
+    client checked when it planned; it keys the cache to the file planned)."""
+    return load_forest(path)
 
 
 def raw_reader(volume, features: dict | None):

@@ -78,15 +78,16 @@ class ForestModel:
         """The blend of the network's and the forest's (K, ...) probabilities this model was weighed for."""
         return weighted_geometric_mean(network, forest, self.network_weight)
 
-    def reader(self, read, shape):
-        """box → the normalized image there (`read`: box → raw (C, z, y, x)); a per-volume
-        normalization is fitted on the whole volume first, so every region shares it."""
-        normalization = for_volume(self.normalization, read, shape)
-        return lambda box: apply_normalization(read(box), normalization)
+    def volume_normalization(self, read, shape) -> dict:
+        """The forest's normalization for one volume (`read`: box → raw (C, z, y, x)): a per-volume
+        one is fitted on the whole volume, so every region shares it."""
+        return for_volume(self.normalization, read, shape)
 
-    def region_probabilities(self, read, shape):
-        """box → the forest's (K, z, y, x) probabilities there, block by block (`read` as in `reader`)."""
-        normalized = self.reader(read, shape)
+    def region_probabilities(self, read, shape, normalization: dict | None = None):
+        """box → the forest's (K, z, y, x) probabilities there, block by block (`read` as in
+        `volume_normalization`, whose result `normalization` is, when the caller has it already)."""
+        fitted = normalization or self.volume_normalization(read, shape)
+        normalized = lambda box: apply_normalization(read(box), fitted)  # noqa: E731
 
         def predict(box: tuple[slice, ...]) -> np.ndarray:
             out = np.empty((self.num_classes,) + tuple(b.stop - b.start for b in box), dtype=np.float32)
