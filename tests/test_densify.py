@@ -134,18 +134,18 @@ def test_geometric_mean_blend_is_normalized_and_lets_a_confident_model_win():
     assert np.allclose(blended[:, 2], 0.5)
 
 
-def test_the_forest_is_blended_in_by_default_only_where_its_bank_fits(sparse_nuclei):
-    from unet3d.errors import UserError
-    from unet3d.workflows.densify import choose_forest
+def test_the_forest_is_blended_in_at_any_size(sparse_nuclei):
+    """Where the whole filter bank fits in memory it is made at once; elsewhere block by block."""
+    from unet3d.workflows.densify import BLOCKWISE, WHOLE, choose_forest
 
     image, _, _ = sparse_nuclei
-    assert choose_forest(None, image.shape, None, "nuclei.tif")[0]
-    assert not choose_forest(False, image.shape, None, "nuclei.tif")[0]
+    assert choose_forest(None, image.shape, None, "nuclei.tif")[0] == WHOLE
+    assert choose_forest(False, image.shape, None, "nuclei.tif")[0] is None
     huge = (1, 4096, 4096, 4096)
-    use, why = choose_forest(None, huge, None, "huge.tif")
-    assert not use and why.startswith("the network alone: huge.tif: filter-bank inputs")
-    with pytest.raises(UserError, match=r"^huge\.tif: filter-bank inputs.*--forest off"):
-        choose_forest(True, huge, None, "huge.tif")
+    route, why = choose_forest(None, huge, None, "huge.tif")
+    assert route == BLOCKWISE and why.startswith("the network and a random forest on ilastik's filter bank made "
+                                                 "block by block (filter-bank inputs for 4096×4096×4096 voxels")
+    assert choose_forest(True, huge, None, "huge.tif")[0] == BLOCKWISE
 
 
 def test_the_forest_time_comes_out_of_the_training_budget(sparse_nuclei, tmp_path):

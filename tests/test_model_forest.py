@@ -210,3 +210,31 @@ def test_densifys_model_file_segments_as_densify_did(tmp_path):
     forest = load_forest(model, info)
     assert forest is not None and forest.network_weight == 0.5  # few annotated voxels: equal weights
     np.testing.assert_array_equal(predict_image(network, info, image, forest=forest).argmax(0), result.segmentation)
+
+
+def test_densify_keeps_the_forest_when_the_whole_filter_bank_would_not_fit(tmp_path, monkeypatch, capsys):
+    """The blockwise route: the forest's bank made around the annotated voxels and per region at
+    prediction, the blend weighed on held-out blocks and streamed into the segmentation; the model
+    file segments as densify did."""
+    from unet3d.workflows import densify as module
+
+    monkeypatch.setattr(module, "feature_memory_shortfall", lambda source, *_: f"{source}: needs 99 GiB")
+    image, truth = blobs((40, 128, 128))
+    sparse = slices_of(truth)
+    model = tmp_path / "m.safetensors"
+    lines = []
+    result = module.densify(image, sparse, IGNORE, model, max_time=60, progress=False, report=lines.append,
+                            probabilities_out=str(tmp_path / "p.npy"))
+    assert "made block by block" in result.blend and result.probabilities is None
+    assert lines and lines[0].startswith("time plan:") and "to train" in lines[0]
+    assert "chosen on" in result.weighing and "held-out annotated blocks" in result.weighing
+    network, info = load_model(model)
+    forest = load_forest(model, info)
+    assert forest is not None and info["forest"]["evidence"]["voxels"] > 1000
+    expected = predict_image(network, info, image, forest=forest)
+    assert (expected.argmax(0) == result.segmentation).mean() > 0.999
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy").astype(np.float32), expected, atol=2e-3)
+    assert (result.segmentation == truth).mean() > 0.9
+    # A budget that prediction alone would exhaust is refused before training, saying what would do.
+    with pytest.raises(UserError, match=r"predicting its 655,360 voxels takes about .* give --max-time \d+ or more"):
+        module.densify(image, sparse, IGNORE, tmp_path / "n.safetensors", max_time=0.5, progress=False)

@@ -96,13 +96,14 @@ def _check_inputs(image: np.ndarray, sparse: np.ndarray) -> None:
 
 def fit_forest(features: np.ndarray, labels: np.ndarray, voxels: np.ndarray, n_trees: int = 100, seed: int = 0,
                max_train_voxels: int | None = None, n_jobs: int = -1, seconds: float | None = None,
-               clock=time.monotonic) -> RandomForestClassifier:
+               clock=time.monotonic, predict_voxels: int | None = None) -> RandomForestClassifier:
     """A forest fitted on (F, N) features at the flat indices `voxels` of (N,) labels, at most
     `max_train_voxels` of them (a seeded sample).
 
     With `seconds` (of `clock`), trees are added 10 at a time, up to `n_trees`, while the fit and the
-    prediction of all N voxels (extrapolated from one chunk) stay within it; 10 trees at least.
-    The trees are those a forest of their number fitted at once would have (same seed).
+    prediction of `predict_voxels` voxels (default all N; extrapolated from one chunk) stay within
+    it; 10 trees at least. The trees are those a forest of their number fitted at once would have
+    (same seed).
     """
     voxels = training_sample(voxels, max_train_voxels, seed)
     x, y = features[:, voxels].T, labels[voxels]
@@ -110,7 +111,8 @@ def fit_forest(features: np.ndarray, labels: np.ndarray, voxels: np.ndarray, n_t
         return make_forest(n_trees, seed, n_jobs).fit(x, y)
     start = clock()
     forest = make_forest(min(_TREES_PER_ROUND, n_trees), seed, n_jobs).set_params(warm_start=True).fit(x, y)
-    predict_per_tree = _prediction_seconds(forest, features, clock) / forest.n_estimators
+    predict_per_tree = (_prediction_seconds(forest, features, clock, predict_voxels or features.shape[1])
+                        / forest.n_estimators)
     while forest.n_estimators < n_trees:
         fit_per_tree = (clock() - start) / forest.n_estimators
         grown = min(forest.n_estimators + _TREES_PER_ROUND, n_trees)
@@ -127,12 +129,12 @@ def training_sample(voxels: np.ndarray, max_voxels: int | None, seed: int) -> np
     return np.sort(np.random.default_rng(seed).choice(voxels, max_voxels, replace=False))
 
 
-def _prediction_seconds(forest: RandomForestClassifier, features: np.ndarray, clock) -> float:
-    """Seconds `predict_probabilities` would take on all of (F, N) `features`, timed on one chunk."""
+def _prediction_seconds(forest: RandomForestClassifier, features: np.ndarray, clock, voxels: int) -> float:
+    """Seconds `predict_probabilities` would take on `voxels` voxels, timed on one chunk of (F, N) `features`."""
     chunk = np.ascontiguousarray(features[:, :_PREDICT_CHUNK].T)
     start = clock()
     forest.predict_proba(chunk)
-    return (clock() - start) * features.shape[1] / chunk.shape[0]
+    return (clock() - start) * voxels / chunk.shape[0]
 
 
 def make_forest(n_trees: int = 100, seed: int = 0, n_jobs: int = -1) -> RandomForestClassifier:

@@ -39,7 +39,9 @@ def register(subparsers) -> None:
                         help="the value of unannotated voxels (0 for napari/ilastik painting, 3 in the paper, 255, ...)")
     parser.add_argument("--num-classes", type=int, metavar="K", help="number of classes (default: inferred)")
     parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS",
-                        help="time for the filter bank, the forest and training (prediction comes on top)")
+                        help="time for the whole run: the filter bank, the forest, training and prediction (measured "
+                        "before training and set aside; a volume whose prediction alone would not fit is refused "
+                        "up front, saying what budget would)")
     parser.add_argument("--seed", type=int, default=0,
                         help="makes a CPU run reproducible (with --iterations; on large volumes the forest's size "
                         "and --tta auto also follow the clock)")
@@ -87,6 +89,6 @@ def run(args) -> int:
                                num_classes=args.num_classes, spacing=args.spacing or meta.spacing,
                                device=resolve_device(args.device), threads=args.threads, progress=not args.quiet,
                                filter_features=AUTO_ON_OFF[args.filter_features], forest=AUTO_ON_OFF[args.forest],
-                               tta=AUTO_ON_OFF[args.tta], init=init)
+                               tta=AUTO_ON_OFF[args.tta], init=init, report=lambda line: print(line, flush=True))
     print(report)
     return 0

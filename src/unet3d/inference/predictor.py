@@ -212,11 +212,11 @@ def region_reader(source, normalization: dict, input_features: dict | None, repo
     return lambda box: apply_normalization(read(box), normalization)
 
 
-class _InMemory:
+class InMemory:
     """An image already in memory (C, Z, Y, X), read like an opened volume."""
 
     def __init__(self, image: np.ndarray):
-        self.image, self.shape = image, image.shape
+        self.image, self.shape, self.meta = image, image.shape, None
 
     def read(self, box=None) -> np.ndarray:
         return self.image if box is None else self.image[(slice(None),) + tuple(box)]
@@ -228,13 +228,23 @@ def predict_image(model: UNet, info: dict, image: np.ndarray, *, device: str = "
     model file describes (its normalization, its filter-bank channels) as `predict_volume` makes
     them, blended with the model's `forest` when it has one."""
     normalization = info.get("normalization") or {"method": "none", "channels": model.config.in_channels}
-    source = _InMemory(np.asarray(image, np.float32))
+    source = InMemory(np.asarray(image, np.float32))
     read = region_reader(source, normalization, info.get("input_features"))
     probabilities = predict_array(model, read((slice(None),) * 3), device=device, tta=tta, progress=progress)
     if forest is None:
         return probabilities
     everything = tuple(slice(0, n) for n in source.shape[1:])
     return forest.blend(probabilities, forest.region_probabilities(source.read, source.shape[1:])(everything))
+
+
+class _ArrayTarget:
+    """An array in memory written region by region like an output file."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def write(self, region, values: np.ndarray) -> None:
+        self.array[region] = values
 
 
 def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,
@@ -245,7 +255,8 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     `forest`, each region's probabilities are the blend of the network's and the forest's there
     (its filter bank made for that region alone).
 
-    label_out: label values (argmax mapped through info['class_values']); prob_out: float16 class
+    label_out: label values (argmax mapped through info['class_values']), a file spec or an array
+    of the volume's shape to fill; prob_out: float16 class
     probabilities (K, Z, Y, X); uncertainty_out: float32 normalized entropy. Outputs share the
     source's geometry (affine, spacing). `report(note)` hears the memory decisions worth telling a
     user (blending beyond the budget, the filter bank made tile by tile). Returns a summary.
@@ -266,6 +277,8 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:
         def open_writer(spec, out_shape, dtype):
+            if isinstance(spec, np.ndarray):
+                return _ArrayTarget(spec)
             return stack.enter_context(volume_writer(spec, out_shape, dtype, like=source.meta)) if spec else None
 
         values_dtype = label_dtype(class_values.tolist())

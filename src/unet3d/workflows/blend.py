@@ -65,8 +65,7 @@ def hold_out_blocks(labels: np.ndarray, share: float, block: tuple[int, int, int
     flat = labels.reshape(-1)
     annotated = np.flatnonzero(flat != UNLABELED)
     num_classes = int(flat.max()) + 1 if annotated.size else 0
-    block_ids = _block_ids(annotated, labels.shape, block)
-    blocks, inverse = np.unique(block_ids, return_inverse=True)
+    blocks, inverse = np.unique(block_ids(annotated, labels.shape, block), return_inverse=True)
     per_block = np.zeros((blocks.size, num_classes), dtype=np.int64)
     np.add.at(per_block, (inverse, flat[annotated]), 1)
     allowance = np.floor(max_class_share * per_block.sum(axis=0)).astype(np.int64)
@@ -84,7 +83,7 @@ def hold_out_blocks(labels: np.ndarray, share: float, block: tuple[int, int, int
     return held
 
 
-def _block_ids(voxels: np.ndarray, shape, block) -> np.ndarray:
+def block_ids(voxels: np.ndarray, shape, block) -> np.ndarray:
     """The block number of each flat voxel index, blocks of `block` voxels tiling `shape`."""
     coordinates = np.unravel_index(voxels, shape)
     counts = [-(-n // b) for n, b in zip(shape, block)]

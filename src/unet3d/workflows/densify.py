@@ -46,6 +46,7 @@ of the same kind").
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -64,10 +65,15 @@ from unet3d.baselines.forest import ForestResult, segment_features
 from unet3d.data.labels import decode_labels
 from unet3d.workflows.blend import HeldOut, choose_network_weight, hold_out_blocks, weighted_geometric_mean
 from unet3d.errors import UserError
-from unet3d.inference import predict_array
+from unet3d.inference import predict_array, predict_volume
+from unet3d.inference.predictor import InMemory, label_dtype
+from unet3d.model.forest import BLOCK_VOXELS
 from unet3d.model import ForestModel, UNet, UNetConfig, load_model, save_model
 from unet3d.training import TrainConfig, TrainResult, train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
+from unet3d.workflows.forest import (FOREST_MAX_SHARE, FOREST_TRAIN_VOXELS, FOREST_TREES, HOLD_OUT_MIN_ANNOTATED,
+                                     HOLD_OUT_SHARE, MIN_TRAINING_SHARE, Annotated, annotated, fit_model_forest,
+                                     in_blocks, weigh)
 
 # Flips only: rotations, zoom, elastic motion and gray-value changes switched off.
 FLIPS_ONLY = AugmentationConfig(rotation_deg=0.0, scale=(1.0, 1.0), elastic_sigma=0.0, gamma=(1.0, 1.0),
@@ -88,27 +94,13 @@ FINE_TUNING_LEARNING_RATE = 3e-4
 # and +0.03 with 65k and 181k on the ovule; -0.06 to -0.16 with 5-7k on small nuclei and MRI
 # crops, where the network fits the 61 extra channels to the few labels.
 FILTER_FEATURES_MIN_ANNOTATED = 50_000
-# The forest fits on a seeded sample of at most this many annotated voxels (its fit time grows
-# faster than linearly; the forest baseline of the experiments uses the same cap).
-FOREST_TRAIN_VOXELS = 100_000
-FOREST_TREES = 100  # ilastik's default, and the most densify grows
-# The forest's fit and prediction get at most this share of the time budget (fewer trees on large
-# volumes): with 100 trees it took 134 of 200 CPU s on the ovule (3,3,2); with 30, 46 s, and the
-# blend rose from 0.619 to 0.628 as the network trained 420 steps instead of 166.
-FOREST_MAX_SHARE = 0.25
-# However long the forest takes, the network trains for at least this share of the time budget.
-MIN_TRAINING_SHARE = 0.25
-# From this many annotated voxels densify keeps HOLD_OUT_SHARE of them, in whole blocks of the
-# training patch's size, out of both models' training and weighs the network against the forest by
-# what scores best on them (`blend.choose_network_weight`); below it the held-out set would be a
-# few hundred voxels of a few blocks, and the plain geometric mean (measured to lead the forest on
-# every small volume) is kept.
-HOLD_OUT_MIN_ANNOTATED = 50_000
-HOLD_OUT_SHARE = 0.1
 # Test-time flips (8 mirrored predictions averaged) by default when they cost at most this share
 # of the time budget: +0.00 to +0.05 foreground IoU (never less) on the small nuclei and MRI
 # volumes, where they take seconds; on the ovule they took 77 CPU s for +0.001.
 TTA_MAX_SHARE = 0.1
+# Held-out blocks the blockwise route predicts to weigh the blend (a seeded choice): each costs a
+# prediction of twice its size, and this many give tens of thousands of scored voxels.
+WEIGHING_BLOCKS = 64
 
 
 @contextmanager
@@ -126,7 +118,7 @@ def torch_threads(count: int | None):
 @dataclass
 class DensifyResult:
     segmentation: np.ndarray  # (Z, Y, X) class values
-    probabilities: np.ndarray  # (K, Z, Y, X) float32
+    probabilities: np.ndarray | None  # (K, Z, Y, X) float32; None from the blockwise route, which streams them
     model: UNet
     info: dict
     iterations: int
@@ -227,19 +219,23 @@ class StartingModel:
         return self.input_features, f"{reads}, as the model it starts from ({self.source})"
 
 
-def choose_forest(forest: bool | None, image_shape, spacing, source: str) -> tuple[bool, str]:
-    """Whether to blend in the random forest, and one line saying why: by default whenever the
-    filter bank it reads fits in free memory. True insists (and refuses a volume that would not fit)."""
+WHOLE, BLOCKWISE = "whole", "blockwise"  # how the forest's filter bank is made: for the whole volume in memory, or per block
+
+
+def choose_forest(forest: bool | None, image_shape, spacing, source: str) -> tuple[str | None, str]:
+    """How to blend in the random forest (None: not at all), and one line saying why: by default
+    always, its filter bank made for the whole volume at once where that fits in free memory, else
+    block by block (`densify_blockwise`)."""
     if forest is False:
-        return False, "the network alone (forest off)"
-    shortfall = bank_shortfall(forest, image_shape, spacing, source,
-                               "densify without the forest (--forest off) or a smaller volume")
+        return None, "the network alone (forest off)"
+    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing))
     if shortfall:
-        return False, f"the network alone: {shortfall}"
-    return True, "the network and a random forest on ilastik's filter bank, geometric mean of their probabilities"
+        return BLOCKWISE, (f"the network and a random forest on ilastik's filter bank made block by block "
+                           f"({shortfall.removeprefix(source + ': ')}), geometric mean of their probabilities")
+    return WHOLE, "the network and a random forest on ilastik's filter bank, geometric mean of their probabilities"
 
 
-def hold_out_for_blend(data: TrainingSet, use_forest: bool, seed: int) -> HeldOut | None:
+def hold_out_for_blend(data: TrainingSet, use_forest: str | None, seed: int) -> HeldOut | None:
     """Annotated voxels taken out of `data`'s labels to weigh the network against the forest on,
     or None (no forest, or too few annotated voxels: the plain geometric mean)."""
     labels = data.labels[0].numpy()
@@ -308,6 +304,8 @@ class DensifyOptions:
     clock: str = "wall"
     init: StartingModel | None = None
     config: TrainConfig | None = None  # the training configuration, instead of `default_config`'s
+    report: Callable[[str], None] | None = None  # hears the time plan before training
+    probabilities_out: str | None = None  # where the blockwise route writes probabilities, region by region
 
     @property
     def now(self):
@@ -321,7 +319,7 @@ class DensifyInputs:
     data: TrainingSet
     network_input: np.ndarray | None  # the image with its filter-bank channels, before normalization
     inputs: str
-    use_forest: bool
+    forest_route: str | None  # WHOLE, BLOCKWISE or None (the network alone)
     blend: str
     held: HeldOut | None
 
@@ -335,7 +333,7 @@ def prepare_inputs(image: np.ndarray, sparse: np.ndarray, ignore_label: int, opt
     else:
         features, inputs = choose_inputs(options.filter_features, image.shape, sparse, ignore_label, options.spacing,
                                          options.source)
-    use_forest, blend = choose_forest(options.forest, image.shape, options.spacing, options.source)
+    forest_route, blend = choose_forest(options.forest, image.shape, options.spacing, options.source)
     network_input = with_input_features(image, features) if features else image
     data = prepare_training_set([network_input], [sparse], ignore_label, sources=[options.source],
                                 num_classes=options.num_classes, spacing=options.spacing, input_features=features,
@@ -343,12 +341,13 @@ def prepare_inputs(image: np.ndarray, sparse: np.ndarray, ignore_label: int, opt
     if init is not None and init.network.config.in_channels != data.channels:
         raise UserError(f"{init.source}: the model reads {init.network.config.in_channels} input channel(s), "
                         f"{options.source} gives {data.channels}")
-    return DensifyInputs(data, network_input, inputs, use_forest, blend, hold_out_for_blend(data, use_forest, options.seed))
+    return DensifyInputs(data, network_input, inputs, forest_route, blend,
+                         hold_out_for_blend(data, forest_route, options.seed))
 
 
 def fit_forest(image: np.ndarray, prepared: DensifyInputs, options: DensifyOptions) -> ForestResult | None:
     """Stage 2: ilastik's forest on the filter bank of the annotated voxels (None when it does not join)."""
-    if not prepared.use_forest:
+    if prepared.forest_route != WHOLE:
         return None
     limit = None if options.max_time is None else FOREST_MAX_SHARE * options.max_time
     return fit_forest_on_bank(image, prepared.network_input, prepared.data, options.seed, options.threads,
@@ -385,6 +384,94 @@ def store_forest(model_path, result: TrainResult, forest: ForestResult, data: Tr
     save_model(model_path, result.model, result.info, model)
 
 
+# Prediction's measured cost is scaled by this before it is set aside from the budget: blocks at
+# the volume's faces, tiles overlapping, writing.
+PREDICTION_MARGIN = 1.2
+
+
+def sample_box(shape, voxels: int) -> tuple[slice, ...]:
+    """A box of at most about `voxels` voxels in the middle of a (Z, Y, X) volume, to time prediction on."""
+    side = [min(n, 32) for n in shape]
+    while np.prod(side) < voxels and any(s < n for s, n in zip(side, shape)):
+        side = [min(n, 2 * s) for s, n in zip(side, shape)]
+    return tuple(slice((n - s) // 2, (n - s) // 2 + s) for s, n in zip(side, shape))
+
+
+def prediction_seconds(config: UNetConfig, normalized: np.ndarray, forest: ForestModel | None, image: np.ndarray,
+                       clock, device: str) -> float:
+    """Seconds to predict the whole volume, measured on a box in its middle: an untrained network
+    of `config` on the normalized input there, and `forest` with its filter bank made for the box."""
+    box = sample_box(image.shape[1:], BLOCK_VOXELS)
+    start = clock()
+    predict_array(UNet(config).eval(), normalized[(slice(None),) + box], device=device)
+    if forest is not None:
+        forest.region_probabilities(lambda region: image[(slice(None),) + region], image.shape[1:])(box)
+    share = np.prod(image.shape[1:]) / np.prod([b.stop - b.start for b in box])
+    return (clock() - start) * share * PREDICTION_MARGIN
+
+
+def training_budget(max_time: float | None, spent: float, prediction: float, voxels: int, source: str,
+                    report) -> float | None:
+    """Seconds left to train once `spent` and the `prediction` ahead are taken out of `max_time`, at
+    least MIN_TRAINING_SHARE of it; refuses a budget that prediction alone would leave too little
+    of, saying what would do."""
+    if max_time is None:
+        return None
+    training = max(max_time - spent - prediction, MIN_TRAINING_SHARE * max_time)
+    if prediction > (1 - MIN_TRAINING_SHARE) * max_time:
+        needed = (spent + prediction) / (1 - MIN_TRAINING_SHARE)
+        raise UserError(f"{source}: predicting its {voxels:,} voxels takes about {prediction:.0f} s here, which leaves "
+                        f"too little of --max-time {max_time:g} to train: give --max-time {needed:.0f} or more, or "
+                        "densify a crop and segment the whole volume with its model by `unet3d predict --dask`")
+    if report is not None:
+        report(f"time plan: {spent:.0f} s spent on the inputs and the forest, {prediction:.0f} s set aside to "
+               f"predict {voxels:,} voxels (measured here), {training:.0f} s to train")
+    return training
+
+
+def densify_blockwise(image: np.ndarray, prepared: DensifyInputs, model_path, options: DensifyOptions,
+                      start: float) -> DensifyResult:
+    """The route for volumes whose filter bank does not fit in memory: the forest fitted on the bank
+    of a sample of annotated voxels made around them (`workflows.forest`), weighed against the
+    network on held-out blocks predicted where they lie, and the blend predicted region by region
+    with the bank made per block, straight into the segmentation (and `probabilities_out`)."""
+    now, max_time, data = options.now, options.max_time, prepared.data
+    shape = image.shape[1:]
+    voxels = int(np.prod(shape))
+    forest = fit_model_forest([annotated(image, data.labels[0].numpy())], input_feature_spec(data.spacing),
+                              {"method": "none", "channels": image.shape[0]}, len(data.class_values),
+                              seconds=None if max_time is None else FOREST_MAX_SHARE * max_time, seed=options.seed,
+                              threads=options.threads, predict_voxels=voxels)
+    normalized = data.images[0].numpy()
+    config = options.config or default_config(data, max_time=max_time, seed=options.seed)
+    with torch_threads(options.threads):
+        prediction = prediction_seconds(config.network, normalized, forest, image, now, options.device)
+        spent = now() - start
+        training_time = training_budget(max_time, spent, prediction, voxels, options.source, options.report)
+        result = train_network(prepared, model_path, options, training_time)
+        weighing = weigh_blockwise(result.model, forest, image, normalized, prepared.held, data, options)
+        segmentation = np.empty(shape, label_dtype(data.class_values))
+        predict_volume(result.model, result.info, InMemory(image), segmentation, options.probabilities_out,
+                       device=options.device, progress=options.progress, forest=forest)
+    if forest.network_weight < 1:
+        save_model(model_path, result.model, result.info, forest)
+    return DensifyResult(segmentation, None, result.model, result.info, result.iterations, result.seconds,
+                         prepared.inputs, prepared.blend, False, spent, forest.forest.n_estimators,
+                         weighing=weighing, held_out=prepared.held)
+
+
+def weigh_blockwise(network: UNet, forest: ForestModel, image, normalized, held: HeldOut | None, data: TrainingSet,
+                    options: DensifyOptions) -> str:
+    """The network's weight in the blend, chosen on (at most WEIGHING_BLOCKS of) the held-out
+    blocks, each predicted with half a block of context; equal weights without held-out voxels."""
+    if held is None:
+        forest.network_weight = 0.5
+        return "geometric mean with equal weights"
+    block = training_patch(image.shape[1:])
+    volume = in_blocks(Annotated(image, normalized, held.voxels, held.classes), block, WEIGHING_BLOCKS, options.seed)
+    return weigh(network, forest, [volume], "held-out annotated blocks", options.seed, options.device, block)
+
+
 def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path,
             options: DensifyOptions | None = None, **changes) -> DensifyResult:
     """Train on the annotated voxels of `sparse`, then predict every voxel of `image`: the stages
@@ -407,13 +494,19 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     now = options.now
     start = now()
     prepared = prepare_inputs(image, sparse, ignore_label, options)
+    if prepared.forest_route == BLOCKWISE:
+        return densify_blockwise(image, prepared, model_path, options, start)
     forest_result = fit_forest(image, prepared, options)
     prepared.network_input = None  # the unnormalized bank is not needed beyond the forest
-    spent = now() - start
     max_time = options.max_time
-    training_time = None if max_time is None else max(max_time - spent, max_time * MIN_TRAINING_SHARE)
     data = prepared.data
+    config = options.config or default_config(data, max_time=max_time, seed=options.seed,
+                                              **(options.init.training_options() if options.init else {}))
     with torch_threads(options.threads):
+        prediction = prediction_seconds(config.network, data.images[0].numpy(), None, image, now, options.device)
+        spent = now() - start
+        training_time = training_budget(max_time, spent, prediction, int(np.prod(image.shape[1:])), options.source,
+                                        options.report)
         result = train_network(prepared, model_path, options, training_time)
         probabilities, tta = predict_with_tta(result.model, data.images[0].numpy(), options.tta, max_time, now,
                                               options.device, options.progress)

@@ -34,14 +34,14 @@ def densify_and_write(image, sparse, meta, output: str, ignore_label: int, *, mo
     overlay = overlay or f"{base}.overlay.png"
     if image.shape[1:] != sparse.shape:
         raise UserError(f"{source}: image shape {image.shape[1:]} and sparse label shape {sparse.shape} differ")
-    result = densify(image, sparse, ignore_label, model, source=source, **options)
+    result = densify(image, sparse, ignore_label, model, source=source, probabilities_out=probabilities, **options)
     write_volume(output, result.segmentation, like=meta)
-    if probabilities:
+    if probabilities and result.probabilities is not None:  # the blockwise route wrote them as it went
         write_volume(probabilities, result.probabilities.astype("float16"), like=meta)
     lines = [f"input: {result.inputs}", f"result: {result.blend}",
              *([f"blend: {result.weighing}"] if result.weighing else []),
              *([f"filter bank and random forest ({result.forest_trees} trees) in {result.forest_seconds:.0f} s"]
-               if result.components else []),
+               if result.forest_trees else []),
              f"trained {result.iterations} iterations in {result.seconds:.0f} s",
              "predicted " + ("the 8 mirrored volumes, averaged (test-time flips)" if result.tta else "once"),
              f"wrote {output} (segmentation), {model} (model), {overlay} (overlay)"]

@@ -23,10 +23,25 @@ from unet3d.data.normalization import apply_normalization, for_volume
 from unet3d.inference import predict_array
 from unet3d.model import load_model, save_model
 from unet3d.model.forest import ForestModel
-from unet3d.workflows.blend import HeldOut, choose_network_weight, hold_out_blocks
-from unet3d.workflows.densify import (FOREST_MAX_SHARE, FOREST_TRAIN_VOXELS, FOREST_TREES, HOLD_OUT_MIN_ANNOTATED,
-                                      HOLD_OUT_SHARE, MIN_TRAINING_SHARE)
+from unet3d.workflows.blend import HeldOut, block_ids, choose_network_weight, hold_out_blocks
 
+# The forest fits on a seeded sample of at most this many annotated voxels (its fit time grows
+# faster than linearly; the forest baseline of the experiments uses the same cap).
+FOREST_TRAIN_VOXELS = 100_000
+FOREST_TREES = 100  # ilastik's default, and the most densify grows
+# The forest's fit and prediction get at most this share of the time budget (fewer trees on large
+# volumes): with 100 trees it took 134 of 200 CPU s on the ovule (3,3,2); with 30, 46 s, and the
+# blend rose from 0.619 to 0.628 as the network trained 420 steps instead of 166.
+FOREST_MAX_SHARE = 0.25
+# However long the forest takes, the network trains for at least this share of the time budget.
+MIN_TRAINING_SHARE = 0.25
+# From this many annotated voxels densify keeps HOLD_OUT_SHARE of them, in whole blocks of the
+# training patch's size, out of both models' training and weighs the network against the forest by
+# what scores best on them (`blend.choose_network_weight`); below it the held-out set would be a
+# few hundred voxels of a few blocks, and the plain geometric mean (measured to lead the forest on
+# every small volume) is kept.
+HOLD_OUT_MIN_ANNOTATED = 50_000
+HOLD_OUT_SHARE = 0.1
 # Annotated voxels the weighing scores at most (a seeded sample): the network is predicted on the
 # whole volumes, the forest's filter bank only around these voxels.
 WEIGHING_VOXELS = 500_000
@@ -74,16 +89,19 @@ def bank_of(volume: Annotated, bank: dict, normalization: dict) -> np.ndarray:
 
 
 def fit_model_forest(volumes: list[Annotated], bank: dict, normalization: dict, num_classes: int, *,
-                     seconds: float | None, seed: int, threads: int | None = None) -> ForestModel:
+                     seconds: float | None, seed: int, threads: int | None = None,
+                     predict_voxels: int | None = None) -> ForestModel:
     """ilastik's forest on a seeded sample of FOREST_TRAIN_VOXELS annotated voxels of `volumes`,
-    growing at most FOREST_TREES trees within `seconds` (the filter bank included). Its network
-    weight is the plain geometric mean's until `weigh` decides."""
+    growing at most FOREST_TREES trees within `seconds`: the filter bank of the sample, the fit and,
+    when `predict_voxels` is given, the prediction of that many voxels. Its network weight is the
+    plain geometric mean's until `weigh` decides."""
     start = time.monotonic()
     sample = subsample(volumes, FOREST_TRAIN_VOXELS, seed)
     features = np.concatenate([bank_of(v, bank, normalization) for v in sample], axis=1)
     classes = np.concatenate([v.classes for v in sample])
     left = None if seconds is None else max(seconds - (time.monotonic() - start), 0.0)
-    forest = fit_forest(features, classes, np.arange(classes.size), FOREST_TREES, seed, None, threads or -1, left)
+    forest = fit_forest(features, classes, np.arange(classes.size), FOREST_TREES, seed, None, threads or -1, left,
+                        predict_voxels=predict_voxels)
     return ForestModel(forest, num_classes, bank, normalization, 0.5)
 
 
@@ -97,18 +115,50 @@ def hold_out(labels: list[np.ndarray], block, seed: int) -> list[HeldOut] | None
             for i, l in enumerate(labels)]
 
 
-def weigh(network, forest: ForestModel, volumes: list[Annotated], what: str, seed: int, device: str = "cpu") -> str:
+def in_blocks(volume: Annotated, block, count: int, seed: int) -> Annotated:
+    """The volume's voxels in at most `count` of the `block`-sized blocks they lie in (a seeded choice)."""
+    shape = volume.image.shape[1:]
+    ids = block_ids(volume.voxels, shape, block)
+    present = np.unique(ids)
+    chosen = np.random.default_rng(seed).choice(present, min(count, present.size), replace=False)
+    keep = np.isin(ids, chosen)
+    return Annotated(volume.image, volume.network_input, volume.voxels[keep], volume.classes[keep])
+
+
+def network_at(network, volume: Annotated, device: str, block=None) -> np.ndarray:
+    """(K, N) the network's probabilities at the volume's voxels: predicted on its whole normalized
+    input, or (`block`) on each `block`-sized block holding voxels, grown by half a block of context."""
+    shape = volume.image.shape[1:]
+    if block is None:
+        probabilities = predict_array(network, volume.network_input, device=device)
+        return probabilities.reshape(probabilities.shape[0], -1)[:, volume.voxels]
+    coordinates = np.stack(np.unravel_index(volume.voxels, shape))
+    ids = block_ids(volume.voxels, shape, block)
+    out = None
+    for identifier in np.unique(ids):
+        members = np.flatnonzero(ids == identifier)
+        local = coordinates[:, members]
+        box = tuple(slice(max(int(c.min()) - b // 2, 0), min(int(c.max()) + 1 + b // 2, n))
+                    for c, b, n in zip(local, block, shape))
+        probabilities = predict_array(network, volume.network_input[(slice(None),) + box], device=device)
+        if out is None:
+            out = np.empty((probabilities.shape[0], volume.voxels.size), np.float32)
+        out[:, members] = probabilities[(slice(None),) + tuple(c - b.start for c, b in zip(local, box))]
+    return out
+
+
+def weigh(network, forest: ForestModel, volumes: list[Annotated], what: str, seed: int, device: str = "cpu",
+          block=None) -> str:
     """Set `forest.network_weight` to what scores best on the annotated voxels of `volumes`
-    (`network` predicted on their whole normalized inputs, the forest only around the voxels);
-    returns one line saying how it was weighed, on `what`."""
+    (`network` predicted on their whole normalized inputs, or with `block` around the blocks
+    holding voxels; the forest's filter bank only around the voxels); returns one line saying how
+    it was weighed, on `what`."""
     volumes = subsample([v for v in volumes if v.voxels.size], WEIGHING_VOXELS, seed)
-    network_at = np.concatenate([
-        predict_array(network, v.network_input, device=device).reshape(forest.num_classes, -1)[:, v.voxels]
-        for v in volumes], axis=1)
+    network_probabilities = np.concatenate([network_at(network, v, device, block) for v in volumes], axis=1)
     forest_at = np.concatenate([forest.probabilities(bank_of(v, forest.bank, forest.normalization))
                                 for v in volumes], axis=1)
     classes = np.concatenate([v.classes for v in volumes])
-    choice = choose_network_weight(network_at, forest_at, HeldOut(np.arange(classes.size), classes))
+    choice = choose_network_weight(network_probabilities, forest_at, HeldOut(np.arange(classes.size), classes))
     forest.network_weight = choice.network_weight
     forest.evidence = {"on": what, "voxels": int(classes.size),
                        "mean_iou": {"forest": choice.scores[0.0], "network": choice.scores[1.0],
