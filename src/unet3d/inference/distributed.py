@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unet3d.data.features import raw_channels, region_with_input_features
 from unet3d.data.normalization import apply_normalization, for_volume
@@ -42,6 +41,7 @@ from unet3d.io import open_volume, parse_spec
 from unet3d.io.ome_zarr import (Block, PredictionStore, done_blocks, downsample_block, prepare_store, write_block,
                                 write_metadata)
 from unet3d.io.readers import FORMAT_NAMES
+from unet3d.progress import progress_bar
 
 DEFAULT_BLOCK = 256  # voxels per axis of a block (and output chunk) unless asked otherwise
 CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler before giving up
@@ -263,7 +263,7 @@ def _run(client, calls: list[tuple], progress: bool, what: str) -> list:
     futures = [client.submit(function, *args, pure=False) for function, *args in calls]
     results = []
     try:
-        with tqdm(total=len(futures), unit="block", desc=what, disable=not progress) as bar:
+        with progress_bar(len(futures), unit="block", desc=what, disable=not progress) as bar:
             for future in distributed.as_completed(futures):
                 results.append(future.result())
                 bar.update()

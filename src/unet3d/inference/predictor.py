@@ -16,7 +16,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unet3d.data.features import feature_memory_shortfall, region_with_input_features, with_input_features
 from unet3d.data.normalization import apply_normalization, for_volume
@@ -27,6 +26,7 @@ from unet3d.inference.tiling import TilePlan, blend_bytes, choose_output_tile, g
 from unet3d.model.folding import fold_batch_norm
 from unet3d.model.forest import ForestModel
 from unet3d.model.unet import UNet
+from unet3d.progress import progress_bar
 
 DEFAULT_MAX_MEMORY = 1 << 30
 
@@ -89,7 +89,7 @@ def read_tile(read, plan: TilePlan, start, device: torch.device) -> torch.Tensor
 
 def tile_outputs(net, read, plan: TilePlan, device, batch_size: int, tta: bool, progress: bool):
     """(output start, probabilities over the tile's whole network output, on `device`) per tile, in order."""
-    with tqdm(total=len(plan.starts), unit="tile", disable=not progress, desc="predict") as bar:
+    with progress_bar(len(plan.starts), unit="tile", disable=not progress, desc="predict") as bar:
         for first in range(0, len(plan.starts), batch_size):
             starts = plan.starts[first:first + batch_size]
             batch = torch.stack([read_tile(read, plan, s, device) for s in starts])

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from unet3d.data.labels import class_counts, class_weights
 from unet3d.errors import UserError
@@ -21,6 +20,7 @@ from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.inference import predict_array
 from unet3d.losses import make_loss
 from unet3d.model import UNet, save_model
+from unet3d.progress import progress_bar
 from unet3d.training.checkpoint import load_checkpoint, run_files, save_checkpoint
 from unet3d.training.config import TrainConfig
 from unet3d.training.dataset import PatchBatches, TrainingSet, training_batches
@@ -118,8 +118,7 @@ def train(config: TrainConfig, data: TrainingSet, output, *, validation: Trainin
     last_checkpoint = time.monotonic()
     stopped_by = "iterations"
     iteration = state["iteration"]
-    bar = tqdm(total=config.iterations, initial=iteration, disable=not (progress and processes.leader), unit="it",
-               dynamic_ncols=True)
+    bar = TrainingBar(config, iteration, clock.elapsed(), disable=not (progress and processes.leader))
     voxels = config.batch_size * processes.count * math.prod(output_shape)
     with processes.failures_reported(files["checkpoint"]):
         for images, targets in training_batches(batches, iteration, config.iterations, config.workers, device):
@@ -136,14 +135,14 @@ def train(config: TrainConfig, data: TrainingSet, output, *, validation: Trainin
                 raise UserError(f"loss became {loss} at iteration {iteration + 1}; stopped. The last good "
                                 f"checkpoint is kept in {files['checkpoint']} (try a lower --lr)")
             iteration += 1
-            bar.update(1)
+            bar.step(iteration, clock.elapsed())
             if on_step is not None and processes.any(on_step(model, iteration, loss)):
                 stopped_by = "request"
                 break
             if iteration % config.log_every == 0 or iteration == config.iterations:
                 state["history"].append({"iteration": iteration, "loss": loss, "lr": lr,
                                          "seconds": round(clock.elapsed(), 2)})
-                bar.set_postfix(loss=f"{loss:.4f}", vox_s=f"{voxels * (bar.format_dict.get('rate') or 0):.3g}")
+                bar.show(loss=f"{loss:.4f}", vox_s=f"{voxels * iteration / max(clock.elapsed(), 1e-9):.3g}")
             if validation is not None and iteration % config.validate_every == 0:
                 _validate_and_keep_best(model, validation, state, iteration, files, config, data, device, clock,
                                         processes)
@@ -161,6 +160,30 @@ def train(config: TrainConfig, data: TrainingSet, output, *, validation: Trainin
     model = model.to(memory_format=torch.contiguous_format).eval()
     return TrainResult(model, model_info(config, data, iteration, state["elapsed"]), iteration,
                        state["elapsed"], stopped_by, state["history"])
+
+
+class TrainingBar:
+    """Progress in what bounds the run: seconds of the budget when there is one (a cap of 100,000
+    steps would promise hours), else steps; the step count and loss beside it."""
+
+    def __init__(self, config: TrainConfig, iteration: int, elapsed: float, disable: bool):
+        self.by_time = config.max_time is not None
+        total = math.ceil(config.max_time) if self.by_time else config.iterations
+        self.bar = progress_bar(total, initial=min(int(elapsed), total) if self.by_time else iteration,
+                                unit="s" if self.by_time else "it", desc="train", disable=disable)
+        self.iteration = iteration
+
+    def step(self, iteration: int, elapsed: float) -> None:
+        self.iteration = iteration
+        self.bar.update(min(int(elapsed), self.bar.total) - self.bar.n if self.by_time else 1)
+
+    def show(self, **values) -> None:
+        if self.by_time:
+            values = {"step": self.iteration, **values}
+        self.bar.set_postfix(values, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class Step:

@@ -52,7 +52,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from unet3d.augmentation import AugmentationConfig
 from unet3d.data.features import (
@@ -68,6 +67,7 @@ from unet3d.errors import UserError
 from unet3d.inference import predict_array, predict_volume
 from unet3d.inference.predictor import InMemory, label_dtype
 from unet3d.model.forest import BLOCK_VOXELS
+from unet3d.progress import progress_bar
 from unet3d.model import ForestModel, UNet, UNetConfig, load_model, save_model
 from unet3d.training import TrainConfig, TrainResult, train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
@@ -260,7 +260,7 @@ def fit_forest_on_bank(image: np.ndarray, network_input: np.ndarray, data: Train
     """The random forest on the filter bank, fitted on the annotated voxels, and its prediction of
     every voxel: the network's own bank channels when it has them, else a bank made here.
     `seconds` limits the forest's fit and prediction (`fit_forest`) to fewer than `trees` if need be."""
-    with tqdm(total=2, desc="random forest: filter bank", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(2, desc="random forest: filter bank", disable=not progress) as bar:
         has_bank = data.input_features is not None
         bank = network_input[image.shape[0]:] if has_bank else filter_features(image, spacing=data.spacing)
         bar.update()
