@@ -55,7 +55,9 @@ def run_train(train, test, slices, max_time: float, seed: int, folder: Path) -> 
     trained = subprocess.run([str(UNET3D), "train", "--images", str(folder / "image.npy"), "--labels",
                               str(folder / "labels.npy"), "--ignore-label", str(IGNORE), "-o", str(model),
                               "--max-time", f"{max_time:g}", "--seed", str(seed), "--quiet", *spacing],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True)
+    if trained.returncode:
+        raise SystemExit(f"unet3d train failed: {trained.stderr.strip().splitlines()[-1]}")
     seconds = time.monotonic() - started
     network, info = load_model(model)
     forest = load_forest(model, info)

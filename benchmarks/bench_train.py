@@ -17,7 +17,8 @@ cores; `--steps`: `--iterations` instead, the same work however busy the machine
 `unet3d predict` segments each unseen volume. The peer in the same run: ilastik's random forest
 (100 trees on the 7-scale filter bank of each volume, standardized on its own statistics),
 fitted on the same annotated voxels (a seeded sample of at most 100,000), predicting the same
-unseen volumes. Rows go to `--results` as JSON lines; a rerun skips the rows already there.
+unseen volumes. `unet3d predict` blends the network with the forest `train` stored beside it;
+the network alone is scored too. Rows go to `--results` as JSON lines; a rerun skips the rows already there.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from experiments.paper import data
 from experiments.paper import methods
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix, scores
+from unet3d.inference.predictor import predict_image
+from unet3d.model import load_model
 
 IGNORE = 255
 UNET3D = Path(sys.executable).with_name("unet3d")
@@ -76,16 +79,22 @@ def run_unet(train_cases, test_cases, slices, budget: list[str], folder: Path, o
                              capture_output=True, text=True, check=True)
     seconds = time.monotonic() - start
     best = model.with_name("model.best.safetensors")
-    confusion = 0
+    chosen = best if best.exists() else model
+    network, info = load_model(chosen)
+    confusion, alone = 0, 0
     for case in test_cases:
         volume = data.load(case)
         np.save(folder / "test.npy", volume.image)
-        subprocess.run([str(UNET3D), "predict", str(best if best.exists() else model), str(folder / "test.npy"),
+        subprocess.run([str(UNET3D), "predict", str(chosen), str(folder / "test.npy"),
                         "-o", str(folder / "prediction.npy"), "--quiet"], capture_output=True, text=True,
                        check=True)
         confusion = confusion + confusion_matrix(np.load(folder / "prediction.npy"), volume.truth, volume.num_classes)
+        alone = alone + confusion_matrix(predict_image(network, info, volume.image).argmax(0), volume.truth,
+                                         volume.num_classes)
     steps = int(trained.stdout.split("trained ")[-1].split()[0])
     return {**foreground_scores(confusion, volume.background), "s": round(seconds, 1), "steps": steps,
+            "network_alone": foreground_scores(alone, volume.background),
+            "network_weight": (info.get("forest") or {}).get("network_weight", 1.0),
             "plan": trained.stdout.strip().splitlines(),
             "model": "best on the held-out training cases" if best.exists() else "last"}
 
@@ -99,6 +108,14 @@ def run_forest(train_cases, test_cases, slices, seed: int) -> dict:
     confusion = sum(confusion_matrix(labels, volume.truth, volume.num_classes)
                     for labels, volume in zip(result.labels, test_volumes))
     return {**foreground_scores(confusion, test_volumes[0].background), "s": round(time.monotonic() - start, 1)}
+
+
+def network_alone(result: dict) -> str:
+    """The network alone's mean IoU, and the network's weight in the blend (rows from before the
+    forest joined the model: not measured)."""
+    if "network_alone" not in result:
+        return "–"
+    return f"{result['network_alone']['fg']:.3f} (weight {result['network_weight']:.1f})"
 
 
 def main(argv=None) -> None:
@@ -155,8 +172,8 @@ def main(argv=None) -> None:
                     out.write(json.dumps(row) + "\n")
         rows.append(row)
     print("| dataset | labels | training cases | unseen cases | train options | budget | steps "
-          "| unet3d train: mean IoU (per class) | forest: mean IoU (per class) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| unet3d train → predict: mean IoU (per class) | its network alone | forest: mean IoU (per class) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         background = "0" if r.get("dataset", "hippocampus") == "hippocampus" else None
         per_class = lambda result: " / ".join(  # noqa: E731
@@ -164,7 +181,7 @@ def main(argv=None) -> None:
         u, f = r["unet"], r["forest"]
         print(f"| {r.get('dataset', 'hippocampus')} | {r['labels']} | {r['train_cases']} | {r['test_cases']} "
               f"| {r.get('train_options') or 'planned'} | {r['budget']} | {u['steps']} "
-              f"| {u['fg']:.3f} ({per_class(u)}) | {f['fg']:.3f} ({per_class(f)}) |")
+              f"| {u['fg']:.3f} ({per_class(u)}) | {network_alone(u)} | {f['fg']:.3f} ({per_class(f)}) |")
     if rows:
         print("\nplan of the last run:\n" + "\n".join(rows[-1]["unet"]["plan"]))
 
