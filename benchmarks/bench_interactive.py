@@ -1,0 +1,100 @@
+"""The napari loop's preview as a user sees it: IoU of the slices in view against seconds since Train.
+
+Usage: .venv/bin/python -m benchmarks.bench_interactive [--volumes nuclei_tiny ovule colin27] [--seconds 60]
+           [--slices 2,3,3] [--seed 0] [--results FILE.jsonl] [--quick]
+
+One round of `interactive.Session` (what the napari widget runs, without the GUI) on each volume,
+painted with the paper's (x,y,z) = (3,3,2) slices of its ground truth — (Z, Y, X) = (2, 3, 3) —
+and the viewer on the middle z-slice. Every preview the round hands the widget is scored: IoU of
+the previewed slab's unpainted voxels against the truth (the foreground classes; every class for
+em_vnc). Two sessions per volume: the loop as it ships (its forest's preview first, then the
+blend as the network learns) and the network alone (`Session(forest=False)`). The forest alone
+is its first preview: it does not change during a round. Prints one row per preview time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.paper import data
+from unet3d.data.sparse import sparsify
+from unet3d.evaluation.metrics import confusion_matrix, scores
+from unet3d.interactive.session import UNPAINTED, Session
+
+
+def slab_iou(preview, volume, painted) -> float:
+    slab = slice(preview.start, preview.stop)
+    mask = painted[slab] == UNPAINTED
+    predicted = preview.labels[mask].astype(np.int64) - 1
+    confusion = confusion_matrix(predicted, volume.truth[slab][mask], volume.num_classes)
+    return round(scores(confusion, list(range(volume.num_classes)), background=volume.background)
+                 ["mean_iou_foreground"], 4)
+
+
+def one_round(volume, painted, seconds: float, forest: bool, seed: int) -> list[tuple[float, float]]:
+    """(seconds since Train, preview IoU) of every preview of one round."""
+    session = Session(volume.image, volume.spacing, seed=seed, forest=forest)
+    points, started = [], time.monotonic()
+    try:
+        session.train_round(painted, seconds, view_z=lambda: volume.truth.shape[0] // 2,
+                            on_preview=lambda p: points.append((round(time.monotonic() - started, 1),
+                                                                slab_iou(p, volume, painted))))
+    finally:
+        session.close()
+    return points
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--volumes", nargs="+", default=["nuclei_tiny", "ovule", "colin27"])
+    parser.add_argument("--seconds", type=float, default=60.0, help="the round's training budget")
+    parser.add_argument("--slices", default="2,3,3", help="painted slices per axis, (Z, Y, X)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", type=Path, help="JSON lines, appended; volumes already there are not re-run")
+    parser.add_argument("--quick", action="store_true", help="the nuclei example, a 6 s round")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.volumes, args.seconds = ["nuclei_tiny"], 6.0
+    slices = tuple(int(k) for k in args.slices.split(","))
+    done = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+            if args.results and args.results.exists() else [])
+    rows = []
+    for name in args.volumes:
+        key = {"volume": name, "seconds": args.seconds, "slices": args.slices, "seed": args.seed}
+        row = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
+        if row is None:
+            try:
+                volume = data.load(name)
+            except Exception as exc:  # noqa: BLE001 - a missing shared volume skips its row
+                print(f"skipped {name}: {exc}")
+                continue
+            sparse = sparsify(volume.truth, slices, -1)
+            painted = np.where(sparse >= 0, sparse + 1, UNPAINTED).astype(np.uint8)
+            row = {**key, "voxels": int(volume.truth.size),
+                   "shown": one_round(volume, painted, args.seconds, True, args.seed),
+                   "network_alone": one_round(volume, painted, args.seconds, False, args.seed)}
+            if args.results and not args.quick:
+                with args.results.open("a") as out:
+                    out.write(json.dumps(row) + "\n")
+        rows.append(row)
+    print("| volume | voxels | first preview (forest alone) | shown at 50 % of the round | shown at the end "
+          "| network alone: first preview | at 50 % | at the end |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        def at(points, fraction):
+            """The preview shown `fraction` of the training budget after the round's first preview."""
+            before = [p for p in points if p[0] <= points[0][0] + fraction * r["seconds"]] if points else []
+            return f"{before[-1][1]:.3f} at {before[-1][0]:.0f} s" if before else "–"
+
+        first = lambda points: f"{points[0][1]:.3f} at {points[0][0]:.1f} s" if points else "–"  # noqa: E731
+        print(f"| {r['volume']} | {r['voxels']:,} | {first(r['shown'])} | {at(r['shown'], 0.5)} | {at(r['shown'], 1.0)} "
+              f"| {first(r['network_alone'])} | {at(r['network_alone'], 0.5)} | {at(r['network_alone'], 1.0)} |")
+
+
+if __name__ == "__main__":
+    main()
