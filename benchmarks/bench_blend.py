@@ -19,7 +19,6 @@ rows already there.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.records import append_row, find_row, load_rows
 from experiments.paper import data, methods
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix, scores
@@ -98,8 +98,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.volumes, args.folds, args.seeds, args.max_time = ["ovule"], [0], [0], 20.0
     slices = tuple(int(k) for k in args.slices.split(","))
-    done = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-            if args.results and args.results.exists() else [])
+    done = load_rows(args.results)
     rows = []
     for name in args.volumes:
         if not (data.shared_data() / name).exists():
@@ -111,14 +110,12 @@ def main(argv=None) -> None:
                          (name, fold, args.slices)), None) or run_peer_forest(train, test, slices, 0)
             for seed in args.seeds:
                 key = {"volume": name, "fold": fold, "seed": seed, "max_time": args.max_time, "slices": args.slices}
-                row = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
+                row = find_row(done, key)
                 if row is None:
                     with tempfile.TemporaryDirectory() as folder:
                         row = {**key, **run_train(train, test, slices, args.max_time, seed, Path(folder)),
                                "peer_forest": peer}
-                    if args.results:
-                        with args.results.open("a") as out:
-                            out.write(json.dumps(row) + "\n")
+                    append_row(args.results, row)
                 rows.append(row)
     print("| volume | trained on | seed | --max-time | network alone | model's forest alone | blend (weight) "
           "| blend − forest | ilastik forest, 100 trees |")

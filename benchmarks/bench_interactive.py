@@ -15,12 +15,12 @@ is its first preview: it does not change during a round. Prints one row per prev
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.records import append_row, find_row, load_rows
 from experiments.paper import data
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix, scores
@@ -61,12 +61,11 @@ def main(argv=None) -> None:
     if args.quick:
         args.volumes, args.seconds = ["nuclei_tiny"], 6.0
     slices = tuple(int(k) for k in args.slices.split(","))
-    done = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-            if args.results and args.results.exists() else [])
+    done = load_rows(args.results)
     rows = []
     for name in args.volumes:
         key = {"volume": name, "seconds": args.seconds, "slices": args.slices, "seed": args.seed}
-        row = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
+        row = find_row(done, key)
         if row is None:
             try:
                 volume = data.load(name)
@@ -78,9 +77,7 @@ def main(argv=None) -> None:
             row = {**key, "voxels": int(volume.truth.size),
                    "shown": one_round(volume, painted, args.seconds, True, args.seed),
                    "network_alone": one_round(volume, painted, args.seconds, False, args.seed)}
-            if args.results and not args.quick:
-                with args.results.open("a") as out:
-                    out.write(json.dumps(row) + "\n")
+            append_row(None if args.quick else args.results, row)
         rows.append(row)
     print("| volume | voxels | first preview (forest alone) | shown at 50 % of the round | shown at the end "
           "| network alone: first preview | at 50 % | at the end |")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from benchmarks.records import append_row, find_row, load_rows
 from experiments.paper import data
 from unet3d.data.sparse import sparsify
 
@@ -80,18 +81,15 @@ def main(argv=None) -> None:
         print(f"skipped: {data.shared_data() / 'em_vnc'} not found (set UNET3D_SHARED_DATA)")
         return
     slices = tuple(int(k) for k in args.slices.split(","))
-    done = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-            if args.results and args.results.exists() else [])
+    done = load_rows(args.results)
     rows = []
     for copies in ([1] if args.quick else args.copies):
         key = {"copies": copies, "max_time": args.max_time, "slices": args.slices, "seed": args.seed}
-        row = next((r for r in done if all(r.get(k) == v for k, v in key.items())), None)
+        row = find_row(done, key)
         if row is None:
             with tempfile.TemporaryDirectory() as folder:
                 row = {**key, **run(copies, args.max_time, slices, args.seed, Path(folder), 256 if args.quick else None)}
-            if args.results and not args.quick:
-                with args.results.open("a") as out:
-                    out.write(json.dumps(row) + "\n")
+            append_row(None if args.quick else args.results, row)
         rows.append(row)
     print("| voxels | --max-time | wall time | µs per voxel | peak RSS | foreground IoU (unannotated) | route |")
     print("|---|---|---|---|---|---|---|")
