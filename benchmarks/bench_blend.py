@@ -48,13 +48,16 @@ def mean_iou(labels: np.ndarray, volume) -> dict:
 def run_train(train, test, slices, max_time: float, seed: int, folder: Path) -> dict:
     """`unet3d train` on `train`'s slices; the network, forest and blend on `test`."""
     np.save(folder / "image.npy", train.image)
-    np.save(folder / "labels.npy", sparsify(train.truth, slices, IGNORE).astype(np.uint8))
+    sparse = sparsify(train.truth, slices, IGNORE).astype(np.uint8)
+    np.save(folder / "labels.npy", sparse)
+    classes = ",".join(str(v) for v in np.unique(sparse) if v != IGNORE)  # a half may lack a rare class
     model = folder / "model.safetensors"
     spacing = ["--spacing", ",".join(f"{s:g}" for s in train.spacing)] if train.spacing else []
     started = time.monotonic()
     trained = subprocess.run([str(UNET3D), "train", "--images", str(folder / "image.npy"), "--labels",
                               str(folder / "labels.npy"), "--ignore-label", str(IGNORE), "-o", str(model),
-                              "--max-time", f"{max_time:g}", "--seed", str(seed), "--quiet", *spacing],
+                              "--max-time", f"{max_time:g}", "--seed", str(seed), "--classes", classes, "--quiet",
+                              *spacing],
                              capture_output=True, text=True)
     if trained.returncode:
         raise SystemExit(f"unet3d train failed: {trained.stderr.strip().splitlines()[-1]}")
@@ -63,14 +66,15 @@ def run_train(train, test, slices, max_time: float, seed: int, folder: Path) -> 
     forest = load_forest(model, info)
     started = time.monotonic()
     network_p = predict_image(network, info, test.image)
+    values = np.asarray(info["class_values"])
     row = {"train_s": round(seconds, 1), "stdout": trained.stdout.strip().splitlines()[-3:],
-           "network": mean_iou(network_p.argmax(0), test)}
+           "network": mean_iou(values[network_p.argmax(0)], test)}
     if forest is not None:
         shape = test.image.shape[1:]
         forest_p = forest.region_probabilities(lambda box: test.image[(slice(None),) + box], shape)(
             tuple(slice(0, n) for n in shape))
-        row["forest"] = mean_iou(forest_p.argmax(0), test)
-        row["blend"] = mean_iou(forest.blend(network_p, forest_p).argmax(0), test)
+        row["forest"] = mean_iou(values[forest_p.argmax(0)], test)
+        row["blend"] = mean_iou(values[forest.blend(network_p, forest_p).argmax(0)], test)
         row["weight"] = forest.network_weight
     else:
         row["forest"] = row["blend"] = row["network"]
