@@ -87,7 +87,7 @@ def test_encode_marks_exactly_the_unannotated_voxels_and_decodes_back(nuclei):
     painted = sparsify(truth + 1, (1, 2, 1), ignore_label=0)
     classes = infer_class_values([painted], 0)
     encoded = encode_labels(painted, classes, 0)
-    assert encoded.dtype == np.int64 and encoded.shape == truth.shape
+    assert encoded.dtype == np.int8 and encoded.shape == truth.shape  # a byte a voxel for any volume size
     assert np.array_equal(encoded == UNLABELED, painted == 0)
     labeled = encoded >= 0
     assert np.array_equal(encoded[labeled], truth[labeled])

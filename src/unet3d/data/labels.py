@@ -102,9 +102,12 @@ def infer_class_values(
 def encode_labels(
     labels: np.ndarray, class_values: Sequence[int], ignore_label: int, source: str = "labels"
 ) -> np.ndarray:
-    """Class values → int64 class indices 0..K-1, and UNLABELED (-1) where labels == ignore_label."""
+    """Class values → class indices 0..K-1, and UNLABELED (-1) where labels == ignore_label, in the
+    smallest signed type that holds them (int8 below 128 classes: a volume of 10⁹ voxels keeps 1 GB
+    of training labels, not the 8 GB of int64; patches are cast to int64 as they are cut)."""
     known = np.array(sorted([*class_values, ignore_label]), dtype=np.int64)
-    code = np.array([UNLABELED if v == ignore_label else list(class_values).index(v) for v in known], dtype=np.int64)
+    dtype = np.min_scalar_type(-max(len(class_values), 1))
+    code = np.array([UNLABELED if v == ignore_label else list(class_values).index(v) for v in known], dtype=dtype)
     position = value_indices(labels, known)
     if (position < 0).any():
         value = int(present_values(np.asarray(labels)[position < 0])[0])
