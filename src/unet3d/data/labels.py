@@ -99,6 +99,9 @@ def infer_class_values(
     return classes
 
 
+_ENCODE_CHUNK = 1 << 24  # voxels encoded at a time
+
+
 def encode_labels(
     labels: np.ndarray, class_values: Sequence[int], ignore_label: int, source: str = "labels"
 ) -> np.ndarray:
@@ -108,11 +111,17 @@ def encode_labels(
     known = np.array(sorted([*class_values, ignore_label]), dtype=np.int64)
     dtype = np.min_scalar_type(-max(len(class_values), 1))
     code = np.array([UNLABELED if v == ignore_label else list(class_values).index(v) for v in known], dtype=dtype)
-    position = value_indices(labels, known)
-    if (position < 0).any():
-        value = int(present_values(np.asarray(labels)[position < 0])[0])
-        raise UserError(_unknown_value_message(source, value, class_values, ignore_label))
-    return np.take(code, position)
+    labels = np.asarray(labels)
+    encoded = np.empty(labels.shape, dtype)
+    flat_labels, flat = labels.reshape(-1), encoded.reshape(-1)
+    for start in range(0, flat.size, _ENCODE_CHUNK):  # the positions are intp: 8 bytes a voxel, a chunk at a time
+        part = slice(start, start + _ENCODE_CHUNK)
+        position = value_indices(flat_labels[part], known)
+        if (position < 0).any():
+            value = int(present_values(flat_labels[part][position < 0])[0])
+            raise UserError(_unknown_value_message(source, value, class_values, ignore_label))
+        flat[part] = np.take(code, position)
+    return encoded
 
 
 def decode_labels(indices: np.ndarray, class_values: Sequence[int]) -> np.ndarray:
