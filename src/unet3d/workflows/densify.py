@@ -58,6 +58,7 @@ from unet3d.data.features import (
     feature_memory_shortfall,
     filter_features,
     input_feature_spec,
+    region_bank,
     with_input_features,
 )
 from unet3d.baselines.forest import ForestResult, segment_features
@@ -397,15 +398,19 @@ def sample_box(shape, voxels: int) -> tuple[slice, ...]:
     return tuple(slice((n - s) // 2, (n - s) // 2 + s) for s, n in zip(side, shape))
 
 
-def prediction_seconds(config: UNetConfig, normalized: np.ndarray, forest: ForestModel | None, image: np.ndarray,
-                       clock, device: str) -> float:
+def prediction_seconds(config: UNetConfig, normalized: np.ndarray, image: np.ndarray, clock, device: str,
+                       forest: ForestModel | None = None, bank: dict | None = None) -> float:
     """Seconds to predict the whole volume, measured on a box in its middle: an untrained network
-    of `config` on the normalized input there, and `forest` with its filter bank made for the box."""
+    of `config` on the normalized input there, and `forest` with its filter bank made for the box
+    (or, before the forest exists, the `bank` alone)."""
     box = sample_box(image.shape[1:], BLOCK_VOXELS)
+    read = lambda region: image[(slice(None),) + region]  # noqa: E731
     start = clock()
     predict_array(UNet(config).eval(), normalized[(slice(None),) + box], device=device)
     if forest is not None:
-        forest.region_probabilities(lambda region: image[(slice(None),) + region], image.shape[1:])(box)
+        forest.region_probabilities(read, image.shape[1:])(box)
+    elif bank is not None:
+        region_bank(read, image.shape[1:], box, bank)
     share = np.prod(image.shape[1:]) / np.prod([b.stop - b.start for b in box])
     return (clock() - start) * share * PREDICTION_MARGIN
 
@@ -438,14 +443,19 @@ def densify_blockwise(image: np.ndarray, prepared: DensifyInputs, model_path, op
     now, max_time, data = options.now, options.max_time, prepared.data
     shape = image.shape[1:]
     voxels = int(np.prod(shape))
-    forest = fit_model_forest([annotated(image, data.labels[0].numpy())], input_feature_spec(data.spacing),
-                              {"method": "none", "channels": image.shape[0]}, len(data.class_values),
-                              seconds=None if max_time is None else FOREST_MAX_SHARE * max_time, seed=options.seed,
-                              threads=options.threads, predict_voxels=voxels)
     normalized = data.images[0].numpy()
     config = options.config or default_config(data, max_time=max_time, seed=options.seed)
+    bank = input_feature_spec(data.spacing)
+    forest_seconds = None if max_time is None else FOREST_MAX_SHARE * max_time
     with torch_threads(options.threads):
-        prediction = prediction_seconds(config.network, normalized, forest, image, now, options.device)
+        # Before the forest: the network and the bank alone, and the forest's whole share, must fit.
+        ahead = prediction_seconds(config.network, normalized, image, now, options.device, bank=bank)
+        training_budget(max_time, now() - start, ahead + (forest_seconds or 0.0), voxels, options.source, None)
+        forest = fit_model_forest([annotated(image, data.labels[0].numpy())], bank,
+                                  {"method": "none", "channels": image.shape[0]}, len(data.class_values),
+                                  seconds=forest_seconds, seed=options.seed, threads=options.threads,
+                                  predict_voxels=voxels)
+        prediction = prediction_seconds(config.network, normalized, image, now, options.device, forest=forest)
         spent = now() - start
         training_time = training_budget(max_time, spent, prediction, voxels, options.source, options.report)
         result = train_network(prepared, model_path, options, training_time)
@@ -503,7 +513,7 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     config = options.config or default_config(data, max_time=max_time, seed=options.seed,
                                               **(options.init.training_options() if options.init else {}))
     with torch_threads(options.threads):
-        prediction = prediction_seconds(config.network, data.images[0].numpy(), None, image, now, options.device)
+        prediction = prediction_seconds(config.network, data.images[0].numpy(), image, now, options.device)
         spent = now() - start
         training_time = training_budget(max_time, spent, prediction, int(np.prod(image.shape[1:])), options.source,
                                         options.report)

@@ -42,6 +42,11 @@ MIN_TRAINING_SHARE = 0.25
 # every small volume) is kept.
 HOLD_OUT_MIN_ANNOTATED = 50_000
 HOLD_OUT_SHARE = 0.1
+# The bank of the forest's sample is made block by block, blocks of SAMPLE_BLOCK voxels drawn in a
+# seeded order, for at most this share of the forest's time: spread over whole slices of a large
+# volume, the sample's bank would otherwise cost about what the whole volume's does.
+SAMPLE_BANK_SHARE = 0.5
+SAMPLE_BLOCK = (16, 128, 128)
 # Annotated voxels the weighing scores at most (a seeded sample): the network is predicted on the
 # whole volumes, the forest's filter bank only around these voxels.
 WEIGHING_VOXELS = 500_000
@@ -82,23 +87,52 @@ def subsample(volumes: list[Annotated], count: int, seed: int) -> list[Annotated
 
 def bank_of(volume: Annotated, bank: dict, normalization: dict) -> np.ndarray:
     """(F, N) filter bank at the volume's annotated voxels, of its image normalized as the forest reads it."""
+    return bank_at(normalized_reader(volume, normalization), volume.image.shape[1:], bank, volume.voxels)
+
+
+def normalized_reader(volume: Annotated, normalization: dict):
+    """box → the volume's image there, normalized as the forest reads it."""
     image, shape = volume.image, volume.image.shape[1:]
     read = lambda box: image[(slice(None),) + box]  # noqa: E731
     fitted = for_volume(normalization, read, shape)
-    return bank_at(lambda box: apply_normalization(read(box), fitted), shape, bank, volume.voxels)
+    return lambda box: apply_normalization(read(box), fitted)
+
+
+def sample_features(volumes: list[Annotated], bank: dict, normalization: dict, seed: int,
+                    seconds: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(F, N) filter bank and (N,) classes of a seeded sample of FOREST_TRAIN_VOXELS annotated
+    voxels, made block by block (SAMPLE_BLOCK voxels, in a seeded random order) for at most
+    `seconds` (None: every block). The sample of a large volume spreads over whole slices, whose
+    bank would cost as much as the volume's own: within the time, the blocks drawn keep it spread."""
+    sample = subsample(volumes, FOREST_TRAIN_VOXELS, seed)
+    groups = []
+    for index, volume in enumerate(sample):
+        ids = block_ids(volume.voxels, volume.image.shape[1:], SAMPLE_BLOCK)
+        order = np.argsort(ids, kind="stable")
+        groups += [(index, members) for members in np.split(order, np.flatnonzero(np.diff(ids[order])) + 1)
+                   if members.size]
+    readers = [normalized_reader(volume, normalization) for volume in sample]
+    started, features, classes = time.monotonic(), [], []
+    for position in np.random.default_rng(seed).permutation(len(groups)):
+        if seconds is not None and features and time.monotonic() - started > seconds:
+            break
+        index, members = groups[position]
+        volume = sample[index]
+        features.append(bank_at(readers[index], volume.image.shape[1:], bank, volume.voxels[members]))
+        classes.append(volume.classes[members])
+    return np.concatenate(features, axis=1), np.concatenate(classes)
 
 
 def fit_model_forest(volumes: list[Annotated], bank: dict, normalization: dict, num_classes: int, *,
                      seconds: float | None, seed: int, threads: int | None = None,
                      predict_voxels: int | None = None) -> ForestModel:
     """ilastik's forest on a seeded sample of FOREST_TRAIN_VOXELS annotated voxels of `volumes`,
-    growing at most FOREST_TREES trees within `seconds`: the filter bank of the sample, the fit and,
-    when `predict_voxels` is given, the prediction of that many voxels. Its network weight is the
-    plain geometric mean's until `weigh` decides."""
+    growing at most FOREST_TREES trees within `seconds`: the filter bank of the sample (at most
+    SAMPLE_BANK_SHARE of them), the fit and, when `predict_voxels` is given, the prediction of that
+    many voxels. Its network weight is the plain geometric mean's until `weigh` decides."""
     start = time.monotonic()
-    sample = subsample(volumes, FOREST_TRAIN_VOXELS, seed)
-    features = np.concatenate([bank_of(v, bank, normalization) for v in sample], axis=1)
-    classes = np.concatenate([v.classes for v in sample])
+    features, classes = sample_features(volumes, bank, normalization, seed,
+                                        None if seconds is None else SAMPLE_BANK_SHARE * seconds)
     left = None if seconds is None else max(seconds - (time.monotonic() - start), 0.0)
     forest = fit_forest(features, classes, np.arange(classes.size), FOREST_TREES, seed, None, threads or -1, left,
                         predict_voxels=predict_voxels)
