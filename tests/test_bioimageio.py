@@ -53,7 +53,7 @@ def test_package_prediction_equals_unet3d_on_a_trained_model(tmp_path):
     model_file = tmp_path / "m.safetensors"
     assert main(["train", "--images", str(image), "--labels", str(labels), "--ignore-label", "255", "-o",
                  str(model_file), "--iterations", "4", "--width", "4", "--levels", "2", "--padding", "valid",
-                 "--filter-features", "off", "--quiet"]) == 0
+                 "--filter-features", "off", "--forest", "off", "--quiet"]) == 0
     assert main(["export", str(model_file), "--bioimageio", str(tmp_path / "m.zip"), "--author", "A. Author"]) == 0
     for source, out in ((model_file, "from_model"), (tmp_path / "m.zip", "from_package")):
         assert main(["predict", str(source), str(image), "-o", str(tmp_path / f"{out}.npy"),
