@@ -17,7 +17,7 @@ def sparse_batch(nuclei):
     target = encode_labels(sparsify(truth[:12, :20, :20], (1, 1, 1), ignore_label=3), [0, 1, 2], 3)
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 3, *target.shape, generator=generator, dtype=torch.float64)
-    return logits, torch.from_numpy(target)[None]
+    return logits, torch.from_numpy(target).long()[None]
 
 
 def test_cross_entropy_of_one_voxel_by_hand():
@@ -103,7 +103,7 @@ def test_soft_dice_by_hand_skips_classes_absent_from_the_labeled_voxels():
 
 def test_soft_dice_is_zero_for_a_perfect_prediction_of_the_labeled_voxels(nuclei):
     _, truth = nuclei
-    target = torch.from_numpy(encode_labels(sparsify(truth[:8, :16, :16], (1, 1, 1), ignore_label=3), [0, 1, 2], 3))[None]
+    target = torch.from_numpy(encode_labels(sparsify(truth[:8, :16, :16], (1, 1, 1), ignore_label=3), [0, 1, 2], 3)).long()[None]
     logits = 100.0 * F.one_hot(target.clamp(min=0), 3).movedim(-1, 1).double()
     logits = torch.where((target < 0).unsqueeze(1), torch.zeros_like(logits), logits)
     assert soft_dice_loss(logits, target).item() == pytest.approx(0.0, abs=1e-12)
