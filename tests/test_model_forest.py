@@ -18,7 +18,7 @@ from unet3d.inference.predictor import predict_image
 from unet3d.io import open_volume
 from unet3d.model import UNet, UNetConfig, load_forest, load_model, save_model
 from unet3d.model import forest as forest_module
-from unet3d.model.forest import TENSOR, ForestModel, split_box
+from unet3d.model.forest import TENSOR, split_box
 from unet3d.workflows.forest import annotated, fit_model_forest
 
 IGNORE = 255
