@@ -289,8 +289,8 @@ def predict_block(job: BlockJob, index, block: Block) -> str:
             probabilities = block_probabilities(net, read, plan, block, device, job.batch_size, job.tta).cpu().numpy()
             if job.forest_normalization is not None:
                 forest = _forest(job.model_path, job.model_digest)
-                probabilities = forest.blend(probabilities, forest.region_probabilities(
-                    volume.read, tuple(volume.shape[1:]), job.forest_normalization)(block))
+                probabilities = forest.blend_region(probabilities, block, forest.region_probabilities(
+                    volume.read, tuple(volume.shape[1:]), job.forest_normalization))
             status = "predicted"
     labels = np.asarray(job.store.class_values)[probabilities.argmax(axis=0)].astype(job.store.label_dtype)
     write_block(job.store, index, block, probabilities.astype(np.float16), labels)

@@ -288,7 +288,7 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
         for region, probs in iter_regions(net, read, plan, device, batch_size, tta, progress):
             probs = probs.cpu().numpy()
             if forest_at is not None:
-                probs = forest.blend(probs, forest_at(region))
+                probs = forest.blend_region(probs, region, forest_at)
             winners = probs.argmax(axis=0)
             counts += np.bincount(winners.ravel(), minlength=config.num_classes)
             if labels:

@@ -78,6 +78,15 @@ class ForestModel:
         """The blend of the network's and the forest's (K, ...) probabilities this model was weighed for."""
         return weighted_geometric_mean(network, forest, self.network_weight)
 
+    def blend_region(self, network: np.ndarray, box: tuple[slice, ...], forest_at) -> np.ndarray:
+        """`network`'s (K, z, y, x) probabilities of `box` blended in place with the forest's there
+        (`forest_at`: `region_probabilities`), block by block: the blend's temporaries stay the
+        size of a block however large the region (a slab of 1024×1024 planes is tens of millions)."""
+        for block in split_box(box, BLOCK_VOXELS):
+            inside = (slice(None),) + tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(block, box))
+            network[inside] = self.blend(network[inside], forest_at(block))
+        return network
+
     def volume_normalization(self, read, shape) -> dict:
         """The forest's normalization for one volume (`read`: box → raw (C, z, y, x)): a per-volume
         one is fitted on the whole volume, so every region shares it."""
