@@ -16,8 +16,8 @@ from unet3d.training.checkpoint import load_checkpoint, run_files
 from unet3d.training.config import CLASS_WEIGHTING, LOSSES, OPTIMIZERS, SCHEDULES
 from unet3d.training.distributed import DEFAULT_TIMEOUT, Processes, joined
 from unet3d.data.features import input_feature_spec
-from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED, FOREST_MAX_SHARE
-from unet3d.workflows.forest import ForestStage
+from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED
+from unet3d.workflows.forest import FOREST_MAX_SHARE, ForestStage
 from unet3d.workflows.plan import (DEFAULT_ITERATIONS, PER_VOLUME_SPREAD_RATIO, Fingerprint, plan_table,
                                    plan_training, training_sets)
 

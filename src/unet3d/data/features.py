@@ -114,12 +114,13 @@ def bank_halo(spec: dict) -> tuple[int, int, int]:
 
 def region_with_input_features(read, volume_shape, box: tuple[slice, ...], spec: dict) -> np.ndarray:
     """with_input_features of the whole volume, cropped to `box`, without computing the whole volume:
-    the bank is made from the box grown by `bank_halo` (clipped at the volume's faces, where the
+    the bank is made from the box grown by each scale's reach (`region_bank`; clipped at the volume's faces, where the
     filters mirror as they do for the whole volume), so the values are the same."""
-    halo = bank_halo(spec)
-    grown = tuple(slice(max(b.start - h, 0), min(b.stop + h, n)) for b, h, n in zip(box, halo, volume_shape))
-    inside = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
-    return with_input_features(read(grown), spec)[(slice(None),) + inside]
+    widest = grown_box(box, bank_halo(spec), volume_shape)
+    region = np.asarray(read(widest), dtype=np.float32)  # the one read; region_bank takes its boxes from it
+    local = lambda b: region[(slice(None),) + tuple(slice(x.start - w.start, x.stop - w.start)  # noqa: E731
+                                                    for x, w in zip(b, widest))]
+    return np.concatenate([local(box), region_bank(local, volume_shape, box, spec)])
 
 
 def scale_halo(scale: float, ratios) -> tuple[int, int, int]:
@@ -134,6 +135,11 @@ def scale_halo(scale: float, ratios) -> tuple[int, int, int]:
     return tuple(reach(scale / ratio) for ratio in ratios)
 
 
+def grown_box(box: tuple[slice, ...], halo, volume_shape) -> tuple[slice, ...]:
+    """`box` grown by `halo` voxels per axis, clipped at the volume's faces."""
+    return tuple(slice(max(b.start - h, 0), min(b.stop + h, n)) for b, h, n in zip(box, halo, volume_shape))
+
+
 def region_bank(read, volume_shape, box: tuple[slice, ...], spec: dict) -> np.ndarray:
     """The filter bank (F, z, y, x) of the whole volume, cropped to `box`, computed from `read`
     (box → (C, z, y, x) image) scale by scale, each from the box grown by that scale's own reach:
@@ -141,13 +147,14 @@ def region_bank(read, volume_shape, box: tuple[slice, ...], spec: dict) -> np.nd
     scale reads a few voxels around the box, the widest tens)."""
     ratios = _spacing_ratios(spec["spacing"])
     inner = tuple(b.stop - b.start for b in box)
+    widest = grown_box(box, bank_halo(spec), volume_shape)
+    region = np.asarray(read(widest), dtype=np.float32)  # read once; each scale takes what it reaches
     channels = None
     out, row = None, 0
     for scale in spec["scales"]:
-        grown = tuple(slice(max(b.start - h, 0), min(b.stop + h, n))
-                      for b, h, n in zip(box, scale_halo(scale, ratios), volume_shape))
+        grown = grown_box(box, scale_halo(scale, ratios), volume_shape)
         inside = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
-        image = np.asarray(read(grown), dtype=np.float32)
+        image = region[(slice(None),) + tuple(slice(g.start - w.start, g.stop - w.start) for g, w in zip(grown, widest))]
         if out is None:
             channels = image.shape[0]
             out = np.empty((channels * _bank_size(spec),) + inner, dtype=np.float32)

@@ -234,7 +234,7 @@ def predict_image(model: UNet, info: dict, image: np.ndarray, *, device: str = "
     if forest is None:
         return probabilities
     everything = tuple(slice(0, n) for n in source.shape[1:])
-    return forest.blend(probabilities, forest.region_probabilities(source.read, source.shape[1:])(everything))
+    return forest.blend_region(probabilities, everything, forest.region_probabilities(source.read, source.shape[1:]))
 
 
 class _ArrayTarget:

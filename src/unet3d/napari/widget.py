@@ -19,11 +19,11 @@ from superqt.utils import ensure_main_thread
 
 from unet3d.data.features import raw_channels
 from unet3d.errors import UserError
-from unet3d.export.bioimageio import is_package, load_package
+from unet3d.inference.distributed import load_forest, load_predictor
 from unet3d.inference.predictor import predict_image
 from unet3d.interactive.session import Preview, Progress, RoundResult, Session
 from unet3d.interactive.suggest import Suggestion
-from unet3d.model import load_forest, load_model
+
 
 PREVIEW_LAYER, UNCERTAINTY_LAYER, SEGMENTATION_LAYER = "unet3d preview", "unet3d uncertainty", "unet3d segmentation"
 AXIS_ORDER = {0: (0, 1, 2), 1: (1, 0, 2), 2: (2, 0, 1)}  # dims order that shows slices across each axis
@@ -128,14 +128,13 @@ class InteractiveWidget(Container):
             return self.say("choose an image layer to apply the model to")
 
         def work():
-            package = is_package(path)
-            model, info = (load_package if package else load_model)(path)
+            model, info = load_predictor(path)
             image = _channels_first(np.asarray(layer.data))
             channels = raw_channels(model.config.in_channels, info.get("input_features"))
             if image.shape[0] != channels:
                 raise UserError(f"{path}: the model reads {channels} channel(s), {layer.name} has {image.shape[0]}")
             # As `unet3d predict` segments: filter-bank inputs remade, the model's forest blended in.
-            probabilities = predict_image(model, info, image, forest=None if package else load_forest(path, info))
+            probabilities = predict_image(model, info, image, forest=load_forest(path, info))
             return np.asarray(info["class_values"])[probabilities.argmax(0)]
 
         self._run(f"applying {path} ...", work,

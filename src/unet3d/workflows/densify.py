@@ -236,11 +236,11 @@ def choose_forest(forest: bool | None, image_shape, spacing, source: str) -> tup
     return WHOLE, "the network and a random forest on ilastik's filter bank, geometric mean of their probabilities"
 
 
-def hold_out_for_blend(data: TrainingSet, use_forest: str | None, seed: int) -> HeldOut | None:
+def hold_out_for_blend(data: TrainingSet, forest_route: str | None, seed: int) -> HeldOut | None:
     """Annotated voxels taken out of `data`'s labels to weigh the network against the forest on,
     or None (no forest, or too few annotated voxels: the plain geometric mean)."""
     labels = data.labels[0].numpy()
-    if not use_forest or np.count_nonzero(labels >= 0) < HOLD_OUT_MIN_ANNOTATED:
+    if not forest_route or np.count_nonzero(labels >= 0) < HOLD_OUT_MIN_ANNOTATED:
         return None
     held = hold_out_blocks(labels, HOLD_OUT_SHARE, training_patch(labels.shape), seed)
     return held if len(held) else None
