@@ -85,13 +85,17 @@ def test_rounds_learn_preview_continue_and_stop(tmp_path, nuclei):
     model, info = load_model(tmp_path / "m.safetensors")
     assert info["class_values"] == [1, 2, 3]
     forest = load_forest(tmp_path / "m.safetensors", info)
-    assert forest is not None and forest.network_weight == 0.5
+    # The weight was decided on painted blocks held out of both models; weight 1 stores no forest.
+    assert session.forest.evidence["on"] == "painted blocks held out of both models"
+    assert (forest is None) == (session.forest.network_weight == 1)
     # The saved model segments as the loop shows: the network blended with the round's forest.
     saved = np.asarray(info["class_values"])[predict_image(model, info, image[None], forest=forest).argmax(0)]
     np.testing.assert_array_equal(saved, session.preview_volume()[0])
-    network_alone = np.asarray(info["class_values"])[predict_array(model, apply_normalization(
-        image[None].astype(np.float32), info["normalization"])).argmax(0)]
-    assert not np.array_equal(network_alone, saved)
+    if forest is not None:
+        assert forest.network_weight == session.forest.network_weight
+        network_alone = np.asarray(info["class_values"])[predict_array(model, apply_normalization(
+            image[None].astype(np.float32), info["normalization"])).argmax(0)]
+        assert not np.array_equal(network_alone, saved)
 
     segmentation = session.segment(more)
     assert set(np.unique(segmentation)) <= {1, 2, 3}
@@ -100,6 +104,41 @@ def test_rounds_learn_preview_continue_and_stop(tmp_path, nuclei):
     new_class = more.copy()
     new_class[0, 0, 0] = 4
     assert not session.train_round(new_class, 2.0).warm_start and session.class_values == [1, 2, 3, 4]
+    session.close()
+
+
+def test_the_loop_shows_the_forest_until_the_network_beats_it_on_held_out_painting(nuclei):
+    """After one training step the network is far below the forest on the painted blocks held
+    out of both models, so the blend the loop shows is (all but) the forest's alone: a weight
+    that would let the network pull it down scores below the forest there and is not chosen."""
+    image, truth = nuclei
+    session = Session(image)
+    painted = painted_from_truth(truth, (3, 3, 2))
+    previews = []
+    session.train_round(painted, 30.0, iterations=1, on_preview=previews.append, view_z=lambda: 15)
+    evidence = session.forest.evidence["mean_iou"]
+    assert evidence["network"] < evidence["forest"] - 0.1 and evidence["blend"] >= evidence["forest"]
+    labels, _ = session.preview_volume()
+    forest_alone = np.asarray(session.class_values)[session._forest_probabilities(session._everything()).argmax(0)]
+    assert np.mean(labels == forest_alone) > 0.95
+    session.close()
+
+
+def test_the_background_filter_bank_gives_the_forest_what_region_by_region_gives():
+    """The whole image's bank made when the session opens, and the bank made around each region
+    (images too large for it), give the round's forest the same probabilities."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(20, 40, 36)).astype(np.float32)
+    painted = np.zeros(image.shape, np.uint8)
+    painted[5, :20], painted[5, 20:], painted[:, 10, :5] = 1, 2, 1
+    session = Session(image)
+    session._features_thread.join()
+    assert session.features_ready()
+    session.train_round(painted, 5.0, iterations=1)
+    box = (slice(3, 11), slice(0, 40), slice(4, 30))
+    from_bank = session._forest_probabilities(box)
+    session.features, session._forest_cache = None, {}
+    np.testing.assert_allclose(session._forest_probabilities(box), from_bank, atol=1e-6)
     session.close()
 
 

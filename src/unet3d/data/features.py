@@ -191,15 +191,27 @@ def bank_at(read, volume_shape, spec: dict, voxels: np.ndarray, block=(32, 256, 
 def feature_memory_shortfall(name: str, shape, spec: dict | None) -> str | None:
     """Why a (C, Z, Y, X) volume's filter-bank inputs cannot fit in the free memory (the image joined
     to its bank and the normalized copy live at once), in one line naming `name`; None if they fit."""
-    if spec is None or not hasattr(os, "sysconf"):
+    free = free_memory()
+    if spec is None or free is None:
         return None
     channels, *spatial = shape
     needed = 2 * 4 * channels * (1 + _bank_size(spec)) * math.prod(spatial)
-    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if needed <= free:
         return None
     return (f"{name}: filter-bank inputs for {'×'.join(map(str, spatial))} voxels need about "
             f"{needed / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB are free")
+
+
+def free_memory() -> int | None:
+    """Bytes of physical memory free now (None where the system does not say)."""
+    if not hasattr(os, "sysconf"):
+        return None
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def bank_bytes(shape, spec: dict) -> int:
+    """Bytes of the float32 filter bank of a (C, Z, Y, X) volume."""
+    return 4 * shape[0] * _bank_size(spec) * math.prod(shape[1:])
 
 
 def raw_channels(network_channels: int, spec: dict | None) -> int:

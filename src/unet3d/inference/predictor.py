@@ -182,7 +182,8 @@ def predict_array(model: UNet, image: np.ndarray, *, tile=None, max_memory: int 
 def normalized_entropy(probs: np.ndarray) -> np.ndarray:
     """Entropy of the class probabilities over axis 0 divided by log K: 0 certain, 1 uniform."""
     p = np.clip(probs, 1e-12, 1.0)
-    return -(p * np.log(p)).sum(axis=0) / np.log(probs.shape[0])
+    # Clipped: rounding lifts a float32 uniform distribution (a forest's tie) a hair above 1.
+    return np.clip(-(p * np.log(p)).sum(axis=0) / np.log(probs.shape[0]), 0.0, 1.0)
 
 
 def label_dtype(class_values) -> np.dtype:

@@ -3,13 +3,17 @@
 A `Session` holds one image and the network being trained on what has been painted on it. Each
 round trains densify's recipe on the current painting for a few seconds, starting from the
 weights of the previous round (a new network only when the painted classes change), and can be
-stopped at any step. Each round first fits ilastik's forest on the painted voxels (a few seconds,
-its filter bank made only around them) and previews the slices in view with it, so the user sees
-a segmentation before the network has learnt anything; while the network trains, every few
-seconds the preview shows the blend of both (their geometric mean), computed in the training
-thread between two steps, so a GUI thread only ever copies finished labels into a layer. The
-whole volume, "Segment", "Suggest" and "Save" use the same blend, so the saved model segments
-with `unet3d predict` as the loop showed. napari's convention throughout: label 0 is unpainted,
+stopped at any step. Each round first fits ilastik's forest on the painted voxels and previews
+the slices in view with it, so the user sees a segmentation before the network has learnt
+anything: the forest's filter bank of the whole image is made in the background from when the
+session opens (while the user paints), so that fit and preview take seconds. While the network
+trains, every few seconds the preview shows the blend of both (their weighted geometric mean),
+computed in the training thread between two steps, so a GUI thread only ever copies finished
+labels into a layer. The blend's weight is decided at every preview on painted blocks held out of
+both models' training: the loop shows the forest alone until the network scores better there, so
+what it shows does not fall below the forest while the network is still poor. The whole volume,
+"Segment", "Suggest" and "Save" use the same blend, so the saved model segments with `unet3d
+predict` as the loop showed. napari's convention throughout: label 0 is unpainted,
 painted values are the classes, and results use the same values.
 """
 
@@ -18,12 +22,13 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from unet3d.data.features import input_feature_spec
+from unet3d.data.features import bank_bytes, free_memory, input_feature_spec, region_bank
 from unet3d.data.labels import decode_labels
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.errors import UserError
@@ -33,14 +38,28 @@ from unet3d.model import ForestModel, UNet, save_model
 from unet3d.training import train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
 from unet3d.workflows.densify import default_config, predict_with_tta
-from unet3d.workflows.forest import annotated, fit_model_forest
+from unet3d.workflows.blend import HeldOut
+from unet3d.workflows.forest import (Annotated, annotated, bank_of, fit_model_forest, hold_out, in_blocks, network_at,
+                                     normalized_reader, settle_weight)
 
 UNPAINTED = 0  # napari's Labels convention
 PREVIEW_EVERY = 3.0  # seconds of training between two previews of the slices in view
 PREVIEW_SLICES = 16  # z-slices predicted around the one in view (the slab's ends see mirrored context)
-# Seconds a round's forest may take (filter bank around the painted voxels, fit) before the network
-# starts: trees are grown 10 at a time while they fit, so the first preview comes within seconds.
-FOREST_SECONDS = 3.0
+# Seconds a round's forest may take (its sample's filter bank, fit) before the network starts:
+# trees are grown 10 at a time while they fit, so the first preview comes within seconds. It fits
+# on half the sample `train`'s and densify's forests take: the first trees fit in less than half
+# the time, for the same score on the unpainted voxels of the ovule's (3,3,2) slices.
+FOREST_SECONDS = 2.0
+FOREST_SAMPLE = 50_000
+# The whole image's filter bank is made in the background when it needs at most this share of the
+# memory free when the session opens; for larger images each round makes it around the painted
+# voxels and each preview around its slab (seconds more per round).
+BANK_MEMORY_SHARE = 0.25
+# From this many painted voxels a round keeps whole blocks of a tenth of them out of both models'
+# training and weighs the network against the forest on them at every preview; below it the
+# loop blends with equal weights.
+HOLD_OUT_MIN_PAINTED = 5_000
+WEIGH_BLOCKS = 8  # held-out blocks the network predicts at each preview (its cost stays a few patches)
 
 
 @dataclass
@@ -107,8 +126,12 @@ class Session:
         self.normalized = apply_normalization(self.image, self.normalization)
         self.network: UNet | None = None
         self.use_forest = forest
+        self.bank = input_feature_spec(self.spacing)  # the forest's filter bank
+        self.features: np.ndarray | None = None  # that bank of the whole image (F, Z, Y, X), once made
+        self._features_thread = self._start_features()
         self.forest: ForestModel | None = None  # this round's, fitted on the painted voxels
         self._forest_cache: dict[tuple, np.ndarray] = {}  # its probabilities per region, for the round
+        self._weighing: _Weighing | None = None  # this round's held-out painting, when there is enough
         self.class_values: list[int] | None = None
         self.info: dict = {}
         self.rounds = 0
@@ -128,6 +151,23 @@ class Session:
         classes = painted_classes(values, self.class_values if keeps else None)
         return prepare_training_set([self.image], [np.asarray(painted)], UNPAINTED, sources=["painted labels"],
                                     class_values=classes, normalization=self.normalization, spacing=self.spacing)
+
+    def _start_features(self) -> threading.Thread | None:
+        """Start making the whole image's filter bank in the background, where it fits in memory."""
+        free = free_memory()
+        if not self.use_forest or free is None or bank_bytes(self.image.shape, self.bank) > BANK_MEMORY_SHARE * free:
+            return None
+        thread = threading.Thread(target=self._make_features, name="unet3d filter bank", daemon=True)
+        thread.start()
+        return thread
+
+    def _make_features(self) -> None:
+        self.features = region_bank(normalized_reader(self.image, self.normalization), self.shape,
+                                    self._everything(), self.bank)
+
+    def features_ready(self) -> bool:
+        """Whether the whole image's filter bank is made (False also where it is not made at all)."""
+        return self.features is not None
 
     def train_round(self, painted: np.ndarray, seconds: float, stop: threading.Event | None = None,
                     on_progress=None, on_preview=None, view_z=lambda: None,
@@ -151,36 +191,57 @@ class Session:
                 on_progress(Progress(number, iteration, loss, time.monotonic() - started, seconds))
             z = view_z()
             if on_preview is not None and z is not None and time.monotonic() - last_preview[0] >= PREVIEW_EVERY:
+                self._weigh(model)
                 on_preview(self._slab_preview(model, data.class_values, z))
                 last_preview[0] = time.monotonic()
             return stop is not None and stop.is_set()
 
         with self.lock:
             started = time.monotonic()
-            self._fit_forest(data)
+            self._fit_forest(data, config.patch_shape)
             z = view_z()
             if on_preview is not None and z is not None and self.forest is not None:
                 on_preview(self._slab_preview(None, data.class_values, z))
             result = train(config, data, Path(self._workdir.name) / "round.safetensors", progress=False,
                            device=self.device, network=self.network if warm else None, on_step=on_step)
             self.network, self.class_values, self.info = result.model, data.class_values, result.info
+            self._weigh(self.network)
         return RoundResult(number, result.iterations, result.seconds, result.stopped_by, data.class_values, warm)
 
-    def _fit_forest(self, data: TrainingSet) -> None:
-        """This round's forest on the painted voxels (None when the session runs without one)."""
-        self.forest, self._forest_cache = None, {}
+    def _fit_forest(self, data: TrainingSet, patch) -> None:
+        """This round's forest on the painted voxels (None when the session runs without one),
+        after holding out blocks of the painting from both models to weigh them on."""
+        self.forest, self._forest_cache, self._weighing = None, {}, None
         if not self.use_forest:
             return
-        self.forest = fit_model_forest([annotated(self.image, data.labels[0].numpy())],
-                                       input_feature_spec(self.spacing), self.normalization, len(data.class_values),
-                                       seconds=FOREST_SECONDS, seed=self.seed + self.rounds)
+        labels = data.labels[0].numpy()  # shares the training set's memory: held-out blocks leave training too
+        held = hold_out([labels], patch, self.seed + self.rounds, minimum=HOLD_OUT_MIN_PAINTED)
+        if self._features_thread is not None:
+            self._features_thread.join()  # begun when the session opened: the rest of the bank's time
+        volume = annotated(self.image, labels)
+        volume.features = self.features
+        self.forest = fit_model_forest([volume], self.bank, self.normalization, len(data.class_values),
+                                       seconds=FOREST_SECONDS, seed=self.seed + self.rounds, samples=FOREST_SAMPLE)
+        if held is not None and len(held[0]):
+            self._weighing = _Weighing.of(self, held[0], patch)
+
+    def _weigh(self, model: UNet) -> None:
+        """Set the round's blend weight to what scores best on the held-out painting now."""
+        if self._weighing is not None:
+            with evaluating(model):
+                self._weighing.settle(model, self.forest, self.device)
 
     def _forest_probabilities(self, box: tuple[slice, ...]) -> np.ndarray:
         """The round's forest's (K, z, y, x) probabilities of `box`, computed once per round."""
         key = tuple((b.start, b.stop) for b in box)
         if key not in self._forest_cache:
-            self._forest_cache[key] = self.forest.region_probabilities(
-                lambda region: self.image[(slice(None),) + region], self.shape)(box)
+            if self.features is not None:
+                bank = self.features[(slice(None),) + box]
+                probabilities = self.forest.probabilities(bank.reshape(bank.shape[0], -1))
+                self._forest_cache[key] = probabilities.reshape((-1,) + bank.shape[1:])
+            else:
+                self._forest_cache[key] = self.forest.region_probabilities(
+                    lambda region: self.image[(slice(None),) + region], self.shape)(box)
         return self._forest_cache[key]
 
     def _blend(self, network: np.ndarray | None, box: tuple[slice, ...]) -> np.ndarray:
@@ -197,12 +258,8 @@ class Session:
         stop = min(self.shape[0], start + PREVIEW_SLICES)
         network = None
         if model is not None:
-            was_training = model.training
-            model.eval()
-            try:
+            with evaluating(model):
                 network = predict_array(model, self.normalized[:, start:stop], device=self.device)
-            finally:
-                model.train(was_training)
         probabilities = self._blend(network, (slice(start, stop), slice(0, self.shape[1]), slice(0, self.shape[2])))
         return Preview(start, stop, decode_labels(probabilities.argmax(0), class_values), time.monotonic() - began)
 
@@ -246,9 +303,42 @@ class Session:
                            rng=np.random.default_rng([self.seed, self.rounds]))
 
     def save(self, path) -> None:
-        """The standard model file, with the round's forest (`unet3d predict` blends as the loop did)."""
+        """The standard model file, with the round's forest (`unet3d predict` blends as the loop did)
+        unless the held-out painting gave the network alone (weight 1)."""
         with self.lock:
-            save_model(path, self._require_network(), self.info, self.forest)
+            keep = self.forest is not None and self.forest.network_weight < 1
+            save_model(path, self._require_network(), self.info, self.forest if keep else None)
 
     def close(self) -> None:
         self._workdir.cleanup()
+
+
+@contextmanager
+def evaluating(model: UNet):
+    """`model` in evaluation mode (batch statistics frozen) for a prediction between training steps."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class _Weighing:
+    """A round's painting held out of both models, in at most WEIGH_BLOCKS blocks, with the
+    round's forest's probabilities there (made once: only the network changes during a round)."""
+    volume: Annotated
+    forest: np.ndarray
+    block: tuple
+
+    @classmethod
+    def of(cls, session: Session, held: HeldOut, block) -> _Weighing:
+        volume = Annotated(session.image, session.normalized, held.voxels, held.classes, session.features)
+        volume = in_blocks(volume, block, WEIGH_BLOCKS, session.seed + session.rounds)
+        forest = session.forest.probabilities(bank_of(volume, session.bank, session.normalization))
+        return cls(volume, forest, tuple(block))
+
+    def settle(self, network: UNet, forest: ForestModel, device: str) -> None:
+        settle_weight(forest, network_at(network, self.volume, device, self.block), self.forest,
+                      self.volume.classes, "painted blocks held out of both models")

@@ -57,6 +57,7 @@ class InteractiveWidget(Container):
         self.preview_timings: list[tuple[float, float]] = []  # (computing in the worker, showing) seconds
         self.busy = False
         self._stop_event = threading.Event()
+        self._session_lock = threading.Lock()  # the session is made once, by whichever thread asks first
         self._view_z: int | None = None
         self._closed = False
         self.train.changed.connect(self.start_round)
@@ -65,9 +66,11 @@ class InteractiveWidget(Container):
         self.suggest.changed.connect(self.suggest_slice)
         self.save.changed.connect(self.save_model)
         self.apply.changed.connect(self.apply_saved_model)
+        self.image.changed.connect(self._open_session)
         viewer.dims.events.current_step.connect(self._remember_view)
         self.native.destroyed.connect(self._on_close)
         self._remember_view()
+        self._open_session()
 
     # --- actions (GUI thread) ---------------------------------------------------------------
 
@@ -224,12 +227,28 @@ class InteractiveWidget(Container):
             raise UserError("no network for this image yet: paint and Train first")
         return self.session
 
+    def _open_session(self, *args) -> None:
+        """Make the chosen image's session in a worker thread as soon as it is chosen: its forest's
+        filter bank is then made while the user paints, and Train previews within seconds."""
+        layer = self.image.value
+        if layer is None:
+            return
+
+        def prepare():
+            try:
+                self._session_for(layer)
+            except UserError:
+                pass  # Train says what is wrong with the image
+
+        create_worker(prepare).start()
+
     def _session_for(self, layer) -> Session:
-        """The session of `layer`, made on first use (in the worker thread: it normalizes the image)."""
-        if self.session is None or self._session_layer != layer.name:
-            image = _channels_first(np.asarray(layer.data))
-            self.session, self._session_layer = Session(image, spacing=tuple(layer.scale[-3:])), layer.name
-        return self.session
+        """The session of `layer`, made on first use (in a worker thread: it normalizes the image)."""
+        with self._session_lock:
+            if self.session is None or self._session_layer != layer.name:
+                image = _channels_first(np.asarray(layer.data))
+                self.session, self._session_layer = Session(image, spacing=tuple(layer.scale[-3:])), layer.name
+            return self.session
 
     def _painted(self) -> np.ndarray:
         layer = self.painting.value

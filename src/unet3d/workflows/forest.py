@@ -11,6 +11,7 @@ the annotation kept out of both models' training (as densify does).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 
@@ -55,11 +56,14 @@ WEIGHING_VOXELS = 500_000
 @dataclass
 class Annotated:
     """Annotated voxels of one volume: the raw image (C, Z, Y, X) they lie in, the network's
-    normalized input there (None: not needed), their flat indices and class indices."""
+    normalized input there (None: not needed), their flat indices and class indices, and the
+    forest's filter bank of the whole image (F, Z, Y, X) where it was made already (else it is
+    made around the voxels when needed)."""
     image: np.ndarray
     network_input: np.ndarray | None
     voxels: np.ndarray
     classes: np.ndarray
+    features: np.ndarray | None = None
 
 
 def annotated(image: np.ndarray, labels: np.ndarray, network_input: np.ndarray | None = None) -> Annotated:
@@ -80,70 +84,77 @@ def subsample(volumes: list[Annotated], count: int, seed: int) -> list[Annotated
     out, start = [], 0
     for volume in volumes:
         chosen = keep[start:start + volume.voxels.size]
-        out.append(Annotated(volume.image, volume.network_input, volume.voxels[chosen], volume.classes[chosen]))
+        out.append(dataclasses.replace(volume, voxels=volume.voxels[chosen], classes=volume.classes[chosen]))
         start += volume.voxels.size
     return out
 
 
 def bank_of(volume: Annotated, bank: dict, normalization: dict) -> np.ndarray:
     """(F, N) filter bank at the volume's annotated voxels, of its image normalized as the forest reads it."""
-    return bank_at(normalized_reader(volume, normalization), volume.image.shape[1:], bank, volume.voxels)
+    return features_at(volume, lambda: normalized_reader(volume.image, normalization), bank, volume.voxels)
 
 
-def normalized_reader(volume: Annotated, normalization: dict):
-    """box → the volume's image there, normalized as the forest reads it."""
-    image, shape = volume.image, volume.image.shape[1:]
+def features_at(volume: Annotated, reader, bank: dict, voxels: np.ndarray) -> np.ndarray:
+    """(F, N) filter bank at flat `voxels` of the volume: taken from its bank where it was made
+    already, else made around them from `reader()` (box → normalized image)."""
+    if volume.features is not None:
+        return volume.features.reshape(volume.features.shape[0], -1)[:, voxels]
+    return bank_at(reader(), volume.image.shape[1:], bank, voxels)
+
+
+def normalized_reader(image: np.ndarray, normalization: dict):
+    """box → the (C, Z, Y, X) image there, normalized as the forest reads it."""
+    shape = image.shape[1:]
     read = lambda box: image[(slice(None),) + box]  # noqa: E731
     fitted = for_volume(normalization, read, shape)
     return lambda box: apply_normalization(read(box), fitted)
 
 
 def sample_features(volumes: list[Annotated], bank: dict, normalization: dict, seed: int,
-                    seconds: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(F, N) filter bank and (N,) classes of a seeded sample of FOREST_TRAIN_VOXELS annotated
-    voxels, made block by block (SAMPLE_BLOCK voxels, in a seeded random order) for at most
+                    seconds: float | None, count: int = FOREST_TRAIN_VOXELS) -> tuple[np.ndarray, np.ndarray]:
+    """(F, N) filter bank and (N,) classes of a seeded sample of `count` annotated voxels, made block by block (SAMPLE_BLOCK voxels, in a seeded random order) for at most
     `seconds` (None: every block). The sample of a large volume spreads over whole slices, whose
     bank would cost as much as the volume's own: within the time, the blocks drawn keep it spread."""
-    sample = subsample(volumes, FOREST_TRAIN_VOXELS, seed)
+    sample = subsample(volumes, count, seed)
     groups = []
     for index, volume in enumerate(sample):
         ids = block_ids(volume.voxels, volume.image.shape[1:], SAMPLE_BLOCK)
         order = np.argsort(ids, kind="stable")
         groups += [(index, members) for members in np.split(order, np.flatnonzero(np.diff(ids[order])) + 1)
                    if members.size]
-    readers = [normalized_reader(volume, normalization) for volume in sample]
+    readers = [functools.cache(lambda volume=volume: normalized_reader(volume.image, normalization)) for volume in sample]
     started, features, classes = time.monotonic(), [], []
     for position in np.random.default_rng(seed).permutation(len(groups)):
         if seconds is not None and features and time.monotonic() - started > seconds:
             break
         index, members = groups[position]
         volume = sample[index]
-        features.append(bank_at(readers[index], volume.image.shape[1:], bank, volume.voxels[members]))
+        features.append(features_at(volume, readers[index], bank, volume.voxels[members]))
         classes.append(volume.classes[members])
     return np.concatenate(features, axis=1), np.concatenate(classes)
 
 
 def fit_model_forest(volumes: list[Annotated], bank: dict, normalization: dict, num_classes: int, *,
                      seconds: float | None, seed: int, threads: int | None = None,
-                     predict_voxels: int | None = None) -> ForestModel:
-    """ilastik's forest on a seeded sample of FOREST_TRAIN_VOXELS annotated voxels of `volumes`,
+                     predict_voxels: int | None = None, samples: int = FOREST_TRAIN_VOXELS) -> ForestModel:
+    """ilastik's forest on a seeded sample of `samples` annotated voxels of `volumes`,
     growing at most FOREST_TREES trees within `seconds`: the filter bank of the sample (at most
     SAMPLE_BANK_SHARE of them), the fit and, when `predict_voxels` is given, the prediction of that
     many voxels. Its network weight is the plain geometric mean's until `weigh` decides."""
     start = time.monotonic()
     features, classes = sample_features(volumes, bank, normalization, seed,
-                                        None if seconds is None else SAMPLE_BANK_SHARE * seconds)
+                                        None if seconds is None else SAMPLE_BANK_SHARE * seconds, samples)
     left = None if seconds is None else max(seconds - (time.monotonic() - start), 0.0)
     forest = fit_forest(features, classes, np.arange(classes.size), FOREST_TREES, seed, None, threads or -1, left,
                         predict_voxels=predict_voxels)
     return ForestModel(forest, num_classes, bank, normalization, 0.5)
 
 
-def hold_out(labels: list[np.ndarray], block, seed: int) -> list[HeldOut] | None:
+def hold_out(labels: list[np.ndarray], block, seed: int, minimum: int = HOLD_OUT_MIN_ANNOTATED) -> list[HeldOut] | None:
     """Whole blocks of about HOLD_OUT_SHARE of each volume's annotation taken out of the (Z, Y, X)
-    class indices `labels` (in place) to weigh the blend on; None with too few annotated voxels
-    (under HOLD_OUT_MIN_ANNOTATED, where the plain geometric mean is kept)."""
-    if sum(int(np.count_nonzero(l >= 0)) for l in labels) < HOLD_OUT_MIN_ANNOTATED:
+    class indices `labels` (in place) to weigh the blend on; None with fewer than `minimum`
+    annotated voxels (where the plain geometric mean is kept)."""
+    if sum(int(np.count_nonzero(l >= 0)) for l in labels) < minimum:
         return None
     return [hold_out_blocks(l, HOLD_OUT_SHARE, tuple(min(b, n) for b, n in zip(block, l.shape)), seed + i)
             for i, l in enumerate(labels)]
@@ -156,7 +167,7 @@ def in_blocks(volume: Annotated, block, count: int, seed: int) -> Annotated:
     present = np.unique(ids)
     chosen = np.random.default_rng(seed).choice(present, min(count, present.size), replace=False)
     keep = np.isin(ids, chosen)
-    return Annotated(volume.image, volume.network_input, volume.voxels[keep], volume.classes[keep])
+    return dataclasses.replace(volume, voxels=volume.voxels[keep], classes=volume.classes[keep])
 
 
 def network_at(network, volume: Annotated, device: str, block=None) -> np.ndarray:
@@ -191,8 +202,14 @@ def weigh(network, forest: ForestModel, volumes: list[Annotated], what: str, see
     network_probabilities = np.concatenate([network_at(network, v, device, block) for v in volumes], axis=1)
     forest_at = np.concatenate([forest.probabilities(bank_of(v, forest.bank, forest.normalization))
                                 for v in volumes], axis=1)
-    classes = np.concatenate([v.classes for v in volumes])
-    choice = choose_network_weight(network_probabilities, forest_at, HeldOut(np.arange(classes.size), classes))
+    return settle_weight(forest, network_probabilities, forest_at, np.concatenate([v.classes for v in volumes]), what)
+
+
+def settle_weight(forest: ForestModel, network: np.ndarray, forest_at: np.ndarray, classes: np.ndarray,
+                  what: str) -> str:
+    """Set `forest.network_weight` to what scores best with both models' (K, N) probabilities at
+    annotated voxels of `classes`, keeping the scores as its evidence; one line saying so."""
+    choice = choose_network_weight(network, forest_at, HeldOut(np.arange(classes.size), classes))
     forest.network_weight = choice.network_weight
     forest.evidence = {"on": what, "voxels": int(classes.size),
                        "mean_iou": {"forest": choice.scores[0.0], "network": choice.scores[1.0],
