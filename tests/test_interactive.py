@@ -132,8 +132,8 @@ def test_the_background_filter_bank_gives_the_forest_what_region_by_region_gives
     painted = np.zeros(image.shape, np.uint8)
     painted[5, :20], painted[5, 20:], painted[:, 10, :5] = 1, 2, 1
     session = Session(image)
-    session._features_thread.join()
-    assert session.features_ready()
+    session.wait_for_features()
+    assert session.features is not None
     session.train_round(painted, 5.0, iterations=1)
     box = (slice(3, 11), slice(0, 40), slice(4, 30))
     from_bank = session._forest_probabilities(box)

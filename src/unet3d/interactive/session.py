@@ -165,9 +165,11 @@ class Session:
         self.features = region_bank(normalized_reader(self.image, self.normalization), self.shape,
                                     self._everything(), self.bank)
 
-    def features_ready(self) -> bool:
-        """Whether the whole image's filter bank is made (False also where it is not made at all)."""
-        return self.features is not None
+    def wait_for_features(self) -> None:
+        """Until the whole image's filter bank, begun when the session opened, is made (at once
+        where it is not made at all)."""
+        if self._features_thread is not None:
+            self._features_thread.join()
 
     def train_round(self, painted: np.ndarray, seconds: float, stop: threading.Event | None = None,
                     on_progress=None, on_preview=None, view_z=lambda: None,
@@ -216,8 +218,7 @@ class Session:
             return
         labels = data.labels[0].numpy()  # shares the training set's memory: held-out blocks leave training too
         held = hold_out([labels], patch, self.seed + self.rounds, minimum=HOLD_OUT_MIN_PAINTED)
-        if self._features_thread is not None:
-            self._features_thread.join()  # begun when the session opened: the rest of the bank's time
+        self.wait_for_features()  # begun when the session opened: the rest of the bank's time
         volume = annotated(self.image, labels)
         volume.features = self.features
         self.forest = fit_model_forest([volume], self.bank, self.normalization, len(data.class_values),
