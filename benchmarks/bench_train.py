@@ -3,7 +3,7 @@
 Usage: .venv/bin/python -m benchmarks.bench_train [--quick] [--dataset hippocampus|em_vnc] [--fold K]
            [--train-cases 40] [--test-cases 40] [--max-time 600 ... | --steps 2000 ...] [--slices 2,3,3]
            [--dense] [--seed 0]
-           [--train-options "--width 16"] [--results FILE.jsonl]
+           [--train-options "--width 16"] [--peers nnunet [--nnunet-no-tta]] [--results FILE.jsonl]
 
 MSD Hippocampus (../shared/data/hippocampus, or UNET3D_SHARED_DATA): a seeded permutation of the
 cases gives the training cases and the unseen ones; IoU per class and the foreground mean
@@ -18,7 +18,10 @@ cores; `--steps`: `--iterations` instead, the same work however busy the machine
 (100 trees on the 7-scale filter bank of each volume, standardized on its own statistics),
 fitted on the same annotated voxels (a seeded sample of at most 100,000), predicting the same
 unseen volumes. `unet3d predict` blends the network with the forest `train` stored beside it;
-the network alone is scored too. Rows go to `--results` as JSON lines; a rerun skips the rows already there.
+the network alone is scored too. `--peers nnunet`: nnU-Net v2 (3d_fullres, its own plan) trained on
+the same sparse labels for the same `--max-time` wall seconds, predicting the same unseen volumes
+(benchmarks/peers/nnunet.py; needs `bash benchmarks/peers.sh`). Rows go to `--results` as JSON
+lines; a rerun skips the rows already there (and adds only a peer a row lacks).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.peers import nnunet
 from experiments.paper import data
 from experiments.paper import methods
 from unet3d.data.sparse import sparsify
@@ -81,18 +85,21 @@ def run_unet(train_cases, test_cases, slices, budget: list[str], folder: Path, o
     best = model.with_name("model.best.safetensors")
     chosen = best if best.exists() else model
     network, info = load_model(chosen)
-    confusion, alone = 0, 0
+    confusion, alone, predict_seconds = 0, 0, 0.0
     for case in test_cases:
         volume = data.load(case)
         np.save(folder / "test.npy", volume.image)
+        start = time.monotonic()
         subprocess.run([str(UNET3D), "predict", str(chosen), str(folder / "test.npy"),
                         "-o", str(folder / "prediction.npy"), "--quiet"], capture_output=True, text=True,
                        check=True)
+        predict_seconds += time.monotonic() - start
         confusion = confusion + confusion_matrix(np.load(folder / "prediction.npy"), volume.truth, volume.num_classes)
         alone = alone + confusion_matrix(predict_image(network, info, volume.image).argmax(0), volume.truth,
                                          volume.num_classes)
     steps = int(trained.stdout.split("trained ")[-1].split()[0])
     return {**foreground_scores(confusion, volume.background), "s": round(seconds, 1), "steps": steps,
+            "predict_s": round(predict_seconds, 1),
             "network_alone": foreground_scores(alone, volume.background),
             "network_weight": (info.get("forest") or {}).get("network_weight", 1.0),
             "plan": trained.stdout.strip().splitlines(),
@@ -108,6 +115,13 @@ def run_forest(train_cases, test_cases, slices, seed: int) -> dict:
     confusion = sum(confusion_matrix(labels, volume.truth, volume.num_classes)
                     for labels, volume in zip(result.labels, test_volumes))
     return {**foreground_scores(confusion, test_volumes[0].background), "s": round(time.monotonic() - start, 1)}
+
+
+def run_nnunet(dataset: str, train_cases, test_cases, slices, seconds: float, folder: Path, tta: bool) -> dict:
+    """nnU-Net v2 on the same sparse labels for the same wall seconds (benchmarks/peers/nnunet.py)."""
+    result = nnunet.run(dataset, train_cases, test_cases, slices, IGNORE, seconds, folder, tta)
+    background = data.load(test_cases[0]).background
+    return {**foreground_scores(result.pop("confusion"), background), **result}
 
 
 def network_alone(result: dict) -> str:
@@ -134,6 +148,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the split and the forest")
     parser.add_argument("--train-options", default="",
                         help="more options for `unet3d train`, e.g. \"--width 16 --seed 1\" (default: none, the plan)")
+    parser.add_argument("--peers", nargs="*", default=[], choices=("nnunet",),
+                        help="nnunet: also train nnU-Net v2 (3d_fullres) for each --max-time, from .venv-bench")
+    parser.add_argument("--nnunet-no-tta", action="store_true",
+                        help="nnU-Net predicts without its default test-time mirroring (8x faster; as unet3d predict)")
     parser.add_argument("--results", type=Path, help="JSON lines, appended; rows already there are not re-run")
     parser.add_argument("--quick", action="store_true", help="4 training cases, 2 unseen, 15 s: keeps this script working")
     args = parser.parse_args(argv)
@@ -156,20 +174,33 @@ def main(argv=None) -> None:
     forest = next((r["forest"] for r in done if same(r)), None) or run_forest(train_cases, test_cases, slices, args.seed)
     options = args.train_options.split()
     rows = []
-    budgets = ([(f"{n} steps", ["--iterations", str(n)]) for n in args.steps] if args.steps else
-               [(f"{t:g} s", ["--max-time", f"{t:g}"]) for t in args.max_time])
-    for label, budget in budgets:
-        row = next((r for r in done if same(r) and r["budget"] == label
+    budgets = ([(f"{n} steps", ["--iterations", str(n)], None) for n in args.steps] if args.steps else
+               [(f"{t:g} s", ["--max-time", f"{t:g}"], t) for t in args.max_time])
+    peers = set(args.peers)
+    if "nnunet" in peers:
+        reason = nnunet.missing() or ("its trainer counts wall seconds (--max-time), not --steps" if args.steps
+                                      else None)
+        if reason:
+            print(f"skipped nnU-Net: {reason}")
+            peers.discard("nnunet")
+    for label, budget, seconds in budgets:
+        row = next((r for r in reversed(done) if same(r) and r["budget"] == label  # the latest: it may add a peer
                     and r.get("train_options", "") == args.train_options), None)
-        if row is None:
+        fresh = row is None
+        if fresh:
             with tempfile.TemporaryDirectory() as folder:
                 unet = run_unet(train_cases, test_cases, slices, budget, Path(folder), options)
             row = {"dataset": args.dataset, "fold": fold, "labels": labels, "train_cases": args.train_cases, "test_cases": args.test_cases,
                    "seed": args.seed, "budget": label, "train_options": args.train_options,
                    "unet": unet, "forest": forest}
-            if args.results:
-                with args.results.open("a") as out:
-                    out.write(json.dumps(row) + "\n")
+        if "nnunet" in peers and "nnunet" not in row:
+            with tempfile.TemporaryDirectory() as folder:
+                row = {**row, "nnunet": run_nnunet(args.dataset, train_cases, test_cases, slices, seconds,
+                                                   Path(folder), tta=not args.nnunet_no_tta)}
+            fresh = True
+        if fresh and args.results:
+            with args.results.open("a") as out:
+                out.write(json.dumps(row) + "\n")
         rows.append(row)
     print("| dataset | labels | training cases | unseen cases | train options | budget | steps "
           "| unet3d train → predict: mean IoU (per class) | its network alone | forest: mean IoU (per class) |")
@@ -182,8 +213,28 @@ def main(argv=None) -> None:
         print(f"| {r.get('dataset', 'hippocampus')} | {r['labels']} | {r['train_cases']} | {r['test_cases']} "
               f"| {r.get('train_options') or 'planned'} | {r['budget']} | {u['steps']} "
               f"| {u['fg']:.3f} ({per_class(u)}) | {network_alone(u)} | {f['fg']:.3f} ({per_class(f)}) |")
+    if any("nnunet" in r for r in rows):
+        print("\n| dataset | labels | training cases | unseen cases | budget | method | iterations | train s "
+              "| predict s | mean IoU (per class) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            background = "0" if r.get("dataset", "hippocampus") == "hippocampus" else None
+            peer = r.get("nnunet")
+            peer_name = nnunet.METHOD + ("" if peer is None or peer.get("tta", True) else ", no mirroring")
+            for method, result in (("unet3d train → predict", r["unet"]), (peer_name, peer)):
+                if result is None:
+                    continue
+                per_class = " / ".join(f"{iou:.2f}" for value, iou in result["iou"].items() if value != background)
+                train_s = (f"{result['s']:.0f} (+ {result['preprocess_s']:.0f} preprocessing)"
+                           if "preprocess_s" in result else f"{result['s']:.0f}")
+                predict_s = f"{result['predict_s']:.0f}" if "predict_s" in result else "–"
+                print(f"| {r.get('dataset', 'hippocampus')} | {r['labels']} | {r['train_cases']} | {r['test_cases']} "
+                      f"| {r['budget']} | {method} | {result['steps']} | {train_s} | {predict_s} "
+                      f"| {result['fg']:.3f} ({per_class}) |")
     if rows:
         print("\nplan of the last run:\n" + "\n".join(rows[-1]["unet"]["plan"]))
+        if "nnunet" in rows[-1]:
+            print(f"{nnunet.METHOD}: " + "\n".join(rows[-1]["nnunet"]["plan"]))
 
 
 if __name__ == "__main__":

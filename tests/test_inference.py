@@ -158,6 +158,54 @@ def test_same_padding_unet_blends_smoothly(nuclei):
     assert (one_window.argmax(0) == blended.argmax(0)).mean() > 0.9
 
 
+def whole_same_padding_probabilities(model: UNet, image: np.ndarray) -> np.ndarray:
+    """One forward pass of a same-padding network over the whole volume, mirrored at its far end
+    up to a valid size: what seamless tiling must reproduce."""
+    shape = image.shape[1:]
+    needed = model.geometry.valid_input_shape(shape)
+    padded = torch.from_numpy(np.pad(image, [(0, 0)] + [(0, k - n) for n, k in zip(shape, needed)], mode="reflect"))
+    with torch.no_grad():
+        probs = torch.softmax(fold_batch_norm(model)(padded[None]), dim=1)[0].numpy()
+    return probs[(slice(None),) + tuple(slice(0, n) for n in shape)]
+
+
+@pytest.mark.parametrize("levels", [3, 4])
+def test_same_padding_tiles_seamlessly_whatever_the_tile(nuclei, levels):
+    """Each output tile is read with the network's whole reach, clipped where a whole-volume pass
+    pads: any tile size gives the whole-volume probabilities, tiles of one grid step included."""
+    image = normalized(nuclei[0])[:, :, :45, :38]
+    model = trained_looking(UNetConfig(in_channels=1, num_classes=3, width=2, levels=levels, padding="same"), seed=4)
+    whole = whole_same_padding_probabilities(model, image)
+    step = grid_step(model.geometry, 1)
+    for tile in [(step, step, 2 * step), (16, 24, 8), (24, 48, 40)]:
+        np.testing.assert_allclose(predict_array(model, image, tile=tile), whole, atol=1e-5)
+    tiled = predict_array(model, image, tile=(8, 16, 16), batch_size=3)
+    assert np.array_equal(tiled.argmax(0), predict_array(model, image, max_memory=64 << 20).argmax(0))
+
+
+def test_the_network_reach_is_everything_an_output_depends_on():
+    """With every weight positive and average pooling in place of max pooling, an output voxel's
+    gradient reaches every input it depends on: its farthest is within `Geometry.reach`."""
+    for levels in (2, 3, 4):
+        model = UNet(UNetConfig(in_channels=1, num_classes=2, width=2, levels=levels, padding="same", norm="none"))
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.MaxPool3d):
+                    setattr(module, name, nn.AvgPool3d(child.kernel_size, child.stride))
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.abs_().add_(0.01)
+        step = 2 ** (levels - 1)
+        n = 16 * step
+        farthest = 0
+        for centre in range(n // 2, n // 2 + step):
+            x = torch.rand(1, 1, step, step, n, dtype=torch.float64).add(0.1).requires_grad_(True)
+            model.double()(x)[0, 0, 0, 0, centre].backward()
+            reached = torch.nonzero(x.grad[0, 0].abs().sum((0, 1)) > 0).flatten()
+            farthest = max(farthest, centre - int(reached.min()), int(reached.max()) - centre)
+        assert farthest <= model.geometry.reach_1d(2) < farthest + step
+
+
 def test_gaussian_weight_trusts_the_centre():
     weight = gaussian_weight((8, 16, 17))
     assert weight.shape == (8, 16, 17) and weight.dtype == torch.float32

@@ -146,10 +146,11 @@ def test_blended_windows_count_their_accumulators_and_stay_thick():
     def network_bytes(window):
         return estimate_tile_bytes(config, window)
 
-    window = choose_output_tile(config, volume, budget)
+    window = choose_output_tile(config, volume, budget, overlap=0.25)
     assert network_bytes(window) + blend_bytes(config, volume, window) <= budget
     assert min(window) >= min(*near_cubic_tile(config, volume, budget, network_bytes), thick_window(config))
-    assert tiles_work(config, volume, window) < tiles_work(config, volume, near_cubic_tile(config, volume, budget, network_bytes))
+    cube = near_cubic_tile(config, volume, budget, network_bytes)
+    assert tiles_work(config, volume, window, 0.25) < tiles_work(config, volume, cube, 0.25)
 
 
 @pytest.mark.parametrize("volume", [(256, 256, 256), (256, 512, 512)])
@@ -163,8 +164,8 @@ def test_blended_windows_are_not_forced_thicker_than_they_need_be(volume):
     def need(window):
         return estimate_tile_bytes(config, window) + blend_bytes(config, volume, window)
 
-    window = choose_output_tile(config, volume, budget)
+    window = choose_output_tile(config, volume, budget, overlap=0.25)
     cube = near_cubic_tile(config, volume, budget, lambda w: estimate_tile_bytes(config, w))
     assert min(cube) > thick_window(config) and min(window) >= thick_window(config)
     assert need(window) <= budget if volume[1] == 256 else budget < need(window) < need(cube)
-    assert tiles_work(config, volume, window) < tiles_work(config, volume, cube)
+    assert tiles_work(config, volume, window, 0.25) < tiles_work(config, volume, cube, 0.25)

@@ -206,11 +206,12 @@ def test_blending_beyond_the_budget_is_said(tmp_path, capsys):
     image = np.random.default_rng(0).normal(size=(8, 512, 512)).astype(np.float32)
     write_volume(str(tmp_path / "wide.npy"), image)
     make_model(tmp_path / "m.safetensors", image[None], [0, 1], padding="same")
-    run_predict(tmp_path / "m.safetensors", tmp_path / "wide.npy", "-o", tmp_path / "labels.npy", "--max-memory", "32M")
+    run_predict(tmp_path / "m.safetensors", tmp_path / "wide.npy", "-o", tmp_path / "labels.npy", "--max-memory", "32M",
+                "--overlap", "0.25")
     said = re.search(r"note: blending windows over 512×512 planes takes about (\d+) MiB beyond --max-memory "
                      r"\(accumulators of (\d+) MiB", capsys.readouterr().err)
     config = load_model(tmp_path / "m.safetensors")[0].config
-    window = choose_output_tile(config, image.shape, 32 << 20)
+    window = choose_output_tile(config, image.shape, 32 << 20, overlap=0.25)
     accumulators = blend_bytes(config, image.shape, window)
     excess = estimate_tile_bytes(config, window) + accumulators - (32 << 20)
     assert said and (int(said[1]), int(said[2])) == (round(excess / 2**20), round(accumulators / 2**20))

@@ -50,9 +50,10 @@ def register(subparsers) -> None:
         "predict",
         help="segment a volume of any size with a saved model",
         description="Segment IMAGE with MODEL and write the label map to OUTPUT (format from its "
-        "extension; the input's geometry, e.g. a NIfTI affine, is kept). Valid-padding models tile "
-        "seamlessly: output tiles edge to edge, context mirrored at the border, the result does "
-        "not depend on the tile size. Same-padding models blend overlapping windows. With HDF5 or "
+        "extension; the input's geometry, e.g. a NIfTI affine, is kept). Tiling is seamless: output "
+        "tiles edge to edge, each read with all the context its output depends on, so the result "
+        "does not depend on the tile size or --max-memory (same-padding models can blend "
+        "overlapping windows instead, with --overlap). With HDF5 or "
         "Zarr input and output, tiles are read and written one at a time, so volumes larger than "
         "memory work. With --dask, blocks of the volume are predicted on a Dask cluster and written "
         "into an OME-Zarr store (see the --dask options below).",
@@ -70,8 +71,10 @@ def register(subparsers) -> None:
                         help=f"memory for one batch of tiles, e.g. 2G or 512M (default {DEFAULT_MAX_MEMORY >> 30}G on the CPU, "
                         "half the free memory of a GPU)")
     parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="tiles per forward pass (default 1)")
-    parser.add_argument("--overlap", type=float, default=0.25,
-                        help="same-padding models only: fraction by which blended windows overlap (default 0.25)")
+    parser.add_argument("--overlap", type=float,
+                        help="same-padding models only: blend windows overlapping by this fraction (e.g. 0.25) "
+                        "instead of seamless tiles; no context margin to pay, but the result then depends on "
+                        "the window size")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the probabilities over all 8 mirrorings of each "
                         "tile; 8 forward passes, so 8x the time")
@@ -103,7 +106,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not 0 <= args.overlap < 1:
+    if args.overlap is not None and not 0 <= args.overlap < 1:
         raise UserError(f"--overlap {args.overlap}: must be in [0, 1)")
     if args.dask:
         return _run_on_dask(args)

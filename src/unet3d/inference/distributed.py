@@ -4,8 +4,8 @@ The client plans everything first and touches nothing until every check has pass
 and the image are opened, their channels compared, per-volume normalization statistics fitted
 once for the whole volume, and the tiles of the whole volume planned exactly as single-process
 prediction plans them. The volume is then cut into blocks, each one chunk of every output
-array. A worker predicts a block from the tiles of that plan that touch it (valid padding:
-the tiles inside it, read with their context margin; same padding: every window overlapping it,
+array. A worker predicts a block from the tiles of that plan that touch it (the tiles inside
+it, read with their context margin; blended same-padding windows: every window overlapping it,
 blended with the same weights), so the result equals the single-process one, and writes the
 block straight into the output store; only a word per block returns to the client.
 
@@ -86,7 +86,7 @@ def load_forest(path: str, info: dict | None = None):
 
 
 def predict_distributed(cluster, model_path: str, image: str, output: str, *, block=None, tile=None,
-                        max_memory: int | None = None, batch_size: int = 1, tta: bool = False, overlap: float = 0.25,
+                        max_memory: int | None = None, batch_size: int = 1, tta: bool = False, overlap: float | None = None,
                         channel_axis: int | None = None, skip_empty: float | None = None, device: str = "cpu",
                         connect_timeout: float = CONNECT_TIMEOUT, progress: bool = False, report=None) -> dict:
     """Predict `image` with the model at `model_path` on a Dask cluster into the OME-Zarr store `output`.
@@ -107,7 +107,7 @@ def predict_distributed(cluster, model_path: str, image: str, output: str, *, bl
 
 
 def plan_job(model_path: str, image: str, output: str, *, block=None, tile=None, max_memory: int | None = None,
-             batch_size: int = 1, tta: bool = False, overlap: float = 0.25, channel_axis: int | None = None,
+             batch_size: int = 1, tta: bool = False, overlap: float | None = None, channel_axis: int | None = None,
              skip_empty: float | None = None, device: str = "cpu", report=None) -> BlockJob:
     """Every check and every decision of a run, on the client, before anything is written."""
     _require_packages()

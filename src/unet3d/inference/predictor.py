@@ -3,8 +3,8 @@
 Both entry points share one generator of (region, probabilities) pieces that together cover the
 volume exactly once: `predict_array` assembles them in memory, `predict_volume` writes labels,
 probabilities and uncertainty region by region, so its peak memory follows the tile size, not
-the volume size (for valid-padding networks; blended same-padding windows also hold one slab of
-window depth × the volume's Y × X).
+the volume size (blended same-padding windows, when asked for, also hold one slab of window
+depth × the volume's Y × X).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from unet3d.data.normalization import apply_normalization, for_volume
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.inference.memory import estimate_tile_bytes, fix_mmap_threshold
-from unet3d.inference.tiling import TilePlan, blend_bytes, choose_output_tile, gaussian_weight, mirrored_box, plan_tiles
+from unet3d.inference.tiling import (TilePlan, blend_bytes, blends, choose_output_tile, gaussian_weight, mirrored_box,
+                                     plan_tiles)
 from unet3d.model.folding import fold_batch_norm
 from unet3d.model.forest import ForestModel
 from unet3d.model.unet import UNet
@@ -79,7 +80,7 @@ def tile_probabilities(net: UNet, batch, device: torch.device, tta: bool = False
 def read_tile(read, plan: TilePlan, start, device: torch.device) -> torch.Tensor:
     """The (C, ...) input tile of the output tile at `start` on `device`, mirrored there at the
     volume's borders from the one box read."""
-    data, positions = mirrored_box(read, plan.volume_shape, plan.input_start(start), plan.input_shape)
+    data, positions = mirrored_box(read, plan.volume_shape, *plan.input_box(start))
     x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(device)
     for axis, where in enumerate(positions, start=1):
         if where is not None:
@@ -88,13 +89,29 @@ def read_tile(read, plan: TilePlan, start, device: torch.device) -> torch.Tensor
 
 
 def tile_outputs(net, read, plan: TilePlan, device, batch_size: int, tta: bool, progress: bool):
-    """(output start, probabilities over the tile's whole network output, on `device`) per tile, in order."""
+    """(output start, probabilities from the tile's output start to the end of its network
+    output, on `device`) per tile, in order."""
     with progress_bar(len(plan.starts), unit="tile", disable=not progress, desc="predict") as bar:
-        for first in range(0, len(plan.starts), batch_size):
-            starts = plan.starts[first:first + batch_size]
+        for starts in _batches(plan, batch_size):
             batch = torch.stack([read_tile(read, plan, s, device) for s in starts])
-            yield from zip(starts, tile_probabilities(net, batch, device, tta))
+            for start, probs in zip(starts, tile_probabilities(net, batch, device, tta)):
+                yield start, probs[(slice(None),) + tuple(slice(o, None) for o in plan.output_offset(start))]
             bar.update(len(starts))
+
+
+def _batches(plan: TilePlan, batch_size: int):
+    """Consecutive tiles, at most `batch_size` at a time, of one input shape (tiles at the faces of
+    a seamless same-padding plan have smaller inputs)."""
+    batch, shape = [], None
+    for start in plan.starts:
+        size = plan.input_box(start)[1]
+        if batch and (len(batch) == batch_size or size != shape):
+            yield batch
+            batch = []
+        batch.append(start)
+        shape = size
+    if batch:
+        yield batch
 
 
 def iter_regions(net, read, plan: TilePlan, device, batch_size: int = 1, tta: bool = False,
@@ -143,7 +160,7 @@ def _blend_rows(tiles, plan: TilePlan):
 
 
 def make_plan(model: UNet, shape, tile=None, max_memory: int | None = None, batch_size: int = 1,
-              overlap: float = 0.25, device: torch.device = torch.device("cpu"), report=None) -> TilePlan:
+              overlap: float | None = None, device: torch.device = torch.device("cpu"), report=None) -> TilePlan:
     """Tiles for a volume: `tile` (output tile size) if given, else the largest whose batch fits the
     budget on `device` (default_max_memory if none is given). `report(note)` hears when blending
     same-padding windows needs memory beyond the budget."""
@@ -153,7 +170,7 @@ def make_plan(model: UNet, shape, tile=None, max_memory: int | None = None, batc
             tile = choose_output_tile(model.config, shape, budget, batch_size, overlap, device.type)
         except ValueError as exc:
             raise UserError(f"--max-memory {budget / 2**20:.0f}M: too small, {exc}") from None
-        accumulators = blend_bytes(model.config, shape, tile)  # 0 for valid padding: its tile is the output tile
+        accumulators = blend_bytes(model.config, shape, tile) if blends(model.config, overlap) else 0
         excess = (estimate_tile_bytes(model.config, tile, batch_size, device.type) + accumulators - budget
                   if accumulators else 0)
         if excess > 0 and report is not None:
@@ -164,7 +181,8 @@ def make_plan(model: UNet, shape, tile=None, max_memory: int | None = None, batc
 
 
 def predict_array(model: UNet, image: np.ndarray, *, tile=None, max_memory: int | None = None, batch_size: int = 1,
-                  tta: bool = False, device: str = "cpu", overlap: float = 0.25, progress: bool = False) -> np.ndarray:
+                  tta: bool = False, device: str = "cpu", overlap: float | None = None,
+                  progress: bool = False) -> np.ndarray:
     """Class probabilities (K, Z, Y, X) float32 of a normalized (C, Z, Y, X) float32 image."""
     if image.ndim != 4 or image.shape[0] != model.config.in_channels:
         raise ValueError(f"expected a ({model.config.in_channels}, Z, Y, X) image, got shape {image.shape}")
@@ -250,7 +268,7 @@ class _ArrayTarget:
 
 def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,
                    tile=None, max_memory: int | None = None, batch_size: int = 1, tta: bool = False,
-                   device: str = "cpu", overlap: float = 0.25, progress: bool = False, report=None,
+                   device: str = "cpu", overlap: float | None = None, progress: bool = False, report=None,
                    forest: ForestModel | None = None) -> dict:
     """Predict an opened volume and write the requested outputs region by region; with the model's
     `forest`, each region's probabilities are the blend of the network's and the forest's there

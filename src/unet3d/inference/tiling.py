@@ -6,8 +6,15 @@ phase as one whole-volume forward pass would; each input tile carries the contex
 output needs, mirrored beyond the volume's border. The result then does not depend on the tile
 size (the paper's seamless tiling).
 
-Same-padding networks: their outputs near a tile border see zero padding instead of context, so
-windows overlap and are blended with a Gaussian weight that trusts each window's centre most.
+Same-padding networks, by default: their output near a tile border would see the network's zero
+padding instead of context, so each output tile is predicted from its box grown by the network's
+reach (`Geometry.reach`: everything an output voxel depends on, rounded up to the pooling grid),
+on the same grid from voxel 0; at the volume's faces the box stops where a whole-volume pass would
+pad too (the volume rounded up to a valid size, mirrored beyond its end). Every output voxel then
+sees exactly what it sees in one whole-volume pass: the result does not depend on the tile size
+or the memory budget, as for valid padding. With an explicit `overlap`, windows instead overlap
+and are blended with a Gaussian weight that trusts each window's centre most (no margin to pay,
+but the result depends on the windows).
 """
 
 from __future__ import annotations
@@ -73,9 +80,28 @@ class TilePlan:
     margin: tuple[int, int, int]
     starts: list[tuple[int, int, int]]
     blended: bool
+    # Same padding, seamless: the extent a whole-volume pass pads to; inputs are clipped to it, so
+    # tiles at the faces are smaller than `input_shape` (None: every input is `input_shape`).
+    extent: tuple[int, int, int] | None = None
 
     def input_start(self, start) -> tuple[int, ...]:
-        return tuple(s - m for s, m in zip(start, self.margin))
+        return self.input_box(start)[0]
+
+    def input_box(self, start) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(start, shape) of the input of the output tile at `start`."""
+        first = tuple(s - m for s, m in zip(start, self.margin))
+        if self.extent is None:
+            return first, self.input_shape
+        first = tuple(max(f, 0) for f in first)
+        last = tuple(min(s + k + m, e) for s, k, m, e in zip(start, self.output_shape, self.margin, self.extent))
+        return first, tuple(l - f for f, l in zip(first, last))
+
+    def output_offset(self, start) -> tuple[int, ...]:
+        """Where the output tile at `start` begins in its network output (same padding: the
+        output covers the whole input box)."""
+        if self.extent is None:
+            return (0, 0, 0)
+        return tuple(s - f for s, f in zip(start, self.input_box(start)[0]))
 
     def output_region(self, start) -> tuple[slice, ...]:
         """The part of a tile's output that lies inside the volume."""
@@ -86,6 +112,15 @@ def _grid(starts_per_axis) -> list[tuple[int, int, int]]:
     return [(z, y, x) for z in starts_per_axis[0] for y in starts_per_axis[1] for x in starts_per_axis[2]]
 
 
+def _grid_steps(geometry: Geometry, volume_shape, output_tile) -> tuple[int, ...]:
+    """`output_tile` rounded down to the grid step (at least one step, at most the volume rounded up)."""
+    steps = []
+    for axis, (n, t) in enumerate(zip(volume_shape, output_tile)):
+        g = grid_step(geometry, axis)
+        steps.append(min(max(g, t // g * g), _round_up(n, g)))
+    return tuple(steps)
+
+
 def edge_to_edge_plan(geometry: Geometry, volume_shape, output_tile) -> TilePlan:
     """Valid padding: output tiles of `output_tile` (rounded down to the grid step) edge to edge.
 
@@ -93,13 +128,22 @@ def edge_to_edge_plan(geometry: Geometry, volume_shape, output_tile) -> TilePlan
     multiple of 8), so each tile runs the smallest valid input covering it and drops the excess
     (the last tile's excess beyond the volume is dropped the same way).
     """
-    steps = []
-    for axis, (n, t) in enumerate(zip(volume_shape, output_tile)):
-        g = grid_step(geometry, axis)
-        steps.append(min(max(g, t // g * g), _round_up(n, g)))
+    steps = _grid_steps(geometry, volume_shape, output_tile)
     input_shape = geometry.input_shape_for_output(steps)
     starts = _grid([range(0, n, step) for n, step in zip(volume_shape, steps)])
-    return TilePlan(tuple(volume_shape), input_shape, tuple(steps), geometry.margin(), starts, blended=False)
+    return TilePlan(tuple(volume_shape), input_shape, steps, geometry.margin(), starts, blended=False)
+
+
+def context_plan(geometry: Geometry, volume_shape, output_tile) -> TilePlan:
+    """Same padding, seamless: output tiles of `output_tile` (rounded down to the grid step) edge
+    to edge, each read with the network's reach around it, clipped to the extent a whole-volume
+    pass pads to (both multiples of the grid step, so every input is a valid size)."""
+    steps = _grid_steps(geometry, volume_shape, output_tile)
+    extent = geometry.valid_input_shape(volume_shape)
+    reach = geometry.reach()
+    input_shape = tuple(min(k + 2 * r, e) for k, r, e in zip(steps, reach, extent))
+    starts = _grid([range(0, n, step) for n, step in zip(volume_shape, steps)])
+    return TilePlan(tuple(volume_shape), input_shape, steps, reach, starts, blended=False, extent=extent)
 
 
 def _window_starts(n: int, window: int, overlap: float) -> list[int]:
@@ -135,17 +179,26 @@ def gaussian_weight(shape, device: torch.device | str = "cpu", sigma_fraction: f
     return weight.clamp_(min=1e-3)
 
 
-def plan_tiles(config: UNetConfig, volume_shape, output_tile, overlap: float = 0.25) -> TilePlan:
+def plan_tiles(config: UNetConfig, volume_shape, output_tile, overlap: float | None = None) -> TilePlan:
+    """The tiles for `config`: edge to edge with their context (valid padding; same padding
+    without `overlap`), or same-padding windows overlapping by `overlap` and blended."""
     if config.padding == "valid":
         return edge_to_edge_plan(config.geometry, volume_shape, output_tile)
+    if overlap is None:
+        return context_plan(config.geometry, volume_shape, output_tile)
     return overlapping_plan(config.geometry, volume_shape, output_tile, overlap)
 
 
+def blends(config: UNetConfig, overlap: float | None) -> bool:
+    """Whether windows are blended: same padding with an `overlap` asked for."""
+    return config.padding == "same" and overlap is not None
+
+
 def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_size: int = 1,
-                       overlap: float = 0.25, device_type: str = "cpu") -> tuple[int, int, int]:
-    """The output tile (the window, for same padding) for a volume whose batch fits `max_memory`
-    bytes, shaped by the volume so the network does the least work: valid tiles each pay the
-    context margin again, same-padding windows their overlap.
+                       overlap: float | None = None, device_type: str = "cpu") -> tuple[int, int, int]:
+    """The output tile (the window, for blended windows) for a volume whose batch fits
+    `max_memory` bytes, shaped by the volume so the network does the least work: tiles each pay
+    the context margin again, blended windows their overlap.
 
     Same-padding windows stay as thick as the near-cubic window or `thick_window` (a thin window
     sees zero padding almost everywhere), and their blending accumulators count against the
@@ -153,23 +206,28 @@ def choose_output_tile(config: UNetConfig, volume_shape, max_memory: int, batch_
     the budget least is returned and blend_bytes says by about how much. ValueError if even the
     smallest tile does not fit. `device_type` is where the network runs (the memory it takes differs).
     """
+    blended = blends(config, overlap)
+
     def tile_bytes(tile):
-        return estimate_tile_bytes(config, _input_shape(config, tile), batch_size, device_type)
+        return estimate_tile_bytes(config, _input_shape(config, tile, overlap, volume_shape), batch_size, device_type)
+
+    def accumulators(candidate):
+        return blend_bytes(config, volume_shape, candidate) if blended else 0
 
     tile = near_cubic_tile(config, volume_shape, max_memory, tile_bytes)
-    per_voxel = tile_bytes(tile) / math.prod(_input_shape(config, tile))
+    per_voxel = tile_bytes(tile) / math.prod(_input_shape(config, tile, overlap, volume_shape))
 
-    thinnest = 0 if config.padding == "valid" else min(min(tile), thick_window(config))
+    thinnest = min(min(tile), thick_window(config)) if blended else 0
 
     def total_bytes(candidate):
-        return tile_bytes(candidate) + blend_bytes(config, volume_shape, candidate)
+        return tile_bytes(candidate) + accumulators(candidate)
 
     def roughly_fits(candidate, input_voxels):
-        return per_voxel * input_voxels + blend_bytes(config, volume_shape, candidate) <= max_memory
+        return per_voxel * input_voxels + accumulators(candidate) <= max_memory
 
     ranked = _tiles_by_work(config, volume_shape, overlap, roughly_fits, thinnest)[:MAX_TILE_CHECKS]
     best = next((c for c in ranked if total_bytes(c) <= max_memory), None)
-    if best or config.padding == "valid":
+    if best or not blended:
         return best or tile
     # No window fits with its accumulators: of those whose pass fits, the one that exceeds the budget least.
     ranked = _tiles_by_work(config, volume_shape, overlap, lambda _, voxels: per_voxel * voxels <= max_memory, thinnest)
@@ -242,20 +300,23 @@ def _raise_together(tile, axes, steps, caps, fits) -> list[int]:
     return at_level(levels[low])
 
 
-def tiles_work(config: UNetConfig, volume_shape, tile, overlap: float = 0.25) -> int:
+def tiles_work(config: UNetConfig, volume_shape, tile, overlap: float | None = None) -> int:
     """Input voxels the network reads to predict the volume with this tile size: its work."""
     axes = [_axis_cost(config, n, a, size, overlap) for a, (n, size) in enumerate(zip(volume_shape, tile))]
     return math.prod(count for count, _ in axes) * math.prod(size for _, size in axes)
 
 
-def _axis_cost(config: UNetConfig, n: int, axis: int, size: int, overlap: float) -> tuple[int, int]:
+def _axis_cost(config: UNetConfig, n: int, axis: int, size: int, overlap: float | None) -> tuple[int, int]:
     """(tiles along the axis, input size of each) for an output tile or window of `size`."""
     if config.padding == "valid":
         return -(-n // size), size + 2 * config.geometry.margin()[axis]
+    if overlap is None:
+        extent = _round_up(n, grid_step(config.geometry, axis))
+        return -(-n // size), min(size + 2 * config.geometry.reach()[axis], extent)
     return len(_window_starts(n, size, overlap)), size
 
 
-def _axis_options(config: UNetConfig, n: int, axis: int, overlap: float, thinnest: int) -> list[tuple[int, int, int]]:
+def _axis_options(config: UNetConfig, n: int, axis: int, overlap: float | None, thinnest: int) -> list[tuple[int, int, int]]:
     """(size, tiles along the axis, input size) for the smallest size giving each tile count;
     sizes below `thinnest` are left out unless the axis is shorter."""
     step = grid_step(config.geometry, axis)
@@ -267,7 +328,7 @@ def _axis_options(config: UNetConfig, n: int, axis: int, overlap: float, thinnes
     return sorted(smallest.values())
 
 
-def _tiles_by_work(config: UNetConfig, volume_shape, overlap: float, roughly_fits, thinnest: int) -> list[tuple[int, int, int]]:
+def _tiles_by_work(config: UNetConfig, volume_shape, overlap: float | None, roughly_fits, thinnest: int) -> list[tuple[int, int, int]]:
     """Tiles for which roughly_fits(tile, input voxels) holds, least work first (then larger first)."""
     axes = [_axis_options(config, n, a, overlap, thinnest) for a, n in enumerate(volume_shape)]
     ranked = []
@@ -281,7 +342,13 @@ def _tiles_by_work(config: UNetConfig, volume_shape, overlap: float, roughly_fit
     return [tile for *_, tile in sorted(ranked)]
 
 
-def _input_shape(config: UNetConfig, output_tile) -> tuple[int, ...]:
+def _input_shape(config: UNetConfig, output_tile, overlap: float | None = None, volume_shape=None) -> tuple[int, ...]:
+    """The (largest) input of an output tile: with its context margin (same padding: at most the
+    padded `volume_shape`, when given), or the window itself when blended."""
+    geometry = config.geometry
     if config.padding == "valid":
-        return config.geometry.input_shape_for_output(output_tile)
-    return config.geometry.valid_input_shape(output_tile)
+        return geometry.input_shape_for_output(output_tile)
+    if overlap is not None:
+        return geometry.valid_input_shape(output_tile)
+    grown = tuple(t + 2 * r for t, r in zip(geometry.valid_input_shape(output_tile), geometry.reach()))
+    return grown if volume_shape is None else tuple(min(g, e) for g, e in zip(grown, geometry.valid_input_shape(volume_shape)))

@@ -84,3 +84,17 @@ class Geometry:
 
     def margin(self) -> tuple[int, int, int]:
         return tuple(self.margin_1d(axis) for axis in range(3))
+
+    def reach_1d(self, axis: int = 1) -> int:
+        """How far, per side, an output voxel of this architecture depends on its input: the
+        valid-padding margin plus the pooling cells' extent (a voxel's cell at the deepest level
+        spans 2^(levels-1) voxels around it), rounded up to the pooling grid. With this much real
+        context, a same-padding network's output equals its whole-volume output."""
+        if not self._axis_is_convolved(axis):
+            return 0
+        step = 2 ** (self.levels - 1)
+        valid = Geometry(self.levels, "valid", self.dims).margin_1d(axis)
+        return -(-(valid + step - 1) // step) * step
+
+    def reach(self) -> tuple[int, int, int]:
+        return tuple(self.reach_1d(axis) for axis in range(3))
