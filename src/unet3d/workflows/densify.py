@@ -9,8 +9,8 @@ flips along every axis as the only augmentation.
 Same padding is the one change that mattered: a valid-padding network computes a 56×80×80 input
 to train on a 16×40×40 output, so each step cost about four times as much CPU for the same
 labelled voxels, and within a fixed budget it saw a quarter of the steps (+0.065 foreground IoU
-on the nuclei example at 40 CPU s). Prediction of a same-padding network blends overlapping
-windows, so tiles stay seamless. Flips alone beat the paper's rotation, zoom, elastic and
+on the nuclei example at 40 CPU s). Prediction reads each tile of a same-padding network with
+the network's whole reach, so tiles stay seamless. Flips alone beat the paper's rotation, zoom, elastic and
 gray-value augmentation by +0.04 to +0.055 at these short budgets (two budgets, two seeds): with
 a few hundred steps the network is still underfitting the annotated slices, and strong
 augmentation only slows it down. Higher rates with one-cycle changed IoU by less than the noise
@@ -386,7 +386,7 @@ def store_forest(model_path, result: TrainResult, forest: ForestResult, data: Tr
 
 
 # Prediction's measured cost is scaled by this before it is set aside from the budget: blocks at
-# the volume's faces, tiles overlapping, writing.
+# the volume's faces, tiles' context margins, writing.
 PREDICTION_MARGIN = 1.2
 
 
