@@ -20,7 +20,8 @@ demo: $(STAMP)
 	$(BIN)/unet3d demo -o demo-output
 
 # The napari tests need a display: pytest-xvfb starts Xvfb when it is installed (Debian's package,
-# with the X libraries Qt loads); without it they skip, saying so.
+# with the X libraries Qt loads); without it they skip, saying so — except in CI (CI set), where
+# they fail.
 XVFB_PACKAGES = xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 libxkbcommon-x11-0 libegl1
 
 test: $(STAMP)

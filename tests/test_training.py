@@ -157,6 +157,42 @@ def test_sigkill_leaves_loadable_files(tmp_path):
     load_model(files["model"])
 
 
+def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL at a random step, then `--resume`: the same weights, bit for bit, as a run never
+    interrupted (one process, fixed seed, a step budget)."""
+    from conftest import EXAMPLE
+
+    sparse_path = tmp_path / "sparse.tif"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-m", "unet3d.cli.main"]
+    subprocess.run(cli + ["sparsify", str(EXAMPLE / "labels.tif"), "-o", str(sparse_path), "--slices", "2,2,1",
+                          "--ignore-label", "255"], check=True, env=env, capture_output=True)
+
+    def train_command(model):
+        return cli + ["train", "--images", str(EXAMPLE / "image.tif"), "--labels", str(sparse_path),
+                      "--ignore-label", "255", "-o", str(model), "--width", "4", "--levels", "2",
+                      "--patch", "28,36,36", "--iterations", "14", "--quiet", "--checkpoint-every", "0",
+                      "--forest", "off", "--seed", "3"]
+
+    subprocess.run(train_command(tmp_path / "whole.safetensors"), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed.safetensors"
+    step = int(np.random.default_rng().integers(2, 12))  # a different step on every run of the suite
+    proc = subprocess.Popen(train_command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint, deadline = run_files(killed)["checkpoint"], time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if checkpoint.exists() and load_checkpoint(checkpoint)["iteration"] >= step:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reached = load_checkpoint(checkpoint)["iteration"]
+    assert reached < 14, f"the run finished before the kill at step {step}"
+    subprocess.run(train_command(killed) + ["--resume"], check=True, env=env, capture_output=True)
+    whole, resumed = load_model(tmp_path / "whole.safetensors")[0], load_model(killed)[0]
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), f"{key} differs after a kill at step {reached}"
+
+
 @pytest.mark.parametrize("problem, make, message", [
     ("shape", lambda img, sp: ([img], [sp[:-1]]), "image shape .* and label shape .* differ"),
     ("empty", lambda img, sp: ([img], [np.full_like(sp, IGNORE)]), "no annotated voxel"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from unet3d.cli.options import DefaultsHelpFormatter, add_run_options
+from unet3d.cli.options import DefaultsHelpFormatter, add_run_options, positive_int
 from unet3d.device import resolve_device
 from unet3d.data.sparse import labeled_fraction, positions_for, sparsify
 from unet3d.io import read_image, read_labels, write_volume
@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", default="demo-output", metavar="DIR", help="folder for the results")
     parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS",
                         help="time for the filter bank, the forest and training, as for densify")
+    parser.add_argument("--iterations", type=positive_int, metavar="N",
+                        help="train N steps with no time limit instead (the forest grows all its trees): the same "
+                        "result on any machine, as the tests check it")
     parser.add_argument("--seed", type=int, default=0)
     add_run_options(parser)
     parser.set_defaults(run=run)
@@ -49,9 +52,11 @@ def run(args) -> int:
     print(f"example: {image_path} ({'×'.join(map(str, truth.shape))} voxels, Z×Y×X)")
     print(f"annotated slices kept: Z {positions[0]}, Y {positions[1]}, X {positions[2]} — "
           f"{labeled_fraction(sparse, IGNORE):.1%} of the voxels; the rest is unlabeled ({IGNORE})")
-    print(f"learning from these slices alone for up to {args.max_time:.0f} s ...")
+    budget = ({"max_time": None, "iterations": args.iterations} if args.iterations else {"max_time": args.max_time})
+    print("learning from these slices alone " + (f"for {args.iterations} steps ..." if args.iterations
+                                                 else f"for up to {args.max_time:.0f} s ..."))
     report = densify_and_write(image, sparse, meta, str(out / "segmentation.tif"), IGNORE, truth=truth,
-                               max_time=args.max_time, seed=args.seed, source=image_path, spacing=meta.spacing,
+                               **budget, seed=args.seed, source=image_path, spacing=meta.spacing,
                                device=resolve_device(args.device), threads=args.threads,
                                progress=not args.quiet)
     print(report)

@@ -17,6 +17,16 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def int_triple(text: str) -> tuple[int, int, int]:
     """'Z,Y,X' or a single 'N' (meaning N,N,N) → three positive ints."""
     try:

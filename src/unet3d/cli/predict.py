@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from unet3d.data.features import raw_channels
-from unet3d.cli.options import int_triple
+from unet3d.cli.options import int_triple, positive_int
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.inference import predict_volume
@@ -34,15 +34,6 @@ def memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
     return int(size)
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def register(subparsers) -> None:

@@ -51,6 +51,7 @@ class InteractiveWidget(Container):
         self.status = Label(value="Paint a few voxels of each class (1, 2, ...), then Train.")
         self.extend([self.image, self.painting, self.budget, self.train, self.stop, self.segment, self.suggest,
                      self.model_file, self.save, self.apply_model, self.apply_to, self.apply, self.status])
+        self.max_steps: int | None = None  # at most this many training steps per round (None: the seconds decide)
         self.session: Session | None = None
         self._session_layer: str | None = None  # the image layer the session was made for
         self.last_round: RoundResult | None = None
@@ -90,7 +91,7 @@ class InteractiveWidget(Container):
         def work():  # the session (the image's normalization) is made here too, off the GUI thread
             session = self._session_for(layer)
             return session.train_round(painted, budget, self._stop_event, self._show_progress, self._show_preview,
-                                       lambda: self._view_z)
+                                       lambda: self._view_z, iterations=self.max_steps)
 
         self._run(f"training for {budget:g} s ...", work, self._round_done, stoppable=True)
 
