@@ -341,5 +341,7 @@ class _Weighing:
         return cls(volume, forest, tuple(block))
 
     def settle(self, network: UNet, forest: ForestModel, device: str) -> None:
+        """Ties go to the forest: a network still near uniform scores level with it on the held-out
+        blocks while it would already shift labels elsewhere (seen on colin27: docs/forest.md)."""
         settle_weight(forest, network_at(network, self.volume, device, self.block), self.forest,
-                      self.volume.classes, "painted blocks held out of both models")
+                      self.volume.classes, "painted blocks held out of both models", ties_to=0.0)

@@ -118,12 +118,12 @@ class BlendChoice:
                 f"equal weights {at(0.5):.3f}, chosen {at(self.network_weight):.3f})")
 
 
-def choose_network_weight(network: np.ndarray, forest: np.ndarray, held: HeldOut) -> BlendChoice:
+def choose_network_weight(network: np.ndarray, forest: np.ndarray, held: HeldOut, ties_to: float = 0.5) -> BlendChoice:
     """The network's weight in the geometric mean that scores best on the held-out voxels (ties:
-    the one closest to equal weights)."""
+    the one closest to `ties_to`, equal weights unless the caller trusts one model more)."""
     network_held, forest_held = _at(network, held), _at(forest, held)
     tried = {float(w): _mean_iou(weighted_geometric_mean(network_held, forest_held, w), held.classes)
              for w in NETWORK_WEIGHTS}
     best = max(tried.values())
     tied = [w for w, s in tried.items() if s >= best - WEIGHT_TIE]
-    return BlendChoice(min(tied, key=lambda w: abs(w - 0.5)), tried)
+    return BlendChoice(min(tied, key=lambda w: abs(w - ties_to)), tried)

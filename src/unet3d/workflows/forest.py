@@ -206,10 +206,11 @@ def weigh(network, forest: ForestModel, volumes: list[Annotated], what: str, see
 
 
 def settle_weight(forest: ForestModel, network: np.ndarray, forest_at: np.ndarray, classes: np.ndarray,
-                  what: str) -> str:
+                  what: str, ties_to: float = 0.5) -> str:
     """Set `forest.network_weight` to what scores best with both models' (K, N) probabilities at
-    annotated voxels of `classes`, keeping the scores as its evidence; one line saying so."""
-    choice = choose_network_weight(network, forest_at, HeldOut(np.arange(classes.size), classes))
+    annotated voxels of `classes` (ties: the weight nearest `ties_to`), keeping the scores as its
+    evidence; one line saying so."""
+    choice = choose_network_weight(network, forest_at, HeldOut(np.arange(classes.size), classes), ties_to)
     forest.network_weight = choice.network_weight
     forest.evidence = {"on": what, "voxels": int(classes.size),
                        "mean_iou": {"forest": choice.scores[0.0], "network": choice.scores[1.0],
