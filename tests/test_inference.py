@@ -58,7 +58,7 @@ def test_tiles_read_at_borders_are_the_mirror_padded_volume(start):
     config = UNetConfig(in_channels=2, num_classes=2, width=2, levels=2, padding="valid")
     plan = plan_tiles(config, volume.shape[1:], (4, 4, 4))
     size = plan.input_shape
-    begin = tuple(s + plan.input_start((0, 0, 0))[a] for a, s in enumerate(start))
+    begin = tuple(s + plan.input_box((0, 0, 0))[0][a] for a, s in enumerate(start))
     pad = [(0, 0)] + [(50, 50)] * 3
     expected = np.pad(volume, pad, mode="reflect")[(slice(None),) + tuple(slice(b + 50, b + 50 + k) for b, k in zip(begin, size))]
     tile = read_tile(lambda box: volume[(slice(None),) + box], plan, start, torch.device("cpu"))

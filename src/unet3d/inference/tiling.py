@@ -84,9 +84,6 @@ class TilePlan:
     # tiles at the faces are smaller than `input_shape` (None: every input is `input_shape`).
     extent: tuple[int, int, int] | None = None
 
-    def input_start(self, start) -> tuple[int, ...]:
-        return self.input_box(start)[0]
-
     def input_box(self, start) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(start, shape) of the input of the output tile at `start`."""
         first = tuple(s - m for s, m in zip(start, self.margin))

@@ -219,10 +219,9 @@ class Session:
         labels = data.labels[0].numpy()  # shares the training set's memory: held-out blocks leave training too
         held = hold_out([labels], patch, self.seed + self.rounds, minimum=HOLD_OUT_MIN_PAINTED)
         self.wait_for_features()  # begun when the session opened: the rest of the bank's time
-        volume = annotated(self.image, labels)
-        volume.features = self.features
-        self.forest = fit_model_forest([volume], self.bank, self.normalization, len(data.class_values),
-                                       seconds=FOREST_SECONDS, seed=self.seed + self.rounds, samples=FOREST_SAMPLE)
+        self.forest = fit_model_forest([annotated(self.image, labels, features=self.features)], self.bank,
+                                       self.normalization, len(data.class_values), seconds=FOREST_SECONDS,
+                                       seed=self.seed + self.rounds, samples=FOREST_SAMPLE)
         if held is not None and len(held[0]):
             self._weighing = _Weighing.of(self, held[0], patch)
 

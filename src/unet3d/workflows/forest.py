@@ -66,11 +66,12 @@ class Annotated:
     features: np.ndarray | None = None
 
 
-def annotated(image: np.ndarray, labels: np.ndarray, network_input: np.ndarray | None = None) -> Annotated:
+def annotated(image: np.ndarray, labels: np.ndarray, network_input: np.ndarray | None = None,
+              features: np.ndarray | None = None) -> Annotated:
     """The annotated voxels of (Z, Y, X) class indices `labels` (-1 unlabeled)."""
     flat = labels.reshape(-1)
     voxels = np.flatnonzero(flat != UNLABELED)
-    return Annotated(image, network_input, voxels, flat[voxels])
+    return Annotated(image, network_input, voxels, flat[voxels], features)
 
 
 def subsample(volumes: list[Annotated], count: int, seed: int) -> list[Annotated]:
