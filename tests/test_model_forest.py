@@ -142,6 +142,35 @@ def test_predict_blends_tile_by_tile_as_on_the_whole_volume(tmp_path, monkeypatc
     assert np.abs(whole - network_alone).max() > 0.05  # the forest changed the result
 
 
+def test_a_network_reading_the_forests_bank_shares_it_tile_by_tile(tmp_path, monkeypatch):
+    """A network whose inputs hold the forest's filter bank, predicted tile by tile, lends the forest
+    each tile's bank (no bank made for the forest's blocks) and gives the whole volume's blend."""
+    from unet3d.inference import predictor
+
+    image, truth = blobs()
+    spec = input_feature_spec(None)
+    forest = fit_model_forest([annotated(image, np.where(slices_of(truth) == IGNORE, -1, truth))], spec,
+                              {"method": "none", "channels": 1}, 2, seconds=None, seed=0)
+    forest.network_weight = 0.4
+    inputs = np.concatenate([image, filter_features(image, spec["scales"], spec["spacing"])])
+    torch.manual_seed(0)
+    network = UNet(UNetConfig(in_channels=inputs.shape[0], num_classes=2, width=2, levels=2, padding="same",
+                              norm="batch")).eval()
+    info = {**info_for(image), "normalization": fit_normalization([inputs]), "input_features": spec}
+    whole = predict_image(network, info, image, forest=forest)
+    monkeypatch.setattr(predictor, "feature_memory_shortfall", lambda *args: "the bank does not fit")
+    made = []
+    monkeypatch.setattr(forest_module, "region_bank", lambda *args: made.append(args) or region_bank(*args))
+    with h5py.File(tmp_path / "in.h5", "w") as f:
+        f.create_dataset("raw", data=image[0])
+    with open_volume(f"{tmp_path / 'in.h5'}:/raw") as source:
+        summary = predict_volume(network, info, source, prob_out=f"{tmp_path / 'p.h5'}:/p", tile=(8, 24, 24),
+                                 forest=forest)
+    assert summary["tiles"] > 1 and not made  # the forest never made a bank of its own
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        np.testing.assert_allclose(f["p"][:].astype(np.float32), whole, atol=2e-3)
+
+
 def write_case(folder, name, image, sparse):
     import tifffile
 

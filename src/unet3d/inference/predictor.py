@@ -9,6 +9,7 @@ depth × the volume's Y × X).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from itertools import combinations
@@ -208,19 +209,20 @@ def label_dtype(class_values) -> np.dtype:
     return np.min_scalar_type(min(class_values)) if min(class_values) < 0 else np.min_scalar_type(max(class_values))
 
 
-def region_reader(source, normalization: dict, input_features: dict | None, report=None):
+def region_reader(source, normalization: dict, input_features: dict | None, report=None, per_region: bool = False):
     """box → the network's normalized input there.
 
     Filter-bank inputs are made once for the whole volume when they fit in free memory (62
-    float32 channels per image channel), else region by region from the region grown by the
-    bank's reach: the same values, for more filtering work (1.6× the prediction's CPU time on EM).
-    A per-volume normalization is fitted on the whole volume first, so every region shares it.
+    float32 channels per image channel; never with `per_region`), else region by region from the
+    region grown by the bank's reach: the same values, for more filtering work (1.6× the
+    prediction's CPU time on EM). A per-volume normalization is fitted on the whole volume first,
+    so every region shares it.
     """
     shape = tuple(source.shape[1:])
     if input_features is None:
         read = source.read
-    elif feature_memory_shortfall("image", source.shape, input_features):
-        if report is not None:
+    elif per_region or feature_memory_shortfall("image", source.shape, input_features):
+        if report is not None and not per_region:
             report("the filter bank of the whole volume does not fit in free memory; computing it tile by tile "
                    "(slower)")
         read = lambda box: region_with_input_features(source.read, shape, box, input_features)  # noqa: E731
@@ -229,6 +231,65 @@ def region_reader(source, normalization: dict, input_features: dict | None, repo
         return lambda box: inputs[(slice(None),) + box]
     normalization = for_volume(normalization, read, shape)
     return lambda box: apply_normalization(read(box), normalization)
+
+
+class SharedBank:
+    """The network's inputs made region by region, lending the forest the filter bank they hold.
+
+    A network that reads ilastik's filter bank beside the image, blended with a forest on the same
+    bank of the raw image, would otherwise have the bank made twice for every region: once with the
+    tile's context for the network, once for the forest's blocks inside it. The raw inputs of the
+    last `keep` tiles are kept until the forest has taken its blocks from them.
+    """
+
+    def __init__(self, source, normalization: dict, forest: ForestModel, keep: int):
+        self.source, self.shape, self.forest = source, tuple(source.shape[1:]), forest
+        self.normalization, self.keep = normalization, max(keep, 1) + 1
+        self.channels = int(forest.normalization["channels"])
+        self.kept: collections.OrderedDict = collections.OrderedDict()
+        self.fallback = forest.region_probabilities(source.read, self.shape)
+
+    @staticmethod
+    def applies(input_features: dict | None, normalization: dict, forest: ForestModel | None) -> bool:
+        """Whether the network's bank is the forest's: the same filters, of the raw image, one
+        normalization for the whole volume."""
+        return (forest is not None and input_features is not None and forest.bank == input_features
+                and forest.normalization.get("method") == "none" and not normalization.get("per_volume"))
+
+    def read(self, box) -> np.ndarray:
+        """The network's normalized input in `box`, its raw inputs kept for the forest."""
+        raw = region_with_input_features(self.source.read, self.shape, box, self.forest.bank)
+        self.kept[tuple((b.start, b.stop) for b in box)] = raw
+        while len(self.kept) > self.keep:
+            self.kept.popitem(last=False)
+        return apply_normalization(raw, self.normalization)
+
+    def forest_at(self, block) -> np.ndarray:
+        """The forest's (K, z, y, x) probabilities in `block`, from a kept tile's bank when one holds it."""
+        for box, raw in reversed(self.kept.items()):
+            if all(start <= k.start and k.stop <= stop for k, (start, stop) in zip(block, box)):
+                inside = tuple(slice(k.start - start, k.stop - start) for k, (start, _) in zip(block, box))
+                bank = raw[(slice(self.channels, None),) + inside]
+                probabilities = self.forest.probabilities(bank.reshape(bank.shape[0], -1))
+                return probabilities.reshape((-1,) + bank.shape[1:])
+        return self.fallback(block)
+
+
+def network_and_forest(source, normalization: dict, input_features: dict | None, forest: ForestModel | None,
+                       report=None, per_region: bool = False, batch_size: int = 1):
+    """(box → the network's normalized input, block → the forest's probabilities or None): the
+    filter bank made once per region for both where the network reads the forest's bank and the
+    volume's bank is made region by region (`SharedBank`)."""
+    shared = SharedBank.applies(input_features, normalization, forest) and (
+        per_region or feature_memory_shortfall("image", source.shape, input_features) is not None)
+    if shared:
+        if report is not None and not per_region:
+            report("the filter bank of the whole volume does not fit in free memory; computing it tile by tile "
+                   "for the network and the forest together")
+        bank = SharedBank(source, normalization, forest, batch_size)
+        return bank.read, bank.forest_at
+    read = region_reader(source, normalization, input_features, report, per_region)
+    return read, (forest.region_probabilities(source.read, tuple(source.shape[1:])) if forest is not None else None)
 
 
 class InMemory:
@@ -290,8 +351,8 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     device = resolve_device(device)
     plan = make_plan(model, shape, tile, max_memory, batch_size, overlap, device, report)
     net = prepare_network(model, device)
-    read = region_reader(source, normalization, info.get("input_features"), report)
-    forest_at = forest.region_probabilities(source.read, shape) if forest is not None else None
+    read, forest_at = network_and_forest(source, normalization, info.get("input_features"), forest, report,
+                                         batch_size=batch_size)
     counts = np.zeros(config.num_classes, np.int64)
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:
