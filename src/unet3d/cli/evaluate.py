@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from unet3d.cli.options import one_line_errors
 from unet3d.errors import UserError
 from unet3d.evaluation.report import score_table
 from unet3d.evaluation import evaluate_volumes
@@ -22,7 +23,7 @@ def background_value(text: str) -> int | None:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = one_line_errors(subparsers.add_parser(
         "evaluate",
         help="IoU and Dice per class of a segmentation against a dense ground truth",
         description="Compare a predicted label volume with a dense ground truth, voxel by voxel, on "
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
         "classes. A class found in neither volume has no score and is left out of the means. With "
         "--exclude SPARSE only the voxels SPARSE leaves unlabeled are counted — the paper's measure "
         "of how well a network trained on SPARSE generalises to the voxels nobody annotated.",
-    )
+    ))
     parser.add_argument("prediction", metavar="PREDICTION", help="predicted label volume (Z, Y, X); FILE:KEY for a dataset in a container")
     parser.add_argument("truth", metavar="TRUTH", help="dense ground-truth label volume of the same shape")
     parser.add_argument("--exclude", metavar="SPARSE",

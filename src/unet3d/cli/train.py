@@ -7,7 +7,8 @@ import dataclasses
 
 from unet3d.augmentation import AugmentationConfig
 from unet3d.cli.options import (DefaultsHelpFormatter, add_network_options, float_list, int_list, int_triple,
-                                network_config)
+                                network_config, one_line_errors, positive_seconds)
+from unet3d.data.labels import infer_class_values, present_values
 from unet3d.errors import UserError
 from unet3d.data.normalization import METHODS as NORMALIZATION_METHODS, fit_normalization
 from unet3d.io import read_image, read_labels
@@ -23,7 +24,7 @@ from unet3d.workflows.plan import (DEFAULT_ITERATIONS, PER_VOLUME_SPREAD_RATIO, 
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = one_line_errors(subparsers.add_parser(
         "train",
         help="train a network on sparsely annotated volumes",
         description="Train a 3D U-Net on images whose label volumes annotate only some voxels (for example "
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
         "(safetensors, usable by `unet3d predict`) and, beside it, MODEL.checkpoint.pt (for --resume), "
         "MODEL.best.safetensors (with validation), MODEL.log.jsonl and MODEL.curve.png.",
         formatter_class=DefaultsHelpFormatter,
-    )
+    ))
     data = parser.add_argument_group("data")
     data.add_argument("--images", nargs="+", required=True, metavar="IMAGE",
                       help="image volumes (.tif .nii.gz .h5:/dataset .zarr .npy ...)")
@@ -74,7 +75,7 @@ def register(subparsers) -> None:
         "overrides its part of the plan; --preset paper trains the paper's configuration instead.")
     opt.add_argument("--iterations", type=int, help="stop after this many steps (default: planned, "
                      f"{DEFAULT_ITERATIONS} without --max-time)")
-    opt.add_argument("--max-time", type=float, metavar="SECONDS",
+    opt.add_argument("--max-time", type=positive_seconds, metavar="SECONDS",
                      help="stop after this much training time, whichever comes first; schedules anneal over it")
     opt.add_argument("--patch", type=int_triple, metavar="Z,Y,X",
                      help="network input patch, rounded to a valid size (the paper: 116,132,132)")
@@ -137,6 +138,7 @@ def _train(args, processes: Processes) -> int:
 
         torch.set_num_threads(args.threads)
     images, labels, meta = load_pairs(args.images, args.labels, args.channel_axis)
+    classes = checked_paintings(images, labels, args)
     spacing = args.spacing or meta.spacing
     plan = None
     if args.preset != "paper":
@@ -155,7 +157,7 @@ def _train(args, processes: Processes) -> int:
     data, validation = training_sets(images, labels, args.ignore_label, list(args.images), held_out=held_volumes,
                                      features=features, per_volume=per_volume, spacing=spacing,
                                      validation=given_validation, normalization=args.normalization or "zscore",
-                                     num_classes=args.num_classes, class_values=args.classes)
+                                     class_values=classes)
     config = _config(args, data, plan)
     if plan is not None and not args.resume and processes.leader:
         print("plan (options override their part):\n" + plan_table(plan.describe(config)))
@@ -177,6 +179,38 @@ def _train(args, processes: Processes) -> int:
             files = run_files(args.output)
             stage.weigh_and_store([files["model"], files["best"]], data, validation, str(processes.device))
     return 0
+
+
+def checked_paintings(images, labels, args) -> list[int]:
+    """The class values, after checking every painting against its image and the classes, so that a
+    bad painting is named (not the image it belongs to) before anything is computed."""
+    if args.num_classes is not None and args.num_classes < 2:
+        raise UserError(f"--num-classes {args.num_classes}: a segmentation needs at least two classes")
+    for image, painting, name, image_name in zip(images, labels, args.labels, args.images):
+        if tuple(image.shape[1:]) != tuple(painting.shape):
+            raise UserError(f"{name}: shape {tuple(painting.shape)} differs from the shape {tuple(image.shape[1:])} "
+                            f"of its image {image_name}")
+    if args.classes is None:
+        classes = infer_class_values(labels, args.ignore_label, args.num_classes, args.labels)
+    else:
+        classes = _given_classes(labels, args)
+    if len(classes) < 2:
+        raise UserError(f"{', '.join(args.labels)}: only one class ({classes[0]}) besides the ignore label "
+                        f"{args.ignore_label}; a segmentation needs at least two (annotate the background too)")
+    return classes
+
+
+def _given_classes(labels, args) -> list[int]:
+    """--classes, checked: not the ignore label, and holding every value the paintings use."""
+    if args.ignore_label in args.classes:
+        raise UserError(f"--classes {','.join(map(str, args.classes))}: the ignore label {args.ignore_label} is "
+                        "also one of the declared classes")
+    for painting, name in zip(labels, args.labels):
+        unknown = sorted(set(present_values(painting).tolist()) - {*args.classes, args.ignore_label})
+        if unknown:
+            raise UserError(f"{name}: label value {unknown[0]} is neither a class ({', '.join(map(str, args.classes))}) "
+                            f"nor the ignore label {args.ignore_label}")
+    return list(args.classes)
 
 
 # The plan's recipe parts and the options that replace them.

@@ -87,7 +87,8 @@ def _open_tiff(spec: VolumeSpec) -> Source:
     axes = series.axes if declared and "Q" not in series.axes else None
     meta = VolumeMeta(spec.text, "tiff", _tiff_spacing(tif), axes=axes)
     try:
-        array = tifffile.memmap(spec.path, mode="r")  # uncompressed and contiguous only
+        with _quiet("tifffile"):
+            array = tifffile.memmap(spec.path, mode="r")  # uncompressed and contiguous only
         tif.close()
         return Source(array, meta)
     except ValueError:

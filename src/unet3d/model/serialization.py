@@ -57,8 +57,19 @@ def read_description(path) -> dict:
         raise UserError(f"{path}: safetensors file without a unet3d description")
     description = json.loads(metadata["unet3d"])
     if description.get("format") != FORMAT:
-        raise UserError(f"{path}: unsupported model format {description.get('format')!r}")
+        raise UserError(f"{path}: {_unknown_format(description)}")
     return description
+
+
+def _unknown_format(description: dict) -> str:
+    """Why a model file's format cannot be read: most often a newer unet3d wrote it."""
+    found = str(description.get("format"))
+    writer = (description.get("versions") or {}).get("unet3d", "an unknown version")
+    name, _, number = found.rpartition("/")
+    if name == FORMAT.rpartition("/")[0] and number.isdigit() and int(number) > int(FORMAT.rpartition("/")[2]):
+        return (f"written by a newer unet3d ({writer}) in model format {found}; this unet3d {unet3d.__version__} "
+                f"reads {FORMAT}: upgrade unet3d")
+    return f"unsupported model format {found!r} (written by unet3d {writer}; this one reads {FORMAT})"
 
 
 def load_model(path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
