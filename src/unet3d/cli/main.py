@@ -10,7 +10,7 @@ from unet3d import __version__
 from unet3d.errors import UserError
 
 # Each module defines register(subparsers), which adds its parser and sets `run`.
-COMMANDS = ["summary", "sparsify", "train", "predict", "densify", "suggest", "evaluate", "export", "napari", "demo"]
+COMMANDS = ["summary", "sparsify", "train", "predict", "densify", "instances", "suggest", "evaluate", "export", "napari", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

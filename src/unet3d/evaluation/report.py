@@ -18,6 +18,20 @@ def score_table(result: dict, where: str = "") -> str:
     return "\n".join(lines)
 
 
+def instance_table(result: dict, where: str = "") -> str:
+    """The object matching table printed by `evaluate --instances`: one row per IoU threshold."""
+    lines = [f"{'IoU >=':>7} {'TP':>6} {'FP':>6} {'FN':>6} {'precision':>10} {'recall':>7} {'F1':>7} {'AP':>7} "
+             f"{'matched IoU':>12}"]
+    for row in result["thresholds"]:
+        lines.append(f"{row['threshold']:>7.2f} {row['tp']:>6} {row['fp']:>6} {row['fn']:>6} {_score(row['precision']):>10} "
+                     f"{_score(row['recall']):>7} {_score(row['f1']):>7} {_score(row['ap']):>7} "
+                     f"{_score(row['mean_matched_iou']):>12}")
+    lines.append(f"objects: {result['truth_objects']:,} in the truth, {result['predicted_objects']:,} predicted; "
+                 f"AP = TP/(TP+FP+FN)")
+    lines.append(f"evaluated voxels: {result['voxels']:,}{where}")
+    return "\n".join(lines)
+
+
 def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 

@@ -1,0 +1,5 @@
+"""Instance labels (one id per object) from unet3d's class probabilities."""
+
+from unet3d.instances.watershed import KINDS, InstanceMethod, instances_from_probabilities
+
+__all__ = ["KINDS", "InstanceMethod", "instances_from_probabilities"]

@@ -1,0 +1,174 @@
+"""Instance labels from class probabilities, object matching, and `unet3d instances` / `evaluate --instances`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from unet3d.cli.main import main
+from unet3d.evaluation import match_instances
+from unet3d.instances import KINDS, instances_from_probabilities
+from unet3d.io import read_labels, write_volume
+
+
+def one_hot(classes: np.ndarray, count: int = 3) -> np.ndarray:
+    return np.stack([(classes == c).astype(np.float32) for c in range(count)])
+
+
+def touching_spheres() -> tuple[np.ndarray, np.ndarray]:
+    """Two spheres of radius 7 whose centres are 11 voxels apart, each voxel to the nearer centre;
+    classes: 0 outside, 2 on each sphere's outer layer and where the two meet, 1 inside."""
+    z, y, x = np.mgrid[:20, :24, :36]
+    distances = [np.sqrt((z - 10) ** 2 + (y - 12) ** 2 + (x - cx) ** 2) for cx in (12, 23)]
+    objects = np.where(distances[0] <= distances[1], 1, 2)
+    objects[np.minimum(*distances) > 7] = 0
+    classes = (objects > 0).astype(np.int64)
+    for axis in range(3):
+        for shift in (1, -1):
+            classes[(objects > 0) & (np.roll(objects, shift, axis) != objects)] = 2
+    return objects, classes
+
+
+def walled_cells(hole: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 20×30×30 box of two cells split by a wall at x = 15 (class 2, cell 1's voxels) with a
+    `hole`×`hole` gap in its middle; no background."""
+    objects = np.ones((20, 30, 30), np.int64)
+    objects[:, :, 16:] = 2
+    classes = np.ones_like(objects)
+    classes[:, :, 15] = 2
+    if hole:
+        low = 15 - hole // 2
+        classes[10 - hole // 2:10 - hole // 2 + hole, low:low + hole, 15] = 1
+    return objects, classes
+
+
+def ap(result: dict, threshold: float) -> float:
+    return next(row["ap"] for row in result["thresholds"] if row["threshold"] == threshold)
+
+
+def test_touching_nuclei_are_two_objects():
+    truth, classes = touching_spheres()
+    labels = instances_from_probabilities(one_hot(classes), [0, 1, 2], KINDS["nuclei"])
+    result = match_instances(labels, truth)
+    assert (result["truth_objects"], result["predicted_objects"]) == (2, 2)
+    assert ap(result, 0.75) == 1.0
+    assert not labels[truth == 0].any()  # nothing grows into the background
+
+
+def test_blurred_probabilities_still_give_two_nuclei():
+    from scipy import ndimage
+
+    truth, classes = touching_spheres()
+    blurred = np.stack([ndimage.gaussian_filter(p, 1.0) for p in one_hot(classes)])
+    labels = instances_from_probabilities(blurred / blurred.sum(0), [0, 1, 2], KINDS["nuclei"])
+    assert ap(match_instances(labels, truth), 0.75) == 1.0
+
+
+@pytest.mark.parametrize("hole", [0, 3])
+def test_a_wall_splits_two_cells_even_with_a_gap(hole):
+    truth, classes = walled_cells(hole)
+    probabilities = one_hot(classes)[1:]  # interior and boundary only, as when no background was painted
+    labels = instances_from_probabilities(probabilities, [1, 2], KINDS["cells"])
+    result = match_instances(labels, truth)
+    assert result["predicted_objects"] == 2
+    assert ap(result, 0.75) == 1.0
+
+
+def test_labels_are_numbered_in_raster_order_whatever_the_seed_order():
+    truth, classes = touching_spheres()
+    labels = instances_from_probabilities(one_hot(classes)[:, :, :, ::-1].copy(), [0, 1, 2], KINDS["nuclei"])
+    first = [np.flatnonzero(labels.ravel() == value)[0] for value in (1, 2)]
+    assert first[0] < first[1] and labels.dtype == np.uint16
+
+
+def row(values) -> np.ndarray:
+    return np.asarray(values).reshape(1, 1, -1)
+
+
+def test_matching_counts_by_hand():
+    # truth: A (4 voxels), B (5), C (2); prediction: A exact, B' overlapping B by 3 of a union of 5
+    # (IoU 0.6), a false object, C missed.
+    truth = row([1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0, 3, 3, 0])
+    pred = row([7, 7, 7, 7, 0, 0, 5, 5, 5, 0, 9, 0, 0, 0])
+    result = match_instances(pred, truth)
+    assert (result["truth_objects"], result["predicted_objects"]) == (3, 3)
+    half, three_quarters = result["thresholds"]
+    assert (half["tp"], half["fp"], half["fn"]) == (2, 1, 1)
+    assert half["precision"] == pytest.approx(2 / 3) and half["recall"] == pytest.approx(2 / 3)
+    assert half["f1"] == pytest.approx(2 / 3) and half["ap"] == pytest.approx(2 / 4)
+    assert half["mean_matched_iou"] == pytest.approx((1 + 0.6) / 2)
+    assert (three_quarters["tp"], three_quarters["fp"], three_quarters["fn"]) == (1, 2, 2)
+    assert three_quarters["ap"] == pytest.approx(1 / 5)
+
+
+def test_an_object_matches_at_most_once_at_a_tie():
+    # Two predicted halves of one true object: IoU exactly 0.5 each, one match only.
+    result = match_instances(row([1, 1, 2, 2]), row([4, 4, 4, 4]))
+    half = result["thresholds"][0]
+    assert (half["tp"], half["fp"], half["fn"]) == (1, 1, 0)
+
+
+def test_the_mask_drops_objects_outside_it():
+    truth = row([1, 1, 0, 0, 0])
+    pred = row([1, 1, 0, 2, 2])
+    mask = row([True, True, True, False, False])
+    assert match_instances(pred, truth)["thresholds"][0]["fp"] == 1
+    masked = match_instances(pred, truth, mask)
+    assert masked["thresholds"][0]["fp"] == 0 and masked["voxels"] == 3
+
+
+def test_no_objects_anywhere_has_no_scores():
+    half = match_instances(np.zeros((2, 2, 2), int), np.zeros((2, 2, 2), int))["thresholds"][0]
+    assert half["ap"] is None and half["precision"] is None
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".h5", ".nii.gz", ".zarr", ".npy"])
+def test_instances_command_round_trip(tmp_path, capsys, suffix):
+    truth, classes = touching_spheres()
+    probabilities, output, truth_file = tmp_path / "p.npy", str(tmp_path / f"objects{suffix}"), tmp_path / "truth.tif"
+    write_volume(str(probabilities), one_hot(classes).astype(np.float16))
+    write_volume(str(truth_file), truth.astype(np.uint16))
+    assert main(["instances", str(probabilities), "-o", output, "--kind", "nuclei"]) == 0
+    labels = read_labels(output)[0]
+    assert labels.shape == truth.shape and labels.max() == 2
+    capsys.readouterr()
+    assert main(["evaluate", output, str(truth_file), "--instances", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["thresholds"][1]["ap"] == 1.0
+
+
+def test_evaluate_instances_on_the_unannotated_voxels(tmp_path, capsys):
+    truth, _ = touching_spheres()
+    prediction = truth.copy()
+    prediction[:, :, :12] = 0  # the left sphere's left half is lost ...
+    sparse = np.full(truth.shape, 255, np.uint8)
+    sparse[:, :, :12] = 1  # ... where it was annotated, so it does not count
+    files = {name: str(tmp_path / f"{name}.tif") for name in ("prediction", "truth", "sparse")}
+    for name, array in zip(files, (prediction.astype(np.uint16), truth.astype(np.uint16), sparse)):
+        write_volume(files[name], array)
+    assert main(["evaluate", files["prediction"], files["truth"], "--instances", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["thresholds"][1]["tp"] == 1
+    assert main(["evaluate", files["prediction"], files["truth"], "--instances", "--exclude", files["sparse"],
+                 "--ignore-label", "255"]) == 0
+    table = capsys.readouterr().out
+    assert "1.0000" in table.splitlines()[2] and "those holding the ignore label 255" in table
+
+
+def test_instances_command_refuses_labels_and_unknown_channels(tmp_path, capsys):
+    _, classes = touching_spheres()
+    labels_file = tmp_path / "labels.npy"
+    write_volume(str(labels_file), np.stack([classes, classes, classes]).astype(np.float32) * 2)
+    assert main(["instances", str(labels_file), "-o", str(tmp_path / "o.tif")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "labels.npy" in error and "not class probabilities" in error and "\n" not in error
+    probabilities = tmp_path / "p.npy"
+    write_volume(str(probabilities), one_hot(classes)[1:])
+    assert main(["instances", str(probabilities), "-o", str(tmp_path / "o.tif")]) == 2
+    assert "no channel holds the boundary class 2" in capsys.readouterr().err
+    assert main(["instances", str(probabilities), "-o", str(tmp_path / "o.tif"), "--classes", "1,2,3"]) == 2
+    assert "2 channel(s), but --classes names 3" in capsys.readouterr().err
+    assert not (tmp_path / "o.tif").exists()
+    assert main(["instances", str(probabilities), "-o", str(tmp_path / "o.tif"), "--classes", "1,2",
+                 "--kind", "cells"]) == 0
