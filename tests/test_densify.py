@@ -103,7 +103,6 @@ def test_filter_features_too_large_for_memory_are_named():
 
 
 def test_filter_features_by_default_only_with_enough_annotation_and_memory(sparse_nuclei):
-    from unet3d.errors import UserError
     from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED, choose_inputs
 
     image, _, sparse = sparse_nuclei
@@ -113,11 +112,10 @@ def test_filter_features_by_default_only_with_enough_annotation_and_memory(spars
     assert painted.size >= FILTER_FEATURES_MIN_ANNOTATED
     spec, why = choose_inputs(None, (1, *painted.shape), painted, IGNORE, (2.0, 1.0, 1.0), "big.tif")
     assert spec["bank"] == "ilastik" and spec["spacing"] == [2.0, 1.0, 1.0] and "200,000" in why
-    huge = (1, 4096, 4096, 4096)
+    huge = (1, 4096, 4096, 4096)  # the bank is kept, made per training block instead of for the volume
     spec, why = choose_inputs(None, huge, painted, IGNORE, None, "huge.tif")
-    assert spec is None and why.startswith("the image alone: huge.tif: filter-bank inputs")
-    with pytest.raises(UserError, match=r"^huge\.tif: filter-bank inputs.*--filter-features off"):
-        choose_inputs(True, huge, painted, IGNORE, None, "huge.tif")
+    assert spec["bank"] == "ilastik" and "made per block (filter-bank inputs for 4096×4096×4096 voxels" in why
+    assert choose_inputs(True, huge, painted, IGNORE, None, "huge.tif")[0] is not None
     assert choose_inputs(False, (1, *painted.shape), painted, IGNORE, None, "big.tif")[0] is None
 
 

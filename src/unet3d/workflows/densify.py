@@ -62,19 +62,21 @@ from unet3d.data.features import (
     with_input_features,
 )
 from unet3d.baselines.forest import ForestResult, segment_features
-from unet3d.data.labels import decode_labels
+from unet3d.data.labels import decode_labels, encode_labels, infer_class_values
 from unet3d.workflows.blend import HeldOut, choose_network_weight, hold_out_blocks, weighted_geometric_mean
 from unet3d.errors import UserError
 from unet3d.inference import predict_array, predict_volume
-from unet3d.inference.predictor import InMemory, label_dtype
+from unet3d.inference.predictor import InMemory, label_dtype, network_and_forest
 from unet3d.model.forest import BLOCK_VOXELS
 from unet3d.progress import progress_bar
 from unet3d.model import ForestModel, UNet, UNetConfig, load_model, save_model
 from unet3d.training import TrainConfig, TrainResult, train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
+from unet3d.workflows.blocks import TIME_SHARE as BLOCKS_TIME_SHARE
+from unet3d.workflows.blocks import TrainingBlocks, make_training_blocks
 from unet3d.workflows.forest import (FOREST_MAX_SHARE, FOREST_TRAIN_VOXELS, FOREST_TREES, HOLD_OUT_MIN_ANNOTATED,
-                                     HOLD_OUT_SHARE, MIN_TRAINING_SHARE, Annotated, annotated, fit_model_forest,
-                                     in_blocks, weigh)
+                                     HOLD_OUT_SHARE, MIN_TRAINING_SHARE, SAMPLE_BANK_SHARE, Annotated,
+                                     forest_on_features, in_blocks, weigh)
 
 # Flips only: rotations, zoom, elastic motion and gray-value changes switched off.
 FLIPS_ONLY = AugmentationConfig(rotation_deg=0.0, scale=(1.0, 1.0), elastic_sigma=0.0, gamma=(1.0, 1.0),
@@ -154,35 +156,25 @@ def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: in
                        seed=seed, checkpoint_every=30.0, log_every=10, clock=clock)
 
 
-def bank_shortfall(insist: bool | None, image_shape, spacing, source: str, otherwise: str) -> str | None:
-    """Why the volume's filter bank would not fit in free memory (None: it fits); when `insist`,
-    a refusal that ends with `otherwise`, what the user can do instead."""
-    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing))
-    if shortfall and insist:
-        raise UserError(f"{shortfall}; {otherwise}")
-    return shortfall
-
-
 def choose_inputs(filter_features: bool | None, image_shape, sparse: np.ndarray, ignore_label: int, spacing,
                   source: str) -> tuple[dict | None, str]:
     """The filter-bank spec to train with (None: the image alone) and one line saying why.
 
     None decides from the annotation: the bank when at least FILTER_FEATURES_MIN_ANNOTATED voxels
-    are annotated and it fits in free memory. True insists (and refuses a volume that would not fit).
+    are annotated. True insists. Where the whole volume's bank would not fit in free memory it is
+    made for the training blocks alone (`workflows.blocks`) and tile by tile at prediction.
     """
     if filter_features is False:
         return None, "the image alone (filter features off)"
-    shortfall = bank_shortfall(filter_features, image_shape, spacing, source,
-                               "train without it (--filter-features off) or on a smaller volume")
+    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing))
+    where = f", made per block ({shortfall.removeprefix(source + ': ')})" if shortfall else ""
     if filter_features:
-        return input_feature_spec(spacing), "the image and ilastik's filter bank (asked for)"
+        return input_feature_spec(spacing), f"the image and ilastik's filter bank (asked for){where}"
     annotated = int(np.count_nonzero(sparse != ignore_label))
     if annotated < FILTER_FEATURES_MIN_ANNOTATED:
         return None, (f"the image alone: {annotated:,} annotated voxels; the filter bank is added "
                       f"from {FILTER_FEATURES_MIN_ANNOTATED:,} on")
-    if shortfall:
-        return None, f"the image alone: {shortfall}"
-    return input_feature_spec(spacing), f"the image and ilastik's filter bank ({annotated:,} annotated voxels)"
+    return input_feature_spec(spacing), f"the image and ilastik's filter bank ({annotated:,} annotated voxels){where}"
 
 
 @dataclass
@@ -236,10 +228,10 @@ def choose_forest(forest: bool | None, image_shape, spacing, source: str) -> tup
     return WHOLE, "the network and a random forest on ilastik's filter bank, geometric mean of their probabilities"
 
 
-def hold_out_for_blend(data: TrainingSet, forest_route: str | None, seed: int) -> HeldOut | None:
-    """Annotated voxels taken out of `data`'s labels to weigh the network against the forest on,
-    or None (no forest, or too few annotated voxels: the plain geometric mean)."""
-    labels = data.labels[0].numpy()
+def hold_out_for_blend(labels: np.ndarray, forest_route: str | None, seed: int) -> HeldOut | None:
+    """Annotated voxels taken out of the (Z, Y, X) class indices `labels` (in place) to weigh the
+    network against the forest on, or None (no forest, or too few annotated voxels: the plain
+    geometric mean)."""
     if not forest_route or np.count_nonzero(labels >= 0) < HOLD_OUT_MIN_ANNOTATED:
         return None
     held = hold_out_blocks(labels, HOLD_OUT_SHARE, training_patch(labels.shape), seed)
@@ -307,6 +299,7 @@ class DensifyOptions:
     config: TrainConfig | None = None  # the training configuration, instead of `default_config`'s
     report: Callable[[str], None] | None = None  # hears the time plan before training
     probabilities_out: str | None = None  # where the blockwise route writes probabilities, region by region
+    max_memory: int | None = None  # bytes the blockwise route's training blocks budget from (None: free memory)
 
     @property
     def now(self):
@@ -323,6 +316,7 @@ class DensifyInputs:
     forest_route: str | None  # WHOLE, BLOCKWISE or None (the network alone)
     blend: str
     held: HeldOut | None
+    blocks: TrainingBlocks | None = None  # the blockwise route's training set and forest sample
 
 
 def prepare_inputs(image: np.ndarray, sparse: np.ndarray, ignore_label: int, options: DensifyOptions) -> DensifyInputs:
@@ -335,15 +329,46 @@ def prepare_inputs(image: np.ndarray, sparse: np.ndarray, ignore_label: int, opt
         features, inputs = choose_inputs(options.filter_features, image.shape, sparse, ignore_label, options.spacing,
                                          options.source)
     forest_route, blend = choose_forest(options.forest, image.shape, options.spacing, options.source)
+    if forest_route == BLOCKWISE or (features and feature_memory_shortfall(options.source, image.shape, features)):
+        return prepare_blocks(image, sparse, ignore_label, options, features, inputs, forest_route, blend)
     network_input = with_input_features(image, features) if features else image
     data = prepare_training_set([network_input], [sparse], ignore_label, sources=[options.source],
                                 num_classes=options.num_classes, spacing=options.spacing, input_features=features,
                                 **(init.training_set_options() if init is not None else {}))
-    if init is not None and init.network.config.in_channels != data.channels:
-        raise UserError(f"{init.source}: the model reads {init.network.config.in_channels} input channel(s), "
-                        f"{options.source} gives {data.channels}")
+    check_init_channels(init, data.channels, options.source)
     return DensifyInputs(data, network_input, inputs, forest_route, blend,
-                         hold_out_for_blend(data, forest_route, options.seed))
+                         hold_out_for_blend(data.labels[0].numpy(), forest_route, options.seed))
+
+
+def prepare_blocks(image: np.ndarray, sparse: np.ndarray, ignore_label: int, options: DensifyOptions,
+                   features: dict | None, inputs: str, forest_route: str | None, blend: str) -> DensifyInputs:
+    """Stage 1 of the blockwise route: the whole volume's labels encoded and held out from, then
+    the network's training set and the forest's sample made on blocks around the annotation."""
+    init = options.init
+    if init is not None:
+        class_values = init.class_values
+    else:
+        class_values = infer_class_values([sparse], ignore_label, options.num_classes, [options.source])
+    if ignore_label in class_values:
+        raise UserError(f"ignore label {ignore_label} is also one of the declared classes {class_values}")
+    labels = encode_labels(sparse, class_values, ignore_label, options.source)
+    held = hold_out_for_blend(labels, forest_route, options.seed)
+    blocks = make_training_blocks(
+        image, labels, class_values, ignore_label, training_patch(labels.shape), features=features,
+        forest_bank=input_feature_spec(options.spacing) if forest_route else None, spacing=options.spacing,
+        normalization=init.normalization if init is not None else "zscore", max_memory=options.max_memory,
+        seconds=None if options.max_time is None else BLOCKS_TIME_SHARE * options.max_time, seed=options.seed,
+        source=options.source, clock=options.now)
+    check_init_channels(init, blocks.data.channels, options.source)
+    return DensifyInputs(blocks.data, None, f"{inputs}; trained on {blocks.describe()}", forest_route, blend, held,
+                         blocks)
+
+
+def check_init_channels(init: StartingModel | None, channels: int, source: str) -> None:
+    """One line when the model densify starts from reads another number of input channels."""
+    if init is not None and init.network.config.in_channels != channels:
+        raise UserError(f"{init.source}: the model reads {init.network.config.in_channels} input channel(s), "
+                        f"{source} gives {channels}")
 
 
 def fit_forest(image: np.ndarray, prepared: DensifyInputs, options: DensifyOptions) -> ForestResult | None:
@@ -398,20 +423,17 @@ def sample_box(shape, voxels: int) -> tuple[slice, ...]:
     return tuple(slice((n - s) // 2, (n - s) // 2 + s) for s, n in zip(side, shape))
 
 
-def prediction_seconds(config: UNetConfig, normalized: np.ndarray, image: np.ndarray, clock, device: str,
-                       forest: ForestModel | None = None, bank: dict | None = None) -> float:
-    """Seconds to predict the whole volume, measured on a box in its middle: an untrained network
-    of `config` on the normalized input there, and `forest` with its filter bank made for the box
-    (or, before the forest exists, the `bank` alone)."""
-    box = sample_box(image.shape[1:], BLOCK_VOXELS)
-    read = lambda region: image[(slice(None),) + region]  # noqa: E731
+def prediction_seconds(config: UNetConfig, read, shape, clock, device: str, forest_at=None) -> float:
+    """Seconds to predict the whole (Z, Y, X) volume of `shape`, measured on a box in its middle: an
+    untrained network of `config` on its input there (`read`: box → the normalized input, made
+    there if it is made per region), and `forest_at` (box → the forest's probabilities, or any other
+    work prediction does per region) on the box."""
+    box = sample_box(shape, BLOCK_VOXELS)
     start = clock()
-    predict_array(UNet(config).eval(), normalized[(slice(None),) + box], device=device)
-    if forest is not None:
-        forest.region_probabilities(read, image.shape[1:])(box)
-    elif bank is not None:
-        region_bank(read, image.shape[1:], box, bank)
-    share = np.prod(image.shape[1:]) / np.prod([b.stop - b.start for b in box])
+    predict_array(UNet(config).eval(), read(box), device=device)
+    if forest_at is not None:
+        forest_at(box)
+    share = np.prod(shape) / np.prod([b.stop - b.start for b in box])
     return (clock() - start) * share * PREDICTION_MARGIN
 
 
@@ -436,49 +458,68 @@ def training_budget(max_time: float | None, spent: float, prediction: float, vox
 
 def densify_blockwise(image: np.ndarray, prepared: DensifyInputs, model_path, options: DensifyOptions,
                       start: float) -> DensifyResult:
-    """The route for volumes whose filter bank does not fit in memory: the forest fitted on the bank
-    of a sample of annotated voxels made around them (`workflows.forest`), weighed against the
-    network on held-out blocks predicted where they lie, and the blend predicted region by region
-    with the bank made per block, straight into the segmentation (and `probabilities_out`)."""
-    now, max_time, data = options.now, options.max_time, prepared.data
+    """The route for volumes whose filter bank does not fit in memory: the network trained on
+    blocks around the annotation (`workflows.blocks`, the bank made there alone), the forest fitted
+    on the same blocks' bank, weighed against the network on held-out blocks predicted where they
+    lie, and the blend predicted tile by tile with the bank made once per tile for both, straight
+    into the segmentation (and `probabilities_out`)."""
+    now, max_time, data, blocks = options.now, options.max_time, prepared.data, prepared.blocks
     shape = image.shape[1:]
     voxels = int(np.prod(shape))
-    normalized = data.images[0].numpy()
-    config = options.config or default_config(data, max_time=max_time, seed=options.seed)
+    source = InMemory(image)
+    config = options.config or default_config(data, max_time=max_time, seed=options.seed,
+                                              **(options.init.training_options() if options.init else {}))
     bank = input_feature_spec(data.spacing)
-    forest_seconds = None if max_time is None else FOREST_MAX_SHARE * max_time
+    forest = None
     with torch_threads(options.threads):
-        # Before the forest: the network and the bank alone, and the forest's whole share, must fit.
-        ahead = prediction_seconds(config.network, normalized, image, now, options.device, bank=bank)
-        training_budget(max_time, now() - start, ahead + (forest_seconds or 0.0), voxels, options.source, None)
-        forest = fit_model_forest([annotated(image, data.labels[0].numpy())], bank,
-                                  {"method": "none", "channels": image.shape[0]}, len(data.class_values),
-                                  seconds=forest_seconds, seed=options.seed, threads=options.threads,
-                                  predict_voxels=voxels)
-        prediction = prediction_seconds(config.network, normalized, image, now, options.device, forest=forest)
+        if prepared.forest_route:
+            forest_seconds = None if max_time is None else FOREST_MAX_SHARE * (1 - SAMPLE_BANK_SHARE) * max_time
+            # Before the forest: the network and the bank alone, and the forest's whole share, must fit.
+            read, _ = network_and_forest(source, data.normalization, data.input_features, None, per_region=True)
+            extra = None if data.input_features == bank else lambda box: region_bank(source.read, shape, box, bank)
+            ahead = prediction_seconds(config.network, read, shape, now, options.device, extra)
+            training_budget(max_time, now() - start, ahead + (forest_seconds or 0.0), voxels, options.source, None)
+            forest = forest_on_features(blocks.forest_features, blocks.forest_classes, bank,
+                                        {"method": "none", "channels": image.shape[0]}, len(data.class_values),
+                                        seconds=forest_seconds, seed=options.seed, threads=options.threads,
+                                        predict_voxels=voxels)
+        read, forest_at = network_and_forest(source, data.normalization, data.input_features, forest, per_region=True)
+        prediction = prediction_seconds(config.network, read, shape, now, options.device, forest_at)
         spent = now() - start
         training_time = training_budget(max_time, spent, prediction, voxels, options.source, options.report)
         result = train_network(prepared, model_path, options, training_time)
-        weighing = weigh_blockwise(result.model, forest, image, normalized, prepared.held, data, options)
+        weighing = weigh_blockwise(result.model, forest, image, read, prepared.held, options) if forest else ""
         segmentation = np.empty(shape, label_dtype(data.class_values))
-        predict_volume(result.model, result.info, InMemory(image), segmentation, options.probabilities_out,
+        predict_volume(result.model, result.info, source, segmentation, options.probabilities_out,
                        device=options.device, progress=options.progress, forest=forest)
-    if forest.network_weight < 1:
+    if forest is not None and forest.network_weight < 1:
         save_model(model_path, result.model, result.info, forest)
     return DensifyResult(segmentation, None, result.model, result.info, result.iterations, result.seconds,
-                         prepared.inputs, prepared.blend, False, spent, forest.forest.n_estimators,
+                         prepared.inputs, prepared.blend, False, spent, forest.forest.n_estimators if forest else 0,
                          weighing=weighing, held_out=prepared.held)
 
 
-def weigh_blockwise(network: UNet, forest: ForestModel, image, normalized, held: HeldOut | None, data: TrainingSet,
+class RegionInputs:
+    """The network's input of a whole volume, made only for the boxes asked for (`read`: box → input)."""
+
+    def __init__(self, read):
+        self.read = read
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        return self.read(tuple(index[1:]))
+
+
+def weigh_blockwise(network: UNet, forest: ForestModel, image, read, held: HeldOut | None,
                     options: DensifyOptions) -> str:
     """The network's weight in the blend, chosen on (at most WEIGHING_BLOCKS of) the held-out
-    blocks, each predicted with half a block of context; equal weights without held-out voxels."""
+    blocks, each predicted with half a block of context (`read`: box → the network's input);
+    equal weights without held-out voxels."""
     if held is None:
         forest.network_weight = 0.5
         return "geometric mean with equal weights"
     block = training_patch(image.shape[1:])
-    volume = in_blocks(Annotated(image, normalized, held.voxels, held.classes), block, WEIGHING_BLOCKS, options.seed)
+    volume = in_blocks(Annotated(image, RegionInputs(read), held.voxels, held.classes), block, WEIGHING_BLOCKS,
+                       options.seed)
     return weigh(network, forest, [volume], "held-out annotated blocks", options.seed, options.device, block)
 
 
@@ -504,7 +545,7 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     now = options.now
     start = now()
     prepared = prepare_inputs(image, sparse, ignore_label, options)
-    if prepared.forest_route == BLOCKWISE:
+    if prepared.blocks is not None:
         return densify_blockwise(image, prepared, model_path, options, start)
     forest_result = fit_forest(image, prepared, options)
     prepared.network_input = None  # the unnormalized bank is not needed beyond the forest
@@ -513,7 +554,9 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     config = options.config or default_config(data, max_time=max_time, seed=options.seed,
                                               **(options.init.training_options() if options.init else {}))
     with torch_threads(options.threads):
-        prediction = prediction_seconds(config.network, data.images[0].numpy(), image, now, options.device)
+        normalized = data.images[0].numpy()
+        prediction = prediction_seconds(config.network, lambda box: normalized[(slice(None),) + box],
+                                        image.shape[1:], now, options.device)
         spent = now() - start
         training_time = training_budget(max_time, spent, prediction, int(np.prod(image.shape[1:])), options.source,
                                         options.report)

@@ -146,8 +146,17 @@ def fit_model_forest(volumes: list[Annotated], bank: dict, normalization: dict, 
     features, classes = sample_features(volumes, bank, normalization, seed,
                                         None if seconds is None else SAMPLE_BANK_SHARE * seconds, samples)
     left = None if seconds is None else max(seconds - (time.monotonic() - start), 0.0)
-    forest = fit_forest(features, classes, np.arange(classes.size), FOREST_TREES, seed, None, threads or -1, left,
-                        predict_voxels=predict_voxels)
+    return forest_on_features(features, classes, bank, normalization, num_classes, seconds=left, seed=seed,
+                              threads=threads, predict_voxels=predict_voxels, samples=samples)
+
+
+def forest_on_features(features: np.ndarray, classes: np.ndarray, bank: dict, normalization: dict,
+                       num_classes: int, *, seconds: float | None, seed: int, threads: int | None = None,
+                       predict_voxels: int | None = None, samples: int = FOREST_TRAIN_VOXELS) -> ForestModel:
+    """The forest fitted on the (F, N) filter bank `features` of annotated voxels of `classes` (a
+    seeded sample of at most `samples`), within `seconds` as `fit_model_forest`."""
+    forest = fit_forest(features, classes, np.arange(classes.size), FOREST_TREES, seed, samples, threads or -1,
+                        seconds, predict_voxels=predict_voxels)
     return ForestModel(forest, num_classes, bank, normalization, 0.5)
 
 
