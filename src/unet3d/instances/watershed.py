@@ -48,7 +48,7 @@ class InstanceMethod:
 # The fixed parameters per kind (docs/instances.md has the table they were chosen from).
 KINDS = {
     "nuclei": InstanceMethod("interior", 0.5, "core", 1.0, 10, False),
-    "cells": InstanceMethod("not_boundary", 0.3, "core", 4.0, 50, True),
+    "cells": InstanceMethod("not_boundary", 0.2, "core", 6.0, 50, True),
 }
 
 
