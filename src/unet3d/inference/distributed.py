@@ -38,14 +38,15 @@ from unet3d.inference.predictor import (DEFAULT_MAX_MEMORY, tile_outputs, label_
                                         tile_probabilities)
 from unet3d.inference.tiling import TilePlan, gaussian_weight, plan_tiles
 from unet3d.io import open_volume, parse_spec
-from unet3d.io.ome_zarr import (Block, PredictionStore, done_blocks, downsample_block, prepare_store, write_block,
-                                write_metadata)
+from unet3d.io.ome_zarr import (Block, PredictionStore, broken_chunks, done_blocks, downsample_block, prepare_store,
+                                write_block, write_metadata)
 from unet3d.io.readers import FORMAT_NAMES
 from unet3d.progress import progress_bar
 
 DEFAULT_BLOCK = 256  # voxels per axis of a block (and output chunk) unless asked otherwise
 CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler before giving up
 REGION_FORMATS = ("zarr", "hdf5", "npy")  # inputs every worker reads region by region
+MAX_NAMED = 8  # broken chunks named in the line that reports them
 INSTALL = "prediction on Dask needs unet3d's distributed extra: pip install 'unet3d[distributed]'"
 
 
@@ -101,9 +102,9 @@ def predict_distributed(cluster, model_path: str, image: str, output: str, *, bl
                    tta=tta, overlap=overlap, channel_axis=channel_axis, skip_empty=skip_empty, device=device,
                    report=report)
     if not isinstance(cluster, str):
-        return run_job(cluster, job, progress)
+        return run_job(cluster, job, progress, report)
     with connect(cluster, connect_timeout) as client:
-        return run_job(client, job, progress)
+        return run_job(client, job, progress, report)
 
 
 def plan_job(model_path: str, image: str, output: str, *, block=None, tile=None, max_memory: int | None = None,
@@ -216,14 +217,16 @@ def _local_workers(address: str) -> int:
     return int(count)
 
 
-def run_job(client, job: BlockJob, progress: bool = False) -> dict:
-    """Prepare every worker, predict the blocks not yet done, then the pyramid levels, then write the
-    OME metadata. The summary's `seconds` and `voxels_per_second` are those of the blocks' pass."""
+def run_job(client, job: BlockJob, progress: bool = False, report=None) -> dict:
+    """Prepare every worker, predict the blocks not yet done (or whose chunks were lost or damaged
+    since, said in one line through `report`), then the pyramid levels, then write the OME metadata.
+    The summary's `seconds` and `voxels_per_second` are those of the blocks' pass."""
     store = job.store
     started = time.perf_counter()
     client.run(prepare_worker, job)
     prepare_store(store)
     done = done_blocks(store)
+    repaired = recheck_done(client, store, done, progress, report)
     todo = [(index, block) for index, block in store.blocks() if not done[index]]
     began = time.perf_counter()
     shared = client.scatter(job, broadcast=True)
@@ -242,6 +245,7 @@ def run_job(client, job: BlockJob, progress: bool = False) -> dict:
         "block": store.block,
         "blocks": len(done.flat),
         "already_done": int(done.sum()),
+        "repaired": repaired,
         "predicted": statuses.count("predicted"),
         "empty": statuses.count("empty"),
         "levels": len(levels),
@@ -253,6 +257,26 @@ def run_job(client, job: BlockJob, progress: bool = False) -> dict:
         "voxels_per_second": predicted / max(seconds, 1e-9),
         "workers": len(client.scheduler_info()["workers"]),
     }
+
+
+def recheck_done(client, store: PredictionStore, done: np.ndarray, progress: bool, report=None) -> int:
+    """Unmark the blocks marked done whose chunks are missing or corrupt, naming them in one line;
+    returns how many blocks are to be predicted again."""
+    calls = [(_checked_block, store, index, block) for index, block in store.blocks() if done[index]]
+    broken = {index: keys for index, keys in _run(client, calls, progress, "check") if keys}
+    for index in broken:
+        done[index] = False
+    if broken and report is not None:
+        keys = [key for keys in broken.values() for key in sorted(keys)]
+        shown = ", ".join(keys[:MAX_NAMED]) + (f" and {len(keys) - MAX_NAMED} more" if len(keys) > MAX_NAMED else "")
+        report(f"{store.path}: {len(keys)} chunk(s) of {len(broken)} block(s) missing or corrupt, predicted again: "
+               f"{shown}")
+    return len(broken)
+
+
+def _checked_block(store: PredictionStore, index, block: Block) -> tuple[tuple[int, ...], list[str]]:
+    """Task: (the block's index, its broken chunks); results arrive in any order."""
+    return tuple(index), broken_chunks(store, index, block)
 
 
 def _run(client, calls: list[tuple], progress: bool, what: str) -> list:

@@ -12,13 +12,16 @@ Layout of `out.zarr`:
 Every block of every array is exactly one chunk, so no two writers ever touch the same chunk and
 rewriting a block writes the same bytes (a lost worker's blocks are simply written again). A
 block's marker is written after its data; Zarr's local store replaces files atomically, so a
-marker never claims a half-written block. The OME metadata is removed when a run starts and
+marker never claims a half-written block. Every chunk is written, even one holding only zeros,
+and carries a CRC-32C checksum, so a chunk lost or damaged afterwards is found
+(`broken_chunks`) and its block predicted again. The OME metadata is removed when a run starts and
 written last, after every level: a store that viewers see as an image is complete.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -91,9 +94,11 @@ def prepare_store(store: PredictionStore) -> None:
 def _create(store: PredictionStore) -> None:
     """All arrays of all levels, built beside the target and renamed into place."""
     import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
 
     from unet3d.io.writers import atomic_directory
 
+    checked = {"fill_value": 0, "compressors": (ZstdCodec(), Crc32cCodec())}
     with atomic_directory(store.path, keep_existing=False) as tmp:
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
         labels = root.create_group(SEGMENTATION)
@@ -101,9 +106,9 @@ def _create(store: PredictionStore) -> None:
         for level, shape in enumerate(store.level_shapes()):
             chunks = tuple(min(b, n) for b, n in zip(store.block, shape))
             root.create_array(str(level), shape=(classes, *shape), chunks=(1, *chunks), dtype=np.float16,
-                              fill_value=0, dimension_names=list("czyx"))
-            labels.create_array(str(level), shape=shape, chunks=chunks, dtype=store.label_dtype, fill_value=0,
-                                dimension_names=list("zyx"))
+                              dimension_names=list("czyx"), **checked)
+            labels.create_array(str(level), shape=shape, chunks=chunks, dtype=store.label_dtype,
+                                dimension_names=list("zyx"), **checked)
         root.create_array(DONE, shape=store.grid(), chunks=(1, 1, 1), dtype=np.uint8, fill_value=0)
         root.attrs[STATE] = store.state()
 
@@ -135,13 +140,36 @@ def done_blocks(store: PredictionStore) -> np.ndarray:
 
 
 def write_block(store: PredictionStore, index, block: Block, probabilities: np.ndarray, labels: np.ndarray) -> None:
-    """Level 0's data of one block, then its marker."""
+    """Level 0's data of one block, then its marker; chunks of zeros are written too, so that a
+    missing chunk always means a lost one."""
     import zarr
 
-    root = zarr.open_group(store.path, mode="r+")
-    root["0"][(slice(None),) + block] = probabilities
-    root[SEGMENTATION + "/0"][block] = labels
-    root[DONE][tuple(index)] = 1
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        root = zarr.open_group(store.path, mode="r+")
+        root["0"][(slice(None),) + block] = probabilities
+        root[SEGMENTATION + "/0"][block] = labels
+        root[DONE][tuple(index)] = 1
+
+
+def broken_chunks(store: PredictionStore, index, block: Block) -> list[str]:
+    """The level-0 chunks of a block marked done that are missing or do not decode (a checksum that
+    does not match included), as 'KEY (missing)' or 'KEY (corrupt)', KEY relative to the store."""
+    import zarr
+
+    root = zarr.open_group(store.path, mode="r")
+    chunk = "c/" + "/".join(map(str, index))
+    parts = [(f"0/c/{k}/{chunk[2:]}", root["0"], (slice(k, k + 1),) + block) for k in range(len(store.class_values))]
+    parts.append((f"{SEGMENTATION}/0/{chunk}", root[SEGMENTATION + "/0"], block))
+    found = []
+    for key, array, region in parts:
+        if not os.path.isfile(os.path.join(store.path, key)):
+            found.append(f"{key} (missing)")
+            continue
+        try:
+            array[region]
+        except Exception:  # codecs raise their own types
+            found.append(f"{key} (corrupt)")
+    return found
 
 
 def downsample_block(store: PredictionStore, level: int, block: Block) -> None:

@@ -11,6 +11,7 @@ assembled in a buffer (memory-mapped beside the output when large) and saved on 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import shutil
@@ -39,7 +40,7 @@ def write_volume(spec: str, array: np.ndarray, like: VolumeMeta | None = None) -
     parsed = parse_spec(spec)
     if parsed.format in _SAVERS:
         _check_shape(array.shape)
-        with atomic_path(parsed.path) as tmp:
+        with atomic_path(parsed.path) as tmp, reported(parsed.text, tmp.parent):
             _SAVERS[parsed.format](tmp, parsed, array, like)
         return
     with volume_writer(spec, array.shape, array.dtype, like) as writer:
@@ -58,6 +59,25 @@ def volume_writer(spec: str, shape: tuple, dtype, like: VolumeMeta | None = None
     return writer(parsed, shape, dtype, like, _chunks(shape, chunks))
 
 
+@contextlib.contextmanager
+def reported(target: str, folder: Path):
+    """A failed write (a full disk, a quota, an I/O error) as one line naming `target`, not the
+    temporary file it was going to. Entered inside the temporary file's context, so that a short
+    write without an error number (numpy's) is recognised by `folder` having no space left."""
+    try:
+        yield
+    except OSError as exc:
+        full = exc.errno is None and os.statvfs(folder).f_bavail == 0
+        reason = os.strerror(errno.ENOSPC) if full else exc.strerror or short_reason(exc)
+        raise UserError(f"{target}: cannot be written ({reason})") from None
+
+
+def write_bytes(path, data: bytes) -> None:
+    """`data` as the file `path`, atomically; a failure is one line naming `path`."""
+    with atomic_path(path) as tmp, reported(str(path), tmp.parent):
+        tmp.write_bytes(data)
+
+
 class VolumeWriter:
     """Blocks go to `self._target` (an array-like); the temporary output is committed on clean exit."""
 
@@ -73,11 +93,13 @@ class VolumeWriter:
         expected = tuple(len(range(*s.indices(n))) for s, n in zip(index, self.shape))
         if tuple(np.shape(data)) != expected:
             raise ValueError(f"{self.spec.text}: block of shape {np.shape(data)} does not fit region {region} (needs {expected})")
-        self._target[index] = data
+        with self._reported():
+            self._target[index] = data
 
     def __enter__(self) -> VolumeWriter:
         try:
-            self._target = self._open()
+            with self._reported():
+                self._target = self._open()
         except BaseException:
             self._cleanup.__exit__(*sys.exc_info())
             raise
@@ -85,8 +107,20 @@ class VolumeWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            self._commit()
-        return self._cleanup.__exit__(exc_type, exc, tb)
+            try:
+                with self._reported():
+                    self._commit()
+            except BaseException:
+                self._cleanup.__exit__(*sys.exc_info())  # the temporary output goes too
+                raise
+        with self._reported():
+            return self._cleanup.__exit__(exc_type, exc, tb)
+
+    def _reported(self):
+        folder = Path(self.spec.path).parent
+        while not folder.exists():
+            folder = folder.parent
+        return reported(self.spec.text, folder)
 
     def _open(self):
         """Create the temporary output; return the array-like that receives the blocks."""
@@ -106,7 +140,7 @@ class _BufferedWriter(VolumeWriter):
         return np.memmap(file, dtype=self.dtype, mode="w+", shape=self.shape)
 
     def _commit(self) -> None:
-        with atomic_path(self.spec.path) as tmp:
+        with atomic_path(self.spec.path) as tmp, reported(self.spec.text, tmp.parent):
             _SAVERS[self.spec.format](tmp, self.spec, self._target, self._like)
 
 

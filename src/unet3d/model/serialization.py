@@ -16,8 +16,8 @@ import safetensors.torch
 import torch
 
 import unet3d
-from unet3d.atomic import atomic_path
 from unet3d.errors import UserError
+from unet3d.io.writers import write_bytes
 from unet3d.model.forest import TENSOR as FOREST_TENSOR, ForestModel
 from unet3d.model.unet import UNet, UNetConfig
 
@@ -39,8 +39,7 @@ def save_model(path, model: UNet, info: dict | None = None, forest: ForestModel 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if forest is not None:
         state[FOREST_TENSOR] = torch.frombuffer(bytearray(forest.to_bytes()), dtype=torch.uint8)
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(state, str(tmp), metadata={"unet3d": json.dumps(description)})
+    write_bytes(path, safetensors.torch.save(state, metadata={"unet3d": json.dumps(description)}))
 
 
 def read_description(path) -> dict:

@@ -6,17 +6,21 @@ and never executes pickled code.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 
-from unet3d.atomic import atomic_path
 from unet3d.errors import UserError
+from unet3d.io.writers import write_bytes
 
 
 def save_checkpoint(path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Serialized in memory first: torch.save reports a full disk as an opaque RuntimeError, a plain
+    write as the OSError that names the problem."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path) -> dict:
