@@ -172,3 +172,41 @@ def test_instances_command_refuses_labels_and_unknown_channels(tmp_path, capsys)
     assert not (tmp_path / "o.tif").exists()
     assert main(["instances", str(probabilities), "-o", str(tmp_path / "o.tif"), "--classes", "1,2",
                  "--kind", "cells"]) == 0
+
+
+class _TrainedSession:
+    """What the napari widget asks of a trained session: its classes (painted values) and the
+    probabilities of the whole volume."""
+
+    def __init__(self, probabilities: np.ndarray):
+        self.class_values, self.network, self._probabilities = [1, 2, 3], object(), probabilities
+
+    def probabilities(self) -> np.ndarray:
+        return self._probabilities
+
+
+def test_napari_objects_become_a_labels_layer(request):
+    import os
+
+    pytest.importorskip("napari")
+    pytest.importorskip("pytestqt")
+    if not os.environ.get("DISPLAY") and not os.environ.get("CI"):  # pytest-xvfb sets DISPLAY; CI must have one
+        pytest.skip("no display (Debian: apt-get install xvfb)")
+    from unet3d.napari.widget import OBJECTS_LAYER, InteractiveWidget
+
+    viewer, qtbot = request.getfixturevalue("make_napari_viewer_proxy")(), request.getfixturevalue("qtbot")
+    truth, classes = touching_spheres()
+    widget = InteractiveWidget(viewer)
+    widget.session, widget._session_layer = _TrainedSession(one_hot(classes)), "image"
+    viewer.add_image(classes.astype(np.float32), name="image")
+    viewer.add_labels(np.zeros(classes.shape, np.uint8), name="painting")
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    widget.image.value, widget.painting.value = viewer.layers["image"], viewer.layers["painting"]
+    widget.objects.clicked()
+    qtbot.waitUntil(lambda: OBJECTS_LAYER in viewer.layers and not widget.busy, timeout=30_000)
+    assert ap(match_instances(np.asarray(viewer.layers[OBJECTS_LAYER].data), truth), 0.75) == 1.0
+    assert widget.status.value == "2 objects (nuclei)"
+    widget.boundary.value = 7
+    widget.objects.clicked()
+    assert "interior 2 and boundary 7" in widget.status.value

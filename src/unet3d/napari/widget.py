@@ -13,7 +13,7 @@ import time
 
 import napari
 import numpy as np
-from magicgui.widgets import Container, FileEdit, FloatSpinBox, Label, PushButton, create_widget
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox, create_widget
 from napari.qt.threading import create_worker
 from superqt.utils import ensure_main_thread
 
@@ -21,13 +21,15 @@ from unet3d.data.features import raw_channels
 from unet3d.errors import UserError
 from unet3d.inference.distributed import load_forest, load_predictor
 from unet3d.inference.predictor import predict_image
+from unet3d.instances import KINDS, instances_from_probabilities
 from unet3d.interactive.session import Preview, Progress, RoundResult, Session
 from unet3d.interactive.suggest import Suggestion
 
 
 PREVIEW_LAYER, UNCERTAINTY_LAYER, SEGMENTATION_LAYER = "unet3d preview", "unet3d uncertainty", "unet3d segmentation"
+OBJECTS_LAYER = "unet3d objects"
 AXIS_ORDER = {0: (0, 1, 2), 1: (1, 0, 2), 2: (2, 0, 1)}  # dims order that shows slices across each axis
-BUTTONS = ("train", "segment", "suggest", "save", "apply")
+BUTTONS = ("train", "segment", "suggest", "objects", "save", "apply")
 
 
 class InteractiveWidget(Container):
@@ -43,6 +45,11 @@ class InteractiveWidget(Container):
         self.stop = PushButton(text="Stop", enabled=False)
         self.segment = PushButton(text="Segment volume (with the forest)")
         self.suggest = PushButton(text="Suggest next slice")
+        self.object_kind = ComboBox(choices=sorted(KINDS), value="nuclei", label="objects")
+        # Painted values are classes + 1 (0 is unpainted): 1 background, 2 interior, 3 boundary by default.
+        self.interior = SpinBox(value=2, min=1, max=65535, label="interior value")
+        self.boundary = SpinBox(value=3, min=1, max=65535, label="boundary value")
+        self.objects = PushButton(text="Objects (one label each)")
         self.model_file = FileEdit(mode="w", filter="*.safetensors", label="model file")
         self.save = PushButton(text="Save model")
         self.apply_model = FileEdit(mode="r", filter="*.safetensors *.zip", label="model to apply")
@@ -50,7 +57,7 @@ class InteractiveWidget(Container):
         self.apply = PushButton(text="Apply model")
         self.status = Label(value="Paint a few voxels of each class (1, 2, ...), then Train.")
         self.extend([self.image, self.painting, self.budget, self.train, self.stop, self.segment, self.suggest,
-                     self.model_file, self.save, self.apply_model, self.apply_to, self.apply, self.status])
+                     self.object_kind, self.interior, self.boundary, self.objects, self.model_file, self.save, self.apply_model, self.apply_to, self.apply, self.status])
         self.max_steps: int | None = None  # at most this many training steps per round (None: the seconds decide)
         self.session: Session | None = None
         self._session_layer: str | None = None  # the image layer the session was made for
@@ -65,6 +72,7 @@ class InteractiveWidget(Container):
         self.stop.changed.connect(lambda: self._stop_event.set())
         self.segment.changed.connect(self.segment_volume)
         self.suggest.changed.connect(self.suggest_slice)
+        self.objects.changed.connect(self.find_objects)
         self.save.changed.connect(self.save_model)
         self.apply.changed.connect(self.apply_saved_model)
         self.image.changed.connect(self._open_session)
@@ -112,6 +120,26 @@ class InteractiveWidget(Container):
         except UserError as exc:
             return self.say(str(exc))
         self._run("looking for the slice to paint next ...", lambda: session.suggest(painted)[0], self._go_to_slice)
+
+    def find_objects(self) -> None:
+        """Objects from the blended probabilities of the whole volume (`unet3d instances`), one label each."""
+        try:
+            session = self._trained_session()
+            interior, boundary = int(self.interior.value), int(self.boundary.value)
+            missing = [value for value in (interior, boundary) if value not in session.class_values]
+            if missing or interior == boundary:
+                raise UserError(f"objects need two painted classes, interior {interior} and boundary {boundary}; "
+                                f"the network knows {', '.join(map(str, session.class_values))}")
+        except UserError as exc:
+            return self.say(str(exc))
+        kind, spacing = self.object_kind.value, self._scale()
+
+        def work():
+            return instances_from_probabilities(session.probabilities(), session.class_values, KINDS[kind],
+                                                interior, boundary, spacing)
+
+        self._run(f"finding {kind} ...", work,
+                  lambda labels: self._set_labels(OBJECTS_LAYER, labels, f"{int(labels.max())} objects ({kind})"))
 
     def save_model(self) -> None:
         try:
