@@ -124,6 +124,22 @@ def test_no_objects_anywhere_has_no_scores():
     assert half["ap"] is None and half["precision"] is None
 
 
+def test_blobs_without_a_boundary_class(tmp_path, capsys):
+    # Two separate balls (mitochondria-like): classes 0 outside, 1 inside, and a third class elsewhere.
+    z, y, x = np.mgrid[:12, :20, :40]
+    truth = np.zeros((12, 20, 40), np.uint16)
+    for value, cx in ((1, 10), (2, 28)):
+        truth[(z - 6) ** 2 + (y - 10) ** 2 + (x - cx) ** 2 <= 25] = value
+    classes = np.where(truth > 0, 1, np.where(x < 20, 0, 2))
+    probabilities = tmp_path / "p.npy"
+    write_volume(str(probabilities), one_hot(classes))
+    output = str(tmp_path / "o.npy")
+    assert main(["instances", str(probabilities), "-o", output, "--boundary", "none"]) == 0
+    assert ap(match_instances(np.load(output), truth), 0.75) == 1.0
+    assert main(["instances", str(probabilities), "-o", output, "--boundary", "none", "--kind", "cells"]) == 2
+    assert "a boundary class is needed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("suffix", [".tif", ".h5", ".nii.gz", ".zarr", ".npy"])
 def test_instances_command_round_trip(tmp_path, capsys, suffix):
     truth, classes = touching_spheres()

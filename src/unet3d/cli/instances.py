@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import numpy as np
@@ -34,7 +35,9 @@ def register(subparsers) -> None:
                         help="the class value of each channel, in order, as densify and predict number them: the "
                         "sorted class values of the training labels (default: 0,1,...,K-1)")
     parser.add_argument("--interior", type=int, default=1, metavar="N", help="class value of object interiors")
-    parser.add_argument("--boundary", type=int, default=2, metavar="N", help="class value of object boundaries (walls)")
+    parser.add_argument("--boundary", type=class_or_none, default=2, metavar="N",
+                        help="class value of object boundaries (walls); 'none' for blobs without one (e.g. "
+                        "mitochondria), which then flood on 1 - P(interior)")
     parser.add_argument("--spacing", type=float_list, metavar="Z,Y,X",
                         help="voxel spacing for distances (default: from the file, else isotropic)")
     parser.add_argument("--channel-axis", type=int, metavar="N", help="the file's channel axis, if not detected")
@@ -45,19 +48,31 @@ def run(args) -> int:
     target, source = parse_spec(args.output), parse_spec(args.probabilities)  # unknown extensions fail here
     if (os.path.realpath(target.path), target.key) == (os.path.realpath(source.path), source.key):
         raise UserError(f"{args.output}: would overwrite the probabilities")
+    if args.boundary is None and KINDS[args.kind].seed_class != "interior":
+        raise UserError(f"--kind {args.kind} --boundary none: cells are bounded by walls, a boundary class is needed")
+    if args.spacing is not None and (len(args.spacing) != 3 or min(args.spacing) <= 0):
+        raise UserError(f"--spacing {','.join(f'{v:g}' for v in args.spacing)}: expected three positive numbers Z,Y,X")
     probabilities, meta = read_image(args.probabilities, args.channel_axis)
     classes = channel_classes(args.probabilities, probabilities, args.classes, args.interior, args.boundary)
-    spacing = args.spacing or meta.spacing
-    if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
-        raise UserError(f"--spacing {args.spacing}: expected three positive numbers Z,Y,X")
-    labels = instances_from_probabilities(probabilities, classes, KINDS[args.kind], args.interior, args.boundary, spacing)
+    labels = instances_from_probabilities(probabilities, classes, KINDS[args.kind], args.interior, args.boundary,
+                                          args.spacing or meta.spacing)
     write_volume(args.output, labels, like=meta)
     print(f"{int(labels.max())} objects ({args.kind}) in {'x'.join(map(str, labels.shape))} voxels")
     print(f"wrote {args.output}")
     return 0
 
 
-def channel_classes(spec: str, probabilities: np.ndarray, classes, interior: int, boundary: int) -> list[int]:
+def class_or_none(text: str) -> int | None:
+    """A class value, or 'none' where the volume has no boundary class."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a class value or 'none', got {text!r}") from None
+
+
+def channel_classes(spec: str, probabilities: np.ndarray, classes, interior: int, boundary: int | None) -> list[int]:
     """The class value of each channel, checked against the file and the interior and boundary classes."""
     count = probabilities.shape[0]
     classes = list(range(count)) if classes is None else classes
@@ -66,7 +81,7 @@ def channel_classes(spec: str, probabilities: np.ndarray, classes, interior: int
     if len(set(classes)) != count:
         raise UserError(f"--classes {','.join(map(str, classes))}: a class value appears twice")
     for name, value in (("interior", interior), ("boundary", boundary)):
-        if value not in classes:
+        if value is not None and value not in classes:
             raise UserError(f"{spec}: no channel holds the {name} class {value} (channels: "
                             f"{','.join(map(str, classes))}; set --classes or --{name})")
     if interior == boundary:

@@ -53,15 +53,22 @@ KINDS = {
 
 
 def instances_from_probabilities(probabilities: np.ndarray, class_values: Sequence[int], method: InstanceMethod,
-                                 interior: int = 1, boundary: int = 2, spacing=None) -> np.ndarray:
+                                 interior: int = 1, boundary: int | None = 2, spacing=None) -> np.ndarray:
     """Instance labels (Z, Y, X), 0 = no object, 1..N objects, from (K, Z, Y, X) probabilities whose
-    channels hold `class_values`; every class other than `interior` and `boundary` is background."""
+    channels hold `class_values`; every class other than `interior` and `boundary` is background.
+    Blobs without a boundary class (boundary None, e.g. mitochondria) flood on 1 - P(interior)."""
     values = [int(v) for v in class_values]
     inside = np.asarray(probabilities[values.index(interior)], dtype=np.float32)
-    wall = np.asarray(probabilities[values.index(boundary)], dtype=np.float32)
-    foreground = None
-    if not method.grow_into_background and len(values) > 2:
-        foreground = inside + wall >= 0.5
+    if boundary is None and method.seed_class != "interior":
+        raise ValueError("cells are bounded by walls: a boundary class is needed")
+    if boundary is None:
+        wall, claimed = 1 - inside, inside
+    else:
+        wall = np.asarray(probabilities[values.index(boundary)], dtype=np.float32)
+        claimed = inside + wall
+    foreground = None  # everywhere
+    if not method.grow_into_background and (boundary is None or len(values) > 2):
+        foreground = claimed >= 0.5
     mask = inside >= method.threshold if method.seed_class == "interior" else wall < method.threshold
     if foreground is not None:
         mask &= foreground
