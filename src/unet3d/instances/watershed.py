@@ -57,18 +57,10 @@ def instances_from_probabilities(probabilities: np.ndarray, class_values: Sequen
     """Instance labels (Z, Y, X), 0 = no object, 1..N objects, from (K, Z, Y, X) probabilities whose
     channels hold `class_values`; every class other than `interior` and `boundary` is background.
     Blobs without a boundary class (boundary None, e.g. mitochondria) flood on 1 - P(interior)."""
-    values = [int(v) for v in class_values]
-    inside = np.asarray(probabilities[values.index(interior)], dtype=np.float32)
     if boundary is None and method.seed_class != "interior":
         raise ValueError("cells are bounded by walls: a boundary class is needed")
-    if boundary is None:
-        wall, claimed = 1 - inside, inside
-    else:
-        wall = np.asarray(probabilities[values.index(boundary)], dtype=np.float32)
-        claimed = inside + wall
-    foreground = None  # everywhere
-    if not method.grow_into_background and (boundary is None or len(values) > 2):
-        foreground = claimed >= 0.5
+    inside, wall, claimed = class_maps(probabilities, class_values, interior, boundary)
+    foreground = None if method.grow_into_background or claimed is None else claimed >= 0.5
     mask = inside >= method.threshold if method.seed_class == "interior" else wall < method.threshold
     if foreground is not None:
         mask &= foreground
@@ -78,11 +70,21 @@ def instances_from_probabilities(probabilities: np.ndarray, class_values: Sequen
         seeds = distance_maxima(distance, method.seed_distance)
     else:
         seeds = distance > method.seed_distance
-    seeds = seed_labels(seeds, method.min_seed)
     elevation = wall
     if method.distance_weight:
         elevation = (1 - method.distance_weight) * wall + method.distance_weight * (1 - distance / max(distance.max(), 1))
-    return compact_labels(watershed(elevation, markers=seeds, mask=foreground))
+    return compact_labels(watershed(elevation, markers=seed_labels(seeds, method.min_seed), mask=foreground))
+
+
+def class_maps(probabilities, class_values: Sequence[int], interior: int, boundary: int | None):
+    """P(interior), the map to flood (P(boundary), else 1 - P(interior)) and P(object) = what the
+    object classes claim (None where they are the only classes: objects fill the volume)."""
+    values = [int(v) for v in class_values]
+    inside = np.asarray(probabilities[values.index(interior)], dtype=np.float32)
+    if boundary is None:
+        return inside, 1 - inside, inside
+    wall = np.asarray(probabilities[values.index(boundary)], dtype=np.float32)
+    return inside, wall, (inside + wall if len(values) > 2 else None)
 
 
 def distance_maxima(distance: np.ndarray, radius: float) -> np.ndarray:
