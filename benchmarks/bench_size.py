@@ -1,7 +1,7 @@
 """densify as the volume grows: the serial-section EM stack mirrored along z, from 21 M voxels up.
 
 Usage: .venv/bin/python -m benchmarks.bench_size [--copies 1 6] [--max-time 1800] [--slices 3,3,2]
-           [--seed 0] [--results FILE.jsonl] [--quick]
+           [--seed 0] [--max-memory 8G] [--results FILE.jsonl] [--quick]
 
 `--copies N` stacks the 20×1024×1024 em_vnc volume (../shared/data, or UNET3D_SHARED_DATA) N times
 along z, every other copy mirrored, so slices meet seamlessly: 1 is the 21 M-voxel stack, 6 the
@@ -42,7 +42,8 @@ def stack(copies: int, side: int | None = None) -> tuple[np.ndarray, np.ndarray]
             np.concatenate([pick(truth, i) for i in range(copies)]))
 
 
-def run(copies: int, max_time: float, slices, seed: int, folder: Path, side: int | None = None) -> dict:
+def run(copies: int, max_time: float, slices, seed: int, folder: Path, side: int | None = None,
+        max_memory: str | None = None) -> dict:
     image, truth = stack(copies, side)
     tifffile.imwrite(folder / "image.tif", image)
     tifffile.imwrite(folder / "truth.tif", truth)
@@ -52,7 +53,8 @@ def run(copies: int, max_time: float, slices, seed: int, folder: Path, side: int
     spacing = ",".join(f"{s:g}" for s in data.EM_VNC_SPACING)
     command = ["/usr/bin/time", "-v", str(UNET3D), "densify", str(folder / "image.tif"), str(folder / "sparse.tif"),
                "-o", str(folder / "seg.tif"), "--ignore-label", str(IGNORE), "--max-time", f"{max_time:g}",
-               "--truth", str(folder / "truth.tif"), "--spacing", spacing, "--seed", str(seed), "--quiet"]
+               "--truth", str(folder / "truth.tif"), "--spacing", spacing, "--seed", str(seed), "--quiet",
+               *(["--max-memory", max_memory] if max_memory else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"voxels": voxels, "error": (done.stdout + done.stderr).strip().splitlines()[-25:]}
@@ -61,7 +63,8 @@ def run(copies: int, max_time: float, slices, seed: int, folder: Path, side: int
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     scores = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("json: "))[6:])
     wall_s = hours * 3600 + minutes * 60 + seconds
-    return {"voxels": voxels, "wall_s": round(wall_s, 1), "peak_rss_gib": round(peak / 2**20, 2),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"commit": commit, "voxels": voxels, "wall_s": round(wall_s, 1), "peak_rss_gib": round(peak / 2**20, 2),
             "us_per_voxel": round(wall_s / voxels * 1e6, 2), "iou": scores,
             "printed": [line for line in done.stdout.splitlines() if not line.startswith("json: ")]}
 
@@ -72,6 +75,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-time", type=float, default=1800.0, help="densify's --max-time")
     parser.add_argument("--slices", default="3,3,2", help="evenly spaced slices per axis, (Z, Y, X)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-memory", metavar="SIZE", help="densify's --max-memory (e.g. 8G; default: none given)")
     parser.add_argument("--results", type=Path, help="JSON lines, appended; rows already there are not re-run")
     parser.add_argument("--quick", action="store_true", help="one copy cropped to 20×256×256, 30 s")
     args = parser.parse_args(argv)
@@ -84,11 +88,13 @@ def main(argv=None) -> None:
     done = load_rows(args.results)
     rows = []
     for copies in ([1] if args.quick else args.copies):
-        key = {"copies": copies, "max_time": args.max_time, "slices": args.slices, "seed": args.seed}
+        key = {"copies": copies, "max_time": args.max_time, "slices": args.slices, "seed": args.seed,
+               **({"max_memory": args.max_memory} if args.max_memory else {})}
         row = find_row(done, key)
         if row is None:
             with tempfile.TemporaryDirectory() as folder:
-                row = {**key, **run(copies, args.max_time, slices, args.seed, Path(folder), 256 if args.quick else None)}
+                row = {**key, **run(copies, args.max_time, slices, args.seed, Path(folder), 256 if args.quick else None,
+                                    args.max_memory)}
             append_row(None if args.quick else args.results, row)
         rows.append(row)
     print("| voxels | --max-time | wall time | µs per voxel | peak RSS | foreground IoU (unannotated) | route |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from unet3d.cli.options import DefaultsHelpFormatter, add_run_options, float_list
+from unet3d.cli.predict import memory_size
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.io import read_image, read_labels
@@ -69,6 +70,10 @@ def register(subparsers) -> None:
                         f"them that neither model trains on): up to {FOREST_TREES} trees, as "
                         f"many as fit in {FOREST_MAX_SHARE * 100:.0f}%% of --max-time, which the forest's time "
                         "comes out of; auto: when the bank fits in memory. The model file holds the forest too")
+    parser.add_argument("--max-memory", type=memory_size, metavar="SIZE",
+                        help="memory for the filter bank and prediction's tiles (e.g. 8G): a volume whose whole "
+                        "bank needs more is trained on blocks around the annotation and predicted tile by tile, "
+                        "the bank made there alone (default: the free memory decides)")
     parser.add_argument("--tta", choices=AUTO_ON_OFF, default="auto",
                         help="average the network's predictions of the 8 mirrored volumes; auto: when that costs at "
                         f"most {TTA_MAX_SHARE * 100:.0f}%% of --max-time (a small volume)")
@@ -89,6 +94,6 @@ def run(args) -> int:
                                num_classes=args.num_classes, spacing=args.spacing or meta.spacing,
                                device=resolve_device(args.device), threads=args.threads, progress=not args.quiet,
                                filter_features=AUTO_ON_OFF[args.filter_features], forest=AUTO_ON_OFF[args.forest],
-                               tta=AUTO_ON_OFF[args.tta], init=init, report=lambda line: print(line, flush=True))
+                               tta=AUTO_ON_OFF[args.tta], init=init, max_memory=args.max_memory, report=lambda line: print(line, flush=True))
     print(report)
     return 0

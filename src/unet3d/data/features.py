@@ -188,18 +188,21 @@ def bank_at(read, volume_shape, spec: dict, voxels: np.ndarray, block=(32, 256, 
     return out
 
 
-def feature_memory_shortfall(name: str, shape, spec: dict | None) -> str | None:
-    """Why a (C, Z, Y, X) volume's filter-bank inputs cannot fit in the free memory (the image joined
-    to its bank and the normalized copy live at once), in one line naming `name`; None if they fit."""
+def feature_memory_shortfall(name: str, shape, spec: dict | None, budget: int | None = None) -> str | None:
+    """Why a (C, Z, Y, X) volume's filter-bank inputs cannot fit in the free memory, or in `budget`
+    bytes when that is less (the image joined to its bank and the normalized copy live at once), in
+    one line naming `name`; None if they fit."""
     free = free_memory()
-    if spec is None or free is None:
+    if spec is None or (free is None and budget is None):
         return None
+    available = min(b for b in (free, budget) if b is not None)
     channels, *spatial = shape
     needed = 2 * 4 * channels * (1 + _bank_size(spec)) * math.prod(spatial)
-    if needed <= free:
+    if needed <= available:
         return None
+    where = "are free" if available == free else "are allowed (--max-memory)"
     return (f"{name}: filter-bank inputs for {'×'.join(map(str, spatial))} voxels need about "
-            f"{needed / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB are free")
+            f"{needed / 2**30:.1f} GiB of memory, {available / 2**30:.1f} GiB {where}")
 
 
 def free_memory() -> int | None:

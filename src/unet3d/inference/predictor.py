@@ -209,11 +209,13 @@ def label_dtype(class_values) -> np.dtype:
     return np.min_scalar_type(min(class_values)) if min(class_values) < 0 else np.min_scalar_type(max(class_values))
 
 
-def region_reader(source, normalization: dict, input_features: dict | None, report=None, per_region: bool = False):
+def region_reader(source, normalization: dict, input_features: dict | None, report=None, per_region: bool = False,
+                  max_memory: int | None = None):
     """box → the network's normalized input there.
 
-    Filter-bank inputs are made once for the whole volume when they fit in free memory (62
-    float32 channels per image channel; never with `per_region`), else region by region from the
+    Filter-bank inputs are made once for the whole volume when they fit in free memory and in
+    `max_memory` (62 float32 channels per image channel; never with `per_region`), else region by
+    region from the
     region grown by the bank's reach: the same values, for more filtering work (1.6× the
     prediction's CPU time on EM). A per-volume normalization is fitted on the whole volume first,
     so every region shares it.
@@ -221,7 +223,7 @@ def region_reader(source, normalization: dict, input_features: dict | None, repo
     shape = tuple(source.shape[1:])
     if input_features is None:
         read = source.read
-    elif per_region or feature_memory_shortfall("image", source.shape, input_features):
+    elif per_region or feature_memory_shortfall("image", source.shape, input_features, max_memory):
         if report is not None and not per_region:
             report("the filter bank of the whole volume does not fit in free memory; computing it tile by tile "
                    "(slower)")
@@ -276,19 +278,19 @@ class SharedBank:
 
 
 def network_and_forest(source, normalization: dict, input_features: dict | None, forest: ForestModel | None,
-                       report=None, per_region: bool = False, batch_size: int = 1):
+                       report=None, per_region: bool = False, batch_size: int = 1, max_memory: int | None = None):
     """(box → the network's normalized input, block → the forest's probabilities or None): the
     filter bank made once per region for both where the network reads the forest's bank and the
     volume's bank is made region by region (`SharedBank`)."""
     shared = SharedBank.applies(input_features, normalization, forest) and (
-        per_region or feature_memory_shortfall("image", source.shape, input_features) is not None)
+        per_region or feature_memory_shortfall("image", source.shape, input_features, max_memory) is not None)
     if shared:
         if report is not None and not per_region:
             report("the filter bank of the whole volume does not fit in free memory; computing it tile by tile "
                    "for the network and the forest together")
         bank = SharedBank(source, normalization, forest, batch_size)
         return bank.read, bank.forest_at
-    read = region_reader(source, normalization, input_features, report, per_region)
+    read = region_reader(source, normalization, input_features, report, per_region, max_memory)
     return read, (forest.region_probabilities(source.read, tuple(source.shape[1:])) if forest is not None else None)
 
 
@@ -352,7 +354,7 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     plan = make_plan(model, shape, tile, max_memory, batch_size, overlap, device, report)
     net = prepare_network(model, device)
     read, forest_at = network_and_forest(source, normalization, info.get("input_features"), forest, report,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, max_memory=max_memory)
     counts = np.zeros(config.num_classes, np.int64)
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:

@@ -157,16 +157,17 @@ def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: in
 
 
 def choose_inputs(filter_features: bool | None, image_shape, sparse: np.ndarray, ignore_label: int, spacing,
-                  source: str) -> tuple[dict | None, str]:
+                  source: str, max_memory: int | None = None) -> tuple[dict | None, str]:
     """The filter-bank spec to train with (None: the image alone) and one line saying why.
 
     None decides from the annotation: the bank when at least FILTER_FEATURES_MIN_ANNOTATED voxels
-    are annotated. True insists. Where the whole volume's bank would not fit in free memory it is
+    are annotated. True insists. Where the whole volume's bank would not fit in free memory (or in
+    `max_memory`) it is
     made for the training blocks alone (`workflows.blocks`) and tile by tile at prediction.
     """
     if filter_features is False:
         return None, "the image alone (filter features off)"
-    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing))
+    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing), max_memory)
     where = f", made per block ({shortfall.removeprefix(source + ': ')})" if shortfall else ""
     if filter_features:
         return input_feature_spec(spacing), f"the image and ilastik's filter bank (asked for){where}"
@@ -215,13 +216,15 @@ class StartingModel:
 WHOLE, BLOCKWISE = "whole", "blockwise"  # how the forest's filter bank is made: for the whole volume in memory, or per block
 
 
-def choose_forest(forest: bool | None, image_shape, spacing, source: str) -> tuple[str | None, str]:
+def choose_forest(forest: bool | None, image_shape, spacing, source: str,
+                  max_memory: int | None = None) -> tuple[str | None, str]:
     """How to blend in the random forest (None: not at all), and one line saying why: by default
-    always, its filter bank made for the whole volume at once where that fits in free memory, else
+    always, its filter bank made for the whole volume at once where that fits in free memory (and
+    `max_memory`), else
     block by block (`densify_blockwise`)."""
     if forest is False:
         return None, "the network alone (forest off)"
-    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing))
+    shortfall = feature_memory_shortfall(source, image_shape, input_feature_spec(spacing), max_memory)
     if shortfall:
         return BLOCKWISE, (f"the network and a random forest on ilastik's filter bank made block by block "
                            f"({shortfall.removeprefix(source + ': ')}), geometric mean of their probabilities")
@@ -299,7 +302,9 @@ class DensifyOptions:
     config: TrainConfig | None = None  # the training configuration, instead of `default_config`'s
     report: Callable[[str], None] | None = None  # hears the time plan before training
     probabilities_out: str | None = None  # where the blockwise route writes probabilities, region by region
-    max_memory: int | None = None  # bytes the blockwise route's training blocks budget from (None: free memory)
+    # Bytes for the filter bank (of the whole volume, else of the training blocks and tiles) and the
+    # prediction tiles (None: the free memory decides the route, prediction's default its tiles).
+    max_memory: int | None = None
 
     @property
     def now(self):
@@ -327,9 +332,11 @@ def prepare_inputs(image: np.ndarray, sparse: np.ndarray, ignore_label: int, opt
         features, inputs = init.inputs(options.filter_features)
     else:
         features, inputs = choose_inputs(options.filter_features, image.shape, sparse, ignore_label, options.spacing,
-                                         options.source)
-    forest_route, blend = choose_forest(options.forest, image.shape, options.spacing, options.source)
-    if forest_route == BLOCKWISE or (features and feature_memory_shortfall(options.source, image.shape, features)):
+                                         options.source, options.max_memory)
+    forest_route, blend = choose_forest(options.forest, image.shape, options.spacing, options.source,
+                                        options.max_memory)
+    if forest_route == BLOCKWISE or (features and feature_memory_shortfall(options.source, image.shape, features,
+                                                                           options.max_memory)):
         return prepare_blocks(image, sparse, ignore_label, options, features, inputs, forest_route, blend)
     network_input = with_input_features(image, features) if features else image
     data = prepare_training_set([network_input], [sparse], ignore_label, sources=[options.source],
@@ -491,7 +498,7 @@ def densify_blockwise(image: np.ndarray, prepared: DensifyInputs, model_path, op
         weighing = weigh_blockwise(result.model, forest, image, read, prepared.held, options) if forest else ""
         segmentation = np.empty(shape, label_dtype(data.class_values))
         predict_volume(result.model, result.info, source, segmentation, options.probabilities_out,
-                       device=options.device, progress=options.progress, forest=forest)
+                       device=options.device, progress=options.progress, forest=forest, max_memory=options.max_memory)
     if forest is not None and forest.network_weight < 1:
         save_model(model_path, result.model, result.info, forest)
     return DensifyResult(segmentation, None, result.model, result.info, result.iterations, result.seconds,
