@@ -185,6 +185,9 @@ def test_instances_command_refuses_labels_and_unknown_channels(tmp_path, capsys)
     assert "no channel holds the boundary class 2" in capsys.readouterr().err
     assert main(["instances", str(probabilities), "-o", str(tmp_path / "o.tif"), "--classes", "1,2,3"]) == 2
     assert "2 channel(s), but --classes names 3" in capsys.readouterr().err
+    write_volume(str(tmp_path / "labels.tif"), classes.astype(np.uint8))
+    assert main(["instances", str(tmp_path / "labels.tif"), "-o", str(tmp_path / "o.tif")]) == 2
+    assert "labels.tif: a single channel, not class probabilities" in capsys.readouterr().err
     assert not (tmp_path / "o.tif").exists()
     assert main(["instances", str(probabilities), "-o", str(tmp_path / "o.tif"), "--classes", "1,2",
                  "--kind", "cells"]) == 0

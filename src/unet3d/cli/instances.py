@@ -75,6 +75,8 @@ def class_or_none(text: str) -> int | None:
 def channel_classes(spec: str, probabilities: np.ndarray, classes, interior: int, boundary: int | None) -> list[int]:
     """The class value of each channel, checked against the file and the interior and boundary classes."""
     count = probabilities.shape[0]
+    if count < 2:
+        raise UserError(f"{spec}: a single channel, not class probabilities (one channel per class, K, Z, Y, X)")
     classes = list(range(count)) if classes is None else classes
     if len(classes) != count:
         raise UserError(f"{spec}: {count} channel(s), but --classes names {len(classes)}")
