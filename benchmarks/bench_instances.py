@@ -5,17 +5,20 @@ Usage: PYTHONPATH=. .venv/bin/python -m benchmarks.bench_instances [--quick] [--
            [--slices 3,3,2] [--max-time S] [--seeds 0 1] [--results FILE.jsonl] [--cache FOLDER] [--sweep]
 
 Per volume and seed: keep the paper's evenly spread (3,3,2) slices of the dense class truth
-(`bench_densify`'s protocol), run densify on them with `--max-time` (default 60 s on nuclei_tiny, 180 s on the ovule: the
-least densify accepts there on two busy cores), and turn each of its
-probability maps — the network alone, the forest alone and the blend densify writes — into objects
-with the volume's kind (`unet3d.instances.KINDS`, fixed parameters). Scores: precision, recall, F1
-and AP = TP/(TP+FP+FN) at IoU 0.5 and 0.75, on the voxels the slices left unannotated. The oracle
-row puts the dense class truth (one-hot) through the same step: the ceiling of the method itself.
+(`bench_densify`'s protocol), run densify on them with `--max-time` (default 60 s on nuclei_tiny,
+180 s on the ovule, 300 s on em_vnc_q0: about the least densify accepts there on two busy cores),
+and turn each of its probability maps — the network alone, the forest alone and the blend densify
+writes — into objects with the volume's kind (`unet3d.instances.KINDS`, fixed parameters).
+Scores: precision, recall, F1 and AP = TP/(TP+FP+FN) at IoU 0.5 and 0.75, on the voxels the slices
+left unannotated. The oracle row puts the dense class truth (one-hot) through the same step: the
+ceiling of the method itself.
 `--sweep` scores every candidate parameter set of the kind instead of the chosen one (the table
 docs/instances.md chose from). `--cache` keeps densify's maps (float16 .npz) so reruns and sweeps
 skip training. Rows go to `--results` as JSON lines; a rerun skips rows already there.
-Volumes: nuclei_tiny (kind nuclei; instances.tif from ../shared/data or UNET3D_SHARED_DATA) and the
-ovule (kind cells; ovule.h5:/instances).
+Volumes: nuclei_tiny (kind nuclei; instances.tif from ../shared/data or UNET3D_SHARED_DATA), the
+ovule (kind cells; ovule.h5:/instances) and em_vnc_q0, the first 20×512×512 quarter of em_vnc (its
+mitochondria, class 2, as blobs without a boundary class; the truth's objects are the connected
+components of class 2; 300 s).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from benchmarks.bench_densify import IGNORE
 from benchmarks.records import append_row, find_row, load_rows
@@ -66,12 +70,17 @@ CANDIDATES = {
               **{f"boundary < {t}, maxima r 8, distance weight 0.5 (PlantSeg)":
                  InstanceMethod("not_boundary", t, "maxima", 8, 1, True, 0.5) for t in (0.5, 0.3)}},
 }
-VOLUME_KIND = {"nuclei_tiny": "nuclei", "ovule": "cells"}
+VOLUME_KIND = {"nuclei_tiny": "nuclei", "ovule": "cells", "em_vnc_q0": "nuclei"}
+# (interior, boundary) class values where they are not (1, 2): em_vnc's mitochondria have no boundary class.
+VOLUME_CLASSES = {"em_vnc_q0": (2, None)}
 
 
 def instance_truth(name: str) -> np.ndarray:
-    """The shared instance ground truth of a volume (object ids, 0 = none)."""
+    """The shared instance ground truth of a volume (object ids, 0 = none); em_vnc's mitochondria are
+    the connected components of its class 2."""
     folder = data.shared_data()
+    if name.startswith("em_vnc"):
+        return ndimage.label(data.load(name).truth == 2)[0]
     if name == "nuclei_tiny":
         import tifffile
 
@@ -117,7 +126,8 @@ def measure(name: str, slices: tuple[int, ...], seeds: list[int], max_time: floa
                 if source not in maps:
                     continue
                 started = time.monotonic()
-                labels = instances_from_probabilities(maps[source], map_classes, methods[method], spacing=volume.spacing)
+                labels = instances_from_probabilities(maps[source], map_classes, methods[method],
+                                                      *VOLUME_CLASSES.get(name, (1, 2)), spacing=volume.spacing)
                 row = {**base, "source": source, "method": method, "params": methods[method].as_dict(),
                        "densify_s": round(seconds, 1), "instances_s": round(time.monotonic() - started, 2),
                        **score(labels, truth, mask)}
@@ -163,8 +173,8 @@ def main(argv=None) -> None:
     parser.add_argument("--volumes", nargs="+", default=list(VOLUME_KIND), choices=list(VOLUME_KIND))
     parser.add_argument("--slices", default="3,3,2", help="k slices per axis, (Z, Y, X)")
     parser.add_argument("--max-time", type=float, default=None,
-                        help="densify's --max-time (wall seconds; default 60 on nuclei_tiny, 180 on the ovule, "
-                        "the least it accepts there on two busy cores)")
+                        help="densify's --max-time (wall seconds; default 60 on nuclei_tiny, 180 on the ovule, 300 on "
+                        "em_vnc_q0: about the least it accepts there on two busy cores)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--results", type=Path, help="JSON lines, appended; rows already there are not re-run")
     parser.add_argument("--cache", type=Path, metavar="FOLDER", help="keep densify's probability maps here (float16 .npz)")
@@ -177,7 +187,7 @@ def main(argv=None) -> None:
     done = load_rows(args.results)
     rows = []
     for name in args.volumes:
-        if not (data.shared_data() / name).exists():  # the instance truth, nuclei_tiny's too, lives there
+        if not (data.shared_data() / name.removesuffix("_q0")).exists():  # the instance truth, nuclei_tiny's too, lives there
             print(f"skipped {name}: {data.shared_data() / name} not found (set UNET3D_SHARED_DATA)")
             continue
         kind = VOLUME_KIND[name]
@@ -187,7 +197,7 @@ def main(argv=None) -> None:
     (print_sweep if args.sweep else print_rows)(rows)
 
 
-DEFAULT_MAX_TIME = {"nuclei_tiny": 60.0, "ovule": 180.0}
+DEFAULT_MAX_TIME = {"nuclei_tiny": 60.0, "ovule": 180.0, "em_vnc_q0": 300.0}
 
 
 def _name_of(method: InstanceMethod) -> str:
