@@ -13,8 +13,9 @@ from unet3d.evaluation import evaluate_volumes, match_instances
 from unet3d.io import read_labels
 
 
-def background_value(text: str) -> int | None:
-    """An integer label value, or 'none' when every class counts as foreground."""
+def value_or_none(text: str) -> int | None:
+    """An integer label value, or 'none' for no such class (evaluate: every class is foreground;
+    instances: no boundary class)."""
     if text.lower() == "none":
         return None
     try:
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
     parser.add_argument("--exclude", metavar="SPARSE",
                         help="sparse label volume used for training: evaluate only the voxels where it holds the ignore label")
     parser.add_argument("--ignore-label", type=int, metavar="N", help="the value of unlabeled voxels in SPARSE (required with --exclude)")
-    parser.add_argument("--background", type=background_value, default=0, metavar="N",
+    parser.add_argument("--background", type=value_or_none, default=0, metavar="N",
                         help="label value left out of the foreground mean (default 0; 'none': every class is foreground)")
     parser.add_argument("--instances", action="store_true",
                         help="both volumes hold object ids (e.g. from `unet3d instances`): match objects instead of "

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
+from unet3d.cli.evaluate import value_or_none
 from unet3d.cli.options import DefaultsHelpFormatter, float_list, int_list, one_line_errors
 from unet3d.errors import UserError
 from unet3d.instances import KINDS, instances_from_probabilities
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
                         help="the class value of each channel, in order, as densify and predict number them: the "
                         "sorted class values of the training labels (default: 0,1,...,K-1)")
     parser.add_argument("--interior", type=int, default=1, metavar="N", help="class value of object interiors")
-    parser.add_argument("--boundary", type=class_or_none, default=2, metavar="N",
+    parser.add_argument("--boundary", type=value_or_none, default=2, metavar="N",
                         help="class value of object boundaries (walls); 'none' for blobs without one (e.g. "
                         "mitochondria), which then flood on 1 - P(interior)")
     parser.add_argument("--spacing", type=float_list, metavar="Z,Y,X",
@@ -60,16 +60,6 @@ def run(args) -> int:
     print(f"{int(labels.max())} objects ({args.kind}) in {'x'.join(map(str, labels.shape))} voxels")
     print(f"wrote {args.output}")
     return 0
-
-
-def class_or_none(text: str) -> int | None:
-    """A class value, or 'none' where the volume has no boundary class."""
-    if text.lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a class value or 'none', got {text!r}") from None
 
 
 def channel_classes(spec: str, probabilities: np.ndarray, classes, interior: int, boundary: int | None) -> list[int]:
