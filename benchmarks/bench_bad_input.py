@@ -99,6 +99,12 @@ def predict(folder: Path, model_path: str, image_path: str, *options: str) -> li
     return ["predict", model_path, image_path, "-o", str(folder / "out.tif"), "--quiet", *options]
 
 
+def suggest(folder: Path, labels: np.ndarray, *options: str) -> list[str]:
+    """`unet3d suggest` on a good image with the painting `labels`; a short budget should it train."""
+    return ["suggest", write(folder, "image.tif", image()), write(folder, "labels.tif", labels), "--max-time", "1",
+            "--figure", str(folder / "out.png"), *(options or ("--ignore-label", str(IGNORE)))]
+
+
 def train_on(image_file: Callable[[Path], str]) -> Callable[[Path], list[str]]:
     """A training command whose image is `image_file(folder)`, with a good painting."""
     return lambda d: train(d, [image_file(d)], [write(d, "labels.tif", painting())])
@@ -197,10 +203,13 @@ CASES = [
          "only one class"),
     Case("painting of another shape", train_with(lambda: painting((8, 16, 15))), "labels.tif",
          r"shape .*differ"),
-    Case("painting of another shape (suggest)",
-         lambda d: ["suggest", write(d, "image.tif", image()), write(d, "labels.tif", painting((8, 15, 16))),
-                    "--ignore-label", str(IGNORE), "--max-time", "1", "--figure", str(d / "out.png")],
-         "labels.tif", r"shape .*differs"),
+    Case("painting of another shape (suggest)", lambda d: suggest(d, painting((8, 15, 16))), "labels.tif",
+         r"shape .*differs"),
+    Case("one class only (suggest)",
+         lambda d: suggest(d, np.where(painting() == 1, 0, painting()).astype(np.uint8)), "labels.tif",
+         "only label value 0 is annotated"),
+    Case("wrong --ignore-label: every slice annotated (suggest)",
+         lambda d: suggest(d, painting(), "--ignore-label", "7"), "labels.tif", "already annotated"),
     Case("prediction of another shape than the truth (evaluate)",
          lambda d: ["evaluate", write(d, "prediction.tif", painting((8, 16, 15))), write(d, "truth.tif", painting())],
          "prediction.tif", r"shape .*differs"),

@@ -13,7 +13,7 @@ from unet3d.errors import UserError
 from unet3d.evaluation.figures import gray_plane, overlay_rgb
 from unet3d.inference.predictor import normalized_entropy, predict_image
 from unet3d.interactive.session import UNPAINTED, Session
-from unet3d.interactive.suggest import AXIS_NAMES, DEFAULT_STRATEGY, Suggestion, rank_slices
+from unet3d.interactive.suggest import AXIS_NAMES, DEFAULT_STRATEGY, Suggestion, candidate_slices, rank_slices
 from unet3d.model import load_forest, load_model
 from unet3d.atomic import atomic_path
 
@@ -43,12 +43,15 @@ def suggest_slices(image: np.ndarray, sparse: np.ndarray, ignore_label: int, *, 
     values = [int(v) for v in np.unique(sparse[annotated])]
     if not values:
         raise UserError(f"{source}: no voxel is annotated (every voxel holds the ignore label {ignore_label})")
+    if not candidate_slices(annotated, axes):
+        raise UserError(f"{source}: every slice along the chosen axes is already annotated (half of its voxels or "
+                        f"more hold a value other than the ignore label {ignore_label}); check --ignore-label")
     if model_path is not None:
         probabilities, class_values = _model_probabilities(model_path, image, values, device, source)
         network = f"the model {model_path}"
     else:
         probabilities, class_values, network = _trained_probabilities(image, sparse, values, annotated, max_time,
-                                                                      seed, spacing, device)
+                                                                      seed, spacing, device, source)
     ranked = rank_slices(probabilities, annotated, strategy=strategy, axes=axes, count=count,
                          rng=np.random.default_rng(seed))
     labels = np.asarray(class_values)[probabilities.argmax(0)]
@@ -68,11 +71,11 @@ def _model_probabilities(model_path, image, values, device, source):
     return predict_image(model, info, image, device=device, forest=load_forest(model_path, info)), class_values
 
 
-def _trained_probabilities(image, sparse, values, annotated, max_time, seed, spacing, device):
+def _trained_probabilities(image, sparse, values, annotated, max_time, seed, spacing, device, source):
     """The napari loop's network and forest trained on the annotated voxels; their blended
     probabilities over the annotated classes."""
     if len(values) < 2:
-        raise UserError(f"only label value {values[0]} is annotated: annotate at least two classes")
+        raise UserError(f"{source}: only label value {values[0]} is annotated: annotate at least two classes")
     painted = np.full(sparse.shape, UNPAINTED, np.int32)
     painted[annotated] = np.searchsorted(values, sparse[annotated]) + 1  # classes 1..K, 0 unpainted
     session = Session(image, spacing, device=device, seed=seed)
