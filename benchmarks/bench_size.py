@@ -55,6 +55,7 @@ def run(copies: int, max_time: float, slices, seed: int, folder: Path, side: int
                "-o", str(folder / "seg.tif"), "--ignore-label", str(IGNORE), "--max-time", f"{max_time:g}",
                "--truth", str(folder / "truth.tif"), "--spacing", spacing, "--seed", str(seed), "--quiet",
                *(["--max-memory", max_memory] if max_memory else [])]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"voxels": voxels, "error": (done.stdout + done.stderr).strip().splitlines()[-25:]}
@@ -63,7 +64,6 @@ def run(copies: int, max_time: float, slices, seed: int, folder: Path, side: int
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     scores = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("json: "))[6:])
     wall_s = hours * 3600 + minutes * 60 + seconds
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"commit": commit, "voxels": voxels, "wall_s": round(wall_s, 1), "peak_rss_gib": round(peak / 2**20, 2),
             "us_per_voxel": round(wall_s / voxels * 1e6, 2), "iou": scores,
             "printed": [line for line in done.stdout.splitlines() if not line.startswith("json: ")]}
