@@ -18,6 +18,8 @@ volume. Strategies:
 - foreground: a random slice drawn with probability proportional to its foreground voxels in the
   truth (what an annotator who looks for the structure would pick);
 - oracle: the slice where the current labels have the most errors (a ceiling, needs the truth);
+- no-border: the default ranking with the volume's outermost slices (index 0 and n-1 of each
+  axis) after every other slice (`rank_slices(..., border_last=True)`);
 - the suggestion's strategies (`unet3d.interactive.suggest.STRATEGIES`).
 Rows go to `--results` as JSON lines, one per run with its curve; a rerun skips runs already there.
 The summary gives, per volume, the IoU on the unannotated voxels at each slice count (mean ± sd
@@ -43,6 +45,7 @@ from unet3d.interactive.suggest import DEFAULT_STRATEGY, STRATEGIES, candidate_s
 EVEN_GROWTH = [(1, 1, 1), (1, 1, 2), (1, 2, 2), (1, 2, 3), (1, 3, 3), (2, 3, 3), (2, 3, 4), (2, 4, 4), (3, 4, 4)]
 REFERENCE_SLICES = 8  # evenly spaced (x,y,z) = (3,3,2)
 PEERS = ("even", "random", "foreground", "oracle")
+BY_CHOICE = ("no-border",)  # peers run only when named in --strategies
 SEEDED = ("random", "foreground", "sampled")
 DEFAULT_VOLUMES = ("nuclei_tiny", "ovule", "hippocampus_001", "hippocampus_003", "hippocampus_004",
                    "hippocampus_006", "hippocampus_007", "em_vnc_q0")
@@ -74,6 +77,9 @@ def next_slice(strategy: str, volume: data.Volume, mask: np.ndarray, probabiliti
                labels: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
     if strategy in STRATEGIES:
         best = rank_slices(probabilities, mask, strategy=strategy, count=1, rng=rng)[0]
+        return best.axis, best.index
+    if strategy == "no-border":
+        best = rank_slices(probabilities, mask, strategy=DEFAULT_STRATEGY, count=1, rng=rng, border_last=True)[0]
         return best.axis, best.index
     candidates = candidate_slices(mask)
     if strategy == "random":
@@ -118,6 +124,7 @@ def run(volume: data.Volume, strategy: str, seed: int, steps: int, rounds: int) 
                 axis, index = next_slice(strategy, volume, mask, _full_probabilities(probabilities, session, volume),
                                          labels, rng)
                 mask[slab(shape, axis, index)] = True
+                curve[-1]["next"] = [axis, index]  # the slice this round chose
     finally:
         session.close()
     return curve
@@ -149,7 +156,7 @@ def summarize(rows: list[dict]) -> None:
     """Per volume, the curves (mean ± sd over seeds), the mean IoU from 4 to 8 slices and the
     slices needed to reach evenly spaced (3,3,2); then the slices saved, averaged over volumes."""
     volumes = sorted({r["volume"] for r in rows})
-    strategies = [s for s in PEERS + STRATEGIES if any(r["strategy"] == s for r in rows)]
+    strategies = [s for s in PEERS + STRATEGIES + BY_CHOICE if any(r["strategy"] == s for r in rows)]
     savings = {s: [] for s in strategies}
     for name in volumes:
         runs = {s: [r["curve"] for r in rows if r["volume"] == name and r["strategy"] == s] for s in strategies}
@@ -175,11 +182,18 @@ def summarize(rows: list[dict]) -> None:
             else:
                 cells.append("")
             print(f"| {strategy} | {len(curves)} | " + " | ".join(cells) + " |")
+        print("slices chosen (axis=index, per run): " + "; ".join(
+            f"{strategy}: " + ", ".join(_chosen(c) for c in curves) for strategy, curves in runs.items() if curves))
     print("\nSlices saved against evenly spaced (3,3,2), averaged over the volumes (a run that never reaches "
           "it counts as one slice beyond its last):")
     for strategy, values in savings.items():
         if values:
             print(f"  {strategy}: {100 * np.mean(values):.0f} % over {len(values)} volume(s)")
+
+
+def _chosen(curve: list[dict]) -> str:
+    """The slices a run added, in order, as 'z=0 y=30'."""
+    return " ".join(f"{'zyx'[p['next'][0]]}={p['next'][1]}" for p in curve if "next" in p) or "-"
 
 
 def _reference(even: list[list[dict]] | None) -> float | None:
@@ -205,7 +219,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="nuclei_tiny only, 2 rounds of 5 steps: keeps the code working")
     parser.add_argument("--volumes", nargs="+", default=list(DEFAULT_VOLUMES))
     parser.add_argument("--strategies", nargs="+", default=list(PEERS) + [DEFAULT_STRATEGY],
-                        choices=list(PEERS) + list(STRATEGIES))
+                        choices=list(PEERS) + list(STRATEGIES) + list(BY_CHOICE))
     parser.add_argument("--seeds", type=int, default=5, help="seeds of random and sampled slices (others: 1)")
     parser.add_argument("--foreground-seeds", type=int, default=3, help="seeds of foreground-aware random slices")
     parser.add_argument("--network-seeds", type=int, default=1,

@@ -43,9 +43,12 @@ class Suggestion:
 
 
 def rank_slices(probabilities: np.ndarray, annotated: np.ndarray, *, strategy: str = DEFAULT_STRATEGY,
-                axes=(0, 1, 2), count: int | None = None, rng: np.random.Generator | None = None) -> list[Suggestion]:
+                axes=(0, 1, 2), count: int | None = None, rng: np.random.Generator | None = None,
+                border_last: bool = False) -> list[Suggestion]:
     """The candidate slices along `axes`, best first (at most `count`), scored by `strategy` from
-    the network's probabilities (K, Z, Y, X) and the boolean mask of annotated voxels (Z, Y, X)."""
+    the network's probabilities (K, Z, Y, X) and the boolean mask of annotated voxels (Z, Y, X).
+    border_last: the outermost slices of each axis after every other one; off, since painting them
+    did no worse than the next best slice (docs/suggest.md)."""
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if probabilities.shape[1:] != annotated.shape:
@@ -63,8 +66,17 @@ def rank_slices(probabilities: np.ndarray, annotated: np.ndarray, *, strategy: s
     if not candidates:
         raise UserError("every slice along the chosen axes is already annotated")
     if strategy == "sampled":
-        return _draw_in_order(candidates, rng or np.random.default_rng(), count)
-    return sorted(candidates, key=lambda s: -s.score)[:count]
+        ranked = _draw_in_order(candidates, rng or np.random.default_rng(), count)
+    else:
+        ranked = sorted(candidates, key=lambda s: -s.score)
+    if border_last:
+        ranked = sorted(ranked, key=lambda s: is_outermost(s, annotated.shape))  # stable: order kept otherwise
+    return ranked[:count]
+
+
+def is_outermost(suggestion: Suggestion, shape: tuple[int, ...]) -> bool:
+    """Whether the slice is the first or last of its axis."""
+    return suggestion.index in (0, shape[suggestion.axis] - 1)
 
 
 def _voxel_scores(probabilities: np.ndarray, strategy: str) -> np.ndarray:
