@@ -18,8 +18,9 @@ volume. Strategies:
 - foreground: a random slice drawn with probability proportional to its foreground voxels in the
   truth (what an annotator who looks for the structure would pick);
 - oracle: the slice where the current labels have the most errors (a ceiling, needs the truth);
-- no-border: the default ranking with the volume's outermost slices (index 0 and n-1 of each
-  axis) after every other slice (`rank_slices(..., border_last=True)`);
+- with-border: the default ranking with the volume's outermost slices (index 0 and n-1 of each
+  axis) competing like any other (`rank_slices(..., border_last=False)`), as before they were put
+  last; no-border: with them last, which the default now does (the name of the record made before);
 - the suggestion's strategies (`unet3d.interactive.suggest.STRATEGIES`).
 Rows go to `--results` as JSON lines, one per run with its curve; a rerun skips runs already there.
 The summary gives, per volume, the IoU on the unannotated voxels at each slice count (mean ± sd
@@ -45,7 +46,7 @@ from unet3d.interactive.suggest import DEFAULT_STRATEGY, STRATEGIES, candidate_s
 EVEN_GROWTH = [(1, 1, 1), (1, 1, 2), (1, 2, 2), (1, 2, 3), (1, 3, 3), (2, 3, 3), (2, 3, 4), (2, 4, 4), (3, 4, 4)]
 REFERENCE_SLICES = 8  # evenly spaced (x,y,z) = (3,3,2)
 PEERS = ("even", "random", "foreground", "oracle")
-BY_CHOICE = ("no-border",)  # peers run only when named in --strategies
+BY_CHOICE = ("with-border", "no-border")  # peers run only when named in --strategies
 SEEDED = ("random", "foreground", "sampled")
 DEFAULT_VOLUMES = ("nuclei_tiny", "ovule", "hippocampus_001", "hippocampus_003", "hippocampus_004",
                    "hippocampus_006", "hippocampus_007", "em_vnc_q0")
@@ -78,8 +79,9 @@ def next_slice(strategy: str, volume: data.Volume, mask: np.ndarray, probabiliti
     if strategy in STRATEGIES:
         best = rank_slices(probabilities, mask, strategy=strategy, count=1, rng=rng)[0]
         return best.axis, best.index
-    if strategy == "no-border":
-        best = rank_slices(probabilities, mask, strategy=DEFAULT_STRATEGY, count=1, rng=rng, border_last=True)[0]
+    if strategy in BY_CHOICE:  # no-border: as the default now ranks; kept to read the record made before
+        best = rank_slices(probabilities, mask, strategy=DEFAULT_STRATEGY, count=1, rng=rng,
+                           border_last=strategy == "no-border")[0]
         return best.axis, best.index
     candidates = candidate_slices(mask)
     if strategy == "random":

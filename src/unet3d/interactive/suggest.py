@@ -10,7 +10,8 @@ spaced and random slices in benchmarks/bench_suggest.py, docs/suggest.md):
   1 - max probability: what painting the slice corrects directly, larger slices counting more.
 - "uncertainty": the mean normalized entropy of the slice's unannotated voxels.
 - "spread" (the default): "errors" damped near annotated slices of the same axis, so that
-  neighbours of a painted slice, which teach the network little new, wait their turn.
+  neighbours of a painted slice, which teach the network little new, wait their turn; the
+  volume's outermost slices (index 0 and n-1 of each axis) come after all others (BORDER_LAST).
 - "balanced": "errors" with each voxel weighted by 1/sqrt(frequency) of its predicted class, so
   that mistakes on a rare class weigh more than mistakes on the background.
 - "sampled": a slice drawn at random with probability proportional to its "errors" score, which
@@ -30,6 +31,7 @@ ANNOTATED_SLICE_SHARE = 0.5  # a slice with at least this share of annotated vox
 STRATEGIES = ("errors", "uncertainty", "spread", "balanced", "sampled")
 DEFAULT_STRATEGY = "spread"  # chosen on three volumes, checked on five others (docs/suggest.md)
 AXIS_NAMES = "zyx"
+BORDER_LAST = ("spread",)  # strategies ranking the outermost slices last: painting them helped no more (docs/suggest.md)
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,11 @@ class Suggestion:
 
 def rank_slices(probabilities: np.ndarray, annotated: np.ndarray, *, strategy: str = DEFAULT_STRATEGY,
                 axes=(0, 1, 2), count: int | None = None, rng: np.random.Generator | None = None,
-                border_last: bool = False) -> list[Suggestion]:
+                border_last: bool | None = None) -> list[Suggestion]:
     """The candidate slices along `axes`, best first (at most `count`), scored by `strategy` from
     the network's probabilities (K, Z, Y, X) and the boolean mask of annotated voxels (Z, Y, X).
-    border_last: the outermost slices of each axis after every other one; off, since painting them
-    did no worse than the next best slice (docs/suggest.md)."""
+    border_last: the outermost slices of each axis after every other one (default: for the
+    strategies in BORDER_LAST)."""
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if probabilities.shape[1:] != annotated.shape:
@@ -69,6 +71,8 @@ def rank_slices(probabilities: np.ndarray, annotated: np.ndarray, *, strategy: s
         ranked = _draw_in_order(candidates, rng or np.random.default_rng(), count)
     else:
         ranked = sorted(candidates, key=lambda s: -s.score)
+    if border_last is None:
+        border_last = strategy in BORDER_LAST
     if border_last:
         ranked = sorted(ranked, key=lambda s: is_outermost(s, annotated.shape))  # stable: order kept otherwise
     return ranked[:count]
