@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import safetensors.torch
+import tifffile
 import torch
 
 from unet3d.cli import main
@@ -172,8 +173,6 @@ def test_a_network_reading_the_forests_bank_shares_it_tile_by_tile(tmp_path, mon
 
 
 def write_case(folder, name, image, sparse):
-    import tifffile
-
     tifffile.imwrite(folder / f"{name}.tif", image[0])
     tifffile.imwrite(folder / f"{name}_s.tif", sparse)
     return str(folder / f"{name}.tif"), str(folder / f"{name}_s.tif")
@@ -224,6 +223,34 @@ def test_train_without_the_forest_and_export_of_a_blended_model(tmp_path, capsys
 
     stored = json.loads({p.key: p.value for p in onnx_lib.load(str(onnx)).metadata_props}["unet3d"])
     assert "forest" not in stored["info"]
+
+
+def test_densify_of_a_volume_beyond_max_memory_reads_the_image_box_by_box(tmp_path, monkeypatch, capsys):
+    """`--max-memory` below what the whole filter bank needs sends densify the blockwise route, and
+    there the image file is only ever read box by box (training blocks, held-out blocks, tiles)."""
+    from unet3d.io.volume import Volume
+    from unet3d.workflows import densify as densify_module
+
+    image, truth = blobs((24, 96, 96))  # its whole bank needs about 110 MB, the smallest tile 51
+    with h5py.File(tmp_path / "in.h5", "w") as f:
+        f.create_dataset("raw", data=image[0], chunks=(8, 32, 32))
+    _, sparse = write_case(tmp_path, "case", image, slices_of(truth))
+    whole_reads, read = [], Volume.read
+
+    def recorded(self, region=None):
+        if region is None and self.kind == "image":
+            whole_reads.append(self.meta.path)
+        return read(self, region)
+
+    monkeypatch.setattr(Volume, "read", recorded)
+    monkeypatch.setattr(densify_module, "TILE_MEMORY_SHARE", 1.0)  # the smallest tile of this network: 51 MiB
+    out = tmp_path / "seg.tif"
+    code = main.main(["densify", f"{tmp_path / 'in.h5'}:/raw", sparse, "-o", str(out),
+                      "--ignore-label", str(IGNORE), "--max-time", "3600", "--iterations", "3", "--max-memory", "64M",
+                      "--filter-features", "on", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "allowed (--max-memory)" in printed and "blocks of" in printed
+    assert not whole_reads and tifffile.imread(out).shape == truth.shape
 
 
 def test_densifys_model_file_segments_as_densify_did(tmp_path):

@@ -6,7 +6,7 @@ from unet3d.cli.options import DefaultsHelpFormatter, add_run_options, float_lis
 from unet3d.cli.predict import memory_size
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
-from unet3d.io import read_image, read_labels
+from unet3d.io import open_volume, read_labels
 from unet3d.workflows.densify import (
     FILTER_FEATURES_MIN_ANNOTATED,
     FOREST_MAX_SHARE,
@@ -83,7 +83,14 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     init = StartingModel.load(args.init) if args.init else None
-    image, meta = read_image(args.image, args.channel_axis)
+    with open_volume(args.image, "image", args.channel_axis) as image:
+        return densify_file(args, image, init)
+
+
+def densify_file(args, image, init) -> int:
+    """densify of the opened `image`: densify reads it whole, or box by box where its filter bank does
+    not fit in memory (or --max-memory)."""
+    meta = image.meta
     sparse, _ = read_labels(args.sparse)
     truth = read_labels(args.truth)[0] if args.truth else None
     if truth is not None and truth.shape != sparse.shape:

@@ -8,8 +8,8 @@ grid; this module does the same.
 
 Filters follow vigra's conventions (kernel window (3 + order/2)·σ, derivative kernels exact on
 polynomials, DoG = G(σ) − G(0.66σ), structure tensor with inner scale σ and outer scale σ/2,
-eigenvalues in descending order). Everything is float32 and each
-scale is finished before the next starts, so memory stays at the output plus a few volumes.
+eigenvalues in descending order). Everything is float32; the scales are made on all cores at once
+(`in_threads`), so memory stays at the output plus a few volumes per core.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -42,6 +43,7 @@ _DOG_RATIO = 0.66  # ilastik: G(σ) − G(0.66 σ)
 _OUTER_RATIO = 0.5  # ilastik: structure tensor of inner scale σ, outer scale σ/2
 _EIGEN_CHUNK = 1 << 18  # voxels per eigenvalue call: bounds the float64 temporaries
 _PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))  # the 6 entries of a symmetric 3×3
+BANK_THREADS = os.cpu_count() or 1  # scales made at once (each holds its own few volumes of temporaries)
 
 
 def features_at(scale: float) -> tuple[str, ...]:
@@ -80,14 +82,28 @@ def filter_features(
         out = np.empty(shape, dtype=np.float32)
     elif out.shape != shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 of shape {shape}, got {out.dtype} {out.shape}")
-    row = 0
+    jobs, row = [], 0
     for channel in image:
         volume = np.asarray(channel, dtype=np.float32)
         for scale in scales:
             count = len(features_at(scale))
-            _scale_features(_Filter(volume, scale, ratios), out[row : row + count])
+            jobs.append((_Filter(volume, scale, ratios), out[row : row + count]))
             row += count
+    in_threads(lambda job: _scale_features(*job), jobs)
     return out
+
+
+def in_threads(work, jobs: list) -> None:
+    """`work(job)` for every job, on up to BANK_THREADS threads: SciPy's filters and NumPy's
+    eigenvalues release the GIL, so the scales of a bank are made on all cores at once (each
+    writes its own rows; the values are those of one thread)."""
+    if len(jobs) < 2 or BANK_THREADS < 2:
+        for job in jobs:
+            work(job)
+        return
+    with ThreadPoolExecutor(min(BANK_THREADS, len(jobs))) as pool:
+        for _ in pool.map(work, jobs):
+            pass
 
 
 def input_feature_spec(spacing: Sequence[float] | None, scales: Sequence[float] = DEFAULT_SCALES) -> dict:
@@ -149,23 +165,27 @@ def region_bank(read, volume_shape, box: tuple[slice, ...], spec: dict) -> np.nd
     inner = tuple(b.stop - b.start for b in box)
     widest = grown_box(box, bank_halo(spec), volume_shape)
     region = np.asarray(read(widest), dtype=np.float32)  # read once; each scale takes what it reaches
-    channels = None
-    out, row = None, 0
+    channels = region.shape[0]
+    out = np.empty((channels * _bank_size(spec),) + inner, dtype=np.float32)
+    jobs, row = [], 0
     for scale in spec["scales"]:
         grown = grown_box(box, scale_halo(scale, ratios), volume_shape)
         inside = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
         image = region[(slice(None),) + tuple(slice(g.start - w.start, g.stop - w.start) for g, w in zip(grown, widest))]
-        if out is None:
-            channels = image.shape[0]
-            out = np.empty((channels * _bank_size(spec),) + inner, dtype=np.float32)
         count = len(features_at(scale))
-        scratch = np.empty((count,) + image.shape[1:], dtype=np.float32)
-        for channel in range(channels):
-            _scale_features(_Filter(image[channel], scale, ratios), scratch)
-            first = channel * _bank_size(spec) + row
-            out[first:first + count] = scratch[(slice(None),) + inside]
+        jobs += [(_Filter(image[channel], scale, ratios), inside, out[channel * _bank_size(spec) + row:][:count])
+                 for channel in range(channels)]
         row += count
+    in_threads(_cropped_scale_features, jobs)
     return out
+
+
+def _cropped_scale_features(job) -> None:
+    """One scale's features of a grown region, cropped to the box into the job's rows."""
+    filters, inside, rows = job
+    scratch = np.empty((len(rows),) + filters.volume.shape, dtype=np.float32)
+    _scale_features(filters, scratch)
+    rows[...] = scratch[(slice(None),) + inside]
 
 
 def bank_at(read, volume_shape, spec: dict, voxels: np.ndarray, block=(32, 256, 256)) -> np.ndarray:

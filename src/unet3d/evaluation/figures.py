@@ -29,11 +29,22 @@ def overlay_rgb(gray: np.ndarray, labels: np.ndarray, class_values, alpha: float
     return rgb
 
 
+def image_plane(image, axis: int, position: int) -> np.ndarray:
+    """The first channel's plane at `position` along spatial `axis` of a (C, Z, Y, X) or (Z, Y, X)
+    array, or of an opened volume (that plane alone read)."""
+    if hasattr(image, "read"):
+        box = [slice(None)] * 3
+        box[axis] = slice(position, position + 1)
+        return np.take(image.read(tuple(box))[0], 0, axis=axis)
+    return np.take(image[0] if image.ndim == 4 else image, position, axis=axis)
+
+
 def overlay_figure(path, image: np.ndarray, segmentation: np.ndarray, class_values, *, title: str = "",
                    positions=None, alpha: float = 0.45) -> None:
     """PNG of the middle (or given) slice along each axis: image, and image with the segmentation.
 
-    image: (C, Z, Y, X) or (Z, Y, X) — the first channel is shown; segmentation: (Z, Y, X) values.
+    image: (C, Z, Y, X) or (Z, Y, X) — the first channel is shown —, or an opened volume (only the
+    three planes are read); segmentation: (Z, Y, X) values.
     """
     import matplotlib
 
@@ -41,12 +52,11 @@ def overlay_figure(path, image: np.ndarray, segmentation: np.ndarray, class_valu
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    image = image[0] if image.ndim == 4 else image
     positions = positions or [n // 2 for n in segmentation.shape]
     names = ("Z", "Y", "X")
     fig, axes = plt.subplots(2, 3, figsize=(12, 7), dpi=100, squeeze=False)
     for axis, position in enumerate(positions):
-        plane = np.take(image, position, axis=axis).astype(np.float32)
+        plane = image_plane(image, axis, position).astype(np.float32)
         labels = np.take(segmentation, position, axis=axis)
         gray = gray_plane(plane)
         axes[0, axis].imshow(gray, cmap="gray", interpolation="nearest")

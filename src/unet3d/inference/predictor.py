@@ -304,6 +304,24 @@ class InMemory:
         return self.image if box is None else self.image[(slice(None),) + tuple(box)]
 
 
+def as_source(image):
+    """An image to read box by box: an opened volume as it is, an array in memory as `InMemory`."""
+    return image if hasattr(image, "read") else InMemory(image)
+
+
+class Boxes:
+    """A (C, Z, Y, X) volume made only for the boxes asked for, indexed as the array it stands for
+    (`volume[:, z0:z1, y0:y1, x0:x1]`; `read`: box → the data there), for code that slices arrays."""
+
+    def __init__(self, read, shape):
+        self.read, self.shape = read, tuple(shape)
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        if index[0] != slice(None) or len(index) != 4:
+            raise IndexError("a volume read box by box takes [:, z, y, x] slices only")
+        return self.read(tuple(index[1:]))
+
+
 def predict_image(model: UNet, info: dict, image: np.ndarray, *, device: str = "cpu", tta: bool = False,
                   progress: bool = False, forest: ForestModel | None = None) -> np.ndarray:
     """Class probabilities (K, Z, Y, X) of an image in memory (C, Z, Y, X), with the inputs a

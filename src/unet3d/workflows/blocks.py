@@ -23,6 +23,7 @@ import torch
 from unet3d.data.features import bank_bytes, free_memory, region_bank, region_with_input_features
 from unet3d.data.labels import UNLABELED
 from unet3d.data.normalization import apply_normalization, fit_normalization
+from unet3d.inference.predictor import as_source
 from unet3d.training.dataset import TrainingSet
 
 # Shares of the memory budget (--max-memory, else the free memory) and of the time budget that the
@@ -102,16 +103,16 @@ def block_budget(channels: int, patch, max_memory: int | None) -> int:
     return max(int(MEMORY_SHARE * budget // block_bytes), MIN_BLOCKS)
 
 
-def make_training_blocks(image: np.ndarray, labels: np.ndarray, class_values, ignore_label: int, patch, *,
+def make_training_blocks(volume, labels: np.ndarray, class_values, ignore_label: int, patch, *,
                          features: dict | None, forest_bank: dict | None, spacing, normalization: str = "zscore",
                          max_memory: int | None = None, seconds: float | None = None, seed: int = 0,
                          source: str = "image", clock=time.monotonic) -> TrainingBlocks:
-    """The training blocks of a (C, Z, Y, X) `image` with (Z, Y, X) class indices `labels` (-1
-    unlabeled): the network's inputs (with the bank `features`), normalized on a sample of them and
+    """The training blocks of a (C, Z, Y, X) image (`volume`: an array, or an opened volume read
+    box by box) with (Z, Y, X) class indices `labels` (-1 unlabeled): the network's inputs (with the bank `features`), normalized on a sample of them and
     kept as float16, and the forest's sample of the bank `forest_bank` (that of `features` when they
     are the same filters, else made for the sample's blocks here)."""
-    start, shape, channels = clock(), labels.shape, image.shape[0]
-    read = lambda box: image[(slice(None),) + box]  # noqa: E731
+    volume = as_source(volume)
+    start, shape, channels, read = clock(), labels.shape, volume.shape[0], volume.read
     width = channels + (0 if features is None else bank_bytes((channels, 1, 1, 1), features) // 4)
     count = block_budget(width, patch, max_memory)
     rng = np.random.default_rng(seed)

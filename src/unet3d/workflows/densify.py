@@ -55,6 +55,7 @@ import torch
 
 from unet3d.augmentation import AugmentationConfig
 from unet3d.data.features import (
+    bank_bytes,
     feature_memory_shortfall,
     filter_features,
     input_feature_spec,
@@ -66,7 +67,8 @@ from unet3d.data.labels import decode_labels, encode_labels, infer_class_values
 from unet3d.workflows.blend import HeldOut, choose_network_weight, hold_out_blocks, weighted_geometric_mean
 from unet3d.errors import UserError
 from unet3d.inference import predict_array, predict_volume
-from unet3d.inference.predictor import InMemory, label_dtype, network_and_forest
+from unet3d.inference.predictor import make_plan
+from unet3d.inference.predictor import Boxes, as_source, label_dtype, network_and_forest
 from unet3d.model.forest import BLOCK_VOXELS
 from unet3d.progress import progress_bar
 from unet3d.model import ForestModel, UNet, UNetConfig, load_model, save_model
@@ -147,13 +149,30 @@ def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: in
                    learning_rate: float = LEARNING_RATE) -> TrainConfig:
     """The densify recipe for this volume: network (`network`: that one's, e.g. a pretrained model's),
     patch, optimiser, schedule, augmentation."""
-    network = network or UNetConfig(in_channels=data.channels, num_classes=len(data.class_values), width=width,
-                                    levels=levels, padding="same", norm="batch")
+    network = network or densify_network(data.channels, len(data.class_values), width, levels)
     shape = training_patch(data.images[0].shape[1:])
     return TrainConfig(network=network, patch_shape=shape, batch_size=BATCH_SIZE, iterations=iterations,
                        max_time=max_time, optimizer="adam", learning_rate=learning_rate, schedule="cosine", warmup=0.05,
                        loss="dice_ce", class_weighting="inverse_sqrt", augmentation=FLIPS_ONLY,
                        seed=seed, checkpoint_every=30.0, log_every=10, clock=clock)
+
+
+def densify_network(channels: int, num_classes: int, width: int = 8, levels: int = 3) -> UNetConfig:
+    """densify's network: small, same padding, batch norm."""
+    return UNetConfig(in_channels=channels, num_classes=num_classes, width=width, levels=levels, padding="same",
+                      norm="batch")
+
+
+def check_tiles_fit(options: "DensifyOptions", channels: int, num_classes: int, shape) -> None:
+    """Refuse, before anything runs, a --max-memory that not even prediction's smallest tile fits."""
+    if options.max_memory is not None:
+        network = options.init.network.config if options.init is not None else densify_network(channels, num_classes)
+        try:
+            make_plan(UNet(network), shape, max_memory=int(TILE_MEMORY_SHARE * options.max_memory))
+        except UserError as exc:
+            raise UserError(f"--max-memory {options.max_memory / 2**20:.0f}M is too small for {options.source}: "
+                            f"prediction's tiles get {TILE_MEMORY_SHARE:.0%} of it, and "
+                            f"{str(exc).split('too small, ')[-1]}") from None
 
 
 def choose_inputs(filter_features: bool | None, image_shape, sparse: np.ndarray, ignore_label: int, spacing,
@@ -315,6 +334,7 @@ class DensifyOptions:
 class DensifyInputs:
     """What the first stage decides: the training set, what the network reads, whether the forest
     joins, and the annotated voxels held out to weigh the two."""
+    image: object  # (C, Z, Y, X): in memory, or (blockwise route) as given, perhaps an opened volume read box by box
     data: TrainingSet
     network_input: np.ndarray | None  # the image with its filter-bank channels, before normalization
     inputs: str
@@ -338,16 +358,17 @@ def prepare_inputs(image: np.ndarray, sparse: np.ndarray, ignore_label: int, opt
     if forest_route == BLOCKWISE or (features and feature_memory_shortfall(options.source, image.shape, features,
                                                                            options.max_memory)):
         return prepare_blocks(image, sparse, ignore_label, options, features, inputs, forest_route, blend)
+    image = as_source(image).read()
     network_input = with_input_features(image, features) if features else image
     data = prepare_training_set([network_input], [sparse], ignore_label, sources=[options.source],
                                 num_classes=options.num_classes, spacing=options.spacing, input_features=features,
                                 **(init.training_set_options() if init is not None else {}))
     check_init_channels(init, data.channels, options.source)
-    return DensifyInputs(data, network_input, inputs, forest_route, blend,
+    return DensifyInputs(image, data, network_input, inputs, forest_route, blend,
                          hold_out_for_blend(data.labels[0].numpy(), forest_route, options.seed))
 
 
-def prepare_blocks(image: np.ndarray, sparse: np.ndarray, ignore_label: int, options: DensifyOptions,
+def prepare_blocks(image, sparse: np.ndarray, ignore_label: int, options: DensifyOptions,
                    features: dict | None, inputs: str, forest_route: str | None, blend: str) -> DensifyInputs:
     """Stage 1 of the blockwise route: the whole volume's labels encoded and held out from, then
     the network's training set and the forest's sample made on blocks around the annotation."""
@@ -358,6 +379,8 @@ def prepare_blocks(image: np.ndarray, sparse: np.ndarray, ignore_label: int, opt
         class_values = infer_class_values([sparse], ignore_label, options.num_classes, [options.source])
     if ignore_label in class_values:
         raise UserError(f"ignore label {ignore_label} is also one of the declared classes {class_values}")
+    channels = image.shape[0] + (0 if features is None else bank_bytes((image.shape[0], 1, 1, 1), features) // 4)
+    check_tiles_fit(options, channels, len(class_values), sparse.shape)
     labels = encode_labels(sparse, class_values, ignore_label, options.source)
     held = hold_out_for_blend(labels, forest_route, options.seed)
     blocks = make_training_blocks(
@@ -367,8 +390,8 @@ def prepare_blocks(image: np.ndarray, sparse: np.ndarray, ignore_label: int, opt
         seconds=None if options.max_time is None else BLOCKS_TIME_SHARE * options.max_time, seed=options.seed,
         source=options.source, clock=options.now)
     check_init_channels(init, blocks.data.channels, options.source)
-    return DensifyInputs(blocks.data, None, f"{inputs}; trained on {blocks.describe()}", forest_route, blend, held,
-                         blocks)
+    return DensifyInputs(image, blocks.data, None, f"{inputs}; trained on {blocks.describe()}", forest_route, blend,
+                         held, blocks)
 
 
 def check_init_channels(init: StartingModel | None, channels: int, source: str) -> None:
@@ -417,6 +440,11 @@ def store_forest(model_path, result: TrainResult, forest: ForestResult, data: Tr
     save_model(model_path, result.model, result.info, model)
 
 
+# The share of --max-memory the blockwise route gives prediction's tiles: a tile's filter-bank
+# inputs are made per region, so they are held about three times over (the bank, the raw inputs
+# kept for the forest, the normalized copy) where the tile plan counts them once, and the forest's
+# block of features comes on top.
+TILE_MEMORY_SHARE = 0.25
 # Prediction's measured cost is scaled by this before it is set aside from the budget: blocks at
 # the volume's faces, tiles' context margins, writing.
 PREDICTION_MARGIN = 1.2
@@ -430,7 +458,7 @@ def sample_box(shape, voxels: int) -> tuple[slice, ...]:
     return tuple(slice((n - s) // 2, (n - s) // 2 + s) for s, n in zip(side, shape))
 
 
-def prediction_seconds(config: UNetConfig, read, shape, clock, device: str, forest_at=None) -> float:
+def prediction_seconds(config: UNetConfig, read, forest_at, shape, clock, device: str) -> float:
     """Seconds to predict the whole (Z, Y, X) volume of `shape`, measured on a box in its middle: an
     untrained network of `config` on its input there (`read`: box → the normalized input, made
     there if it is made per region), and `forest_at` (box → the forest's probabilities, or any other
@@ -463,17 +491,16 @@ def training_budget(max_time: float | None, spent: float, prediction: float, vox
     return training
 
 
-def densify_blockwise(image: np.ndarray, prepared: DensifyInputs, model_path, options: DensifyOptions,
-                      start: float) -> DensifyResult:
+def densify_blockwise(prepared: DensifyInputs, model_path, options: DensifyOptions, start: float) -> DensifyResult:
     """The route for volumes whose filter bank does not fit in memory: the network trained on
     blocks around the annotation (`workflows.blocks`, the bank made there alone), the forest fitted
     on the same blocks' bank, weighed against the network on held-out blocks predicted where they
     lie, and the blend predicted tile by tile with the bank made once per tile for both, straight
     into the segmentation (and `probabilities_out`)."""
     now, max_time, data, blocks = options.now, options.max_time, prepared.data, prepared.blocks
-    shape = image.shape[1:]
+    source = as_source(prepared.image)
+    shape = tuple(source.shape[1:])
     voxels = int(np.prod(shape))
-    source = InMemory(image)
     config = options.config or default_config(data, max_time=max_time, seed=options.seed,
                                               **(options.init.training_options() if options.init else {}))
     bank = input_feature_spec(data.spacing)
@@ -484,21 +511,25 @@ def densify_blockwise(image: np.ndarray, prepared: DensifyInputs, model_path, op
             # Before the forest: the network and the bank alone, and the forest's whole share, must fit.
             read, _ = network_and_forest(source, data.normalization, data.input_features, None, per_region=True)
             extra = None if data.input_features == bank else lambda box: region_bank(source.read, shape, box, bank)
-            ahead = prediction_seconds(config.network, read, shape, now, options.device, extra)
+            ahead = prediction_seconds(config.network, read, extra, shape, now, options.device)
             training_budget(max_time, now() - start, ahead + (forest_seconds or 0.0), voxels, options.source, None)
             forest = forest_on_features(blocks.forest_features, blocks.forest_classes, bank,
-                                        {"method": "none", "channels": image.shape[0]}, len(data.class_values),
+                                        {"method": "none", "channels": source.shape[0]}, len(data.class_values),
                                         seconds=forest_seconds, seed=options.seed, threads=options.threads,
                                         predict_voxels=voxels)
-        read, forest_at = network_and_forest(source, data.normalization, data.input_features, forest, per_region=True)
-        prediction = prediction_seconds(config.network, read, shape, now, options.device, forest_at)
+        prediction = prediction_seconds(config.network, *network_and_forest(
+            source, data.normalization, data.input_features, forest, per_region=True), shape, now, options.device)
         spent = now() - start
         training_time = training_budget(max_time, spent, prediction, voxels, options.source, options.report)
         result = train_network(prepared, model_path, options, training_time)
-        weighing = weigh_blockwise(result.model, forest, image, read, prepared.held, options) if forest else ""
-        segmentation = np.empty(shape, label_dtype(data.class_values))
+        prepared.data = prepared.blocks = data = blocks = None  # the training blocks' memory goes to prediction
+        read, _ = network_and_forest(source, result.info["normalization"], result.info.get("input_features"), None,
+                                     per_region=True)
+        weighing = weigh_blockwise(result.model, forest, source, read, prepared.held, options) if forest else ""
+        segmentation = np.empty(shape, label_dtype(result.info["class_values"]))
         predict_volume(result.model, result.info, source, segmentation, options.probabilities_out,
-                       device=options.device, progress=options.progress, forest=forest, max_memory=options.max_memory)
+                       device=options.device, progress=options.progress, forest=forest,
+                       max_memory=None if options.max_memory is None else int(TILE_MEMORY_SHARE * options.max_memory))
     if forest is not None and forest.network_weight < 1:
         save_model(model_path, result.model, result.info, forest)
     return DensifyResult(segmentation, None, result.model, result.info, result.iterations, result.seconds,
@@ -506,43 +537,35 @@ def densify_blockwise(image: np.ndarray, prepared: DensifyInputs, model_path, op
                          weighing=weighing, held_out=prepared.held)
 
 
-class RegionInputs:
-    """The network's input of a whole volume, made only for the boxes asked for (`read`: box → input)."""
-
-    def __init__(self, read):
-        self.read = read
-
-    def __getitem__(self, index: tuple) -> np.ndarray:
-        return self.read(tuple(index[1:]))
-
-
-def weigh_blockwise(network: UNet, forest: ForestModel, image, read, held: HeldOut | None,
+def weigh_blockwise(network: UNet, forest: ForestModel, source, read, held: HeldOut | None,
                     options: DensifyOptions) -> str:
     """The network's weight in the blend, chosen on (at most WEIGHING_BLOCKS of) the held-out
-    blocks, each predicted with half a block of context (`read`: box → the network's input);
+    blocks, each predicted with half a block of context (`source`: the image, read box by box;
+    `read`: box → the network's input there);
     equal weights without held-out voxels."""
     if held is None:
         forest.network_weight = 0.5
         return "geometric mean with equal weights"
-    block = training_patch(image.shape[1:])
-    volume = in_blocks(Annotated(image, RegionInputs(read), held.voxels, held.classes), block, WEIGHING_BLOCKS,
-                       options.seed)
+    block = training_patch(source.shape[1:])
+    volume = in_blocks(Annotated(Boxes(source.read, source.shape), Boxes(read, source.shape), held.voxels,
+                                 held.classes), block, WEIGHING_BLOCKS, options.seed)
     return weigh(network, forest, [volume], "held-out annotated blocks", options.seed, options.device, block)
 
 
-def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path,
+def densify(image, sparse: np.ndarray, ignore_label: int, model_path,
             options: DensifyOptions | None = None, **changes) -> DensifyResult:
-    """Train on the annotated voxels of `sparse`, then predict every voxel of `image`: the stages
-    prepare_inputs → fit_forest → train_network → prediction (`predict_with_tta`) → blend_stage.
+    """Train on the annotated voxels of `sparse`, then predict every voxel of `image` ((C, Z, Y, X)
+    in memory, or an opened volume: read whole, or box by box on the blockwise route): the stages
+    prepare_inputs → fit_forest → train_network → prediction (`predict_with_tta`) → blend_stage, or
+    `densify_blockwise` where the volume's filter bank does not fit in memory (`max_memory`).
 
-    `options` (DensifyOptions; `changes` replace its fields): `max_time` covers the filter bank, the
-    forest and training (`clock`: wall or CPU seconds of this process; None: `iterations` alone
-    stops training); prediction comes on top. `threads` is the CPU thread count of the network and
-    the forest (None: torch's setting, every core for the forest). `filter_features` gives the
-    network ilastik's filter bank of the whole volume as extra input channels: True always, False
-    never, None when enough voxels are annotated (`choose_inputs`). `forest` blends a random forest
-    on the same bank into the result: True always, False never, None when the bank fits in memory
-    (`choose_forest`). The model file holds the network and, where it was blended in, the forest with
+    `options` (DensifyOptions; `changes` replace its fields): `max_time` covers the whole run, the
+    prediction ahead timed on a block and set aside before training (`clock`: wall or CPU seconds
+    of this process; None: `iterations` alone stops training). `threads` is the CPU thread count
+    of the network and the forest (None: torch's setting, every core for the forest).
+    `filter_features` gives the network ilastik's filter bank as extra input channels: True always,
+    False never, None when enough voxels are annotated (`choose_inputs`). `forest` blends a random
+    forest on the same bank into the result: True and None always, False never (`choose_forest`). The model file holds the network and, where it was blended in, the forest with
     the network's weight (`store_forest`), so `unet3d predict` segments as densify did. `tta` averages the network's
     predictions of the 8 mirrored volumes: True always, False never, None when they cost at most
     TTA_MAX_SHARE of `max_time`. `init` fine-tunes a trained network (its classes, inputs and
@@ -553,7 +576,8 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
     start = now()
     prepared = prepare_inputs(image, sparse, ignore_label, options)
     if prepared.blocks is not None:
-        return densify_blockwise(image, prepared, model_path, options, start)
+        return densify_blockwise(prepared, model_path, options, start)
+    image = prepared.image
     forest_result = fit_forest(image, prepared, options)
     prepared.network_input = None  # the unnormalized bank is not needed beyond the forest
     max_time = options.max_time
@@ -562,7 +586,7 @@ def densify(image: np.ndarray, sparse: np.ndarray, ignore_label: int, model_path
                                               **(options.init.training_options() if options.init else {}))
     with torch_threads(options.threads):
         normalized = data.images[0].numpy()
-        prediction = prediction_seconds(config.network, lambda box: normalized[(slice(None),) + box],
+        prediction = prediction_seconds(config.network, lambda box: normalized[(slice(None),) + box], None,
                                         image.shape[1:], now, options.device)
         spent = now() - start
         training_time = training_budget(max_time, spent, prediction, int(np.prod(image.shape[1:])), options.source,
