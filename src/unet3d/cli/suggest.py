@@ -27,7 +27,8 @@ def register(subparsers) -> None:
         help="rank the slices not yet annotated: which one to paint next",
         description="Rank the slices of IMAGE (along z, y and x) that SPARSE does not annotate yet by how many "
         "voxels the current network expects to get wrong there (the sum of 1 - its highest class probability over "
-        "the slice's unannotated voxels), damped near slices already annotated along the same axis; print the best "
+        "the slice's unannotated voxels), damped near slices already annotated along the same axis, the volume's "
+        "outermost slices last (painting them helped no more than their neighbours); print the best "
         "--count and write a PNG of the best one with the current segmentation and its uncertainty. The network is "
         "--model, or densify's network trained now for --max-time seconds on the annotated voxels. A slice counts "
         "as annotated from half of its voxels on. How it compares: with a simulated annotator on eight real "
