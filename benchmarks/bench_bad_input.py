@@ -105,6 +105,13 @@ def suggest(folder: Path, labels: np.ndarray, *options: str) -> list[str]:
             "--figure", str(folder / "out.png"), *(options or ("--ignore-label", str(IGNORE)))]
 
 
+def densify_with(labels: Callable[[], np.ndarray], *options: str) -> Callable[[Path], list[str]]:
+    """`unet3d densify` of a good image with the painting `labels()`; a short budget should it train."""
+    return lambda d: ["densify", write(d, "image.tif", image()), write(d, "labels.tif", labels()), "-o",
+                      str(d / "out.tif"), "--ignore-label", str(IGNORE), "--iterations", "1",
+                      *(options or ("--max-time", "60"))]
+
+
 def train_on(image_file: Callable[[Path], str]) -> Callable[[Path], list[str]]:
     """A training command whose image is `image_file(folder)`, with a good painting."""
     return lambda d: train(d, [image_file(d)], [write(d, "labels.tif", painting())])
@@ -203,6 +210,12 @@ CASES = [
          "only one class"),
     Case("painting of another shape", train_with(lambda: painting((8, 16, 15))), "labels.tif",
          r"shape .*differ"),
+    Case("one class only (densify)", densify_with(lambda: np.where(painting() == 1, 0, painting()).astype(np.uint8)),
+         "labels.tif", "only one class|no annotated voxel of class"),
+    Case("painting of another shape (densify)", densify_with(lambda: painting((8, 16, 15))), "labels.tif",
+         r"shape .*differs"),
+    Case("--max-time nan (densify)", densify_with(painting, "--max-time", "nan"), "--max-time",
+         "positive number of seconds"),
     Case("painting of another shape (suggest)", lambda d: suggest(d, painting((8, 15, 16))), "labels.tif",
          r"shape .*differs"),
     Case("one class only (suggest)",

@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     rows = []
     for copies in ([1] if args.quick else args.copies):
         key = {"copies": copies, "max_time": args.max_time, "slices": args.slices, "seed": args.seed,
-               **({"max_memory": args.max_memory} if args.max_memory else {})}
+               "max_memory": args.max_memory}
         row = find_row(done, key)
         if row is None:
             with tempfile.TemporaryDirectory() as folder:

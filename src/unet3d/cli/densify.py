@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from unet3d.cli.options import DefaultsHelpFormatter, add_run_options, float_list
+from unet3d.cli.options import DefaultsHelpFormatter, add_run_options, float_list, positive_int, positive_seconds
+from unet3d.data.labels import check_painting_shape, painted_classes
 from unet3d.cli.predict import memory_size
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
@@ -39,14 +40,14 @@ def register(subparsers) -> None:
     parser.add_argument("--ignore-label", type=int, required=True, metavar="N",
                         help="the value of unannotated voxels (0 for napari/ilastik painting, 3 in the paper, 255, ...)")
     parser.add_argument("--num-classes", type=int, metavar="K", help="number of classes (default: inferred)")
-    parser.add_argument("--max-time", type=float, default=120.0, metavar="SECONDS",
+    parser.add_argument("--max-time", type=positive_seconds, default=120.0, metavar="SECONDS",
                         help="time for the whole run: the filter bank, the forest, training and prediction (measured "
                         "before training and set aside; a volume whose prediction alone would not fit is refused "
                         "up front, saying what budget would)")
     parser.add_argument("--seed", type=int, default=0,
                         help="makes a CPU run reproducible (with --iterations; on large volumes the forest's size "
                         "and --tta auto also follow the clock)")
-    parser.add_argument("--iterations", type=int, default=100_000, help="training steps at most")
+    parser.add_argument("--iterations", type=positive_int, default=100_000, help="training steps at most")
     parser.add_argument("--init", metavar="MODEL",
                         help="fine-tune this trained model (densify's of an earlier volume, or `unet3d train` on "
                         "volumes of the same kind; same channels and classes) instead of "
@@ -92,6 +93,9 @@ def densify_file(args, image, init) -> int:
     not fit in memory (or --max-memory)."""
     meta = image.meta
     sparse, _ = read_labels(args.sparse)
+    check_painting_shape(image.shape, sparse.shape, args.sparse, args.image)
+    if init is None:
+        painted_classes([sparse], [args.sparse], args.ignore_label, args.num_classes)
     truth = read_labels(args.truth)[0] if args.truth else None
     if truth is not None and truth.shape != sparse.shape:
         raise UserError(f"{args.truth}: shape {truth.shape} differs from {args.sparse}: {sparse.shape}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from unet3d.cli.options import one_line_errors
 from unet3d.errors import UserError
 from unet3d.evaluation.report import instance_table, score_table
 from unet3d.evaluation import evaluate_volumes, match_instances
@@ -25,7 +24,7 @@ def value_or_none(text: str) -> int | None:
 
 
 def register(subparsers) -> None:
-    parser = one_line_errors(subparsers.add_parser(
+    parser = subparsers.add_parser(
         "evaluate",
         help="IoU and Dice per class of a segmentation against a dense ground truth",
         description="Compare a predicted label volume with a dense ground truth, voxel by voxel, on "
@@ -36,7 +35,7 @@ def register(subparsers) -> None:
         "volumes hold object ids (0: no object) and objects are matched one to one at IoU 0.5 and 0.75: precision, "
         "recall, F1 and average precision TP/(TP+FP+FN), as in the StarDist and Cellpose papers; with --exclude, "
         "objects are their parts on the unannotated voxels.",
-    ))
+    )
     parser.add_argument("prediction", metavar="PREDICTION", help="predicted label volume (Z, Y, X); FILE:KEY for a dataset in a container")
     parser.add_argument("truth", metavar="TRUTH", help="dense ground-truth label volume of the same shape")
     parser.add_argument("--exclude", metavar="SPARSE",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import getpass
 from pathlib import Path
 
-from unet3d.cli.options import one_line_errors
 from unet3d.errors import UserError
 from unet3d.export import DEFAULT_OPSET, export_onnx
 from unet3d.io import open_volume, parse_spec
@@ -14,7 +13,7 @@ from unet3d.training.checkpoint import run_files
 
 
 def register(subparsers) -> None:
-    parser = one_line_errors(subparsers.add_parser(
+    parser = subparsers.add_parser(
         "export",
         help="write a saved model as ONNX or as a BioImage.IO model package",
         description="Write MODEL for other software. --onnx: an ONNX graph (batch norm folded, input "
@@ -24,7 +23,7 @@ def register(subparsers) -> None:
         "PyTorch state dict, TorchScript and ONNX, the intensity normalization as pre-processing, class "
         "probabilities out, test tensors cut from --sample, a README and a cover; `unet3d predict` runs "
         "it too. Needs the onnx extra, and the bioimageio extra for packages.",
-    ))
+    )
     parser.add_argument("model", help="a model file written by `unet3d train` or `unet3d densify`")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--onnx", metavar="OUT.onnx", help="ONNX file to write")

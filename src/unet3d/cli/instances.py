@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from unet3d.cli.evaluate import value_or_none
-from unet3d.cli.options import DefaultsHelpFormatter, float_list, int_list, one_line_errors
+from unet3d.cli.options import DefaultsHelpFormatter, float_list, int_list
 from unet3d.errors import UserError
 from unet3d.instances import KINDS, instances_from_probabilities
 from unet3d.io import parse_spec, read_image, write_volume
@@ -16,7 +16,7 @@ PROBABILITY_SLACK = 1e-2  # float16 maps and blends stray this far outside [0, 1
 
 
 def register(subparsers) -> None:
-    parser = one_line_errors(subparsers.add_parser(
+    parser = subparsers.add_parser(
         "instances",
         help="objects, one id each, from saved class probabilities",
         description="Cut PROBABILITIES — the (K, Z, Y, X) class probabilities written by `unet3d densify "
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
         "bounded by walls, seeds far from the thresholded walls (a distance transform), grown everywhere. Each "
         "kind has one fixed parameter set (docs/instances.md). The whole volume is processed in memory.",
         formatter_class=DefaultsHelpFormatter,
-    ))
+    )
     parser.add_argument("probabilities", metavar="PROBABILITIES", help="class probabilities (K, Z, Y, X); FILE:KEY in a container")
     parser.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="instance labels to write (.tif .nii.gz .h5 .zarr .npy ...)")
     parser.add_argument("--kind", choices=sorted(KINDS), default="nuclei", help="what the objects are")

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from unet3d import __version__
+from unet3d.cli.options import one_line_errors
 from unet3d.errors import UserError
 
 # Each module defines register(subparsers), which adds its parser and sets `run`.
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"unet3d.cli.{name}").register(subparsers)
+    for command in [parser, *subparsers.choices.values()]:
+        one_line_errors(command)
     return parser
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from unet3d.data.features import raw_channels
-from unet3d.cli.options import int_triple, one_line_errors, positive_int
+from unet3d.cli.options import int_triple, positive_int
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.inference import predict_volume
@@ -37,7 +37,7 @@ def memory_size(text: str) -> int:
 
 
 def register(subparsers) -> None:
-    parser = one_line_errors(subparsers.add_parser(
+    parser = subparsers.add_parser(
         "predict",
         help="segment a volume of any size with a saved model",
         description="Segment IMAGE with MODEL and write the label map to OUTPUT (format from its "
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
         "Zarr input and output, tiles are read and written one at a time, so volumes larger than "
         "memory work. With --dask, blocks of the volume are predicted on a Dask cluster and written "
         "into an OME-Zarr store (see the --dask options below).",
-    ))
+    )
     parser.add_argument("model", help="a model file written by `unet3d train`, or a BioImage.IO package "
                         "(.zip or folder) exported from one")
     parser.add_argument("image", help="image volume: a path, or file.h5:/dataset, image.zarr:/key")

@@ -6,7 +6,6 @@ import argparse
 
 import numpy as np
 
-from unet3d.cli.options import one_line_errors
 from unet3d.data.sparse import labeled_fraction, positions_for, slices_for_fraction, sparsify
 from unet3d.errors import UserError
 from unet3d.io import read_labels, write_volume
@@ -26,7 +25,7 @@ def slice_counts(text: str) -> tuple[int, int, int]:
 
 
 def register(subparsers) -> None:
-    parser = one_line_errors(subparsers.add_parser(
+    parser = subparsers.add_parser(
         "sparsify",
         help="keep a few orthogonal slices of a dense label volume, mark the rest unlabeled",
         description="Simulate sparse annotation (the 3D U-Net paper's protocol): keep A slices "
@@ -34,7 +33,7 @@ def register(subparsers) -> None:
         "(yz-planes) of a dense label volume and write every other voxel as the ignore label. Along an "
         "axis of n voxels, k slices lie at round((i+1)·n/(k+1)), i = 0…k-1, halves rounded up. Train "
         "on the result, then measure with `unet3d evaluate --exclude SPARSE` on the voxels not kept.",
-    ))
+    )
     parser.add_argument("truth", metavar="TRUTH", help="dense label volume (Z, Y, X); FILE:KEY for a dataset in a container")
     parser.add_argument("-o", "--output", required=True, metavar="SPARSE",
                         help="sparse label volume to write; the format follows the extension")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from unet3d.cli.options import DefaultsHelpFormatter, float_list, one_line_errors, positive_seconds
+from unet3d.cli.options import DefaultsHelpFormatter, float_list, positive_seconds
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.interactive.suggest import AXIS_NAMES, DEFAULT_STRATEGY, STRATEGIES
@@ -22,7 +22,7 @@ def axes_list(text: str) -> tuple[int, ...]:
 
 
 def register(subparsers) -> None:
-    parser = one_line_errors(subparsers.add_parser(
+    parser = subparsers.add_parser(
         "suggest",
         help="rank the slices not yet annotated: which one to paint next",
         description="Rank the slices of IMAGE (along z, y and x) that SPARSE does not annotate yet by how many "
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
         "(random slices did as well; docs/suggest.md); use it to find where the network is wrong, and keep "
         "spreading slices evenly when in doubt.",
         formatter_class=DefaultsHelpFormatter,
-    ))
+    )
     parser.add_argument("image", help="image volume (.tif .nii.gz .h5:/dataset .zarr .npy ...)")
     parser.add_argument("sparse", help="sparse labels of the same volume")
     parser.add_argument("--ignore-label", type=int, required=True, metavar="N", help="the value of unannotated voxels")

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from unet3d.cli.options import add_network_options, int_triple, network_config, one_line_errors
+from unet3d.cli.options import add_network_options, int_triple, network_config
 from unet3d.errors import UserError
 from unet3d.model import UNetConfig, read_description
 from unet3d.model.summary import summary_text
 
 
 def register(subparsers) -> None:
-    parser = one_line_errors(subparsers.add_parser(
+    parser = subparsers.add_parser(
         "summary",
         help="print a network's layers, tile sizes, margin and parameter count",
         description="Print the layer table of a network configuration (or of a saved MODEL): output "
         "shapes, input/output tile sizes, the context margin per side and the parameter count.",
-    ))
+    )
     parser.add_argument("model", nargs="?", help="a saved model file (otherwise the configuration from the options)")
     parser.add_argument("--in-channels", type=int, help="image channels (paper: 3)")
     parser.add_argument("--num-classes", type=int, help="output classes (paper: 3)")

@@ -7,8 +7,8 @@ import dataclasses
 
 from unet3d.augmentation import AugmentationConfig
 from unet3d.cli.options import (DefaultsHelpFormatter, add_network_options, float_list, int_list, int_triple,
-                                network_config, one_line_errors, positive_seconds)
-from unet3d.data.labels import infer_class_values, present_values
+                                network_config, positive_seconds)
+from unet3d.data.labels import check_painting_shape, painted_classes, present_values
 from unet3d.errors import UserError
 from unet3d.data.normalization import METHODS as NORMALIZATION_METHODS, fit_normalization
 from unet3d.io import read_image, read_labels
@@ -24,7 +24,7 @@ from unet3d.workflows.plan import (DEFAULT_ITERATIONS, PER_VOLUME_SPREAD_RATIO, 
 
 
 def register(subparsers) -> None:
-    parser = one_line_errors(subparsers.add_parser(
+    parser = subparsers.add_parser(
         "train",
         help="train a network on sparsely annotated volumes",
         description="Train a 3D U-Net on images whose label volumes annotate only some voxels (for example "
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
         "(safetensors, usable by `unet3d predict`) and, beside it, MODEL.checkpoint.pt (for --resume), "
         "MODEL.best.safetensors (with validation), MODEL.log.jsonl and MODEL.curve.png.",
         formatter_class=DefaultsHelpFormatter,
-    ))
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--images", nargs="+", required=True, metavar="IMAGE",
                       help="image volumes (.tif .nii.gz .h5:/dataset .zarr .npy ...)")
@@ -184,20 +184,10 @@ def _train(args, processes: Processes) -> int:
 def checked_paintings(images, labels, args) -> list[int]:
     """The class values, after checking every painting against its image and the classes, so that a
     bad painting is named (not the image it belongs to) before anything is computed."""
-    if args.num_classes is not None and args.num_classes < 2:
-        raise UserError(f"--num-classes {args.num_classes}: a segmentation needs at least two classes")
     for image, painting, name, image_name in zip(images, labels, args.labels, args.images):
-        if tuple(image.shape[1:]) != tuple(painting.shape):
-            raise UserError(f"{name}: shape {tuple(painting.shape)} differs from the shape {tuple(image.shape[1:])} "
-                            f"of its image {image_name}")
-    if args.classes is None:
-        classes = infer_class_values(labels, args.ignore_label, args.num_classes, args.labels)
-    else:
-        classes = _given_classes(labels, args)
-    if len(classes) < 2:
-        raise UserError(f"{', '.join(args.labels)}: only one class ({classes[0]}) besides the ignore label "
-                        f"{args.ignore_label}; a segmentation needs at least two (annotate the background too)")
-    return classes
+        check_painting_shape(image.shape, painting.shape, name, image_name)
+    return painted_classes(labels, args.labels, args.ignore_label, args.num_classes,
+                           None if args.classes is None else _given_classes(labels, args))
 
 
 def _given_classes(labels, args) -> list[int]:

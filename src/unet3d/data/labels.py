@@ -99,6 +99,28 @@ def infer_class_values(
     return classes
 
 
+def check_painting_shape(image_shape, painting_shape, name: str, image_name: str) -> None:
+    """One line naming the painting whose (Z, Y, X) shape is not that of its (C, Z, Y, X) image."""
+    if tuple(image_shape[1:]) != tuple(painting_shape):
+        raise UserError(f"{name}: shape {tuple(painting_shape)} differs from the shape {tuple(image_shape[1:])} "
+                        f"of its image {image_name}")
+
+
+def painted_classes(paintings: Sequence[np.ndarray], names: Sequence[str], ignore_label: int,
+                    num_classes: int | None = None, classes: Sequence[int] | None = None) -> list[int]:
+    """The class values of the paintings named `names` (`classes` when declared, else inferred),
+    refused in one line naming the paintings when they give fewer than two: a segmentation needs
+    the background annotated too."""
+    if num_classes is not None and num_classes < 2:
+        raise UserError(f"--num-classes {num_classes}: a segmentation needs at least two classes")
+    if classes is None:
+        classes = infer_class_values(paintings, ignore_label, num_classes, names)
+    if len(classes) < 2:
+        raise UserError(f"{', '.join(names)}: only one class ({classes[0]}) besides the ignore label "
+                        f"{ignore_label}; a segmentation needs at least two (annotate the background too)")
+    return list(classes)
+
+
 _ENCODE_CHUNK = 1 << 24  # voxels encoded at a time
 
 
