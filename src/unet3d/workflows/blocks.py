@@ -14,6 +14,7 @@ stored as float16: the bank of the annotated neighbourhoods is made once for bot
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -59,8 +60,10 @@ def block_boxes(labels: np.ndarray, patch, seed: int):
     flat = labels.reshape(-1)
     rng = np.random.default_rng(seed)
     every = np.flatnonzero(flat != UNLABELED)
+    if not every.size:
+        return
     by_class = [voxels for voxels in (every[flat[every] == c] for c in range(int(flat.max()) + 1)) if voxels.size]
-    for turn in range(2**62 if every.size else 0):
+    for turn in itertools.count():
         voxels = every if turn % 2 == 0 else by_class[rng.integers(len(by_class))]
         center = np.unravel_index(int(voxels[rng.integers(voxels.size)]), labels.shape)
         yield around(center, [2 * p for p in patch], labels.shape), around(center, patch, labels.shape)
