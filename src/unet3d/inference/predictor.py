@@ -215,10 +215,9 @@ def region_reader(source, normalization: dict, input_features: dict | None, repo
 
     Filter-bank inputs are made once for the whole volume when they fit in free memory and in
     `max_memory` (62 float32 channels per image channel; never with `per_region`), else region by
-    region from the
-    region grown by the bank's reach: the same values, for more filtering work (1.6× the
-    prediction's CPU time on EM). A per-volume normalization is fitted on the whole volume first,
-    so every region shares it.
+    region from the region grown by the bank's reach: the same values, for more filtering work
+    (1.6× the prediction's CPU time on EM). A per-volume normalization is fitted on the whole
+    volume first, so every region shares it.
     """
     shape = tuple(source.shape[1:])
     if input_features is None:
