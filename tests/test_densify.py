@@ -324,3 +324,30 @@ def test_with_enough_annotation_the_blend_is_weighed_on_held_out_blocks(sparse_n
     plain = densify(image, sparse, IGNORE, tmp_path / "n.safetensors", iterations=3, max_time=None, progress=False,
                     threads=1)
     assert plain.weighing == "geometric mean with equal weights" and plain.held_out is None
+
+
+def test_the_time_plan_times_a_tile_of_the_plan_prediction_uses_and_bounds_the_weighing():
+    """The prediction set aside from --max-time is one tile of the very plan `predict_volume` will
+    run, times its tiles; the blend is weighed on as many held-out blocks as WEIGHING_SHARE of the
+    budget pays for."""
+    from itertools import count
+
+    from unet3d.inference.predictor import make_plan
+    from unet3d.model import UNet
+    from unet3d.workflows import densify as module
+
+    config = module.densify_network(1, 3)
+    shape, budget = (24, 96, 200), 64 * 2**20
+    image = np.random.default_rng(0).random((1, *shape), np.float32)
+    clock = count().__next__  # one "second" per reading
+    cost = module.prediction_cost(config, lambda box: image[(slice(None),) + box], None, shape, clock, "cpu", budget)
+    tiles = len(make_plan(UNet(config), shape, max_memory=budget).starts)
+    assert tiles > 1 and cost.tiles == tiles
+    assert cost.seconds == pytest.approx(module.PREDICTION_MARGIN * tiles)  # the tile took one clock tick
+    block = module.training_patch(shape)
+    box = np.prod([min(2 * b, n) for b, n in zip(block, shape)])
+    assert cost.weighing(block, shape, None) == (module.WEIGHING_BLOCKS, pytest.approx(64 * box * cost.per_voxel))
+    assert cost.weighing(block, shape, 1e-9)[0] == module.MIN_WEIGHING_BLOCKS
+    affordable = module.WEIGHING_SHARE * 1000.0 // (cost.per_voxel * box)
+    assert cost.weighing(block, shape, 1000.0)[0] == np.clip(affordable, module.MIN_WEIGHING_BLOCKS,
+                                                              module.WEIGHING_BLOCKS)

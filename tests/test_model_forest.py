@@ -143,12 +143,9 @@ def test_predict_blends_tile_by_tile_as_on_the_whole_volume(tmp_path, monkeypatc
     assert np.abs(whole - network_alone).max() > 0.05  # the forest changed the result
 
 
-def test_a_network_reading_the_forests_bank_shares_it_tile_by_tile(tmp_path, monkeypatch):
-    """A network whose inputs hold the forest's filter bank, predicted tile by tile, lends the forest
-    each tile's bank (no bank made for the forest's blocks) and gives the whole volume's blend."""
-    from unet3d.inference import predictor
-
-    image, truth = blobs()
+def bank_reading_model(image, truth):
+    """(network, info, forest): a small network whose inputs hold the forest's filter bank beside
+    the image, and the forest (network weight 0.4)."""
     spec = input_feature_spec(None)
     forest = fit_model_forest([annotated(image, np.where(slices_of(truth) == IGNORE, -1, truth))], spec,
                               {"method": "none", "channels": 1}, 2, seconds=None, seed=0)
@@ -158,6 +155,16 @@ def test_a_network_reading_the_forests_bank_shares_it_tile_by_tile(tmp_path, mon
     network = UNet(UNetConfig(in_channels=inputs.shape[0], num_classes=2, width=2, levels=2, padding="same",
                               norm="batch")).eval()
     info = {**info_for(image), "normalization": fit_normalization([inputs]), "input_features": spec}
+    return network, info, forest
+
+
+def test_a_network_reading_the_forests_bank_shares_it_tile_by_tile(tmp_path, monkeypatch):
+    """A network whose inputs hold the forest's filter bank, predicted tile by tile, lends the forest
+    each tile's bank (no bank made for the forest's blocks) and gives the whole volume's blend."""
+    from unet3d.inference import predictor
+
+    image, truth = blobs()
+    network, info, forest = bank_reading_model(image, truth)
     whole = predict_image(network, info, image, forest=forest)
     monkeypatch.setattr(predictor, "feature_memory_shortfall", lambda *args: "the bank does not fit")
     made = []
@@ -170,6 +177,48 @@ def test_a_network_reading_the_forests_bank_shares_it_tile_by_tile(tmp_path, mon
     assert summary["tiles"] > 1 and not made  # the forest never made a bank of its own
     with h5py.File(tmp_path / "p.h5", "r") as f:
         np.testing.assert_allclose(f["p"][:].astype(np.float32), whole, atol=2e-3)
+
+
+def test_on_dask_the_forest_takes_each_tiles_bank_too(tmp_path, monkeypatch):
+    """`predict --dask` blends the forest tile by tile inside each block, from the bank the tile's
+    network input holds: no bank of the forest's own, the single-process result."""
+    pytest.importorskip("distributed", reason="prediction on Dask needs unet3d[distributed]")
+    from distributed import Client, LocalCluster
+
+    from unet3d.inference.distributed import predict_distributed
+    from unet3d.io import write_volume
+
+    image, truth = blobs()
+    network, info, forest = bank_reading_model(image, truth)
+    whole = predict_image(network, info, image, forest=forest)
+    save_model(tmp_path / "m.safetensors", network, info, forest)
+    write_volume(str(tmp_path / "in.zarr"), image[0])
+    made = []
+    monkeypatch.setattr(forest_module, "region_bank", lambda *args: made.append(args) or region_bank(*args))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:  # threads of this process: the count above sees the workers' calls
+        predict_distributed(client, str(tmp_path / "m.safetensors"), str(tmp_path / "in.zarr"),
+                            str(tmp_path / "out.zarr"), block=(12, 24, 20), tile=(6, 12, 10))
+    assert not made
+    import zarr
+    probabilities = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["0"][...].astype(np.float32)
+    np.testing.assert_allclose(probabilities, whole, atol=2e-3)
+
+
+def test_tiles_whose_bank_is_made_for_them_are_planned_in_a_share_of_max_memory(tmp_path, monkeypatch):
+    """`predict --max-memory` plans tiles that make their own filter bank in BANK_TILE_SHARE of it
+    (the plan counts a tile's inputs once; they are held about three times)."""
+    from unet3d.inference import predictor
+
+    image, truth = blobs((24, 96, 96))
+    network, info, forest = bank_reading_model(image, truth)
+    budget = 64 * 2**20  # below the whole bank's 0.1 GiB: the bank is made per tile
+    with open_volume(write_case(tmp_path, "case", image, slices_of(truth))[0]) as source:
+        summary = predict_volume(network, info, source, np.empty(image.shape[1:], np.uint8), max_memory=budget,
+                                 forest=forest)
+    expected = predictor.make_plan(network, image.shape[1:], max_memory=int(predictor.BANK_TILE_SHARE * budget))
+    assert summary["output_tile"] == expected.output_shape
+    assert summary["output_tile"] != predictor.make_plan(network, image.shape[1:], max_memory=budget).output_shape
 
 
 def write_case(folder, name, image, sparse):
@@ -228,8 +277,8 @@ def test_train_without_the_forest_and_export_of_a_blended_model(tmp_path, capsys
 def test_densify_of_a_volume_beyond_max_memory_reads_the_image_box_by_box(tmp_path, monkeypatch, capsys):
     """`--max-memory` below what the whole filter bank needs sends densify the blockwise route, and
     there the image file is only ever read box by box (training blocks, held-out blocks, tiles)."""
+    from unet3d.inference import predictor as predictor_module
     from unet3d.io.volume import Volume
-    from unet3d.workflows import densify as densify_module
 
     image, truth = blobs((24, 96, 96))  # its whole bank needs about 110 MB, the smallest tile 51
     with h5py.File(tmp_path / "in.h5", "w") as f:
@@ -243,7 +292,7 @@ def test_densify_of_a_volume_beyond_max_memory_reads_the_image_box_by_box(tmp_pa
         return read(self, region)
 
     monkeypatch.setattr(Volume, "read", recorded)
-    monkeypatch.setattr(densify_module, "TILE_MEMORY_SHARE", 1.0)  # the smallest tile of this network: 51 MiB
+    monkeypatch.setattr(predictor_module, "BANK_TILE_SHARE", 1.0)  # the smallest tile of this network: 51 MiB
     out = tmp_path / "seg.tif"
     code = main.main(["densify", f"{tmp_path / 'in.h5'}:/raw", sparse, "-o", str(out),
                       "--ignore-label", str(IGNORE), "--max-time", "3600", "--iterations", "3", "--max-memory", "64M",

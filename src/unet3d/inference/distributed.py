@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from unet3d.data.features import raw_channels, region_with_input_features
-from unet3d.data.normalization import apply_normalization, for_volume
+from unet3d.data.normalization import for_volume
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.inference.memory import fix_mmap_threshold
-from unet3d.inference.predictor import (DEFAULT_MAX_MEMORY, tile_outputs, label_dtype, make_plan, prepare_network,
-                                        tile_probabilities)
+from unet3d.inference.predictor import (DEFAULT_MAX_MEMORY, label_dtype, make_plan, network_and_forest, prepare_network,
+                                        tile_outputs, tile_probabilities)
 from unet3d.inference.tiling import TilePlan, gaussian_weight, plan_tiles
 from unet3d.io import open_volume, parse_spec
 from unet3d.io.ome_zarr import (Block, PredictionStore, broken_chunks, done_blocks, downsample_block, prepare_store,
@@ -308,13 +308,13 @@ def predict_block(job: BlockJob, index, block: Block) -> str:
             status = "empty"
         else:
             net, device = _network(job.model_path, job.model_digest, job.device)
-            read = normalized_reader(volume, job.normalization, job.input_features)
+            forest = None if job.forest_normalization is None else _forest(job.model_path, job.model_digest)
+            read, forest_at = network_and_forest(volume, job.normalization, job.input_features, forest,
+                                                 per_region=True, batch_size=job.batch_size,
+                                                 forest_normalization=job.forest_normalization)
+            blend = None if forest is None else lambda part, region: forest.blend_region(part, region, forest_at)
             plan = replace(job.plan, starts=block_starts(job.axis_starts, job.plan.output_shape, block))
-            probabilities = block_probabilities(net, read, plan, block, device, job.batch_size, job.tta).cpu().numpy()
-            if job.forest_normalization is not None:
-                forest = _forest(job.model_path, job.model_digest)
-                probabilities = forest.blend_region(probabilities, block, forest.region_probabilities(
-                    volume.read, tuple(volume.shape[1:]), job.forest_normalization))
+            probabilities = block_probabilities(net, read, plan, block, device, job.batch_size, job.tta, blend)
             status = "predicted"
     labels = np.asarray(job.store.class_values)[probabilities.argmax(axis=0)].astype(job.store.label_dtype)
     write_block(job.store, index, block, probabilities.astype(np.float16), labels)
@@ -356,21 +356,19 @@ def raw_reader(volume, features: dict | None):
     return lambda box: region_with_input_features(volume.read, shape, box, features)
 
 
-def normalized_reader(volume, normalization: dict, features: dict | None):
-    raw = raw_reader(volume, features)
-    return lambda box: apply_normalization(raw(box), normalization)
-
-
 def block_starts(axis_starts, size, block: Block) -> list[tuple[int, int, int]]:
     """The tiles (output starts, in the plan's z, y, x order) whose output overlaps `block`."""
     per_axis = [[s for s in starts if s < b.stop and s + k > b.start] for starts, k, b in zip(axis_starts, size, block)]
     return list(itertools.product(*per_axis))
 
 
-def block_probabilities(net, read, plan: TilePlan, block: Block, device, batch_size: int, tta: bool) -> torch.Tensor:
+def block_probabilities(net, read, plan: TilePlan, block: Block, device, batch_size: int, tta: bool,
+                        blend=None) -> np.ndarray:
     """Probabilities (K, *block) of one block from its tiles: a valid tile's output copied where it
     falls in the block, same-padding windows blended with the weights whole-volume prediction uses,
-    accumulated in the same order."""
+    accumulated in the same order. `blend(probabilities, region)` (the forest's, in place) is applied
+    to each tile's part as it comes, where the tile's filter bank is still at hand (`SharedBank`),
+    or to the whole block once windows are averaged."""
     shape = tuple(b.stop - b.start for b in block)
     probabilities = torch.zeros((net.config.num_classes, *shape), device=device)
     total = torch.zeros(shape, device=device) if plan.blended else None
@@ -383,6 +381,13 @@ def block_probabilities(net, read, plan: TilePlan, block: Block, device, batch_s
         if plan.blended:
             probabilities[everything + target].addcmul_(weight[source], probs[everything + source])
             total[target].add_(weight[source])
-        else:
+        elif blend is None:
             probabilities[everything + target] = probs[everything + source]
-    return probabilities / total if plan.blended else probabilities
+        else:
+            part = probs[everything + source].cpu().numpy()
+            region = tuple(slice(low, high) for low, high in inside)
+            probabilities[everything + target] = torch.from_numpy(blend(part, region)).to(device)
+    if not plan.blended:
+        return probabilities.cpu().numpy()
+    probabilities = (probabilities / total).cpu().numpy()
+    return probabilities if blend is None else blend(probabilities, block)

@@ -31,6 +31,11 @@ from unet3d.model.unet import UNet
 from unet3d.progress import progress_bar
 
 DEFAULT_MAX_MEMORY = 1 << 30
+# A tile whose filter bank is made for it holds its bank inputs about three times over (the bank,
+# the raw inputs kept for the forest, the normalized copy) where the tile plan counts them once,
+# and the forest's block of features comes on top: its tiles are planned in this share of
+# --max-memory (measured: 6.4 GiB peak for densify of 21 M voxels under --max-memory 8G).
+BANK_TILE_SHARE = 0.25
 
 
 def default_max_memory(device: torch.device) -> int:
@@ -181,6 +186,23 @@ def make_plan(model: UNet, shape, tile=None, max_memory: int | None = None, batc
     return plan_tiles(model.config, shape, tile, overlap)
 
 
+def time_middle_tile(model: UNet, read, forest_at, shape, clock, max_memory: int | None = None,
+                     device: str = "cpu") -> tuple[float, TilePlan]:
+    """(seconds, plan): the middle tile of the plan `predict_volume` makes for a (Z, Y, X) volume of
+    `shape` under `max_memory`, timed by `clock` as prediction runs it — its input read with the
+    tile's context (`read`: box → the network's input there), the network, and `forest_at` (block →
+    the forest's probabilities, or None) on its output region."""
+    device = resolve_device(device)
+    plan = make_plan(model, shape, None, max_memory, device=device)
+    net = prepare_network(model, device)
+    start = plan.starts[len(plan.starts) // 2]
+    began = clock()
+    tile_probabilities(net, read_tile(read, plan, start, device)[None], device)
+    if forest_at is not None:
+        forest_at(plan.output_region(start))
+    return clock() - began, plan
+
+
 def predict_array(model: UNet, image: np.ndarray, *, tile=None, max_memory: int | None = None, batch_size: int = 1,
                   tta: bool = False, device: str = "cpu", overlap: float | None = None,
                   progress: bool = False) -> np.ndarray:
@@ -209,7 +231,7 @@ def label_dtype(class_values) -> np.dtype:
     return np.min_scalar_type(min(class_values)) if min(class_values) < 0 else np.min_scalar_type(max(class_values))
 
 
-def region_reader(source, normalization: dict, input_features: dict | None, report=None, per_region: bool = False,
+def region_reader(source, normalization: dict, input_features: dict | None, per_region: bool = False,
                   max_memory: int | None = None):
     """box → the network's normalized input there.
 
@@ -222,16 +244,26 @@ def region_reader(source, normalization: dict, input_features: dict | None, repo
     shape = tuple(source.shape[1:])
     if input_features is None:
         read = source.read
-    elif per_region or feature_memory_shortfall("image", source.shape, input_features, max_memory):
-        if report is not None and not per_region:
-            report("the filter bank of the whole volume does not fit in free memory; computing it tile by tile "
-                   "(slower)")
+    elif per_region or bank_per_region(source, input_features, max_memory):
         read = lambda box: region_with_input_features(source.read, shape, box, input_features)  # noqa: E731
     else:
         inputs = apply_normalization(with_input_features(source.read(), input_features), normalization)
         return lambda box: inputs[(slice(None),) + box]
     normalization = for_volume(normalization, read, shape)
     return lambda box: apply_normalization(read(box), normalization)
+
+
+def bank_per_region(source, input_features: dict | None, max_memory: int | None) -> bool:
+    """Whether a network reading ilastik's filter bank has it made tile by tile: the whole volume's
+    does not fit in free memory or in `max_memory`."""
+    return input_features is not None and feature_memory_shortfall("image", source.shape, input_features,
+                                                                   max_memory) is not None
+
+
+def tile_memory(max_memory: int | None, per_region: bool) -> int | None:
+    """The tile plan's share of `max_memory`: BANK_TILE_SHARE where each tile's filter bank is made
+    for it (the plan counts a tile's inputs once)."""
+    return int(BANK_TILE_SHARE * max_memory) if per_region and max_memory is not None else max_memory
 
 
 class SharedBank:
@@ -277,20 +309,19 @@ class SharedBank:
 
 
 def network_and_forest(source, normalization: dict, input_features: dict | None, forest: ForestModel | None,
-                       report=None, per_region: bool = False, batch_size: int = 1, max_memory: int | None = None):
+                       per_region: bool = False, batch_size: int = 1, max_memory: int | None = None,
+                       forest_normalization: dict | None = None):
     """(box → the network's normalized input, block → the forest's probabilities or None): the
     filter bank made once per region for both where the network reads the forest's bank and the
-    volume's bank is made region by region (`SharedBank`)."""
-    shared = SharedBank.applies(input_features, normalization, forest) and (
-        per_region or feature_memory_shortfall("image", source.shape, input_features, max_memory) is not None)
-    if shared:
-        if report is not None and not per_region:
-            report("the filter bank of the whole volume does not fit in free memory; computing it tile by tile "
-                   "for the network and the forest together")
+    volume's bank is made region by region (`SharedBank`). `forest_normalization`: the forest's,
+    already fitted for this volume (else fitted here)."""
+    if SharedBank.applies(input_features, normalization, forest) and (
+            per_region or bank_per_region(source, input_features, max_memory)):
         bank = SharedBank(source, normalization, forest, batch_size)
         return bank.read, bank.forest_at
-    read = region_reader(source, normalization, input_features, report, per_region, max_memory)
-    return read, (forest.region_probabilities(source.read, tuple(source.shape[1:])) if forest is not None else None)
+    read = region_reader(source, normalization, input_features, per_region, max_memory)
+    return read, (None if forest is None else
+                  forest.region_probabilities(source.read, tuple(source.shape[1:]), forest_normalization))
 
 
 class InMemory:
@@ -368,10 +399,16 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     normalization = info.get("normalization") or {"method": "none", "channels": config.in_channels}
     class_values = np.asarray(info.get("class_values") or range(config.num_classes))
     device = resolve_device(device)
-    plan = make_plan(model, shape, tile, max_memory, batch_size, overlap, device, report)
+    input_features = info.get("input_features")
+    per_region = bank_per_region(source, input_features, max_memory)
+    if per_region and report is not None:
+        report("the filter bank of the whole volume does not fit in free memory; computing it tile by tile"
+               + (" for the network and the forest together" if SharedBank.applies(input_features, normalization,
+                                                                                    forest) else " (slower)"))
+    plan = make_plan(model, shape, tile, tile_memory(max_memory, per_region), batch_size, overlap, device, report)
     net = prepare_network(model, device)
-    read, forest_at = network_and_forest(source, normalization, info.get("input_features"), forest, report,
-                                         batch_size=batch_size, max_memory=max_memory)
+    read, forest_at = network_and_forest(source, normalization, input_features, forest, per_region, batch_size,
+                                         max_memory)
     counts = np.zeros(config.num_classes, np.int64)
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:

@@ -68,8 +68,8 @@ from unet3d.workflows.blend import HeldOut, choose_network_weight, hold_out_bloc
 from unet3d.errors import UserError
 from unet3d.inference import predict_array, predict_volume
 from unet3d.inference.predictor import make_plan
-from unet3d.inference.predictor import Boxes, as_source, label_dtype, network_and_forest
-from unet3d.model.forest import BLOCK_VOXELS
+from unet3d.inference.predictor import (BANK_TILE_SHARE, Boxes, as_source, bank_per_region, label_dtype,
+                                        network_and_forest, tile_memory, time_middle_tile)
 from unet3d.progress import progress_bar
 from unet3d.model import ForestModel, UNet, UNetConfig, load_model, save_model
 from unet3d.training import TrainConfig, TrainResult, train
@@ -103,7 +103,7 @@ FILTER_FEATURES_MIN_ANNOTATED = 50_000
 # of the time budget: +0.00 to +0.05 foreground IoU (never less) on the small nuclei and MRI
 # volumes, where they take seconds; on the ovule they took 77 CPU s for +0.001.
 TTA_MAX_SHARE = 0.1
-# Held-out blocks the blockwise route predicts to weigh the blend (a seeded choice): each costs a
+# Held-out blocks the blockwise route predicts to weigh the blend, at most (a seeded choice): each costs a
 # prediction of twice its size, and this many give tens of thousands of scored voxels.
 WEIGHING_BLOCKS = 64
 
@@ -168,10 +168,10 @@ def check_tiles_fit(options: "DensifyOptions", channels: int, num_classes: int, 
     if options.max_memory is not None:
         network = options.init.network.config if options.init is not None else densify_network(channels, num_classes)
         try:
-            make_plan(UNet(network), shape, max_memory=int(TILE_MEMORY_SHARE * options.max_memory))
+            make_plan(UNet(network), shape, max_memory=tile_memory(options.max_memory, True))
         except UserError as exc:
             raise UserError(f"--max-memory {options.max_memory / 2**20:.0f}M is too small for {options.source}: "
-                            f"prediction's tiles get {TILE_MEMORY_SHARE:.0%} of it, and "
+                            f"prediction's tiles get {BANK_TILE_SHARE:.0%} of it, and "
                             f"{str(exc).split('too small, ')[-1]}") from None
 
 
@@ -440,40 +440,48 @@ def store_forest(model_path, result: TrainResult, forest: ForestResult, data: Tr
     save_model(model_path, result.model, result.info, model)
 
 
-# The share of --max-memory the blockwise route gives prediction's tiles: a tile's filter-bank
-# inputs are made per region, so they are held about three times over (the bank, the raw inputs
-# kept for the forest, the normalized copy) where the tile plan counts them once, and the forest's
-# block of features comes on top.
-TILE_MEMORY_SHARE = 0.25
-# Prediction's measured cost is scaled by this before it is set aside from the budget: blocks at
-# the volume's faces, tiles' context margins, writing.
+# Prediction's measured cost is scaled by this before it is set aside from the budget: tiles at
+# the volume's faces, writing.
 PREDICTION_MARGIN = 1.2
+# The blockwise route weighs the blend on at most this share of the time budget (and at least
+# MIN_WEIGHING_BLOCKS held-out blocks): each block is predicted with half a block of context on
+# every side, up to 8 times its voxels, which on a thin stack can add up to more voxels than the volume.
+WEIGHING_SHARE = 0.05
+MIN_WEIGHING_BLOCKS = 8
 
 
-def sample_box(shape, voxels: int) -> tuple[slice, ...]:
-    """A box of at most about `voxels` voxels in the middle of a (Z, Y, X) volume, to time prediction on."""
-    side = [min(n, 32) for n in shape]
-    while np.prod(side) < voxels and any(s < n for s, n in zip(side, shape)):
-        side = [min(n, 2 * s) for s, n in zip(side, shape)]
-    return tuple(slice((n - s) // 2, (n - s) // 2 + s) for s, n in zip(side, shape))
+@dataclass
+class PredictionCost:
+    """What predicting the volume will cost, measured on one tile of the plan prediction will use."""
+    seconds: float  # the whole volume, PREDICTION_MARGIN included
+    per_voxel: float  # seconds per output voxel of that tile, its context and filter bank included
+    tiles: int
+
+    def weighing(self, block, shape, max_time: float | None) -> tuple[int, float]:
+        """(held-out blocks, seconds) to weigh the blend on: as many as WEIGHING_SHARE of `max_time`
+        pays for, from MIN_WEIGHING_BLOCKS to WEIGHING_BLOCKS."""
+        box = float(np.prod([min(2 * b, n) for b, n in zip(block, shape)]))
+        count = WEIGHING_BLOCKS
+        if max_time is not None:
+            count = int(np.clip(WEIGHING_SHARE * max_time // (self.per_voxel * box), MIN_WEIGHING_BLOCKS,
+                                WEIGHING_BLOCKS))
+        return count, count * box * self.per_voxel
 
 
-def prediction_seconds(config: UNetConfig, read, forest_at, shape, clock, device: str) -> float:
-    """Seconds to predict the whole (Z, Y, X) volume of `shape`, measured on a box in its middle: an
-    untrained network of `config` on its input there (`read`: box → the normalized input, made
-    there if it is made per region), and `forest_at` (box → the forest's probabilities, or any other
-    work prediction does per region) on the box."""
-    box = sample_box(shape, BLOCK_VOXELS)
-    start = clock()
-    predict_array(UNet(config).eval(), read(box), device=device)
-    if forest_at is not None:
-        forest_at(box)
-    share = np.prod(shape) / np.prod([b.stop - b.start for b in box])
-    return (clock() - start) * share * PREDICTION_MARGIN
+def prediction_cost(config: UNetConfig, read, forest_at, shape, clock, device: str,
+                    max_memory: int | None = None) -> PredictionCost:
+    """The cost of predicting the whole (Z, Y, X) volume of `shape` with a network of `config` under
+    `max_memory`, from the middle tile of that plan timed by `clock` (`read`: box → the normalized
+    input there, made there if it is made per region; `forest_at`: block → the forest's
+    probabilities, or None) times the plan's tiles."""
+    seconds, plan = time_middle_tile(UNet(config), read, forest_at, shape, clock, max_memory, device)
+    output = plan.output_region(plan.starts[len(plan.starts) // 2])
+    per_voxel = PREDICTION_MARGIN * seconds / np.prod([r.stop - r.start for r in output])
+    return PredictionCost(PREDICTION_MARGIN * seconds * len(plan.starts), per_voxel, len(plan.starts))
 
 
 def training_budget(max_time: float | None, spent: float, prediction: float, voxels: int, source: str,
-                    report) -> float | None:
+                    report, prediction_plan: str = "") -> float | None:
     """Seconds left to train once `spent` and the `prediction` ahead are taken out of `max_time`, at
     least MIN_TRAINING_SHARE of it; refuses a budget that prediction alone would leave too little
     of, saying what would do."""
@@ -487,7 +495,7 @@ def training_budget(max_time: float | None, spent: float, prediction: float, vox
                         "densify a crop and segment the whole volume with its model by `unet3d predict --dask`")
     if report is not None:
         report(f"time plan: {spent:.0f} s spent on the inputs and the forest, {prediction:.0f} s set aside to "
-               f"predict {voxels:,} voxels (measured here), {training:.0f} s to train")
+               f"predict {voxels:,} voxels{prediction_plan} (measured here), {training:.0f} s to train")
     return training
 
 
@@ -504,32 +512,40 @@ def densify_blockwise(prepared: DensifyInputs, model_path, options: DensifyOptio
     config = options.config or default_config(data, max_time=max_time, seed=options.seed,
                                               **(options.init.training_options() if options.init else {}))
     bank = input_feature_spec(data.spacing)
-    forest = None
+    tiles = tile_memory(options.max_memory, bank_per_region(source, data.input_features, options.max_memory))
+    forest, weighing_blocks = None, 0
     with torch_threads(options.threads):
         if prepared.forest_route:
             forest_seconds = None if max_time is None else FOREST_MAX_SHARE * (1 - SAMPLE_BANK_SHARE) * max_time
             # Before the forest: the network and the bank alone, and the forest's whole share, must fit.
             read, _ = network_and_forest(source, data.normalization, data.input_features, None, per_region=True)
             extra = None if data.input_features == bank else lambda box: region_bank(source.read, shape, box, bank)
-            ahead = prediction_seconds(config.network, read, extra, shape, now, options.device)
-            training_budget(max_time, now() - start, ahead + (forest_seconds or 0.0), voxels, options.source, None)
+            ahead = prediction_cost(config.network, read, extra, shape, now, options.device, tiles)
+            training_budget(max_time, now() - start, ahead.seconds + (forest_seconds or 0.0), voxels, options.source,
+                            None)
             forest = forest_on_features(blocks.forest_features, blocks.forest_classes, bank,
                                         {"method": "none", "channels": source.shape[0]}, len(data.class_values),
                                         seconds=forest_seconds, seed=options.seed, threads=options.threads,
                                         predict_voxels=voxels)
-        prediction = prediction_seconds(config.network, *network_and_forest(
-            source, data.normalization, data.input_features, forest, per_region=True), shape, now, options.device)
+        cost = prediction_cost(config.network, *network_and_forest(
+            source, data.normalization, data.input_features, forest, per_region=True), shape, now, options.device,
+            tiles)
+        prediction, plan = cost.seconds, f" in {cost.tiles} tiles"
+        if forest is not None and prepared.held is not None:
+            weighing_blocks, weighing_seconds = cost.weighing(training_patch(shape), shape, max_time)
+            prediction += weighing_seconds
+            plan += f" and weigh the blend on {weighing_blocks} held-out blocks"
         spent = now() - start
-        training_time = training_budget(max_time, spent, prediction, voxels, options.source, options.report)
+        training_time = training_budget(max_time, spent, prediction, voxels, options.source, options.report, plan)
         result = train_network(prepared, model_path, options, training_time)
         prepared.data = prepared.blocks = data = blocks = None  # the training blocks' memory goes to prediction
         read, _ = network_and_forest(source, result.info["normalization"], result.info.get("input_features"), None,
                                      per_region=True)
-        weighing = weigh_blockwise(result.model, forest, source, read, prepared.held, options) if forest else ""
+        weighing = (weigh_blockwise(result.model, forest, source, read, prepared.held, weighing_blocks, options)
+                    if forest else "")
         segmentation = np.empty(shape, label_dtype(result.info["class_values"]))
         predict_volume(result.model, result.info, source, segmentation, options.probabilities_out,
-                       device=options.device, progress=options.progress, forest=forest,
-                       max_memory=None if options.max_memory is None else int(TILE_MEMORY_SHARE * options.max_memory))
+                       device=options.device, progress=options.progress, forest=forest, max_memory=options.max_memory)
     if forest is not None and forest.network_weight < 1:
         save_model(model_path, result.model, result.info, forest)
     return DensifyResult(segmentation, None, result.model, result.info, result.iterations, result.seconds,
@@ -537,18 +553,17 @@ def densify_blockwise(prepared: DensifyInputs, model_path, options: DensifyOptio
                          weighing=weighing, held_out=prepared.held)
 
 
-def weigh_blockwise(network: UNet, forest: ForestModel, source, read, held: HeldOut | None,
+def weigh_blockwise(network: UNet, forest: ForestModel, source, read, held: HeldOut | None, count: int,
                     options: DensifyOptions) -> str:
-    """The network's weight in the blend, chosen on (at most WEIGHING_BLOCKS of) the held-out
-    blocks, each predicted with half a block of context (`source`: the image, read box by box;
-    `read`: box → the network's input there);
-    equal weights without held-out voxels."""
+    """The network's weight in the blend, chosen on `count` of the held-out blocks (a seeded
+    choice), each predicted with half a block of context (`source`: the image, read box by box;
+    `read`: box → the network's input there); equal weights without held-out voxels."""
     if held is None:
         forest.network_weight = 0.5
         return "geometric mean with equal weights"
     block = training_patch(source.shape[1:])
     volume = in_blocks(Annotated(Boxes(source.read, source.shape), Boxes(read, source.shape), held.voxels,
-                                 held.classes), block, WEIGHING_BLOCKS, options.seed)
+                                 held.classes), block, count, options.seed)
     return weigh(network, forest, [volume], "held-out annotated blocks", options.seed, options.device, block)
 
 
@@ -586,8 +601,8 @@ def densify(image, sparse: np.ndarray, ignore_label: int, model_path,
                                               **(options.init.training_options() if options.init else {}))
     with torch_threads(options.threads):
         normalized = data.images[0].numpy()
-        prediction = prediction_seconds(config.network, lambda box: normalized[(slice(None),) + box], None,
-                                        image.shape[1:], now, options.device)
+        prediction = prediction_cost(config.network, lambda box: normalized[(slice(None),) + box], None,
+                                     image.shape[1:], now, options.device).seconds
         spent = now() - start
         training_time = training_budget(max_time, spent, prediction, int(np.prod(image.shape[1:])), options.source,
                                         options.report)
