@@ -42,6 +42,10 @@ def stack(copies: int, side: int | None = None) -> tuple[np.ndarray, np.ndarray]
             np.concatenate([pick(truth, i) for i in range(copies)]))
 
 
+def current_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
 def run(copies: int, max_time: float, slices, seed: int, folder: Path, side: int | None = None,
         max_memory: str | None = None) -> dict:
     image, truth = stack(copies, side)
@@ -55,7 +59,6 @@ def run(copies: int, max_time: float, slices, seed: int, folder: Path, side: int
                "-o", str(folder / "seg.tif"), "--ignore-label", str(IGNORE), "--max-time", f"{max_time:g}",
                "--truth", str(folder / "truth.tif"), "--spacing", spacing, "--seed", str(seed), "--quiet",
                *(["--max-memory", max_memory] if max_memory else [])]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"voxels": voxels, "error": (done.stdout + done.stderr).strip().splitlines()[-25:]}
@@ -64,7 +67,7 @@ def run(copies: int, max_time: float, slices, seed: int, folder: Path, side: int
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     scores = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("json: "))[6:])
     wall_s = hours * 3600 + minutes * 60 + seconds
-    return {"commit": commit, "voxels": voxels, "wall_s": round(wall_s, 1), "peak_rss_gib": round(peak / 2**20, 2),
+    return {"voxels": voxels, "wall_s": round(wall_s, 1), "peak_rss_gib": round(peak / 2**20, 2),
             "us_per_voxel": round(wall_s / voxels * 1e6, 2), "iou": scores,
             "printed": [line for line in done.stdout.splitlines() if not line.startswith("json: ")]}
 
@@ -76,7 +79,8 @@ def main(argv=None) -> None:
     parser.add_argument("--slices", default="3,3,2", help="evenly spaced slices per axis, (Z, Y, X)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-memory", metavar="SIZE", help="densify's --max-memory (e.g. 8G; default: none given)")
-    parser.add_argument("--results", type=Path, help="JSON lines, appended; rows already there are not re-run")
+    parser.add_argument("--results", type=Path,
+                        help="JSON lines, appended; rows already there for this commit are not re-run")
     parser.add_argument("--quick", action="store_true", help="one copy cropped to 20×256×256, 30 s")
     args = parser.parse_args(argv)
     if args.quick:
@@ -89,7 +93,7 @@ def main(argv=None) -> None:
     rows = []
     for copies in ([1] if args.quick else args.copies):
         key = {"copies": copies, "max_time": args.max_time, "slices": args.slices, "seed": args.seed,
-               "max_memory": args.max_memory}
+               "max_memory": args.max_memory, "commit": current_commit()}
         row = find_row(done, key)
         if row is None:
             with tempfile.TemporaryDirectory() as folder:
