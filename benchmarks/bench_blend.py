@@ -66,7 +66,7 @@ def run_train(train, test, slices, max_time: float, seed: int, folder: Path) -> 
     forest = load_forest(model, info)
     started = time.monotonic()
     network_p = predict_image(network, info, test.image)
-    values = np.asarray(info["class_values"])
+    values = np.asarray(info.class_values)
     row = {"train_s": round(seconds, 1), "stdout": trained.stdout.strip().splitlines()[-3:],
            "network": mean_iou(values[network_p.argmax(0)], test)}
     if forest is not None:

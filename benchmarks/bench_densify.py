@@ -65,11 +65,11 @@ def run_densify(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: 
     maps = result.component_probabilities
     if result.held_out is not None:
         equal = geometric_mean(maps["network"], maps["forest"]).argmax(0)
-        parts["equal weights"] = score(volume, decode_labels(equal, result.info["class_values"]), sparse)["fg"]
+        parts["equal weights"] = score(volume, decode_labels(equal, result.info.class_values), sparse)["fg"]
     if save and maps:
         held = result.held_out
         np.savez_compressed(save, **{name: p.astype(np.float16) for name, p in maps.items()},
-                            classes=np.asarray(result.info["class_values"]),
+                            classes=np.asarray(result.info.class_values),
                             held_voxels=held.voxels if held else np.zeros(0, np.int64),
                             held_classes=held.classes if held else np.zeros(0, np.int64))
     return {**score(volume, result.segmentation, sparse), "s": seconds, "parts": parts,

@@ -53,7 +53,7 @@ def probability_maps(volume: data.Volume, sparse: np.ndarray, max_time: float, s
                          max_time=max_time, seed=seed, spacing=volume.spacing, progress=False)
     seconds = time.monotonic() - start
     maps = {**result.component_probabilities, "blend": result.probabilities}
-    classes = list(result.info["class_values"])
+    classes = list(result.info.class_values)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(cache, **{name: p.astype(np.float16) for name, p in maps.items()},

@@ -101,7 +101,7 @@ def run_unet(train_cases, test_cases, slices, budget: list[str], folder: Path, o
     return {**foreground_scores(confusion, volume.background), "s": round(seconds, 1), "steps": steps,
             "predict_s": round(predict_seconds, 1),
             "network_alone": foreground_scores(alone, volume.background),
-            "network_weight": (info.get("forest") or {}).get("network_weight", 1.0),
+            "network_weight": (info.forest or {}).get("network_weight", 1.0),
             "plan": trained.stdout.strip().splitlines(),
             "model": "best on the held-out training cases" if best.exists() else "last"}
 

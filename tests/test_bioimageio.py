@@ -16,7 +16,8 @@ from unet3d.model import UNetConfig, load_model, save_model
 
 bioimageio_core = pytest.importorskip("bioimageio.core", reason="bioimageio.core not installed "
                                       "(pip install 'unet3d[bioimageio]')")
-from unet3d.export.bioimageio import export_bioimageio, load_package  # noqa: E402
+from unet3d.export.bioimageio import export_bioimageio  # noqa: E402
+from unet3d.model.package import load_package  # noqa: E402
 
 VALID = UNetConfig(num_classes=3, width=4, levels=2, padding="valid")
 SAME = UNetConfig(num_classes=3, width=4, levels=3, padding="same")
@@ -68,7 +69,7 @@ def test_package_prediction_equals_unet3d_on_a_trained_model(tmp_path):
     output = bioimageio_core.predict(model=tmp_path / "m.zip", inputs={"raw": crop[None]})
     probabilities = output.members["probabilities"].data.values[0]
     with torch.inference_mode():
-        expected = torch.softmax(model(torch.from_numpy(apply_normalization(crop, info["normalization"]))[None]), 1)
+        expected = torch.softmax(model(torch.from_numpy(apply_normalization(crop, info.normalization))[None]), 1)
     np.testing.assert_allclose(probabilities, expected[0].numpy(), atol=1e-4)
     assert probabilities.shape[1:] == tuple(n - 2 * margin for n in crop.shape[1:])
 
@@ -97,7 +98,7 @@ def test_an_altered_package_is_refused_by_predict(tmp_path, nuclei):
     package = tmp_path / "m.zip"
     export_bioimageio(random_model(VALID), info_for(image, "zscore", False), package, sample=image,
                       name="nuclei model", authors=["A"])
-    assert load_package(package)[1]["class_values"] == [0, 1, 2]
+    assert load_package(package)[1].class_values == [0, 1, 2]
     altered = tmp_path / "altered.zip"
     with zipfile.ZipFile(package) as source, zipfile.ZipFile(altered, "w") as target:
         for item in source.infolist():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -71,7 +73,7 @@ def test_filter_feature_inputs_are_remade_by_predict(sparse_nuclei, tmp_path, mo
     result = densify(image, sparse, IGNORE, tmp_path / "m.safetensors", iterations=5, max_time=None,
                      progress=False, filter_features=True, forest=False)
     assert result.model.config.in_channels == 1 + 61  # the image and ilastik's 61 filters
-    assert result.info["input_features"]["bank"] == "ilastik"
+    assert result.info.input_features["bank"] == "ilastik"
     tifffile.imwrite(tmp_path / "image.tif", image[0])
 
     def predict(name: str, *options: str) -> np.ndarray:
@@ -152,12 +154,12 @@ def test_the_forest_time_comes_out_of_the_training_budget(sparse_nuclei, tmp_pat
     result = densify(image[crop], sparse[crop[1:]], IGNORE, tmp_path / "m.safetensors", max_time=60.0, iterations=2,
                      progress=False, threads=1)
     assert result.forest_seconds > 0 and set(result.components) == {"network", "forest"}
-    training_budget = result.info["training"]["config"]["max_time"]
+    training_budget = result.info.training["config"]["max_time"]
     assert training_budget == pytest.approx(60.0 - result.forest_seconds, abs=1.0)
     alone = densify(image[crop], sparse[crop[1:]], IGNORE, tmp_path / "n.safetensors", max_time=60.0, iterations=2,
                     progress=False, threads=1, forest=False)
     assert alone.components == {} and alone.forest_seconds < result.forest_seconds
-    assert alone.info["training"]["config"]["max_time"] > training_budget
+    assert alone.info.training["config"]["max_time"] > training_budget
     # A budget too short for ilastik's 100 trees (a quarter of it is the forest's) cuts the forest.
     assert result.forest_trees == 100
     hurried = densify(image[crop], sparse[crop[1:]], IGNORE, tmp_path / "h.safetensors", max_time=0.2, iterations=2,
@@ -245,8 +247,8 @@ def test_densify_fine_tunes_a_trained_model_with_its_classes_and_inputs(sparse_n
     interior_only = np.where(sparse == 2, IGNORE, sparse)
     unchanged = densify(image, interior_only, IGNORE, tmp_path / "same.safetensors", iterations=0, progress=False,
                         threads=1, forest=False, tta=False, init=StartingModel.load(tmp_path / "first.safetensors"))
-    assert unchanged.info["class_values"] == CLASSES and unchanged.probabilities.shape[0] == 3
-    assert unchanged.info["input_features"] == first.info["input_features"]
+    assert unchanged.info.class_values == CLASSES and unchanged.probabilities.shape[0] == 3
+    assert unchanged.info.input_features == first.info.input_features
     assert "as the model it starts from" in unchanged.inputs
     start = first.model.state_dict()
     assert all(torch.equal(start[k], v) for k, v in unchanged.model.state_dict().items())
@@ -255,7 +257,7 @@ def test_densify_fine_tunes_a_trained_model_with_its_classes_and_inputs(sparse_n
     written, _ = load_model(tmp_path / "tuned.safetensors")
     assert not torch.equal(written.state_dict()["head.weight"], start["head.weight"])
     assert tuned.iterations == 2
-    assert tuned.info["training"]["config"]["learning_rate"] == FINE_TUNING_LEARNING_RATE < LEARNING_RATE
+    assert tuned.info.training["config"]["learning_rate"] == FINE_TUNING_LEARNING_RATE < LEARNING_RATE
 
 
 def test_a_model_to_fine_tune_must_fit_the_volume_and_keeps_its_normalization(sparse_nuclei, tmp_path):
@@ -277,11 +279,11 @@ def test_a_model_to_fine_tune_must_fit_the_volume_and_keeps_its_normalization(sp
                 forest=False, init=start)
     # A model normalized per volume (train --per-volume) stays so.
     network, info = load_model(tmp_path / "m.safetensors")
-    save_model(tmp_path / "pv.safetensors", network, {**info, "normalization": {"method": "zscore", "channels": 1,
-                                                                                 "per_volume": True}})
+    save_model(tmp_path / "pv.safetensors", network,
+               dataclasses.replace(info, normalization={"method": "zscore", "channels": 1, "per_volume": True}))
     tuned = densify(image[crop], sparse[crop[1:]], IGNORE, tmp_path / "t.safetensors", iterations=1, progress=False,
                     forest=False, tta=False, init=StartingModel.load(tmp_path / "pv.safetensors"))
-    assert tuned.info["normalization"]["per_volume"] is True
+    assert tuned.info.normalization["per_volume"] is True
     with pytest.raises(UserError, match="missing.safetensors: model file not found"):
         StartingModel.load(tmp_path / "missing.safetensors")
 

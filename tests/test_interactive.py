@@ -84,18 +84,18 @@ def test_rounds_learn_preview_continue_and_stop(tmp_path, nuclei):
 
     session.save(tmp_path / "m.safetensors")
     model, info = load_model(tmp_path / "m.safetensors")
-    assert info["class_values"] == [1, 2, 3]
+    assert info.class_values == [1, 2, 3]
     forest = load_forest(tmp_path / "m.safetensors", info)
     # The weight was decided on painted blocks held out of both models; weight 1 stores no forest.
     assert session.forest.evidence["on"] == "painted blocks held out of both models"
     assert (forest is None) == (session.forest.network_weight == 1)
     # The saved model segments as the loop shows: the network blended with the round's forest.
-    saved = np.asarray(info["class_values"])[predict_image(model, info, image[None], forest=forest).argmax(0)]
+    saved = np.asarray(info.class_values)[predict_image(model, info, image[None], forest=forest).argmax(0)]
     np.testing.assert_array_equal(saved, session.preview_volume()[0])
     if forest is not None:
         assert forest.network_weight == session.forest.network_weight
-        network_alone = np.asarray(info["class_values"])[predict_array(model, apply_normalization(
-            image[None].astype(np.float32), info["normalization"])).argmax(0)]
+        network_alone = np.asarray(info.class_values)[predict_array(model, apply_normalization(
+            image[None].astype(np.float32), info.normalization)).argmax(0)]
         assert not np.array_equal(network_alone, saved)
 
     segmentation = session.segment(more)

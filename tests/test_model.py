@@ -136,3 +136,19 @@ def test_convolve_equals_pytorchs_convolution_at_inference(channels, padding):
             got = convolve(x.contiguous(memory_format=layout), weight.contiguous(memory_format=layout), bias, padding)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not _onednn_inference(x)
+
+
+def test_the_model_description_is_one_typed_record_with_its_defaults_in_one_place(tmp_path):
+    """A model file's description loads as a ModelInfo: what an older file leaves out gets the
+    defaults (classes 0..K-1, no normalization), and writing it back keeps every field."""
+    from unet3d.model import ModelInfo
+
+    config = UNetConfig(in_channels=2, num_classes=3, width=2, levels=2, padding="same")
+    bare = ModelInfo.of({}, config)
+    assert bare.class_values == [0, 1, 2] and bare.normalization == {"method": "none", "channels": 2}
+    assert bare.forest is None and bare.image_channels(config) == 2
+    full = ModelInfo([1, 5, 9], {"method": "zscore", "channels": 2, "mean": [0.0, 1.0], "std": [1.0, 2.0]},
+                     ignore_label=255, spacing=[2.0, 1.0, 1.0], training={"iterations": 3})
+    save_model(tmp_path / "m.safetensors", UNet(config), full)
+    assert load_model(tmp_path / "m.safetensors")[1] == full
+    assert ModelInfo.of(full.to_dict(), config) == full

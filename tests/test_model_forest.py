@@ -94,7 +94,7 @@ def test_a_model_file_holds_the_forest_and_loads_it_without_pickle(tmp_path):
     save_model(path, small_network(), info_for(image), forest)
     network, info = load_model(path)  # the network's weights alone, the forest's tensor left aside
     loaded = load_forest(path, info)
-    assert loaded.network_weight == 0.3 and info["forest"]["trees"] == forest.forest.n_estimators
+    assert loaded.network_weight == 0.3 and info.forest["trees"] == forest.forest.n_estimators
     features = filter_features(image).reshape(61, -1)
     np.testing.assert_array_equal(loaded.probabilities(features), forest.probabilities(features))
     # A model file without a forest (every file written before) is the network alone.
@@ -239,7 +239,7 @@ def test_train_fits_weighs_and_stores_the_forest_and_predict_applies_it(tmp_path
     assert "forest: 100 trees on ilastik's filter bank" in printed
     assert "chosen on" in printed and "held out of both models' training" in printed
     network, info = load_model(model)
-    evidence = info["forest"]["evidence"]
+    evidence = info.forest["evidence"]
     assert evidence["voxels"] > 1000 and set(evidence["mean_iou"]) == {"forest", "network", "blend"}
     # The weight chosen is the best of those tried on the held-out voxels, so never below either model there.
     assert evidence["mean_iou"]["blend"] >= max(evidence["mean_iou"]["forest"], evidence["mean_iou"]["network"]) - 0.002
@@ -329,17 +329,20 @@ def test_densify_keeps_the_forest_when_the_whole_filter_bank_would_not_fit(tmp_p
     model = tmp_path / "m.safetensors"
     lines = []
     result = module.densify(image, sparse, IGNORE, model, max_time=60, progress=False, report=lines.append,
-                            probabilities_out=str(tmp_path / "p.npy"))
+                            probabilities_out=str(tmp_path / "p.npy"), segmentation_out=f"{tmp_path / 's.h5'}:/s")
     assert "made block by block" in result.blend and result.probabilities is None
+    assert result.segmentation is None  # written tile by tile, never held whole
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        segmentation = f["s"][:]
     assert lines and lines[0].startswith("time plan:") and "to train" in lines[0]
     assert "chosen on" in result.weighing and "held-out annotated blocks" in result.weighing
     network, info = load_model(model)
     forest = load_forest(model, info)
-    assert forest is not None and info["forest"]["evidence"]["voxels"] > 1000
+    assert forest is not None and info.forest["evidence"]["voxels"] > 1000
     expected = predict_image(network, info, image, forest=forest)
-    assert (expected.argmax(0) == result.segmentation).mean() > 0.999
+    assert (expected.argmax(0) == segmentation).mean() > 0.999
     np.testing.assert_allclose(np.load(tmp_path / "p.npy").astype(np.float32), expected, atol=2e-3)
-    assert (result.segmentation == truth).mean() > 0.9
+    assert (segmentation == truth).mean() > 0.9
     # A budget that prediction alone would exhaust is refused before training, saying what would do.
     with pytest.raises(UserError, match=r"predicting its 655,360 voxels takes about .* give --max-time \d+ or more"):
         module.densify(image, sparse, IGNORE, tmp_path / "n.safetensors", max_time=0.5, progress=False)

@@ -63,8 +63,8 @@ def test_short_training_learns_from_a_few_slices(sparse_nuclei, tmp_path):
     files = run_files(tmp_path / "m.safetensors")
     assert all(files[k].exists() for k in ("model", "checkpoint", "log", "curve"))
     loaded, info = load_model(files["model"])
-    assert info["class_values"] == [0, 1, 2] and info["ignore_label"] == IGNORE
-    assert info["normalization"]["method"] == "zscore"
+    assert info.class_values == [0, 1, 2] and info.ignore_label == IGNORE
+    assert info.normalization["method"] == "zscore"
 
 
 def test_resume_equals_an_uninterrupted_run(sparse_nuclei, tmp_path):
@@ -258,8 +258,8 @@ def test_per_volume_normalization_and_densifys_recipe_from_the_train_command(spa
     assert "normalization  z-score per volume  (intensity spreads differ up to 9.0×" in printed
     assert "network        width 8, 3 levels, same padding" in printed
     _, info = load_model(tmp_path / "m.safetensors")
-    assert info["normalization"]["per_volume"] is True
-    recipe = TrainConfig.from_dict(info["training"]["config"])
+    assert info.normalization["per_volume"] is True
+    recipe = TrainConfig.from_dict(info.training["config"])
     assert [c["part"] for c in recipe.plan["choices"]][:4] == ["normalization", "inputs", "validation", "budget"]
     # densify's recipe, ready for `densify --init`.
     data = prepare_training_set([image], [sparse], IGNORE)

@@ -8,7 +8,7 @@ from pathlib import Path
 from unet3d.errors import UserError
 from unet3d.export import DEFAULT_OPSET, export_onnx
 from unet3d.io import open_volume, parse_spec
-from unet3d.model import load_model
+from unet3d.model import ModelInfo, load_model
 from unet3d.training.checkpoint import run_files
 
 
@@ -43,19 +43,19 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def network_info(args, info: dict) -> dict:
+def network_info(args, info: ModelInfo) -> ModelInfo:
     """The model's description for a format that holds the network alone: a model blended with a
     forest is refused unless --network-alone, which says what the network alone scored."""
-    if "forest" not in info:
+    if info.forest is None:
         return info
-    scores = (info["forest"].get("evidence") or {}).get("mean_iou") or {}
+    scores = (info.forest.get("evidence") or {}).get("mean_iou") or {}
     scored = (f" (held-out mean IoU: network alone {scores['network']:.3f}, blend {scores['blend']:.3f})"
               if scores else "")
     if not args.network_alone:
         raise UserError(f"{args.model}: blends its network with a random forest{scored}, which ONNX and BioImage.IO "
                         "cannot hold; add --network-alone to export the network alone")
     print(f"exporting the network alone{scored}")
-    return {key: value for key, value in info.items() if key != "forest"}
+    return info.without_forest()
 
 
 def run(args) -> int:
@@ -77,10 +77,10 @@ def run(args) -> int:
     return 0
 
 
-def _sample(args, info: dict) -> str:
+def _sample(args, info: ModelInfo) -> str:
     if args.sample:
         return args.sample
-    sources = (info.get("training") or {}).get("sources") or []
+    sources = info.training.get("sources") or []
     if sources and Path(parse_spec(str(sources[0])).path).exists():
         return str(sources[0])
     raise UserError(f"{args.model}: its training images are not at hand; give --sample IMAGE to cut the "

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from unet3d.data.features import raw_channels
 from unet3d.cli.options import int_triple, positive_int
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.inference import predict_volume
-from unet3d.inference.distributed import CONNECT_TIMEOUT, DEFAULT_BLOCK, load_forest, load_predictor, predict_distributed
+from unet3d.inference.distributed import CONNECT_TIMEOUT, DEFAULT_BLOCK, predict_distributed
 from unet3d.inference.predictor import DEFAULT_MAX_MEMORY
 from unet3d.io import open_volume, parse_spec
+from unet3d.model import load_predictor
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -106,11 +106,9 @@ def run(args) -> int:
     device = resolve_device(args.device)
     outputs = [spec for spec in (args.output, args.probabilities, args.uncertainty) if spec]
     _check_outputs(outputs, args.image)
-    model, info = load_predictor(args.model)
-    forest = load_forest(args.model, info)
+    model, info, forest = load_predictor(args.model)
     with open_volume(args.image, "image", args.channel_axis) as source:
-        features = info.get("input_features")
-        _check_image(args.image, source.shape, args.model, raw_channels(model.config.in_channels, features))
+        _check_image(args.image, source.shape, args.model, info.image_channels(model.config))
         summary = predict_volume(
             model, info, source, args.output, args.probabilities, args.uncertainty, tile=args.tile,
             max_memory=args.max_memory, batch_size=args.batch_size, tta=args.tta, device=str(device),

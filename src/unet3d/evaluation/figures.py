@@ -44,7 +44,7 @@ def overlay_figure(path, image: np.ndarray, segmentation: np.ndarray, class_valu
     """PNG of the middle (or given) slice along each axis: image, and image with the segmentation.
 
     image: (C, Z, Y, X) or (Z, Y, X) — the first channel is shown —, or an opened volume (only the
-    three planes are read); segmentation: (Z, Y, X) values.
+    three planes are read); segmentation: (Z, Y, X) values, or an opened label volume.
     """
     import matplotlib
 
@@ -52,12 +52,12 @@ def overlay_figure(path, image: np.ndarray, segmentation: np.ndarray, class_valu
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    positions = positions or [n // 2 for n in segmentation.shape]
+    positions = positions or [n // 2 for n in segmentation.shape[-3:]]
     names = ("Z", "Y", "X")
     fig, axes = plt.subplots(2, 3, figsize=(12, 7), dpi=100, squeeze=False)
     for axis, position in enumerate(positions):
         plane = image_plane(image, axis, position).astype(np.float32)
-        labels = np.take(segmentation, position, axis=axis)
+        labels = image_plane(segmentation, axis, position)
         gray = gray_plane(plane)
         axes[0, axis].imshow(gray, cmap="gray", interpolation="nearest")
         axes[0, axis].set_title(f"image, {names[axis]} = {position}")

@@ -15,7 +15,6 @@ the package's `config`, so `unet3d predict` runs a package as it runs a model fi
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import tempfile
 import warnings
@@ -31,7 +30,9 @@ from unet3d.errors import UserError
 from unet3d.export.onnx import DEFAULT_OPSET, check_exportable, example_input, export_onnx
 from unet3d.model.folding import fold_batch_norm
 from unet3d.model.serialization import FORMAT
-from unet3d.model.unet import UNet, UNetConfig
+from unet3d.model.info import ModelInfo
+from unet3d.model.package import bioimageio_spec
+from unet3d.model.unet import UNet
 
 INPUT_ID, OUTPUT_ID = "raw", "probabilities"
 SPATIAL_AXES = ("z", "y", "x")
@@ -41,21 +42,7 @@ PAPER = ("Çiçek, Abdulkadir, Lienkamp, Brox, Ronneberger: 3D U-Net: Learning D
 WEIGHT_FORMATS = ("pytorch_state_dict", "torchscript", "onnx")
 
 
-def _spec():
-    try:
-        from bioimageio.spec.model import v0_5
-    except ImportError:
-        raise UserError("BioImage.IO packages need bioimageio.spec (pip install 'unet3d[bioimageio]')") from None
-    return v0_5
-
-
-def is_package(path) -> bool:
-    """Whether `path` names a BioImage.IO package (a .zip, a folder or its rdf/bioimageio.yaml)."""
-    path = Path(path)
-    return path.suffix.lower() in (".zip", ".yaml", ".yml") or path.is_dir()
-
-
-def export_bioimageio(model: UNet, info: dict, path, *, sample: np.ndarray, name: str, authors: list[str],
+def export_bioimageio(model: UNet, info: ModelInfo | dict, path, *, sample: np.ndarray, name: str, authors: list[str],
                       license: str = "CC-BY-4.0", curve=None) -> None:
     """Write `model` (with its description `info`) as a BioImage.IO package (.zip) at `path`.
 
@@ -67,6 +54,7 @@ def export_bioimageio(model: UNet, info: dict, path, *, sample: np.ndarray, name
         raise UserError(f"{path}: already exists; choose another output or remove it first")
     if path.suffix.lower() != ".zip":
         raise UserError(f"{path}: a BioImage.IO package is written as a .zip file")
+    info = ModelInfo.of(info, model.config)
     _check_expressible(model, info, path)
     from bioimageio.spec import save_bioimageio_package
 
@@ -86,19 +74,19 @@ def export_bioimageio(model: UNet, info: dict, path, *, sample: np.ndarray, name
             shutil.copyfile(package, tmp)
 
 
-def _check_expressible(model: UNet, info: dict, path: Path) -> None:
+def _check_expressible(model: UNet, info: ModelInfo, path: Path) -> None:
     check_exportable(model, path)
-    if info.get("input_features"):
+    if info.input_features:
         raise UserError(f"{path}: this model reads ilastik's filter bank besides the image, which the BioImage.IO "
                         "spec cannot express as pre-processing; train with --filter-features off to export it")
-    normalization = info.get("normalization") or {}
+    normalization = info.normalization
     if normalization.get("channels", model.config.in_channels) != model.config.in_channels:
         raise UserError(f"{path}: the model's normalization and network disagree on the number of channels")
 
 
-def _describe(model: UNet, info: dict, folder: Path, *, sample, name, authors, license, curve):
+def _describe(model: UNet, info: ModelInfo, folder: Path, *, sample, name, authors, license, curve):
     """The package's ModelDescr, with its files written to `folder`."""
-    spec = _spec()
+    spec = bioimageio_spec()
     test_input, test_output = _test_tensors(model, info, sample)
     np.save(folder / "test_input.npy", test_input)
     np.save(folder / "test_output.npy", test_output)
@@ -133,7 +121,7 @@ def _describe(model: UNet, info: dict, folder: Path, *, sample, name, authors, l
             onnx=spec.OnnxWeightsDescr(source=weights["onnx"], opset_version=DEFAULT_OPSET,
                                        parent="pytorch_state_dict"),
         ),
-        config=spec.Config(unet3d={"format": FORMAT, "config": model.config.to_dict(), "info": info,
+        config=spec.Config(unet3d={"format": FORMAT, "config": model.config.to_dict(), "info": info.to_dict(),
                                    "versions": {"unet3d": unet3d.__version__, "torch": torch.__version__}}),
     )
 
@@ -153,7 +141,7 @@ def _axis_sizes(model: UNet) -> list[tuple[int, int, int]]:
     return sizes
 
 
-def _input_descr(spec, model: UNet, info: dict, test_tensor: Path):
+def _input_descr(spec, model: UNet, info: ModelInfo, test_tensor: Path):
     axes = [spec.BatchAxis(),
             spec.ChannelAxis(channel_names=[spec.Identifier(f"channel{i}") for i in range(model.config.in_channels)])]
     axes += [spec.SpaceInputAxis(id=spec.AxisId(name), size=spec.ParameterizedSize(min=first, step=step))
@@ -163,7 +151,7 @@ def _input_descr(spec, model: UNet, info: dict, test_tensor: Path):
         description="the image, channels first, as the model was trained on (any numeric type)",
         data=spec.IntervalOrRatioDataDescr(type="float32"),
         preprocessing=[spec.EnsureDtypeDescr(kwargs=spec.EnsureDtypeKwargs(dtype="float32")),
-                       *_preprocessing(spec, info.get("normalization") or {"method": "none"})])
+                       *_preprocessing(spec, info.normalization)])
 
 
 def _preprocessing(spec, normalization: dict) -> list:
@@ -185,9 +173,9 @@ def _preprocessing(spec, normalization: dict) -> list:
         axis=spec.AxisId("channel"), gain=(1 / scale).tolist(), offset=(-offset / scale).tolist()))]
 
 
-def _output_descr(spec, model: UNet, info: dict, test_tensor: Path):
+def _output_descr(spec, model: UNet, info: ModelInfo, test_tensor: Path):
     axes = [spec.BatchAxis(),
-            spec.ChannelAxis(channel_names=[spec.Identifier(f"class{v}") for v in info["class_values"]])]
+            spec.ChannelAxis(channel_names=[spec.Identifier(f"class{v}") for v in info.class_values])]
     axes += [spec.SpaceOutputAxis(id=spec.AxisId(name), size=spec.SizeReference(
                  tensor_id=spec.TensorId(INPUT_ID), axis_id=spec.AxisId(name), offset=-2 * margin))
              for name, (_, _, margin) in zip(SPATIAL_AXES, _axis_sizes(model))]
@@ -198,11 +186,11 @@ def _output_descr(spec, model: UNet, info: dict, test_tensor: Path):
         postprocessing=[spec.SoftmaxDescr(kwargs=spec.SoftmaxKwargs(axis=spec.AxisId("channel")))])
 
 
-def _classes_text(info: dict) -> str:
-    return f"{len(info['class_values'])} classes: label values {', '.join(map(str, info['class_values']))}"
+def _classes_text(info: ModelInfo) -> str:
+    return f"{len(info.class_values)} classes: label values {', '.join(map(str, info.class_values))}"
 
 
-def _test_tensors(model: UNet, info: dict, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _test_tensors(model: UNet, info: ModelInfo, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A centre crop of `sample` (raw, 1×C×Z×Y×X) and the model's probabilities for it, computed
     the way unet3d computes them."""
     if sample.ndim != 4 or sample.shape[0] != model.config.in_channels:
@@ -218,7 +206,7 @@ def _test_tensors(model: UNet, info: dict, sample: np.ndarray) -> tuple[np.ndarr
         shape.append(size)
     box = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(sample.shape[1:], shape))
     raw = np.ascontiguousarray(sample[(slice(None),) + box], dtype=np.float32)
-    normalized = apply_normalization(raw, info.get("normalization") or {"method": "none", "channels": raw.shape[0]})
+    normalized = apply_normalization(raw, info.normalization)
     with torch.inference_mode():
         logits = model.cpu().float().eval()(torch.from_numpy(normalized)[None])
     return raw[None], torch.softmax(logits, dim=1).numpy()
@@ -242,11 +230,11 @@ def _write_weights(model: UNet, folder: Path) -> dict[str, Path]:
     return files
 
 
-def _readme(model: UNet, info: dict, name: str, has_curve: bool) -> str:
-    training = info.get("training") or {}
+def _readme(model: UNet, info: ModelInfo, name: str, has_curve: bool) -> str:
+    training = info.training
     config = model.config
     sources = ", ".join(Path(str(s)).name for s in training.get("sources", [])) or "not recorded"
-    normalization = info.get("normalization") or {"method": "none"}
+    normalization = info.normalization
     lines = [
         f"# {name}",
         "",
@@ -256,7 +244,7 @@ def _readme(model: UNet, info: dict, name: str, has_curve: bool) -> str:
         "## What it segments",
         f"- Output: probabilities of {_classes_text(info)} (the label value of each class in the training labels).",
         f"- Input: {config.in_channels} channel(s), axes (z, y, x); voxel spacing in training "
-        f"{tuple(info.get('spacing', (1, 1, 1)))}.",
+        f"{tuple(info.spacing or (1, 1, 1))}.",
         f"- Intensity normalization: {normalization['method']}"
         + (" on each volume's own statistics" if normalization.get("per_volume") else
            " with the training images' statistics" if normalization["method"] != "none" else "")
@@ -271,7 +259,7 @@ def _readme(model: UNet, info: dict, name: str, has_curve: bool) -> str:
         "",
         "## Training",
         f"- {training.get('iterations', '?')} iterations in {training.get('seconds', '?')} s on: {sources}.",
-        f"- Ignore label of the sparse annotation: {info.get('ignore_label', '?')}.",
+        f"- Ignore label of the sparse annotation: {'?' if info.ignore_label is None else info.ignore_label}.",
         *(["- Training curve: `training_curve.png` (attached)."] if has_curve else []),
         "",
         "## Validation",
@@ -292,42 +280,12 @@ def _readme(model: UNet, info: dict, name: str, has_curve: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cover(path: Path, test_input: np.ndarray, test_output: np.ndarray, model: UNet, info: dict) -> None:
+def _cover(path: Path, test_input: np.ndarray, test_output: np.ndarray, model: UNet, info: ModelInfo) -> None:
     """The cover: the test input's middle slices with the model's segmentation over them."""
     from unet3d.evaluation.figures import overlay_figure
 
     margins = [m for _, _, m in _axis_sizes(model)]
     inner = test_input[0][(slice(None),) + tuple(slice(m, n - m) for m, n in zip(margins, test_input.shape[2:]))]
-    values = np.asarray(info["class_values"])
-    overlay_figure(path, inner, values[test_output[0].argmax(axis=0)], info["class_values"],
+    values = np.asarray(info.class_values)
+    overlay_figure(path, inner, values[test_output[0].argmax(axis=0)], info.class_values,
                    title="unet3d: test input and its segmentation")
-
-
-def load_package(path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
-    """(network in eval mode, unet3d info) from a package written by `export_bioimageio`; every
-    file's hash is checked against the package's description first."""
-    from bioimageio.spec import load_model_description
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: model package not found")
-    _spec()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            description = load_model_description(path, perform_io_checks=True)  # checks every file's SHA-256
-    except ValueError as exc:
-        reason = [line.strip() for line in str(exc).splitlines() if line.strip()][-1]
-        raise UserError(f"{path}: not a valid BioImage.IO model package ({reason})") from None
-    unet3d_description = (description.config.model_extra or {}).get("unet3d")
-    weights = description.weights.pytorch_state_dict
-    if not unet3d_description or weights is None:
-        raise UserError(f"{path}: a BioImage.IO package not made by unet3d (no unet3d description); "
-                        "run it with bioimageio.core")
-    model = UNet(UNetConfig.from_dict(unet3d_description["config"]))
-    try:
-        state = torch.load(io.BytesIO(weights.get_reader().read()), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except Exception as exc:
-        raise UserError(f"{path}: weights do not match the described network ({exc})") from None
-    return model.to(device).eval(), json.loads(json.dumps(unet3d_description["info"]))

@@ -20,6 +20,7 @@ import unet3d
 from unet3d.atomic import atomic_path
 from unet3d.errors import UserError
 from unet3d.model.folding import fold_batch_norm
+from unet3d.model.info import ModelInfo
 from unet3d.model.unet import UNet
 
 # Opset 17 is the newest the TorchScript exporter writes without warnings and runs on every
@@ -79,7 +80,7 @@ def check_exportable(model: UNet, path) -> None:
                         "cannot be exported (its batch norm cannot be folded)")
 
 
-def export_onnx(model: UNet, path, info: dict | None = None, opset: int = DEFAULT_OPSET) -> None:
+def export_onnx(model: UNet, path, info: ModelInfo | None = None, opset: int = DEFAULT_OPSET) -> None:
     """Write `model` (any mode; exported as it predicts) to an ONNX file atomically, with the
     model's configuration and `info` in the metadata."""
     path = Path(path)
@@ -87,7 +88,8 @@ def export_onnx(model: UNet, path, info: dict | None = None, opset: int = DEFAUL
     check_exportable(model, path)
     net = fold_batch_norm(model).cpu().float().eval()
     graph = onnx.load_from_string(_trace_to_onnx(net, opset))
-    description = {"config": model.config.to_dict(), "info": info or {}, "unet3d": unet3d.__version__}
+    description = {"config": model.config.to_dict(), "info": info.to_dict() if info is not None else {},
+                   "unet3d": unet3d.__version__}
     onnx.helper.set_model_props(graph, {"unet3d": json.dumps(description)})
     onnx.checker.check_model(graph)
     with atomic_path(path) as tmp:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from unet3d.data.features import raw_channels, region_with_input_features
+from unet3d.data.features import region_with_input_features
 from unet3d.data.normalization import for_volume
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
@@ -41,6 +41,7 @@ from unet3d.io import open_volume, parse_spec
 from unet3d.io.ome_zarr import (Block, PredictionStore, broken_chunks, done_blocks, downsample_block, prepare_store,
                                 write_block, write_metadata)
 from unet3d.io.readers import FORMAT_NAMES
+from unet3d.model import load_forest, load_predictor
 from unet3d.progress import progress_bar
 
 DEFAULT_BLOCK = 256  # voxels per axis of a block (and output chunk) unless asked otherwise
@@ -68,22 +69,6 @@ class BlockJob:
     tta: bool
     skip_empty: float | None
     forest_normalization: dict | None = None  # fitted for the volume; None: the model has no forest
-
-
-def load_predictor(path: str):
-    """(network, info) from a model file or a BioImage.IO package exported from one."""
-    from unet3d.export.bioimageio import is_package, load_package
-    from unet3d.model import load_model
-
-    return (load_package if is_package(path) else load_model)(path)
-
-
-def load_forest(path: str, info: dict | None = None):
-    """The forest a model file blends in (None: the network alone, as every BioImage.IO package)."""
-    from unet3d.export.bioimageio import is_package
-    from unet3d.model import load_forest as load
-
-    return None if is_package(path) else load(path, info)
 
 
 def predict_distributed(cluster, model_path: str, image: str, output: str, *, block=None, tile=None,
@@ -120,18 +105,16 @@ def plan_job(model_path: str, image: str, output: str, *, block=None, tile=None,
         raise UserError(f"{output}: prediction on Dask writes an OME-Zarr store; name a path ending in .zarr "
                         "without a key")
     image = os.path.abspath(source.path) + (f":/{source.key}" if source.key else "")
-    model, info = load_predictor(model_path)
-    forest = load_forest(model_path, info)
+    model, info, forest = load_predictor(model_path)
     config = model.config
-    features = info.get("input_features")
+    features = info.input_features
     with open_volume(image, "image", channel_axis) as volume:
         shape = tuple(volume.shape[1:])
-        expected = raw_channels(config.in_channels, features)
+        expected = info.image_channels(config)
         if volume.shape[0] != expected:
             raise UserError(f"{source.text}: {volume.shape[0]} channel(s), but {model_path} expects {expected} "
                             "(use --channel-axis if the channels were not detected)")
-        normalization = info.get("normalization") or {"method": "none", "channels": config.in_channels}
-        normalization = for_volume(normalization, raw_reader(volume, features), shape)
+        normalization = for_volume(info.normalization, raw_reader(volume, features), shape)
         forest_normalization = None if forest is None else forest.volume_normalization(volume.read, shape)
         spacing = volume.meta.spacing
     if tile is None:
@@ -140,10 +123,10 @@ def plan_job(model_path: str, image: str, output: str, *, block=None, tile=None,
         tile = make_plan(model, wanted, None, max_memory or DEFAULT_MAX_MEMORY, batch_size, overlap,
                          planning_device, report).output_shape
     plan = plan_tiles(config, shape, tile, overlap)
-    class_values = tuple(int(v) for v in (info.get("class_values") or range(config.num_classes)))
+    class_values = tuple(info.class_values)
     digest = model_digest(model)
     settings = {"model": digest, "normalization": normalization, "features": features, "tta": tta,
-                "forest": info.get("forest"),
+                "forest": info.forest,
                 "input": plan.input_shape, "output": plan.output_shape, "skip_empty": skip_empty}
     store = PredictionStore(
         path=os.path.abspath(target.path), shape=shape, block=block_shape(plan, block), class_values=class_values,
@@ -334,7 +317,7 @@ def _network(path: str, digest: str, device: str):
     """(prepared network, device), loaded once per worker process; a file changed since the client
     planned the run is refused rather than mixed into its blocks."""
     fix_mmap_threshold()  # otherwise the heap grows block after block
-    model, _ = load_predictor(path)
+    model, _, _ = load_predictor(path)
     if model_digest(model) != digest:
         raise UserError(f"{path}: changed since the prediction was planned (or differs on this worker)")
     device = resolve_device(device)

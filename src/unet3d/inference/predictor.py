@@ -27,6 +27,7 @@ from unet3d.inference.tiling import (TilePlan, blend_bytes, blends, choose_outpu
                                      plan_tiles)
 from unet3d.model.folding import fold_batch_norm
 from unet3d.model.forest import ForestModel
+from unet3d.model.info import ModelInfo
 from unet3d.model.unet import UNet
 from unet3d.progress import progress_bar
 
@@ -352,14 +353,14 @@ class Boxes:
         return self.read(tuple(index[1:]))
 
 
-def predict_image(model: UNet, info: dict, image: np.ndarray, *, device: str = "cpu", tta: bool = False,
+def predict_image(model: UNet, info: ModelInfo | dict, image: np.ndarray, *, device: str = "cpu", tta: bool = False,
                   progress: bool = False, forest: ForestModel | None = None) -> np.ndarray:
     """Class probabilities (K, Z, Y, X) of an image in memory (C, Z, Y, X), with the inputs a
     model file describes (its normalization, its filter-bank channels) as `predict_volume` makes
     them, blended with the model's `forest` when it has one."""
-    normalization = info.get("normalization") or {"method": "none", "channels": model.config.in_channels}
+    info = ModelInfo.of(info, model.config)
     source = InMemory(np.asarray(image, np.float32))
-    read = region_reader(source, normalization, info.get("input_features"))
+    read = region_reader(source, info.normalization, info.input_features)
     probabilities = predict_array(model, read((slice(None),) * 3), device=device, tta=tta, progress=progress)
     if forest is None:
         return probabilities
@@ -377,18 +378,18 @@ class _ArrayTarget:
         self.array[region] = values
 
 
-def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,
+def predict_volume(model: UNet, info: ModelInfo | dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,
                    tile=None, max_memory: int | None = None, batch_size: int = 1, tta: bool = False,
                    device: str = "cpu", overlap: float | None = None, progress: bool = False, report=None,
-                   forest: ForestModel | None = None) -> dict:
+                   forest: ForestModel | None = None, like=None) -> dict:
     """Predict an opened volume and write the requested outputs region by region; with the model's
     `forest`, each region's probabilities are the blend of the network's and the forest's there
     (its filter bank made for that region alone).
 
-    label_out: label values (argmax mapped through info['class_values']), a file spec or an array
+    label_out: label values (argmax mapped through the model's class values), a file spec or an array
     of the volume's shape to fill; prob_out: float16 class
     probabilities (K, Z, Y, X); uncertainty_out: float32 normalized entropy. Outputs share the
-    source's geometry (affine, spacing). `report(note)` hears the memory decisions worth telling a
+    source's geometry (affine, spacing), or `like`'s (a VolumeMeta). `report(note)` hears the memory decisions worth telling a
     user (blending beyond the budget, the filter bank made tile by tile). Returns a summary.
     """
     from unet3d.io import volume_writer
@@ -396,10 +397,10 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
     fix_mmap_threshold()  # otherwise the heap grows tile after tile
     config = model.config
     shape = tuple(source.shape[1:])
-    normalization = info.get("normalization") or {"method": "none", "channels": config.in_channels}
-    class_values = np.asarray(info.get("class_values") or range(config.num_classes))
+    info = ModelInfo.of(info, config)
+    normalization, class_values = info.normalization, np.asarray(info.class_values)
     device = resolve_device(device)
-    input_features = info.get("input_features")
+    input_features = info.input_features
     per_region = bank_per_region(source, input_features, max_memory)
     if per_region and report is not None:
         report("the filter bank of the whole volume does not fit in free memory; computing it tile by tile"
@@ -415,7 +416,8 @@ def predict_volume(model: UNet, info: dict, source, label_out=None, prob_out=Non
         def open_writer(spec, out_shape, dtype):
             if isinstance(spec, np.ndarray):
                 return _ArrayTarget(spec)
-            return stack.enter_context(volume_writer(spec, out_shape, dtype, like=source.meta)) if spec else None
+            geometry = like if like is not None else source.meta
+            return stack.enter_context(volume_writer(spec, out_shape, dtype, like=geometry)) if spec else None
 
         values_dtype = label_dtype(class_values.tolist())
         labels = open_writer(label_out, shape, values_dtype)

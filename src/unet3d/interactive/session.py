@@ -34,7 +34,7 @@ from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.errors import UserError
 from unet3d.inference.predictor import normalized_entropy, predict_array
 from unet3d.interactive.suggest import DEFAULT_STRATEGY, Suggestion, rank_slices
-from unet3d.model import ForestModel, UNet, save_model
+from unet3d.model import ForestModel, ModelInfo, UNet, save_model
 from unet3d.training import train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
 from unet3d.workflows.densify import default_config, predict_with_tta
@@ -133,7 +133,7 @@ class Session:
         self._forest_cache: dict[tuple, np.ndarray] = {}  # its probabilities per region, for the round
         self._weighing: _Weighing | None = None  # this round's held-out painting, when there is enough
         self.class_values: list[int] | None = None
-        self.info: dict = {}
+        self.info: ModelInfo | None = None
         self.rounds = 0
         self.lock = threading.Lock()  # held while the network trains or predicts: one user at a time
         self._workdir = tempfile.TemporaryDirectory(prefix="unet3d-napari-")

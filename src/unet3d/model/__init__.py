@@ -3,7 +3,9 @@
 from unet3d.model.folding import fold_batch_norm
 from unet3d.model.geometry import Geometry
 from unet3d.model.forest import ForestModel
-from unet3d.model.serialization import load_forest, load_model, read_description, save_model
+from unet3d.model.info import ModelInfo
+from unet3d.model.serialization import load_forest, load_model, load_predictor, read_description, save_model
 from unet3d.model.unet import PRESETS, UNet, UNetConfig, count_parameters
 
-__all__ = ["ForestModel", "Geometry", "PRESETS", "UNet", "UNetConfig", "count_parameters", "fold_batch_norm", "load_forest", "load_model", "read_description", "save_model"]
+__all__ = ["ForestModel", "Geometry", "PRESETS", "UNet", "UNetConfig", "count_parameters", "fold_batch_norm", "ModelInfo", "load_forest", "load_model",
+           "load_predictor", "read_description", "save_model"]

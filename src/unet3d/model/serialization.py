@@ -19,15 +19,17 @@ import unet3d
 from unet3d.errors import UserError
 from unet3d.io.writers import write_bytes
 from unet3d.model.forest import TENSOR as FOREST_TENSOR, ForestModel
+from unet3d.model.info import ModelInfo
+from unet3d.model.package import is_package, load_package
 from unet3d.model.unet import UNet, UNetConfig
 
 FORMAT = "unet3d-model/1"
 
 
-def save_model(path, model: UNet, info: dict | None = None, forest: ForestModel | None = None) -> None:
+def save_model(path, model: UNet, info: ModelInfo | dict | None = None, forest: ForestModel | None = None) -> None:
     """Write weights (and `forest`, blended with the network at prediction) and description
-    atomically; `info` must be JSON-serialisable."""
-    info = {key: value for key, value in (info or {}).items() if key != "forest"}
+    atomically."""
+    info = ModelInfo.of(info or {}, model.config).without_forest().to_dict()
     if forest is not None:
         info["forest"] = forest.describe()
     description = {
@@ -71,7 +73,7 @@ def _unknown_format(description: dict) -> str:
     return f"unsupported model format {found!r} (written by unet3d {writer}; this one reads {FORMAT})"
 
 
-def load_model(path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
+def load_model(path, device: str | torch.device = "cpu") -> tuple[UNet, ModelInfo]:
     """Rebuild the network from a model file; returns (model in eval mode, info)."""
     description = read_description(path)
     model = UNet(UNetConfig.from_dict(description["config"]))
@@ -81,16 +83,25 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
         model.load_state_dict(state)
     except Exception as exc:
         raise UserError(f"{path}: weights do not match the described network ({exc})") from None
-    return model.to(device).eval(), description["info"]
+    return model.to(device).eval(), ModelInfo.of(description["info"], model.config)
 
 
-def load_forest(path, info: dict | None = None) -> ForestModel | None:
+def load_forest(path, info: ModelInfo | None = None) -> ForestModel | None:
     """The forest a model file blends with its network (None: the network alone)."""
-    info = read_description(path)["info"] if info is None else info
-    if "forest" not in info:
+    forest = read_description(path)["info"].get("forest") if info is None else info.forest
+    if forest is None:
         return None
     with safetensors.safe_open(str(path), framework="np") as f:
         if FOREST_TENSOR not in f.keys():
             raise UserError(f"{path}: the description names a forest the file does not hold")
         data = f.get_tensor(FOREST_TENSOR).tobytes()
-    return ForestModel.from_parts(info["forest"], data, str(path))
+    return ForestModel.from_parts(forest, data, str(path))
+
+
+def load_predictor(path, device: str | torch.device = "cpu") -> tuple[UNet, ModelInfo, ForestModel | None]:
+    """(network in eval mode, its description, the forest it blends with or None) from a model
+    file or a BioImage.IO package exported from one (which holds the network alone)."""
+    if is_package(path):
+        return *load_package(path, device), None
+    model, info = load_model(path, device)
+    return model, info, load_forest(path, info)

@@ -17,13 +17,12 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label,
 from napari.qt.threading import create_worker
 from superqt.utils import ensure_main_thread
 
-from unet3d.data.features import raw_channels
 from unet3d.errors import UserError
-from unet3d.inference.distributed import load_forest, load_predictor
 from unet3d.inference.predictor import predict_image
 from unet3d.instances import KINDS, instances_from_probabilities
 from unet3d.interactive.session import Preview, Progress, RoundResult, Session
 from unet3d.interactive.suggest import Suggestion
+from unet3d.model import load_predictor
 
 
 PREVIEW_LAYER, UNCERTAINTY_LAYER, SEGMENTATION_LAYER = "unet3d preview", "unet3d uncertainty", "unet3d segmentation"
@@ -160,14 +159,14 @@ class InteractiveWidget(Container):
             return self.say("choose an image layer to apply the model to")
 
         def work():
-            model, info = load_predictor(path)
+            model, info, forest = load_predictor(path)
             image = _channels_first(np.asarray(layer.data))
-            channels = raw_channels(model.config.in_channels, info.get("input_features"))
+            channels = info.image_channels(model.config)
             if image.shape[0] != channels:
                 raise UserError(f"{path}: the model reads {channels} channel(s), {layer.name} has {image.shape[0]}")
             # As `unet3d predict` segments: filter-bank inputs remade, the model's forest blended in.
-            probabilities = predict_image(model, info, image, forest=load_forest(path, info))
-            return np.asarray(info["class_values"])[probabilities.argmax(0)]
+            probabilities = predict_image(model, info, image, forest=forest)
+            return np.asarray(info.class_values)[probabilities.argmax(0)]
 
         self._run(f"applying {path} ...", work,
                   lambda labels: self._set_labels(f"{layer.name} unet3d", labels, f"applied {path} to {layer.name}"))

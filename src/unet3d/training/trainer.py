@@ -19,7 +19,7 @@ from unet3d.errors import UserError
 from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.inference import predict_array
 from unet3d.losses import make_loss
-from unet3d.model import UNet, save_model
+from unet3d.model import ModelInfo, UNet, save_model
 from unet3d.progress import progress_bar
 from unet3d.training.checkpoint import load_checkpoint, run_files, save_checkpoint
 from unet3d.training.config import TrainConfig
@@ -32,7 +32,7 @@ from unet3d.training.schedule import learning_rate_factor, make_optimizer, run_p
 @dataclass
 class TrainResult:
     model: UNet
-    info: dict
+    info: ModelInfo
     iterations: int
     seconds: float
     stopped_by: str  # "iterations" or "time"
@@ -48,21 +48,15 @@ def patch_geometry(config: TrainConfig) -> tuple[tuple[int, ...], tuple[int, ...
     return input_shape, geometry.output_shape(input_shape)
 
 
-def model_info(config: TrainConfig, data: TrainingSet, iterations: int, seconds: float) -> dict:
+def model_info(config: TrainConfig, data: TrainingSet, iterations: int, seconds: float) -> ModelInfo:
     """The description stored in the model file: everything prediction needs, and provenance."""
     input_shape, output_shape = patch_geometry(config)
-    features = {"input_features": data.input_features} if data.input_features else {}
-    return {
-        **features,
-        "class_values": data.class_values,
-        "ignore_label": data.ignore_label,
-        "normalization": data.normalization,
-        "spacing": list(data.spacing),
-        "patch_shape": list(input_shape),
-        "output_shape": list(output_shape),
-        "training": {"iterations": iterations, "seconds": round(seconds, 1), "sources": data.sources,
-                     "config": config.to_dict()},
-    }
+    return ModelInfo(
+        class_values=list(data.class_values), normalization=data.normalization,
+        input_features=data.input_features or None, ignore_label=data.ignore_label, spacing=list(data.spacing),
+        patch_shape=list(input_shape), output_shape=list(output_shape),
+        training={"iterations": iterations, "seconds": round(seconds, 1), "sources": data.sources,
+                  "config": config.to_dict()})
 
 
 def train(config: TrainConfig, data: TrainingSet, output, *, validation: TrainingSet | None = None,

@@ -71,7 +71,7 @@ from unet3d.inference.predictor import make_plan
 from unet3d.inference.predictor import (BANK_TILE_SHARE, Boxes, as_source, bank_per_region, label_dtype,
                                         network_and_forest, tile_memory, time_middle_tile)
 from unet3d.progress import progress_bar
-from unet3d.model import ForestModel, UNet, UNetConfig, load_model, save_model
+from unet3d.model import ForestModel, ModelInfo, UNet, UNetConfig, load_model, save_model
 from unet3d.training import TrainConfig, TrainResult, train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
 from unet3d.workflows.blocks import TIME_SHARE as BLOCKS_TIME_SHARE
@@ -122,10 +122,10 @@ def torch_threads(count: int | None):
 
 @dataclass
 class DensifyResult:
-    segmentation: np.ndarray  # (Z, Y, X) class values
+    segmentation: np.ndarray | None  # (Z, Y, X) class values; None where written to `segmentation_out` as predicted
     probabilities: np.ndarray | None  # (K, Z, Y, X) float32; None from the blockwise route, which streams them
     model: UNet
-    info: dict
+    info: ModelInfo
     iterations: int
     seconds: float  # of training
     inputs: str  # what the network was given, and why
@@ -211,9 +211,9 @@ class StartingModel:
     @classmethod
     def load(cls, path) -> "StartingModel":
         network, info = load_model(path)
-        normalization = info.get("normalization") or {}
-        return cls(network, list(info["class_values"]), info.get("input_features"),
-                   normalization.get("method", "zscore"), bool(normalization.get("per_volume")), str(path))
+        normalization = info.normalization
+        return cls(network, info.class_values, info.input_features, normalization.get("method", "zscore"),
+                   bool(normalization.get("per_volume")), str(path))
 
     def training_set_options(self) -> dict:
         """How `prepare_training_set` must encode and normalize the new volume for this network."""
@@ -320,7 +320,11 @@ class DensifyOptions:
     init: StartingModel | None = None
     config: TrainConfig | None = None  # the training configuration, instead of `default_config`'s
     report: Callable[[str], None] | None = None  # hears the time plan before training
-    probabilities_out: str | None = None  # where the blockwise route writes probabilities, region by region
+    # Where the blockwise route writes the segmentation and probabilities region by region, with the
+    # geometry of `output_meta` (the segmentation held in memory where none is given).
+    segmentation_out: str | None = None
+    probabilities_out: str | None = None
+    output_meta: object | None = None
     # Bytes for the filter bank (of the whole volume, else of the training blocks and tiles) and the
     # prediction tiles (None: the free memory decides the route, prediction's default its tiles).
     max_memory: int | None = None
@@ -539,13 +543,15 @@ def densify_blockwise(prepared: DensifyInputs, model_path, options: DensifyOptio
         training_time = training_budget(max_time, spent, prediction, voxels, options.source, options.report, plan)
         result = train_network(prepared, model_path, options, training_time)
         prepared.data = prepared.blocks = data = blocks = None  # the training blocks' memory goes to prediction
-        read, _ = network_and_forest(source, result.info["normalization"], result.info.get("input_features"), None,
+        read, _ = network_and_forest(source, result.info.normalization, result.info.input_features, None,
                                      per_region=True)
         weighing = (weigh_blockwise(result.model, forest, source, read, prepared.held, weighing_blocks, options)
                     if forest else "")
-        segmentation = np.empty(shape, label_dtype(result.info["class_values"]))
-        predict_volume(result.model, result.info, source, segmentation, options.probabilities_out,
-                       device=options.device, progress=options.progress, forest=forest, max_memory=options.max_memory)
+        segmentation = (None if options.segmentation_out else
+                        np.empty(shape, label_dtype(result.info.class_values)))
+        predict_volume(result.model, result.info, source, options.segmentation_out or segmentation,
+                       options.probabilities_out, device=options.device, progress=options.progress, forest=forest,
+                       max_memory=options.max_memory, like=options.output_meta)
     if forest is not None and forest.network_weight < 1:
         save_model(model_path, result.model, result.info, forest)
     return DensifyResult(segmentation, None, result.model, result.info, result.iterations, result.seconds,

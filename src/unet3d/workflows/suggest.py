@@ -8,13 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unet3d.data.features import raw_channels
 from unet3d.errors import UserError
 from unet3d.evaluation.figures import gray_plane, overlay_rgb
 from unet3d.inference.predictor import normalized_entropy, predict_image
 from unet3d.interactive.session import UNPAINTED, Session
 from unet3d.interactive.suggest import AXIS_NAMES, DEFAULT_STRATEGY, Suggestion, candidate_slices, rank_slices
-from unet3d.model import load_forest, load_model
+from unet3d.model import load_predictor
 from unet3d.atomic import atomic_path
 
 
@@ -59,16 +58,16 @@ def suggest_slices(image: np.ndarray, sparse: np.ndarray, ignore_label: int, *, 
 
 
 def _model_probabilities(model_path, image, values, device, source):
-    model, info = load_model(model_path)
-    channels = raw_channels(model.config.in_channels, info.get("input_features"))
+    model, info, forest = load_predictor(model_path)
+    channels = info.image_channels(model.config)
     if image.shape[0] != channels:
         raise UserError(f"{model_path} reads {channels} channel(s), the image has {image.shape[0]}")
-    class_values = [int(v) for v in info.get("class_values") or range(model.config.num_classes)]
+    class_values = info.class_values
     unknown = sorted(set(values) - set(class_values))
     if unknown:
         raise UserError(f"{source}: label value(s) {', '.join(map(str, unknown))} are not classes of {model_path} "
                         f"(its classes: {', '.join(map(str, class_values))}); check --ignore-label")
-    return predict_image(model, info, image, device=device, forest=load_forest(model_path, info)), class_values
+    return predict_image(model, info, image, device=device, forest=forest), class_values
 
 
 def _trained_probabilities(image, sparse, values, annotated, max_time, seed, spacing, device, source):
