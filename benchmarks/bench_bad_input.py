@@ -24,8 +24,9 @@ from typing import Callable
 
 import numpy as np
 
+from harness import IGNORE
+
 SHAPE = (8, 16, 16)  # every synthetic volume, (Z, Y, X)
-IGNORE = 255
 
 
 def image(seed: int = 0, shape=SHAPE) -> np.ndarray:

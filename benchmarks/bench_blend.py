@@ -4,7 +4,7 @@ other half, for the network alone, the model's forest alone and the blend `unet3
 Usage: .venv/bin/python -m benchmarks.bench_blend [--volumes ovule em_vnc] [--seeds 0 1] [--folds 0 1]
            [--max-time 300] [--slices 2,3,3] [--results FILE.jsonl] [--quick]
 
-Each volume (../shared/data, or UNET3D_SHARED_DATA) is cut in two halves (`experiments.paper.data.half`:
+Each volume (../shared/data, or UNET3D_SHARED_DATA) is cut in two halves (`harness.volumes.half`:
 the ovule across x, em_vnc across y, colin27 into hemispheres). Fold k trains on half k's paper
 (x,y,z) = (3,3,2) slices — (Z, Y, X) = (2, 3, 3) — and scores every voxel of the other half.
 `unet3d train` runs as a user types it (images, labels, ignore label, output, --max-time, --seed,
@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.records import append_row, find_row, load_rows
-from experiments.paper import data, methods
+from experiments.paper import methods
+from harness import IGNORE, volumes
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.inference.predictor import predict_image
 from unet3d.model import load_forest, load_model
 
-IGNORE = 255
 UNET3D = Path(sys.executable).with_name("unet3d")
 
 
@@ -105,11 +105,11 @@ def main(argv=None) -> None:
     done = load_rows(args.results)
     rows = []
     for name in args.volumes:
-        if not (data.shared_data() / name).exists():
-            print(f"skipped {name}: {data.shared_data() / name} not found (set UNET3D_SHARED_DATA)")
+        if not (volumes.shared_data() / name).exists():
+            print(f"skipped {name}: {volumes.shared_data() / name} not found (set UNET3D_SHARED_DATA)")
             continue
         for fold in args.folds:
-            train, test = data.load(f"{name}_h{fold}"), data.load(f"{name}_h{1 - fold}")
+            train, test = volumes.load(f"{name}_h{fold}"), volumes.load(f"{name}_h{1 - fold}")
             peer = next((r["peer_forest"] for r in done if (r["volume"], r["fold"], r["slices"]) ==
                          (name, fold, args.slices)), None) or run_peer_forest(train, test, slices, 0)
             for seed in args.seeds:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.paper import data
+from harness import IGNORE, volumes
 from unet3d.baselines import random_forest_segment
 from unet3d.data.labels import decode_labels, encode_labels
 from unet3d.data.sparse import sparsify
@@ -39,23 +39,22 @@ from unet3d.evaluation import evaluate_volumes
 from unet3d.workflows.blend import geometric_mean
 from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, densify
 
-IGNORE = 255
 
 
-def score(volume: data.Volume, labels: np.ndarray, sparse: np.ndarray) -> dict:
+def score(volume: volumes.Volume, labels: np.ndarray, sparse: np.ndarray) -> dict:
     result = evaluate_volumes(labels, volume.truth, exclude=sparse, ignore_label=IGNORE, background=volume.background)
     return {"fg": round(result["mean_iou_foreground"], 4),
             "iou": {str(c["value"]): round(c["iou"], 3) for c in result["classes"] if c["iou"] is not None}}
 
 
-def run_forest(volume: data.Volume, sparse: np.ndarray, classes: list[int], seed: int) -> dict:
+def run_forest(volume: volumes.Volume, sparse: np.ndarray, classes: list[int], seed: int) -> dict:
     start = time.monotonic()
     result = random_forest_segment(volume.image.astype(np.float32), encode_labels(sparse, classes, IGNORE),
                                    spacing=volume.spacing, seed=seed, max_train_voxels=FOREST_TRAIN_VOXELS)
     return {**score(volume, decode_labels(result.labels, classes), sparse), "s": round(time.monotonic() - start, 1)}
 
 
-def run_densify(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: int, save: Path | None) -> dict:
+def run_densify(volume: volumes.Volume, sparse: np.ndarray, max_time: float, seed: int, save: Path | None) -> dict:
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
         result = densify(volume.image.astype(np.float32), sparse, IGNORE, Path(folder) / "m.safetensors",
@@ -76,7 +75,7 @@ def run_densify(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: 
             "iterations": result.iterations, "trees": result.forest_trees, "blend": result.weighing}
 
 
-def run_train(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: int) -> dict:
+def run_train(volume: volumes.Volume, sparse: np.ndarray, max_time: float, seed: int) -> dict:
     """The fully automatic command on this one volume, as a user types it: `unet3d train` with only
     the budget (its plan decides the rest), then `unet3d predict` on the same volume."""
     unet3d = Path(sys.executable).with_name("unet3d")
@@ -99,7 +98,7 @@ def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int, save
             forest: dict | None = None, with_train: bool = False) -> dict:
     """One row; `forest`: the peer's scores from an earlier row on the same voxels (it does not
     depend on densify's recipe or budget), else it is fitted here."""
-    volume = data.load(name)
+    volume = volumes.load(name)
     sparse = sparsify(volume.truth, slices, IGNORE)
     classes = sorted(int(v) for v in np.unique(volume.truth))
     return {"volume": name, "slices": ",".join(map(str, slices)), "seed": seed, "max_time": max_time,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import IGNORE
 from unet3d.baselines import random_forest_segment
 from unet3d.data.labels import encode_labels
 from unet3d.data.sparse import labeled_fraction, sparsify
@@ -27,7 +28,6 @@ from unet3d.evaluation.metrics import evaluate_volumes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("UNET3D_SHARED_DATA", REPO.parent / "shared" / "data"))
-IGNORE = 255
 REPORTED_STAND_IN = {  # mean foreground IoU of an ilastik stand-in on the same protocol
     "nuclei_tiny": {(1, 1, 1): 0.34, (4, 4, 3): 0.47},
     "ovule": {(1, 1, 1): 0.56, (4, 4, 3): 0.58},

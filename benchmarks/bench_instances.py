@@ -33,14 +33,14 @@ from scipy import ndimage
 
 from benchmarks.bench_densify import IGNORE
 from benchmarks.records import append_row, find_row, load_rows
-from experiments.paper import data
+from harness import volumes
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation import match_instances
 from unet3d.instances import KINDS, InstanceMethod, instances_from_probabilities
 from unet3d.workflows.densify import densify
 
 
-def probability_maps(volume: data.Volume, sparse: np.ndarray, max_time: float, seed: int,
+def probability_maps(volume: volumes.Volume, sparse: np.ndarray, max_time: float, seed: int,
                      cache: Path | None) -> tuple[dict[str, np.ndarray], list[int], float]:
     """densify's maps {"network", "forest", "blend"} (K, Z, Y, X), its class values and its seconds."""
     if cache is not None and cache.exists():
@@ -78,9 +78,9 @@ VOLUME_CLASSES = {"em_vnc_q0": (2, None)}
 def instance_truth(name: str) -> np.ndarray:
     """The shared instance ground truth of a volume (object ids, 0 = none); em_vnc's mitochondria are
     the connected components of its class 2."""
-    folder = data.shared_data()
+    folder = volumes.shared_data()
     if name.startswith("em_vnc"):
-        return ndimage.label(data.load(name).truth == 2)[0]
+        return ndimage.label(volumes.load(name).truth == 2)[0]
     if name == "nuclei_tiny":
         import tifffile
 
@@ -106,7 +106,7 @@ def one_hot(truth: np.ndarray, classes: list[int]) -> np.ndarray:
 def measure(name: str, slices: tuple[int, ...], seeds: list[int], max_time: float, methods: dict, done: list[dict],
             results: Path | None, cache: Path | None) -> list[dict]:
     """Rows of one volume: the oracle (dense class truth) and each seed's maps through each method."""
-    volume, truth = data.load(name), instance_truth(name)
+    volume, truth = volumes.load(name), instance_truth(name)
     sparse = sparsify(volume.truth, slices, IGNORE)
     mask = sparse == IGNORE
     classes = sorted(int(v) for v in np.unique(volume.truth))
@@ -187,8 +187,8 @@ def main(argv=None) -> None:
     done = load_rows(args.results)
     rows = []
     for name in args.volumes:
-        if not (data.shared_data() / name.removesuffix("_q0")).exists():  # the instance truth, nuclei_tiny's too, lives there
-            print(f"skipped {name}: {data.shared_data() / name} not found (set UNET3D_SHARED_DATA)")
+        if not (volumes.shared_data() / name.removesuffix("_q0")).exists():  # the instance truth, nuclei_tiny's too, lives there
+            print(f"skipped {name}: {volumes.shared_data() / name} not found (set UNET3D_SHARED_DATA)")
             continue
         kind = VOLUME_KIND[name]
         methods = CANDIDATES[kind] if args.sweep else {_name_of(KINDS[kind]): KINDS[kind]}

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.records import append_row, find_row, load_rows
-from experiments.paper import data
+from harness import volumes
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.interactive.session import UNPAINTED, Session
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         row = find_row(done, key)
         if row is None:
             try:
-                volume = data.load(name)
+                volume = volumes.load(name)
             except Exception as exc:  # noqa: BLE001 - a missing shared volume skips its row
                 print(f"skipped {name}: {exc}")
                 continue

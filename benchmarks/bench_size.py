@@ -26,15 +26,14 @@ import numpy as np
 import tifffile
 
 from benchmarks.records import append_row, find_row, load_rows
-from experiments.paper import data
+from harness import IGNORE, volumes
 from unet3d.data.sparse import sparsify
 
-IGNORE = 255
 UNET3D = Path(sys.executable).with_name("unet3d")
 
 
 def stack(copies: int, side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    volume = data.em_vnc()
+    volume = volumes.em_vnc()
     crop = (slice(None), slice(0, side), slice(0, side))
     image, truth = volume.image[0][crop], volume.truth.astype(np.uint8)[crop]
     pick = lambda a, i: a if i % 2 == 0 else a[::-1]  # noqa: E731
@@ -54,7 +53,7 @@ def run(copies: int, max_time: float, slices, seed: int, folder: Path, side: int
     tifffile.imwrite(folder / "sparse.tif", sparsify(truth, slices, IGNORE).astype(np.uint8))
     voxels = int(image.size)
     del image, truth
-    spacing = ",".join(f"{s:g}" for s in data.EM_VNC_SPACING)
+    spacing = ",".join(f"{s:g}" for s in volumes.EM_VNC_SPACING)
     command = ["/usr/bin/time", "-v", str(UNET3D), "densify", str(folder / "image.tif"), str(folder / "sparse.tif"),
                "-o", str(folder / "seg.tif"), "--ignore-label", str(IGNORE), "--max-time", f"{max_time:g}",
                "--truth", str(folder / "truth.tif"), "--spacing", spacing, "--seed", str(seed), "--quiet",
@@ -85,8 +84,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.max_time = 30.0
-    if not (data.shared_data() / "em_vnc").exists():
-        print(f"skipped: {data.shared_data() / 'em_vnc'} not found (set UNET3D_SHARED_DATA)")
+    if not (volumes.shared_data() / "em_vnc").exists():
+        print(f"skipped: {volumes.shared_data() / 'em_vnc'} not found (set UNET3D_SHARED_DATA)")
         return
     slices = tuple(int(k) for k in args.slices.split(","))
     done = load_rows(args.results)

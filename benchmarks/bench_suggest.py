@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.paper import data
+from harness import volumes
 from unet3d.data.sparse import slice_positions
 from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.interactive.session import Session
@@ -64,7 +64,7 @@ def even_mask(shape, counts) -> np.ndarray:
     return mask
 
 
-def foreground(volume: data.Volume) -> np.ndarray:
+def foreground(volume: volumes.Volume) -> np.ndarray:
     """Voxels of every class but the most frequent one (the background, or the cell interior)."""
     return volume.truth != np.bincount(volume.truth.ravel()).argmax()
 
@@ -74,7 +74,7 @@ def per_slice_counts(voxels: np.ndarray) -> list[np.ndarray]:
     return [voxels.sum(axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)]
 
 
-def next_slice(strategy: str, volume: data.Volume, mask: np.ndarray, probabilities: np.ndarray,
+def next_slice(strategy: str, volume: volumes.Volume, mask: np.ndarray, probabilities: np.ndarray,
                labels: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
     if strategy in STRATEGIES:
         best = rank_slices(probabilities, mask, strategy=strategy, count=1, rng=rng)[0]
@@ -96,13 +96,13 @@ def next_slice(strategy: str, volume: data.Volume, mask: np.ndarray, probabiliti
     raise ValueError(f"unknown strategy {strategy}")
 
 
-def foreground_iou(volume: data.Volume, labels: np.ndarray, where: np.ndarray | None) -> float:
+def foreground_iou(volume: volumes.Volume, labels: np.ndarray, where: np.ndarray | None) -> float:
     k = volume.num_classes
     confusion = confusion_matrix(labels, volume.truth, k, mask=where)
     return round(scores(confusion, list(range(k)), background=volume.background)["mean_iou_foreground"], 4)
 
 
-def run(volume: data.Volume, strategy: str, seed: int, steps: int, rounds: int) -> list[dict]:
+def run(volume: volumes.Volume, strategy: str, seed: int, steps: int, rounds: int) -> list[dict]:
     """The curve of one strategy: per round, slices painted, annotated voxels and IoU."""
     rng = np.random.default_rng([seed, 7])
     shape = volume.truth.shape
@@ -132,7 +132,7 @@ def run(volume: data.Volume, strategy: str, seed: int, steps: int, rounds: int) 
     return curve
 
 
-def _full_probabilities(probabilities: np.ndarray, session: Session, volume: data.Volume) -> np.ndarray:
+def _full_probabilities(probabilities: np.ndarray, session: Session, volume: volumes.Volume) -> np.ndarray:
     """The network's probabilities over every class of the truth (a class not painted yet has 0)."""
     if probabilities.shape[0] == volume.num_classes:
         return probabilities
@@ -240,7 +240,7 @@ def main(argv=None) -> None:
     rows = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
     done = {(r["volume"], r["strategy"], r["seed"], r["steps"]) for r in rows}
     for name in args.volumes:
-        volume = data.load(name)
+        volume = volumes.load(name)
         for strategy in args.strategies:
             seeds = (args.foreground_seeds if strategy == "foreground" else args.seeds if strategy in SEEDED
                      else args.network_seeds)

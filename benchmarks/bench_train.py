@@ -37,23 +37,22 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.peers import nnunet
-from experiments.paper import data
 from experiments.paper import methods
+from harness import IGNORE, volumes
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.inference.predictor import predict_image
 from unet3d.model import load_model
 
-IGNORE = 255
 UNET3D = Path(sys.executable).with_name("unet3d")
 
 
 def split_cases(dataset: str, train: int, test: int, seed: int, fold: int) -> tuple[list[str], list[str]]:
-    """Volume names (`experiments.paper.data.load`) to train on and to score on."""
+    """Volume names (`harness.volumes.load`) to train on and to score on."""
     if dataset == "em_vnc":
         return [f"em_vnc_q{i}" for i in range(4) if i != fold], [f"em_vnc_q{fold}"]
     cases = sorted(p.name.removesuffix(".nii.gz")
-                   for p in (data.shared_data() / "hippocampus" / "images").glob("hippocampus_*.nii.gz"))
+                   for p in (volumes.shared_data() / "hippocampus" / "images").glob("hippocampus_*.nii.gz"))
     if len(cases) < train + test:
         raise SystemExit(f"{len(cases)} hippocampus cases found, {train + test} needed")
     order = np.random.default_rng(seed).permutation(len(cases))
@@ -69,7 +68,7 @@ def foreground_scores(confusion: np.ndarray, background: int | None) -> dict:
 def run_unet(train_cases, test_cases, slices, budget: list[str], folder: Path, options: list[str]) -> dict:
     images, labels = [], []
     for case in train_cases:
-        volume = data.load(case)
+        volume = volumes.load(case)
         np.save(folder / f"{case}_image.npy", volume.image)
         np.save(folder / f"{case}_labels.npy", volume.truth.astype(np.uint8) if slices is None
                 else sparsify(volume.truth, slices, IGNORE).astype(np.uint8))
@@ -87,7 +86,7 @@ def run_unet(train_cases, test_cases, slices, budget: list[str], folder: Path, o
     network, info = load_model(chosen)
     confusion, alone, predict_seconds = 0, 0, 0.0
     for case in test_cases:
-        volume = data.load(case)
+        volume = volumes.load(case)
         np.save(folder / "test.npy", volume.image)
         start = time.monotonic()
         subprocess.run([str(UNET3D), "predict", str(chosen), str(folder / "test.npy"),
@@ -109,7 +108,7 @@ def run_unet(train_cases, test_cases, slices, budget: list[str], folder: Path, o
 def run_forest(train_cases, test_cases, slices, seed: int) -> dict:
     """The experiments' forest across volumes (`experiments.paper.methods`), each scan standardized on its own."""
     start = time.monotonic()
-    train_volumes, test_volumes = [data.load(c) for c in train_cases], [data.load(c) for c in test_cases]
+    train_volumes, test_volumes = [volumes.load(c) for c in train_cases], [volumes.load(c) for c in test_cases]
     sparse = [v.truth if slices is None else sparsify(v.truth, slices, IGNORE) for v in train_volumes]
     result = methods.segment("forest", train_volumes, sparse, test_volumes, None, None, seed, None)
     confusion = sum(confusion_matrix(labels, volume.truth, volume.num_classes)
@@ -120,7 +119,7 @@ def run_forest(train_cases, test_cases, slices, seed: int) -> dict:
 def run_nnunet(dataset: str, train_cases, test_cases, slices, seconds: float, folder: Path, tta: bool) -> dict:
     """nnU-Net v2 on the same sparse labels for the same wall seconds (benchmarks/peers/nnunet.py)."""
     result = nnunet.run(dataset, train_cases, test_cases, slices, IGNORE, seconds, folder, tta)
-    background = data.load(test_cases[0]).background
+    background = volumes.load(test_cases[0]).background
     return {**foreground_scores(result.pop("confusion"), background), **result}
 
 
@@ -157,8 +156,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.train_cases, args.test_cases, args.max_time = 4, 2, [15.0]
-    if not (data.shared_data() / args.dataset).exists():
-        print(f"skipped: {data.shared_data() / args.dataset} not found (set UNET3D_SHARED_DATA)")
+    if not (volumes.shared_data() / args.dataset).exists():
+        print(f"skipped: {volumes.shared_data() / args.dataset} not found (set UNET3D_SHARED_DATA)")
         return
     if args.dataset == "em_vnc":
         args.train_cases, args.test_cases = 3, 1

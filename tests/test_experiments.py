@@ -7,7 +7,8 @@ import pytest
 import tifffile
 from conftest import shared_volume
 
-from experiments.paper import data, protocols, report, run
+from experiments.paper import protocols, report, run
+from harness import volumes
 from experiments.paper.methods import IGNORE, _network_variant, segment
 from unet3d.data.sparse import positions_for
 from unet3d.training.dataset import prepare_training_set
@@ -80,15 +81,15 @@ def test_2d_variant_of_a_volume_smaller_than_the_patch():
 def test_every_planned_run_names_loadable_volumes():
     names = {name for r in run.full_plan() for name in (*r.train, *r.test)}
     assert all(n in ("nuclei_tiny", "ovule") or n.startswith(("em_vnc_q", "hippocampus_")) for n in names)
-    assert {f"hippocampus_{c}" for c in data.HIPPOCAMPUS_TEST} <= names
+    assert {f"hippocampus_{c}" for c in volumes.HIPPOCAMPUS_TEST} <= names
 
 
 @pytest.mark.parametrize("method", ["unet2d", "forest"])
 def test_methods_train_on_some_volumes_and_segment_another(nuclei, method, tmp_path):
     image, truth = nuclei
-    halves = [data.Volume(f"part{i}", image[None, :, :, 28 * i:28 * i + 28], truth[:, :, 28 * i:28 * i + 28].astype(np.int64),
+    halves = [volumes.Volume(f"part{i}", image[None, :, :, 28 * i:28 * i + 28], truth[:, :, 28 * i:28 * i + 28].astype(np.int64),
                           None, 0) for i in range(2)]
-    held_out = data.Volume("held_out", image[None, :, 30:], truth[:, 30:].astype(np.int64), None, 0)
+    held_out = volumes.Volume("held_out", image[None, :, 30:], truth[:, 30:].astype(np.int64), None, 0)
     sparse = [protocols.sparsify(v.truth, (2, 2, 1), ignore_label=IGNORE) for v in halves]
     result = segment(method, halves, sparse, [held_out], seconds=None, steps=3, seed=0, workdir=tmp_path)
     assert result.class_values == [0, 1, 2]
@@ -98,19 +99,19 @@ def test_methods_train_on_some_volumes_and_segment_another(nuclei, method, tmp_p
 
 def test_em_vnc_quarters_tile_the_stack():
     image = tifffile.imread(shared_volume("em_vnc", "image.tif"))
-    quarters = [data.em_vnc_quarter(i) for i in range(4)]
+    quarters = [volumes.em_vnc_quarter(i) for i in range(4)]
     assert all(q.image.shape == (1, 20, 512, 512) and q.truth.shape == (20, 512, 512) for q in quarters)
     top = np.concatenate([quarters[0].image[0], quarters[1].image[0]], axis=2)
     bottom = np.concatenate([quarters[2].image[0], quarters[3].image[0]], axis=2)
     np.testing.assert_array_equal(np.concatenate([top, bottom], axis=1), image)
-    assert quarters[0].background is None and quarters[0].spacing == data.EM_VNC_SPACING
+    assert quarters[0].background is None and quarters[0].spacing == volumes.EM_VNC_SPACING
 
 
 def test_hippocampus_cases_exist_and_the_split_is_disjoint():
-    for case in {*data.HIPPOCAMPUS_CASES, *data.HIPPOCAMPUS_TRAIN, *data.HIPPOCAMPUS_TEST}:
+    for case in {*volumes.HIPPOCAMPUS_CASES, *volumes.HIPPOCAMPUS_TRAIN, *volumes.HIPPOCAMPUS_TEST}:
         shared_volume("hippocampus", "images", f"hippocampus_{case}.nii.gz")
-    assert not set(data.HIPPOCAMPUS_TRAIN) & set(data.HIPPOCAMPUS_TEST)
-    volume = data.load(f"hippocampus_{data.HIPPOCAMPUS_CASES[0]}")
+    assert not set(volumes.HIPPOCAMPUS_TRAIN) & set(volumes.HIPPOCAMPUS_TEST)
+    volume = volumes.load(f"hippocampus_{volumes.HIPPOCAMPUS_CASES[0]}")
     assert volume.image.shape[1:] == volume.truth.shape and set(np.unique(volume.truth)) == {0, 1, 2}
 
 
@@ -139,7 +140,7 @@ def test_pretraining_sets_leave_out_every_scored_volume():
 
     shared_volume("hippocampus", "images", "hippocampus_001.nii.gz")
     names = pretraining_names("hippocampus")
-    scored = {f"hippocampus_{case}" for case in (*data.HIPPOCAMPUS_CASES, *data.HIPPOCAMPUS_TEST)}
+    scored = {f"hippocampus_{case}" for case in (*volumes.HIPPOCAMPUS_CASES, *volumes.HIPPOCAMPUS_TEST)}
     assert len(names) == 250 and not scored & set(names)
     assert pretraining_names("em_vnc") == ["em_vnc_q1", "em_vnc_q2", "em_vnc_q3"]  # the scored quarter is q0
 
@@ -169,7 +170,7 @@ def test_slice_settings_are_the_papers_x_y_z():
     assert protocols.zyx("4,4,3") == (3, 4, 4) == protocols.CROSSVAL_SLICES
     truth = np.zeros((30, 40, 50), np.int64)
     run_ = protocols.Run("slices", "g", "2,2,1", "unet3d", ("v",), ("v",))
-    volume = data.Volume("v", truth[None].astype(np.float32), truth, None, 0)
+    volume = volumes.Volume("v", truth[None].astype(np.float32), truth, None, 0)
     (sparse,), _ = protocols._annotation(run_, [volume])
     annotated = sparse != IGNORE
     assert annotated.all(axis=(1, 2)).sum() == 1  # one whole xy-slice (across z)

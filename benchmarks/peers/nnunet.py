@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.paper import data
+from harness import volumes
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix
 
@@ -139,8 +139,8 @@ def run(dataset: str, train_cases: list[str], test_cases: list[str], slices, ign
     the seconds of each stage and the plan.
     """
     _install_trainer()
-    train = [data.load(c) for c in train_cases]
-    test = [data.load(c) for c in test_cases]
+    train = [volumes.load(c) for c in train_cases]
+    test = [volumes.load(c) for c in test_cases]
     num_classes = max(v.num_classes for v in train + test)
     sparse = []
     for volume in train:

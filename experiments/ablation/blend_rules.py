@@ -21,7 +21,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from experiments.paper import data, protocols
+from experiments.paper import protocols
+from harness import volumes
 from experiments.paper.methods import IGNORE
 from unet3d.data.labels import decode_labels
 from unet3d.workflows.blend import geometric_mean, weighted_geometric_mean
@@ -47,7 +48,7 @@ RULES = {
 
 
 class SavedRun(NamedTuple):
-    volume: data.Volume
+    volume: volumes.Volume
     sparse: np.ndarray  # the kept slices' labels, IGNORE elsewhere
     classes: list[int]
     network: np.ndarray  # (K, Z, Y, X) float32, test-time flipped where the run saved that
@@ -62,7 +63,7 @@ class SavedRun(NamedTuple):
 def load_run(path: Path) -> SavedRun:
     """A run saved by forest_blend.py, with its volume and kept slices (from the file's name)."""
     name, slices, _ = path.stem.rsplit("_", 2)
-    volume = data.load(name)
+    volume = volumes.load(name)
     sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
     saved = np.load(path)
     network = saved["unet_tta"] if "unet_tta" in saved else saved["unet"]

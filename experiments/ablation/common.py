@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.paper import data as volumes
+from harness import IGNORE, volumes
 from unet3d.baselines import random_forest_segment
 from unet3d.data.labels import decode_labels, encode_labels
 from unet3d.data.sparse import sparsify
@@ -25,13 +25,12 @@ from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
 from unet3d.workflows.densify import default_config, densify
 
-IGNORE = 255
 FOREST_TRAIN_VOXELS = 100_000  # as benchmarks/bench_forest.py
 
 
 def load_volume(name: str) -> tuple[np.ndarray, np.ndarray, tuple | None]:
     """(image (1, Z, Y, X) float32, truth (Z, Y, X) int64, spacing or None) of a volume
-    `experiments.paper.data.load` names; "em_vnc" is its first quarter (em_vnc_q0), as in the
+    `harness.volumes.load` names; "em_vnc" is its first quarter (em_vnc_q0), as in the
     ablation's tables."""
     volume = volumes.load("em_vnc_q0" if name == "em_vnc" else name)
     return volume.image.astype(np.float32), volume.truth, volume.spacing

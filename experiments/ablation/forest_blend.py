@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from experiments.ablation.common import cpu_budget_config
-from experiments.paper import data, protocols
+from experiments.paper import protocols
+from harness import volumes
 from experiments.paper.methods import IGNORE, annotated_classes
 from unet3d.data.features import with_input_features
 from unet3d.baselines.forest import ForestResult
@@ -56,7 +57,7 @@ def blends(forest: np.ndarray, unet: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class PreparedRun(NamedTuple):
-    volume: data.Volume
+    volume: volumes.Volume
     sparse: np.ndarray  # the kept slices' labels, IGNORE elsewhere
     classes: list[int]
     training: TrainingSet  # with the filter bank where densify would add it
@@ -68,7 +69,7 @@ class PreparedRun(NamedTuple):
 def prepare_run(name: str, slices: str, seed: int, budget: float, trees: int | None = None) -> PreparedRun:
     """A densify run up to the network: the kept slices, the training set and densify's forest
     (within its share of `budget`, or of `trees` trees), timed from the filter bank on."""
-    volume = data.load(name)
+    volume = volumes.load(name)
     sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
     classes = annotated_classes([sparse])
     start = time.process_time()

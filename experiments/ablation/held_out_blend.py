@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.ablation.blend_rules import print_rule_table
-from experiments.paper import data
+from harness import IGNORE, volumes
 from unet3d.data.labels import decode_labels
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation import evaluate_volumes
@@ -31,7 +31,6 @@ from unet3d.workflows.blend import (
     weighted_geometric_mean,
 )
 
-IGNORE = 255
 CHUNK = 1 << 20
 
 
@@ -51,7 +50,7 @@ def stacked(network: np.ndarray, forest: np.ndarray, held: HeldOut) -> np.ndarra
 
 def score_run(path: Path) -> dict:
     name, slices, seed, _ = path.stem.rsplit("_", 3)
-    volume = data.load(name)
+    volume = volumes.load(name)
     sparse = sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), IGNORE)
     saved = np.load(path)
     classes = [int(c) for c in saved["classes"]]

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from experiments.ablation.common import cpu_budget_config
-from experiments.paper import data, protocols
+from experiments.paper import protocols
+from harness import volumes
 from experiments.paper.methods import IGNORE, annotated_classes
 from unet3d.data.features import DEFAULT_SCALES, input_feature_spec, with_input_features
 from unet3d.data.labels import decode_labels
@@ -37,7 +38,7 @@ from unet3d.training.dataset import prepare_training_set
 SCALES = {"features": DEFAULT_SCALES, "features_small": (1.0, 3.5)}
 
 
-def with_features(volume: data.Volume, variant: str) -> np.ndarray:
+def with_features(volume: volumes.Volume, variant: str) -> np.ndarray:
     """The network's input as `densify --filter-features` makes it (with this variant's scales)."""
     if variant == "plain":
         return volume.image
@@ -46,7 +47,7 @@ def with_features(volume: data.Volume, variant: str) -> np.ndarray:
 
 def main(name: str, slices: str, variant: str, seed: int, budget: float, loss: str | None = None) -> dict:
     torch.set_num_threads(1)
-    volume = data.load(name)
+    volume = volumes.load(name)
     sparse = protocols.sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), ignore_label=IGNORE)
     start = time.process_time()
     image = with_features(volume, variant)

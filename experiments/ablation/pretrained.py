@@ -5,7 +5,7 @@ Usage: .venv/bin/python -m experiments.ablation.pretrained pretrain KIND MODEL B
        .venv/bin/python -m experiments.ablation.pretrained finetune MODEL VOLUME SLICES SEED BUDGET [lr=R]
        .venv/bin/python -m experiments.ablation.pretrained alone MODEL VOLUME SLICES BUDGET
   KIND     hippocampus: every case of ../shared/data/hippocampus except the ones the experiments
-           score (experiments/paper/data.py); em_vnc: the quarters q1-q3 (the test quarter is q0);
+           score (harness/volumes.py); em_vnc: the quarters q1-q3 (the test quarter is q0);
            synthetic_walls: 12 synthetic cell-wall stacks (synthetic_walls.py), for the ovule
   BUDGET   CPU seconds of this process (one thread)
   volumes=N  pretrain on the first N of those volumes only (a quick run)
@@ -29,19 +29,19 @@ import torch
 
 from experiments.ablation.common import IGNORE, run_densify
 from experiments.ablation.synthetic_walls import synthetic_volume
-from experiments.paper import data
+from harness import volumes
 from unet3d.data.features import input_feature_spec, with_input_features
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
 from unet3d.workflows.densify import StartingModel, default_config
 
-SCORED = set(data.HIPPOCAMPUS_CASES) | set(data.HIPPOCAMPUS_TEST)
+SCORED = set(volumes.HIPPOCAMPUS_CASES) | set(volumes.HIPPOCAMPUS_TEST)
 
 
 def pretraining_names(kind: str) -> list[str]:
     """The volumes a model of this kind is trained on: none that the experiments score."""
     if kind == "hippocampus":
-        files = sorted((data.shared_data() / "hippocampus" / "images").glob("hippocampus_*.nii.gz"))
+        files = sorted((volumes.shared_data() / "hippocampus" / "images").glob("hippocampus_*.nii.gz"))
         return [name for name in (p.name.removesuffix(".nii.gz") for p in files)
                 if name.removeprefix("hippocampus_") not in SCORED]
     if kind == "em_vnc":
@@ -52,12 +52,12 @@ def pretraining_names(kind: str) -> list[str]:
 SYNTHETIC_VOLUMES = 12
 
 
-def pretraining_volumes(kind: str, count: int | None = None) -> list[data.Volume]:
+def pretraining_volumes(kind: str, count: int | None = None) -> list[volumes.Volume]:
     """The volumes, with dense labels, that a model of this kind is trained on (the first `count`)."""
     if kind == "synthetic_walls":
-        return [data.Volume(f"synthetic_{seed}", *synthetic_volume(seed), None, 0)
+        return [volumes.Volume(f"synthetic_{seed}", *synthetic_volume(seed), None, 0)
                 for seed in range(min(count or SYNTHETIC_VOLUMES, SYNTHETIC_VOLUMES))]
-    return [data.load(name) for name in pretraining_names(kind)[:count]]
+    return [volumes.load(name) for name in pretraining_names(kind)[:count]]
 
 
 def pretrain(kind: str, model: str, budget: float, seed: int = 0, count: int | None = None) -> dict:
@@ -83,7 +83,7 @@ def finetune(model: str, name: str, slices: str, seed: int, budget: float, lr: f
     start = StartingModel.load(model)
     if lr is not None:
         start = dataclasses.replace(start, learning_rate=lr)
-    volume = data.load(name)
+    volume = volumes.load(name)
     result = run_densify(volume.image, volume.truth, tuple(int(k) for k in slices.split(",")), volume.spacing, budget,
                          seed, init=start, **options)
     return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "init": model, "lr": lr, **result}

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.paper.data import Volume
+from harness import IGNORE
+from harness.volumes import Volume
 from unet3d.baselines import random_forest_segment
 from unet3d.data.features import filter_features
 from unet3d.baselines.forest import make_forest, predict_probabilities
@@ -33,7 +34,6 @@ from unet3d.model.serialization import load_model
 from unet3d.training import train
 from unet3d.workflows.plan import Fingerprint, plan_training, training_sets
 
-IGNORE = 255
 UNET_METHODS = ("unet3d", "unet3d_nobn", "unet2d", "unet3d_dense")
 METHODS = ("unet3d", "unet3d_nobn", "unet2d", "forest", "unet3d_dense")
 FOREST_TREES = 100

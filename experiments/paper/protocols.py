@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.paper import data
+from harness import volumes
 from experiments.paper.methods import IGNORE, segment
 from unet3d.data.sparse import labeled_fraction, positions_for, sparsify
 from unet3d.evaluation import evaluate_volumes
@@ -114,8 +114,8 @@ def crossval_split(truth: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray
 
 def execute(run: Run, budget: Budget, figures: Path | None = None) -> dict:
     """Train and score one run; returns its JSON record (and writes its overlay into `figures`)."""
-    train_volumes = [data.load(name) for name in run.train]
-    test_volumes = [v for v in train_volumes if v.name in run.test] or [data.load(name) for name in run.test]
+    train_volumes = [volumes.load(name) for name in run.train]
+    test_volumes = [v for v in train_volumes if v.name in run.test] or [volumes.load(name) for name in run.test]
     sparse, masks = _annotation(run, train_volumes)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="unet3d-paper-") as workdir:
@@ -137,7 +137,7 @@ def execute(run: Run, budget: Budget, figures: Path | None = None) -> dict:
     }
 
 
-def _annotation(run: Run, volumes: list[data.Volume]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+def _annotation(run: Run, volumes: list[volumes.Volume]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     """Sparse training labels per training volume, and the scored voxels per test volume (all if absent)."""
     if run.method == "unet3d_dense":
         return [v.truth.astype(np.uint8) for v in volumes], {}
@@ -151,7 +151,7 @@ def _annotation(run: Run, volumes: list[data.Volume]) -> tuple[list[np.ndarray],
     return [sparsify(v.truth, AUTOMATIC_SLICES, ignore_label=IGNORE) for v in volumes], {}
 
 
-def _score(volume: data.Volume, labels: np.ndarray, mask: np.ndarray | None) -> dict:
+def _score(volume: volumes.Volume, labels: np.ndarray, mask: np.ndarray | None) -> dict:
     """IoU per class on the scored voxels; the mean over foreground classes (every class for em_vnc)."""
     prediction, truth = (labels, volume.truth) if mask is None else (labels[mask], volume.truth[mask])
     result = evaluate_volumes(prediction, truth, background=volume.background)
@@ -159,7 +159,7 @@ def _score(volume: data.Volume, labels: np.ndarray, mask: np.ndarray | None) -> 
     return {"volume": volume.name, "iou": iou, "mean_iou": result["mean_iou_foreground"], "voxels": result["voxels"]}
 
 
-def _overlay(figures: Path, run: Run, volume: data.Volume, labels: np.ndarray, class_values) -> None:
+def _overlay(figures: Path, run: Run, volume: volumes.Volume, labels: np.ndarray, class_values) -> None:
     from unet3d.evaluation.figures import overlay_figure
 
     name = run.id.replace("/", "_").replace(",", "-").replace(" ", "-").replace("+", "-")

@@ -26,12 +26,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from experiments.paper import data, protocols, report
+from experiments.paper import protocols, report
+from harness import volumes
 from experiments.paper.methods import METHODS
 from experiments.paper.protocols import EXPERIMENTS, SEEDS, SLICE_SETTINGS, Budget, Run
 
 PER_VOLUME = {"nuclei_tiny": ["nuclei_tiny"], "ovule": ["ovule"], "em_vnc": ["em_vnc_q0"],
-              "hippocampus": [f"hippocampus_{c}" for c in data.HIPPOCAMPUS_CASES]}
+              "hippocampus": [f"hippocampus_{c}" for c in volumes.HIPPOCAMPUS_CASES]}
 VOXELS = {"nuclei_tiny": 31 * 61 * 57, "ovule": 64 * 200 * 200, "em_vnc": 20 * 512 * 512, "hippocampus": 36 * 50 * 35}
 PREDICT_SECONDS_PER_VOXEL = 2e-5  # small U-Net on 2 CPU cores, measured roughly; for the estimate only
 FOREST_SECONDS_PER_VOXEL = 4e-5
@@ -62,7 +63,7 @@ def full_plan(methods=METHODS, datasets=None, settings=SLICE_SETTINGS, only=EXPE
     if "automatic" in only:
         hippocampus = lambda cases: tuple(f"hippocampus_{c}" for c in cases)  # noqa: E731
         splits = {"em_vnc": protocols.em_vnc_splits(),
-                  "hippocampus": [(hippocampus(data.HIPPOCAMPUS_TRAIN), hippocampus(data.HIPPOCAMPUS_TEST))]}
+                  "hippocampus": [(hippocampus(volumes.HIPPOCAMPUS_TRAIN), hippocampus(volumes.HIPPOCAMPUS_TEST))]}
         groups = DEFAULT_VOLUMES["automatic"] if datasets is None else datasets
         runs += protocols.automatic_runs({g: s for g, s in splits.items() if g in groups}, keep(METHODS), seeds)
     return runs

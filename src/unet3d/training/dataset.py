@@ -33,7 +33,7 @@ class TrainingSet:
     normalization: dict
     spacing: tuple[float, float, float]
     sources: list[str]
-    input_features: dict | None = None  # filter-bank channels appended to the images (baselines.features)
+    input_features: dict | None = None  # filter-bank channels appended to the images (data.features)
 
     @property
     def channels(self) -> int:

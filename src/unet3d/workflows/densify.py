@@ -147,10 +147,10 @@ def training_patch(volume_shape) -> tuple[int, int, int]:
 def default_config(data: TrainingSet, *, max_time: float = 120.0, iterations: int = 100_000, seed: int = 0,
                    width: int = 8, levels: int = 3, clock: str = "wall", network: UNetConfig | None = None,
                    learning_rate: float = LEARNING_RATE) -> TrainConfig:
-    """The densify recipe for this volume: network (`network`: that one's, e.g. a pretrained model's),
-    patch, optimiser, schedule, augmentation."""
+    """The densify recipe for these volumes: network (`network`: that one's, e.g. a pretrained
+    model's), patch (capped by the smallest volume), optimiser, schedule, augmentation."""
     network = network or densify_network(data.channels, len(data.class_values), width, levels)
-    shape = training_patch(data.images[0].shape[1:])
+    shape = training_patch(np.min([image.shape[1:] for image in data.images], axis=0))
     return TrainConfig(network=network, patch_shape=shape, batch_size=BATCH_SIZE, iterations=iterations,
                        max_time=max_time, optimizer="adam", learning_rate=learning_rate, schedule="cosine", warmup=0.05,
                        loss="dice_ce", class_weighting="inverse_sqrt", augmentation=FLIPS_ONLY,

@@ -34,8 +34,9 @@ def suggest_slices(image: np.ndarray, sparse: np.ndarray, ignore_label: int, *, 
                    max_time: float = 60.0, count: int = 5, axes=(0, 1, 2), strategy: str = DEFAULT_STRATEGY,
                    seed: int = 0, spacing=None, device: str = "cpu", source: str = "SPARSE") -> SuggestResult:
     """Rank the slices of `image` (C, Z, Y, X) not yet annotated in `sparse` (`ignore_label`:
-    unannotated), judged by the model at `model_path` or, without one, by densify's network trained
-    for `max_time` seconds on the annotated voxels."""
+    unannotated), judged by the model at `model_path` (a model file or BioImage.IO package) or,
+    without one, by the napari loop's network and forest trained for `max_time` seconds on the
+    annotated voxels."""
     if image.shape[1:] != sparse.shape:
         raise UserError(f"{source}: shape {sparse.shape} differs from the image's {image.shape[1:]}")
     annotated = sparse != ignore_label
@@ -83,7 +84,7 @@ def _trained_probabilities(image, sparse, values, annotated, max_time, seed, spa
         probabilities = session.probabilities()
     finally:
         session.close()
-    return probabilities, values, (f"densify's network trained for {result.seconds:.0f} s ({result.iterations} steps)"
+    return probabilities, values, (f"a network trained for {result.seconds:.0f} s ({result.iterations} steps)"
                                    f"{' blended with the forest' if session.forest is not None else ''}")
 
 

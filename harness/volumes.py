@@ -1,4 +1,5 @@
-"""The volumes the experiments run on, loaded as (image (C, Z, Y, X), dense truth (Z, Y, X)).
+"""The shared volumes that benchmarks and experiments run on, loaded as (image (C, Z, Y, X),
+dense truth (Z, Y, X)) through `unet3d.io`, as a user's files are read.
 
 nuclei_tiny is the example bundled with the package, so the quick run needs nothing else; the
 others come from the shared data folder (UNET3D_SHARED_DATA, else ../shared/data beside the
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from unet3d.errors import UserError
+from unet3d.io import read_image
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "src" / "unet3d" / "examples" / "nuclei_tiny"
 EM_VNC_SPACING = (50.0, 4.6, 4.6)  # nm (Z, Y, X): serial sections are 10× thicker than the pixels
 QUARTER = 512
@@ -107,10 +109,8 @@ def half(name: str, index: int) -> Volume:
 
 
 def _nifti_zyx(path: Path) -> np.ndarray:
-    """A NIfTI volume's (x, y, z) array turned into (z, y, x)."""
-    import nibabel
-
-    return np.asarray(nibabel.load(_require(path)).dataobj).transpose(2, 1, 0)
+    """A NIfTI volume as (Z, Y, X), read as `unet3d` reads it (its (x, y, z) axes reversed)."""
+    return read_image(str(_require(path)))[0][0]
 
 
 def hippocampus(case: str) -> Volume:
