@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from unet3d.augmentation import AugmentationConfig
-from unet3d.cli.options import (DefaultsHelpFormatter, add_network_options, float_list, int_list, int_triple,
-                                network_config, positive_seconds)
+from unet3d.cli.options import DefaultsHelpFormatter, add_network_options, float_list, int_list, int_triple, positive_seconds
 from unet3d.data.labels import check_painting_shape, painted_classes, present_values
+from unet3d.data.normalization import METHODS as NORMALIZATION_METHODS
 from unet3d.errors import UserError
-from unet3d.data.normalization import METHODS as NORMALIZATION_METHODS, fit_normalization
 from unet3d.io import read_image, read_labels
-from unet3d.training import TrainConfig, train
-from unet3d.training.checkpoint import load_checkpoint, run_files
 from unet3d.training.config import CLASS_WEIGHTING, LOSSES, OPTIMIZERS, SCHEDULES
 from unet3d.training.distributed import DEFAULT_TIMEOUT, Processes, joined
-from unet3d.data.features import input_feature_spec
 from unet3d.workflows.densify import FILTER_FEATURES_MIN_ANNOTATED
-from unet3d.workflows.forest import FOREST_MAX_SHARE, ForestStage
-from unet3d.workflows.plan import (DEFAULT_ITERATIONS, PER_VOLUME_SPREAD_RATIO, Fingerprint, plan_table,
-                                   plan_training, training_sets)
-
+from unet3d.workflows.forest import FOREST_MAX_SHARE
+from unet3d.workflows.plan import DEFAULT_ITERATIONS, PER_VOLUME_SPREAD_RATIO
+from unet3d.workflows.train import Changes, TrainOptions, train_volumes
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -133,51 +127,19 @@ def run_train(args) -> int:
 
 
 def _train(args, processes: Processes) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     images, labels, meta = load_pairs(args.images, args.labels, args.channel_axis)
     classes = checked_paintings(images, labels, args)
-    spacing = args.spacing or meta.spacing
-    plan = None
-    if args.preset != "paper":
-        fingerprint = Fingerprint.of(images, labels, args.ignore_label, spacing, args.images)
-        plan = plan_training(fingerprint, max_time=args.max_time, iterations=args.iterations,
-                             validation_given=bool(args.val_images), seed=args.seed, source=args.images[0])
-    features = _input_features(args, plan, spacing)
-    per_volume = args.per_volume if args.per_volume is not None else bool(plan and plan.per_volume)
-    if plan is not None:
-        _record_overrides(args, plan, features, per_volume)
-    given_validation = []
+    validation = []
     if args.val_images:
         val_images, val_labels, _ = load_pairs(args.val_images, args.val_labels, args.channel_axis)
-        given_validation = list(zip(val_images, val_labels, args.val_images))
-    held_volumes = plan.validation_volumes if plan else []
-    data, validation = training_sets(images, labels, args.ignore_label, list(args.images), held_out=held_volumes,
-                                     features=features, per_volume=per_volume, spacing=spacing,
-                                     validation=given_validation, normalization=args.normalization or "zscore",
-                                     class_values=classes)
-    config = _config(args, data, plan)
-    if plan is not None and not args.resume and processes.leader:
-        print("plan (options override their part):\n" + plan_table(plan.describe(config)))
-    stage = None
-    if args.forest == "on" or (args.forest == "auto" and args.preset != "paper"):
-        raw_validation = [image for image, _, _ in given_validation] or [images[i] for i in held_volumes]
-        stage = ForestStage([images[i] for i in range(len(images)) if i not in held_volumes], raw_validation,
-                            args.seed, args.threads)
-        config = stage.fit(data, validation, config, input_feature_spec(spacing),
-                           fit_normalization(stage.train_images, args.normalization or "zscore", per_volume=per_volume),
-                           processes, resume=args.resume)
-    result = train(config, data, args.output, validation=validation, resume=args.resume, device=processes.device,
-                   progress=not args.quiet, processes=processes)
-    if processes.leader:
-        across = f" by {processes.count} processes" if processes.count > 1 else ""
-        print(f"trained {result.iterations} iterations{across} in {result.seconds:.0f} s (stopped by "
-              f"{result.stopped_by}); model written to {args.output}")
-        if stage is not None:
-            files = run_files(args.output)
-            stage.weigh_and_store([files["model"], files["best"]], data, validation, str(processes.device))
+        validation = list(zip(val_images, val_labels, args.val_images))
+    options = TrainOptions(
+        output=args.output, sources=list(args.images), ignore_label=args.ignore_label, classes=classes,
+        spacing=args.spacing or meta.spacing, preset=args.preset, max_time=args.max_time, iterations=args.iterations,
+        seed=args.seed, forest=ON_OFF[args.forest], changes=changes(args), validation=validation, workers=args.workers,
+        amp=args.amp, validate_every=args.validate_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        threads=args.threads, progress=not args.quiet)
+    train_volumes(images, labels, options, processes)
     return 0
 
 
@@ -203,87 +165,25 @@ def _given_classes(labels, args) -> list[int]:
     return list(args.classes)
 
 
-# The plan's recipe parts and the options that replace them.
-RECIPE_OPTIONS = {"network": ("width", "levels", "padding", "norm", "dims", "norm_at_test"),
-                  "patch, batch": ("patch", "batch_size"),
-                  "optimizer": ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup"),
-                  "loss": ("loss", "class_weighting", "class_weights")}
+ON_OFF = {"auto": None, "on": True, "off": False}
+# Options that change a TrainConfig field of the recipe: option name -> field.
+TRAINING_OPTIONS = {"patch": "patch_shape", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "learning_rate",
+                    "momentum": "momentum", "weight_decay": "weight_decay", "schedule": "schedule", "warmup": "warmup",
+                    "loss": "loss", "class_weighting": "class_weighting", "class_weights": "class_weights"}
+NETWORK_OPTIONS = ("width", "levels", "padding", "norm", "dims", "norm_at_test")
+AUGMENTATION_OPTIONS = {"rotation": "rotation_deg", "scale": "scale", "elastic_spacing": "elastic_spacing",
+                        "elastic_sigma": "elastic_sigma"}
 
 
-def _record_overrides(args, plan, features, per_volume: bool) -> None:
-    """The printed and stored plan shows what runs: options that replaced a planned choice say so."""
-    plan.given = {part for part, options in RECIPE_OPTIONS.items()
-                  if any(getattr(args, option, None) not in (None, False) for option in options)}
-    if _augmentation_given(args):
-        plan.given.add("augmentation")
-    if args.filter_features != "auto":
-        plan.override("inputs", "the image and ilastik's filter bank" if features else "the image alone",
-                      f"--filter-features {args.filter_features}")
-    if args.per_volume is not None or args.normalization:
-        method = args.normalization or "zscore"
-        plan.override("normalization", f"{method} {'per volume' if per_volume else 'of the training images'}",
-                      "given as an option")
-
-
-def _augmentation_given(args) -> bool:
-    return any(getattr(args, name) not in (None, False) for name in AUGMENTATION_OPTIONS)
-
-
-def _input_features(args, plan, spacing) -> dict | None:
-    """The filter bank the network reads: the plan's unless --filter-features says otherwise."""
-    if args.filter_features == "off" or (args.filter_features == "auto" and plan is None):
-        return None
-    if args.filter_features == "on":
-        return input_feature_spec(spacing)
-    return plan.input_features
-
-
-# The paper's configuration (--preset paper): its tile and batch, weighted cross-entropy, its augmentation.
-PAPER_TRAINING = {"iterations": DEFAULT_ITERATIONS, "patch": (116, 132, 132), "batch_size": 1, "optimizer": "adam",
-                  "lr": 1e-3, "momentum": 0.99, "weight_decay": 0.0, "schedule": "constant", "warmup": 0.0,
-                  "loss": "ce", "class_weighting": "inverse_sqrt"}
-# Options that override a TrainConfig field of the plan: option name -> field.
-TRAINING_OPTIONS = {"iterations": "iterations", "patch": "patch_shape", "batch_size": "batch_size",
-                    "optimizer": "optimizer", "lr": "learning_rate", "momentum": "momentum",
-                    "weight_decay": "weight_decay", "schedule": "schedule", "warmup": "warmup", "loss": "loss",
-                    "class_weighting": "class_weighting", "class_weights": "class_weights"}
-AUGMENTATION_OPTIONS = ("no_augment", "rotation", "scale", "elastic_spacing", "elastic_sigma", "no_flip")
-
-
-def _config(args, data, plan) -> TrainConfig:
-    if args.resume:
-        stored = TrainConfig.from_dict(load_checkpoint(run_files(args.output)["checkpoint"])["config"])
-        return dataclasses.replace(stored, iterations=args.iterations or stored.iterations,
-                                   max_time=args.max_time if args.max_time is not None else stored.max_time)
-    try:
-        base = plan.config(data, args.seed) if plan else _paper_config(args, data)
-        given = {field: getattr(args, option) for option, field in TRAINING_OPTIONS.items()
-                 if getattr(args, option) is not None}
-        network = network_config(args, **base.network.to_dict())
-        network = type(network).from_dict({**network.to_dict(), "in_channels": data.channels,
-                                           "num_classes": len(data.class_values)})
-        config = dataclasses.replace(base, network=network, augmentation=_augmentation(args, base.augmentation),
-                                     max_time=args.max_time, seed=args.seed, workers=args.workers, amp=args.amp,
-                                     validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
-                                     **given)
-        return dataclasses.replace(config, plan=plan.to_dict(config)) if plan else config
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-
-
-def _paper_config(args, data) -> TrainConfig:
-    network = network_config(args, in_channels=data.channels, num_classes=len(data.class_values))
-    paper = {TRAINING_OPTIONS[k]: v for k, v in PAPER_TRAINING.items()}
-    return TrainConfig(network=network, **paper, augmentation=AugmentationConfig())
-
-
-def _augmentation(args, planned: AugmentationConfig) -> AugmentationConfig:
-    """The plan's augmentation, or the paper's with the options given applied."""
-    if not _augmentation_given(args):
-        return planned
-    base = AugmentationConfig()
-    return dataclasses.replace(
-        base, enabled=not args.no_augment, flip=not args.no_flip,
-        **{field: value for field, value in (("rotation_deg", args.rotation), ("elastic_spacing", args.elastic_spacing),
-                                             ("elastic_sigma", args.elastic_sigma),
-                                             ("scale", tuple(args.scale) if args.scale else None)) if value is not None})
+def changes(args) -> Changes:
+    """The options given, as changes to the plan (or to --preset paper)."""
+    given = lambda option: getattr(args, option) is not None  # noqa: E731
+    augmentation = None
+    if args.no_augment or args.no_flip or any(given(option) for option in AUGMENTATION_OPTIONS):
+        augmentation = {"enabled": not args.no_augment, "flip": not args.no_flip,
+                        **{field: tuple(args.scale) if option == "scale" else getattr(args, option)
+                           for option, field in AUGMENTATION_OPTIONS.items() if given(option)}}
+    return Changes(network={option: getattr(args, option) for option in NETWORK_OPTIONS if given(option)},
+                   training={field: getattr(args, option) for option, field in TRAINING_OPTIONS.items() if given(option)},
+                   augmentation=augmentation, filter_features=ON_OFF[args.filter_features],
+                   normalization=args.normalization, per_volume=args.per_volume)
