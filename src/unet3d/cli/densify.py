@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from unet3d.cli.options import DefaultsHelpFormatter, add_run_options, float_list, positive_int, positive_seconds
 from unet3d.data.labels import check_painting_shape, painted_classes
 from unet3d.cli.predict import memory_size
@@ -83,6 +85,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    args.started = time.monotonic()  # --max-time counts from here: reading the labels is part of the command
     init = StartingModel.load(args.init) if args.init else None
     with open_volume(args.image, "image", args.channel_axis) as image:
         return densify_file(args, image, init)
@@ -105,6 +108,6 @@ def densify_file(args, image, init) -> int:
                                num_classes=args.num_classes, spacing=args.spacing or meta.spacing,
                                device=resolve_device(args.device), threads=args.threads, progress=not args.quiet,
                                filter_features=AUTO_ON_OFF[args.filter_features], forest=AUTO_ON_OFF[args.forest],
-                               tta=AUTO_ON_OFF[args.tta], init=init, max_memory=args.max_memory, report=lambda line: print(line, flush=True))
+                               tta=AUTO_ON_OFF[args.tta], init=init, max_memory=args.max_memory, started=args.started, report=lambda line: print(line, flush=True))
     print(report)
     return 0

@@ -317,6 +317,7 @@ class DensifyOptions:
     forest: bool | None = None
     tta: bool | None = None
     clock: str = "wall"
+    started: float | None = None  # when the command began, by `now` (reading the inputs counts; None: at densify)
     init: StartingModel | None = None
     config: TrainConfig | None = None  # the training configuration, instead of `default_config`'s
     report: Callable[[str], None] | None = None  # hears the time plan before training
@@ -594,7 +595,7 @@ def densify(image, sparse: np.ndarray, ignore_label: int, model_path,
     """
     options = replace(options or DensifyOptions(), **changes)
     now = options.now
-    start = now()
+    start = now() if options.started is None else options.started
     prepared = prepare_inputs(image, sparse, ignore_label, options)
     if prepared.blocks is not None:
         return densify_blockwise(prepared, model_path, options, start)
