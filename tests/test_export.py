@@ -9,7 +9,7 @@ from unet3d.cli import export as export_cli
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.errors import UserError
 from unet3d.export import export_onnx, read_onnx_description
-from unet3d.model import UNet, UNetConfig, save_model
+from unet3d.model import ModelInfo, UNet, UNetConfig, save_model
 from unet3d.model import unet
 
 
@@ -68,11 +68,11 @@ def test_onnx_runtime_agrees_with_pytorch_on_real_tiles_of_two_sizes(tmp_path, n
 def test_description_travels_in_the_metadata(tmp_path):
     pytest.importorskip("onnx", reason="onnx not installed (pip install 'unet3d[onnx]')")
     config = UNetConfig(num_classes=3, width=2, levels=2, padding="valid")
-    info = {"class_values": [0, 4, 9], "normalization": {"method": "zscore"}}
+    info = ModelInfo([0, 4, 9], {"method": "zscore"})
     export_onnx(random_model(config), tmp_path / "m.onnx", info=info)
     description = read_onnx_description(tmp_path / "m.onnx")
     assert UNetConfig.from_dict(description["config"]) == config
-    assert description["info"] == info
+    assert description["info"] == info.to_dict()
 
 
 def test_missing_onnx_is_one_line_user_error(tmp_path, monkeypatch):

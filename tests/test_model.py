@@ -109,7 +109,7 @@ def test_model_file_round_trip(tmp_path):
     model = UNet(config).eval()
     save_model(tmp_path / "m.safetensors", model, {"ignore_label": 255})
     loaded, info = load_model(tmp_path / "m.safetensors")
-    assert loaded.config == config and info == {"ignore_label": 255}
+    assert loaded.config == config and info.ignore_label == 255 and info.class_values == [0, 1, 2, 3]
     x = torch.randn(1, 2, 8, 8, 8)
     assert torch.equal(model(x), loaded(x))
 

@@ -258,7 +258,7 @@ def test_train_without_the_forest_and_export_of_a_blended_model(tmp_path, capsys
     plain, blended = tmp_path / "plain.safetensors", tmp_path / "blended.safetensors"
     common = ["--images", img, "--labels", lab, "--ignore-label", str(IGNORE), "--iterations", "2", "--quiet"]
     assert main.main(["train", *common, "-o", str(plain), "--forest", "off"]) == 0
-    assert "forest" not in load_model(plain)[1]
+    assert load_model(plain)[1].forest is None
     assert main.main(["train", *common, "-o", str(blended)]) == 0
     assert "too few annotated voxels to hold any out" in capsys.readouterr().out
     assert load_forest(blended).network_weight == 0.5

@@ -110,5 +110,5 @@ def test_the_planned_hold_out_trains_on_the_others_and_keeps_the_best_model(tmp_
     assert model.with_name("m.best.safetensors").exists()
     from unet3d.model.serialization import load_model
 
-    sources = load_model(model)[1]["training"]["sources"]
+    sources = load_model(model)[1].training["sources"]
     assert len(sources) == 3 and all(s in [p[0] for p in paths] for s in sources)

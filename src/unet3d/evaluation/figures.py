@@ -31,11 +31,12 @@ def overlay_rgb(gray: np.ndarray, labels: np.ndarray, class_values, alpha: float
 
 def image_plane(image, axis: int, position: int) -> np.ndarray:
     """The first channel's plane at `position` along spatial `axis` of a (C, Z, Y, X) or (Z, Y, X)
-    array, or of an opened volume (that plane alone read)."""
+    array, or of an opened image or label volume (that plane alone read)."""
     if hasattr(image, "read"):
         box = [slice(None)] * 3
         box[axis] = slice(position, position + 1)
-        return np.take(image.read(tuple(box))[0], 0, axis=axis)
+        plane = image.read(tuple(box))
+        return np.take(plane[0] if plane.ndim == 4 else plane, 0, axis=axis)
     return np.take(image[0] if image.ndim == 4 else image, position, axis=axis)
 
 

@@ -63,7 +63,7 @@ def finish_report(result, segmentation, image, sparse, output: str, model: str, 
              f"wrote {output} (segmentation), {model} (model), {overlay} (overlay)"]
     title = f"unet3d densify: {Path(source).name}"
     if truth is not None:
-        whole = segmentation if isinstance(segmentation, np.ndarray) else segmentation.read()[0]
+        whole = segmentation if isinstance(segmentation, np.ndarray) else segmentation.read()
         scores = evaluate_volumes(whole, truth, exclude=sparse, ignore_label=ignore_label)
         lines += ["IoU on the unannotated voxels:", score_table(scores)]
         if result.components:
