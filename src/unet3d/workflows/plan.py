@@ -7,7 +7,7 @@ each choice with its reason. The recipe is densify's (`workflows.densify.default
 chosen by accuracy per CPU second on every shared volume (docs/ablation.md), so one place decides
 how to train on sparse slices; the paper's configuration stays one option away (`--preset paper`).
 The plan is printed before training and stored in the model file; every explicit option
-overrides its part.
+overrides its part (`workflows.train`, which runs the plan, applies them).
 """
 
 from __future__ import annotations
