@@ -188,8 +188,8 @@ def make_plan(model: UNet, shape, tile=None, max_memory: int | None = None, batc
 
 
 def time_middle_tile(model: UNet, read, forest_at, shape, clock, max_memory: int | None = None,
-                     device: str = "cpu") -> tuple[float, TilePlan]:
-    """(seconds, plan): the middle tile of the plan `predict_volume` makes for a (Z, Y, X) volume of
+                     device: str = "cpu") -> tuple[float, TilePlan, tuple[slice, ...]]:
+    """(seconds, plan, the tile's output region): the middle tile of the plan `predict_volume` makes for a (Z, Y, X) volume of
     `shape` under `max_memory`, timed by `clock` as prediction runs it — its input read with the
     tile's context (`read`: box → the network's input there), the network, and `forest_at` (block →
     the forest's probabilities, or None) on its output region."""
@@ -201,7 +201,7 @@ def time_middle_tile(model: UNet, read, forest_at, shape, clock, max_memory: int
     tile_probabilities(net, read_tile(read, plan, start, device)[None], device)
     if forest_at is not None:
         forest_at(plan.output_region(start))
-    return clock() - began, plan
+    return clock() - began, plan, plan.output_region(start)
 
 
 def predict_array(model: UNet, image: np.ndarray, *, tile=None, max_memory: int | None = None, batch_size: int = 1,

@@ -479,8 +479,7 @@ def prediction_cost(config: UNetConfig, read, forest_at, shape, clock, device: s
     `max_memory`, from the middle tile of that plan timed by `clock` (`read`: box → the normalized
     input there, made there if it is made per region; `forest_at`: block → the forest's
     probabilities, or None) times the plan's tiles."""
-    seconds, plan = time_middle_tile(UNet(config), read, forest_at, shape, clock, max_memory, device)
-    output = plan.output_region(plan.starts[len(plan.starts) // 2])
+    seconds, plan, output = time_middle_tile(UNet(config), read, forest_at, shape, clock, max_memory, device)
     per_voxel = PREDICTION_MARGIN * seconds / np.prod([r.stop - r.start for r in output])
     return PredictionCost(PREDICTION_MARGIN * seconds * len(plan.starts), per_voxel, len(plan.starts))
 
