@@ -29,40 +29,25 @@ the bundled nuclei example.
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from benchmarks.timing import median_time
+from harness import volumes
 from unet3d.augmentation import AugmentationConfig, sample_patch
 from unet3d.augmentation import spatial
 from unet3d.model import UNet, UNetConfig
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("UNET3D_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def load_volume() -> tuple[str, torch.Tensor, torch.Tensor]:
-    """A real (1, Z, Y, X) normalized image and int64 labels."""
-    path = SHARED_DATA / "ovule" / "ovule.h5"
-    if path.exists():
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            image, labels = f["raw"][:].astype(np.float32), f["labels"][:].astype(np.int64)
-        name = "ovule"
-    else:
-        import tifffile
-
-        example = REPO / "src" / "unet3d" / "examples" / "nuclei_tiny"
-        image = tifffile.imread(example / "image.tif").astype(np.float32)
-        labels = tifffile.imread(example / "labels.tif").astype(np.int64)
-        name = "nuclei_tiny"
+    """A real (1, Z, Y, X) normalized image and int64 labels: the ovule, else the bundled example."""
+    volume = volumes.load("ovule" if (volumes.shared_data() / "ovule").exists() else "nuclei_tiny")
+    image = volume.image.astype(np.float32)
     image = (image - image.mean()) / image.std()
-    return name, torch.from_numpy(image)[None], torch.from_numpy(labels)
+    return volume.name, torch.from_numpy(image), torch.from_numpy(volume.truth)
 
 
 def random_transform(rng, config, shape):

@@ -10,8 +10,8 @@ the ovule across x, em_vnc across y, colin27 into hemispheres). Fold k trains on
 `unet3d train` runs as a user types it (images, labels, ignore label, output, --max-time, --seed,
 the voxel spacing where the volume has one); the three rows come from the one model file it
 writes: its network alone, its forest alone, and the blend (what `unet3d predict` writes). The
-peer in the same run is ilastik's forest as the experiments run it (100 trees on the 7-scale bank,
-fitted on the same annotated voxels, at most 100,000 of them). Every class counts in the mean
+peer in the same run is ilastik's forest as every benchmark runs it (`harness.forest`: 100 trees
+on the 7-scale bank, fitted on the same annotated voxels, at most 100,000 of them). Every class counts in the mean
 except the ovule's and colin27's background. Rows go to --results as JSON lines; a rerun skips
 rows already there.
 """
@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.records import append_row, find_row, load_rows
-from experiments.paper import methods
-from harness import IGNORE, volumes
+from harness import IGNORE, forest, volumes
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.inference.predictor import predict_image
@@ -63,19 +62,19 @@ def run_train(train, test, slices, max_time: float, seed: int, folder: Path) -> 
         raise SystemExit(f"unet3d train failed: {trained.stderr.strip().splitlines()[-1]}")
     seconds = time.monotonic() - started
     network, info = load_model(model)
-    forest = load_forest(model, info)
+    model_forest = load_forest(model, info)
     started = time.monotonic()
     network_p = predict_image(network, info, test.image)
     values = np.asarray(info.class_values)
     row = {"train_s": round(seconds, 1), "stdout": trained.stdout.strip().splitlines()[-3:],
            "network": mean_iou(values[network_p.argmax(0)], test)}
-    if forest is not None:
+    if model_forest is not None:
         shape = test.image.shape[1:]
-        forest_p = forest.region_probabilities(lambda box: test.image[(slice(None),) + box], shape)(
+        forest_p = model_forest.region_probabilities(lambda box: test.image[(slice(None),) + box], shape)(
             tuple(slice(0, n) for n in shape))
         row["forest"] = mean_iou(values[forest_p.argmax(0)], test)
-        row["blend"] = mean_iou(values[forest.blend(network_p, forest_p).argmax(0)], test)
-        row["weight"] = forest.network_weight
+        row["blend"] = mean_iou(values[model_forest.blend(network_p, forest_p).argmax(0)], test)
+        row["weight"] = model_forest.network_weight
     else:
         row["forest"] = row["blend"] = row["network"]
         row["weight"] = 1.0
@@ -85,7 +84,7 @@ def run_train(train, test, slices, max_time: float, seed: int, folder: Path) -> 
 
 def run_peer_forest(train, test, slices, seed: int) -> dict:
     sparse = sparsify(train.truth, slices, IGNORE)
-    result = methods.segment("forest", [train], [sparse], [test], None, None, seed, None)
+    result = forest.segment([train], [sparse], [test], seed)
     return mean_iou(result.labels[0], test)
 
 

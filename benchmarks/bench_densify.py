@@ -31,48 +31,23 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import IGNORE, volumes
-from unet3d.baselines import random_forest_segment
-from unet3d.data.labels import decode_labels, encode_labels
+from harness import IGNORE, runs, volumes
 from unet3d.data.sparse import sparsify
-from unet3d.evaluation import evaluate_volumes
-from unet3d.workflows.blend import geometric_mean
-from unet3d.workflows.densify import FOREST_TRAIN_VOXELS, densify
 
 
-
-def score(volume: volumes.Volume, labels: np.ndarray, sparse: np.ndarray) -> dict:
-    result = evaluate_volumes(labels, volume.truth, exclude=sparse, ignore_label=IGNORE, background=volume.background)
-    return {"fg": round(result["mean_iou_foreground"], 4),
-            "iou": {str(c["value"]): round(c["iou"], 3) for c in result["classes"] if c["iou"] is not None}}
-
-
-def run_forest(volume: volumes.Volume, sparse: np.ndarray, classes: list[int], seed: int) -> dict:
-    start = time.monotonic()
-    result = random_forest_segment(volume.image.astype(np.float32), encode_labels(sparse, classes, IGNORE),
-                                   spacing=volume.spacing, seed=seed, max_train_voxels=FOREST_TRAIN_VOXELS)
-    return {**score(volume, decode_labels(result.labels, classes), sparse), "s": round(time.monotonic() - start, 1)}
+def recorded(run: dict) -> dict:
+    """A run's scores as this benchmark's rows hold them: rounded, classes without a score left out,
+    wall seconds ("s")."""
+    return {"fg": round(run["foreground"], 4),
+            "iou": {str(value): round(iou, 3) for value, iou in run["iou"].items() if iou is not None},
+            "s": round(run["wall"], 1)}
 
 
-def run_densify(volume: volumes.Volume, sparse: np.ndarray, max_time: float, seed: int, save: Path | None) -> dict:
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory() as folder:
-        result = densify(volume.image.astype(np.float32), sparse, IGNORE, Path(folder) / "m.safetensors",
-                         max_time=max_time, seed=seed, spacing=volume.spacing, progress=False)
-    seconds = round(time.monotonic() - start, 1)
-    parts = {name: score(volume, labels, sparse)["fg"] for name, labels in result.components.items()}
-    maps = result.component_probabilities
-    if result.held_out is not None:
-        equal = geometric_mean(maps["network"], maps["forest"]).argmax(0)
-        parts["equal weights"] = score(volume, decode_labels(equal, result.info.class_values), sparse)["fg"]
-    if save and maps:
-        held = result.held_out
-        np.savez_compressed(save, **{name: p.astype(np.float16) for name, p in maps.items()},
-                            classes=np.asarray(result.info.class_values),
-                            held_voxels=held.voxels if held else np.zeros(0, np.int64),
-                            held_classes=held.classes if held else np.zeros(0, np.int64))
-    return {**score(volume, result.segmentation, sparse), "s": seconds, "parts": parts,
-            "iterations": result.iterations, "trees": result.forest_trees, "blend": result.weighing}
+def densify_recorded(run: dict) -> dict:
+    """`recorded`, with what densify's run adds: each part's score (`harness.runs.run_densify`), its
+    iterations, its forest's trees and how it weighed the blend."""
+    return {**recorded(run), "parts": {name: round(fg, 4) for name, fg in run["parts"].items()},
+            "iterations": run["iterations"], "trees": run["trees"], "blend": run["blend"]}
 
 
 def run_train(volume: volumes.Volume, sparse: np.ndarray, max_time: float, seed: int) -> dict:
@@ -91,7 +66,7 @@ def run_train(volume: volumes.Volume, sparse: np.ndarray, max_time: float, seed:
         subprocess.run([str(unet3d), "predict", str(model), str(image), "-o", str(output), "--quiet"], check=True,
                        capture_output=True, text=True)
         segmentation = np.load(output)
-    return {**score(volume, segmentation, sparse), "s": round(time.monotonic() - start, 1)}
+    return recorded({**runs.score(volume, segmentation, sparse), "wall": time.monotonic() - start})
 
 
 def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int, save: Path | None = None,
@@ -100,11 +75,10 @@ def measure(name: str, slices: tuple[int, ...], max_time: float, seed: int, save
     depend on densify's recipe or budget), else it is fitted here."""
     volume = volumes.load(name)
     sparse = sparsify(volume.truth, slices, IGNORE)
-    classes = sorted(int(v) for v in np.unique(volume.truth))
     return {"volume": name, "slices": ",".join(map(str, slices)), "seed": seed, "max_time": max_time,
             "voxels": int(volume.truth.size), "annotated": round(float(np.mean(sparse != IGNORE)), 4),
-            "forest": forest or run_forest(volume, sparse, classes, seed),
-            "densify": run_densify(volume, sparse, max_time, seed, save),
+            "forest": forest or recorded(runs.run_forest(volume, sparse, seed)),
+            "densify": densify_recorded(runs.run_densify(volume, sparse, seed, save, max_time=max_time)),
             **({"train": run_train(volume, sparse, max_time, seed)} if with_train else {})}
 
 

@@ -14,56 +14,29 @@ Times are wall-clock seconds and depend on how busy the machine's cores are.
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 
-from harness import IGNORE
+from harness import IGNORE, volumes
 from unet3d.baselines import random_forest_segment
 from unet3d.data.labels import encode_labels
 from unet3d.data.sparse import labeled_fraction, sparsify
 from unet3d.evaluation.metrics import evaluate_volumes
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("UNET3D_SHARED_DATA", REPO.parent / "shared" / "data"))
 REPORTED_STAND_IN = {  # mean foreground IoU of an ilastik stand-in on the same protocol
     "nuclei_tiny": {(1, 1, 1): 0.34, (4, 4, 3): 0.47},
     "ovule": {(1, 1, 1): 0.56, (4, 4, 3): 0.58},
     "hippocampus": {(1, 1, 1): 0.35, (4, 4, 3): 0.54},
     "em_vnc": {(1, 1, 1): 0.39},
 }
-EM_VNC_SPACING = (50.0, 4.6, 4.6)  # nm, (Z, Y, X)
 
 
-def load_cases(name: str, hippocampus_cases: int) -> list[tuple[np.ndarray, np.ndarray, tuple | None]]:
-    """[(image (1, Z, Y, X), truth (Z, Y, X) int64, spacing or None)] of one dataset."""
-    if name == "nuclei_tiny":
-        import tifffile
-
-        folder = REPO / "src" / "unet3d" / "examples" / "nuclei_tiny"
-        return [(tifffile.imread(folder / "image.tif")[None], tifffile.imread(folder / "labels.tif").astype(np.int64), None)]
-    if name == "ovule":
-        import h5py
-
-        with h5py.File(SHARED_DATA / "ovule" / "ovule.h5", "r") as f:
-            return [(f["raw"][:][None], f["labels"][:].astype(np.int64), None)]
-    if name == "em_vnc":
-        import tifffile
-
-        quarter = (slice(None), slice(0, 512), slice(0, 512))
-        image = tifffile.imread(SHARED_DATA / "em_vnc" / "image.tif")[quarter]
-        truth = tifffile.imread(SHARED_DATA / "em_vnc" / "labels.tif")[quarter].astype(np.int64)
-        return [(image[None], truth, EM_VNC_SPACING)]
+def load_cases(name: str, hippocampus_cases: int) -> list[volumes.Volume]:
+    """The volumes of one dataset: em_vnc is its first quarter, hippocampus its first cases."""
     if name == "hippocampus":
-        import nibabel
-
-        folder = SHARED_DATA / "hippocampus"
-        cases = sorted((folder / "images").glob("*.nii.gz"))[:hippocampus_cases]
-        zyx = lambda path: np.asarray(nibabel.load(path).dataobj).transpose(2, 1, 0)  # (x, y, z) → (z, y, x)
-        return [(zyx(p)[None].astype(np.float32), np.rint(zyx(folder / "labels" / p.name)).astype(np.int64), None) for p in cases]
-    raise SystemExit(f"unknown dataset {name!r}")
+        return [volumes.load(case) for case in volumes.hippocampus_names()[:hippocampus_cases]]
+    return [volumes.load("em_vnc_q0" if name == "em_vnc" else name)]
 
 
 def run_case(image, truth, spacing, slices, max_train_voxels) -> dict:
@@ -119,13 +92,14 @@ def main() -> None:
           "s features / fit / predict / total |")
     print("|---|---|---|---|---|---|---|")
     for name in datasets:
-        cases = load_cases(name, 2 if args.quick else 5)
-        if not cases:
-            print(f"| {name} | – | – | skipped: no volumes under {SHARED_DATA} | – | – | – |", flush=True)
+        if name != "nuclei_tiny" and not (volumes.shared_data() / name).exists():
+            print(f"| {name} | – | – | skipped: no volumes under {volumes.shared_data()} | – | – | – |", flush=True)
             continue
+        cases = load_cases(name, 2 if args.quick else 5)
         label = f"{name} ({len(cases)} cases)" if name == "hippocampus" else name
         for slices in slice_list:
-            result = combine([run_case(*case, slices, args.max_train_voxels) for case in cases])
+            result = combine([run_case(case.image, case.truth, case.spacing, slices, args.max_train_voxels)
+                              for case in cases])
             print(row(name, label, slices, result), flush=True)
 
 

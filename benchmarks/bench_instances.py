@@ -29,11 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
-from benchmarks.bench_densify import IGNORE
 from benchmarks.records import append_row, find_row, load_rows
-from harness import volumes
+from harness import IGNORE, volumes
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation import match_instances
 from unet3d.instances import KINDS, InstanceMethod, instances_from_probabilities
@@ -75,22 +73,6 @@ VOLUME_KIND = {"nuclei_tiny": "nuclei", "ovule": "cells", "em_vnc_q0": "nuclei"}
 VOLUME_CLASSES = {"em_vnc_q0": (2, None)}
 
 
-def instance_truth(name: str) -> np.ndarray:
-    """The shared instance ground truth of a volume (object ids, 0 = none); em_vnc's mitochondria are
-    the connected components of its class 2."""
-    folder = volumes.shared_data()
-    if name.startswith("em_vnc"):
-        return ndimage.label(volumes.load(name).truth == 2)[0]
-    if name == "nuclei_tiny":
-        import tifffile
-
-        return tifffile.imread(folder / "nuclei_tiny" / "instances.tif")
-    import h5py
-
-    with h5py.File(folder / "ovule" / "ovule.h5", "r") as file:
-        return file["instances"][:]
-
-
 def score(labels: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
     result = match_instances(labels, truth, mask)
     at = {row["threshold"]: row for row in result["thresholds"]}
@@ -106,7 +88,7 @@ def one_hot(truth: np.ndarray, classes: list[int]) -> np.ndarray:
 def measure(name: str, slices: tuple[int, ...], seeds: list[int], max_time: float, methods: dict, done: list[dict],
             results: Path | None, cache: Path | None) -> list[dict]:
     """Rows of one volume: the oracle (dense class truth) and each seed's maps through each method."""
-    volume, truth = volumes.load(name), instance_truth(name)
+    volume, truth = volumes.load(name), volumes.instance_truth(name)
     sparse = sparsify(volume.truth, slices, IGNORE)
     mask = sparse == IGNORE
     classes = sorted(int(v) for v in np.unique(volume.truth))

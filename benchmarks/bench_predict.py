@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness import volumes
+
 REPO = Path(__file__).resolve().parents[1]
-OVULE = REPO.parent / "shared" / "data" / "ovule" / "ovule.h5"
 
 
 def rss_mib() -> float:
@@ -44,13 +45,11 @@ def rss_mib() -> float:
 
 
 def load_volume(name: str, quick: bool) -> np.ndarray:
-    """Normalized (1, Z, Y, X) float32: the real ovule stack, or a synthetic cube of blobs."""
+    """Normalized (1, Z, Y, X) float32: the real ovule stack (a corner of it with `quick`), or a
+    synthetic cube of blobs."""
     if name == "ovule":
-        import h5py
-
-        with h5py.File(OVULE, "r") as f:
-            raw = f["raw"][:24, :64, :64] if quick else f["raw"][...]
-        raw = raw.astype(np.float32)
+        raw = volumes.load("ovule").image[0]
+        raw = (raw[:24, :64, :64] if quick else raw).astype(np.float32)
     else:
         from scipy.ndimage import gaussian_filter
 
@@ -223,8 +222,8 @@ def comparison(args) -> None:
     print("| volume | predictor | tiles | voxels/s | peak MiB | speed vs fastest MONAI |")
     print("|---|---|---|---|---|---|")
     for volume in args.compare:
-        if volume == "ovule" and not OVULE.exists():
-            print(f"| ovule | skipped: {OVULE} not found | – | – | – | – |", flush=True)
+        if volume == "ovule" and not (volumes.shared_data() / "ovule").exists():
+            print(f"| ovule | skipped: {volumes.shared_data() / 'ovule'} not found | – | – | – | – |", flush=True)
             continue
         shape = load_volume(volume, args.quick).shape[1:]
         cases = comparison_cases(shape, width, levels, budget, have_peers, args.batch_sizes, args.overlaps)

@@ -37,8 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.peers import nnunet
-from experiments.paper import methods
-from harness import IGNORE, volumes
+from harness import IGNORE, forest, volumes
 from unet3d.data.sparse import sparsify
 from unet3d.evaluation.metrics import confusion_matrix, scores
 from unet3d.inference.predictor import predict_image
@@ -51,8 +50,7 @@ def split_cases(dataset: str, train: int, test: int, seed: int, fold: int) -> tu
     """Volume names (`harness.volumes.load`) to train on and to score on."""
     if dataset == "em_vnc":
         return [f"em_vnc_q{i}" for i in range(4) if i != fold], [f"em_vnc_q{fold}"]
-    cases = sorted(p.name.removesuffix(".nii.gz")
-                   for p in (volumes.shared_data() / "hippocampus" / "images").glob("hippocampus_*.nii.gz"))
+    cases = volumes.hippocampus_names()
     if len(cases) < train + test:
         raise SystemExit(f"{len(cases)} hippocampus cases found, {train + test} needed")
     order = np.random.default_rng(seed).permutation(len(cases))
@@ -105,12 +103,12 @@ def run_unet(train_cases, test_cases, slices, budget: list[str], folder: Path, o
             "model": "best on the held-out training cases" if best.exists() else "last"}
 
 
-def run_forest(train_cases, test_cases, slices, seed: int) -> dict:
-    """The experiments' forest across volumes (`experiments.paper.methods`), each scan standardized on its own."""
+def forest_on_unseen(train_cases, test_cases, slices, seed: int) -> dict:
+    """The forest peer (`harness.forest`) fitted on the training cases, each scan standardized on its own."""
     start = time.monotonic()
     train_volumes, test_volumes = [volumes.load(c) for c in train_cases], [volumes.load(c) for c in test_cases]
     sparse = [v.truth if slices is None else sparsify(v.truth, slices, IGNORE) for v in train_volumes]
-    result = methods.segment("forest", train_volumes, sparse, test_volumes, None, None, seed, None)
+    result = forest.segment(train_volumes, sparse, test_volumes, seed)
     confusion = sum(confusion_matrix(labels, volume.truth, volume.num_classes)
                     for labels, volume in zip(result.labels, test_volumes))
     return {**foreground_scores(confusion, test_volumes[0].background), "s": round(time.monotonic() - start, 1)}
@@ -170,7 +168,7 @@ def main(argv=None) -> None:
     same = lambda r: (r.get("dataset", "hippocampus"), r.get("fold"), r["labels"], r["train_cases"],  # noqa: E731
                       r["test_cases"], r["seed"]) == (args.dataset, fold, labels, args.train_cases, args.test_cases,
                                                       args.seed)
-    forest = next((r["forest"] for r in done if same(r)), None) or run_forest(train_cases, test_cases, slices, args.seed)
+    forest = next((r["forest"] for r in done if same(r)), None) or forest_on_unseen(train_cases, test_cases, slices, args.seed)
     options = args.train_options.split()
     rows = []
     budgets = ([(f"{n} steps", ["--iterations", str(n)], None) for n in args.steps] if args.steps else

@@ -122,6 +122,12 @@ def hippocampus(case: str) -> Volume:
     return Volume(f"hippocampus_{case}", image, truth, None, 0)
 
 
+def hippocampus_names() -> list[str]:
+    """Every shared hippocampus case's volume name (`load`), by file name."""
+    images = sorted((_require(shared_data() / "hippocampus" / "images")).glob("hippocampus_*.nii.gz"))
+    return [p.name.removesuffix(".nii.gz") for p in images]
+
+
 def colin27() -> Volume:
     """The 181×217×181 T1 brain (7.1 M voxels): cortex, deep grey matter and cerebellum on background."""
     folder = shared_data() / "colin27"
@@ -148,3 +154,20 @@ def load(name: str) -> Volume:
     if name.startswith("hippocampus_"):
         return hippocampus(name.removeprefix("hippocampus_"))
     raise UserError(f"{name}: unknown volume (nuclei_tiny, ovule, em_vnc, em_vnc_q0..3, hippocampus_NNN, colin27)")
+
+
+def instance_truth(name: str) -> np.ndarray:
+    """The shared instance ground truth of a volume (object ids, 0 = none); em_vnc's mitochondria are
+    the connected components of its class 2."""
+    if name.startswith("em_vnc"):
+        from scipy import ndimage
+
+        return ndimage.label(load(name).truth == 2)[0]
+    if name == "nuclei_tiny":
+        import tifffile
+
+        return tifffile.imread(_require(shared_data() / "nuclei_tiny" / "instances.tif"))
+    import h5py
+
+    with h5py.File(_require(shared_data() / "ovule" / "ovule.h5"), "r") as file:
+        return file["instances"][:]

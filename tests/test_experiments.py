@@ -8,11 +8,10 @@ import tifffile
 from conftest import shared_volume
 
 from experiments.paper import protocols, report, run
-from harness import volumes
-from experiments.paper.methods import IGNORE, _network_variant, segment
+from experiments.paper.methods import segment
+from harness import IGNORE, volumes
 from unet3d.data.sparse import positions_for
-from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows.densify import default_config
+from unet3d.model.serialization import load_model
 
 
 def test_quick_run_records_every_run_writes_report_and_resumes(tmp_path):
@@ -58,33 +57,13 @@ def test_crossval_scores_only_held_out_voxels_no_training_slice_covers(nuclei, f
     np.testing.assert_array_equal(scored, on_held_out & ~annotated)
 
 
-def test_2d_variant_keeps_output_patch_and_needs_no_z_context(nuclei):
-    image, truth = nuclei
-    training = prepare_training_set([image[None]], [np.where(truth == 0, IGNORE, truth)], IGNORE, class_values=[1, 2])
-    config = default_config(training, max_time=1)
-    flat = _network_variant(config, "unet2d")
-    assert flat.network.dims == 2 and flat.patch_shape[0] == flat.network.geometry.output_shape(flat.patch_shape)[0]
-    assert flat.network.geometry.output_shape(flat.patch_shape) == config.network.geometry.output_shape(config.patch_shape)
-    assert _network_variant(config, "unet3d_nobn").network.norm == "none"
-
-
-def test_2d_variant_of_a_volume_smaller_than_the_patch():
-    """A hippocampus crop (36×50×35) cuts the patch to sizes the 3D net would round; the 2D net too."""
-    rng = np.random.default_rng(0)
-    image = rng.normal(size=(1, 36, 50, 35)).astype(np.float32)
-    sparse = protocols.sparsify(rng.integers(0, 3, size=(36, 50, 35)), (1, 1, 1), ignore_label=IGNORE)
-    training = prepare_training_set([image], [sparse], IGNORE, class_values=[0, 1, 2])
-    flat = _network_variant(default_config(training, max_time=1), "unet2d")
-    assert flat.network.geometry.output_shape(flat.patch_shape)[2] >= 35
-
-
 def test_every_planned_run_names_loadable_volumes():
     names = {name for r in run.full_plan() for name in (*r.train, *r.test)}
     assert all(n in ("nuclei_tiny", "ovule") or n.startswith(("em_vnc_q", "hippocampus_")) for n in names)
     assert {f"hippocampus_{c}" for c in volumes.HIPPOCAMPUS_TEST} <= names
 
 
-@pytest.mark.parametrize("method", ["unet2d", "forest"])
+@pytest.mark.parametrize("method", ["unet2d", "unet3d_nobn", "forest"])
 def test_methods_train_on_some_volumes_and_segment_another(nuclei, method, tmp_path):
     image, truth = nuclei
     halves = [volumes.Volume(f"part{i}", image[None, :, :, 28 * i:28 * i + 28], truth[:, :, 28 * i:28 * i + 28].astype(np.int64),
@@ -95,6 +74,11 @@ def test_methods_train_on_some_volumes_and_segment_another(nuclei, method, tmp_p
     assert result.class_values == [0, 1, 2]
     assert result.labels[0].shape == held_out.truth.shape
     assert set(np.unique(result.labels[0])) <= {0, 1, 2}
+    if method != "forest":  # trained as `unet3d train --forest off` with the variant's option
+        info = load_model(tmp_path / "model.safetensors")[1]
+        network = info.training["config"]["network"]
+        assert (network["dims"], network["norm"]) == {"unet2d": (2, "batch"), "unet3d_nobn": (3, "none")}[method]
+        assert info.forest is None
 
 
 def test_em_vnc_quarters_tile_the_stack():

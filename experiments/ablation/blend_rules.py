@@ -22,8 +22,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from experiments.paper import protocols
-from harness import volumes
-from experiments.paper.methods import IGNORE
+from harness import IGNORE, volumes
 from unet3d.data.labels import decode_labels
 from unet3d.workflows.blend import geometric_mean, weighted_geometric_mean
 

@@ -1,80 +1,44 @@
-"""Shared protocol of the densify ablation: volumes, the paper's slice rule, forest and U-Net runs.
+"""Shared protocol of the densify ablation: its volumes, its clock, and the U-Net runs of its variants.
 
-Every run is scored the same way: keep k orthogonal slices per axis of the ground truth, train on
-those voxels only, report IoU per class on all other voxels (mean over foreground classes).
-Budgets and costs are CPU seconds of this process (all its threads), because the cores are
-shared: wall seconds would mostly measure whoever else is running.
+Every run is scored as `harness.runs` scores: keep k orthogonal slices per axis of the ground truth,
+train on those voxels only, report IoU per class on all other voxels and the mean over the classes
+but 0 (on em_vnc too, whose class 0 is membrane: the ablation's tables have always left it out).
+Budgets and costs are CPU seconds of this process in one thread, because the cores are shared:
+wall seconds would mostly measure whoever else is running.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from harness import IGNORE, volumes
-from unet3d.baselines import random_forest_segment
-from unet3d.data.labels import decode_labels, encode_labels
+from harness.runs import Cost, score
+from unet3d.data.labels import decode_labels
 from unet3d.data.sparse import sparsify
-from unet3d.evaluation import evaluate_volumes
 from unet3d.inference import predict_array
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
-from unet3d.workflows.densify import default_config, densify
+from unet3d.workflows.densify import default_config
 
-FOREST_TRAIN_VOXELS = 100_000  # as benchmarks/bench_forest.py
+CPU_CLOCK = {"clock": "cpu", "threads": 1}  # densify's budget in CPU seconds of one thread
 
 
-def load_volume(name: str) -> tuple[np.ndarray, np.ndarray, tuple | None]:
-    """(image (1, Z, Y, X) float32, truth (Z, Y, X) int64, spacing or None) of a volume
-    `harness.volumes.load` names; "em_vnc" is its first quarter (em_vnc_q0), as in the
-    ablation's tables."""
+def load_volume(name: str) -> volumes.Volume:
+    """A volume `harness.volumes.load` names, its image float32 and class 0 its background; "em_vnc"
+    is its first quarter (em_vnc_q0), as in the ablation's tables."""
     volume = volumes.load("em_vnc_q0" if name == "em_vnc" else name)
-    return volume.image.astype(np.float32), volume.truth, volume.spacing
+    return dataclasses.replace(volume, image=volume.image.astype(np.float32), background=0)
 
 
-def hippocampus_cases(count: int) -> list[str]:
-    """The first `count` hippocampus cases by file name."""
-    images = sorted((volumes.shared_data() / "hippocampus" / "images").glob("*.nii.gz"))
-    return [p.name.removesuffix(".nii.gz") for p in images[:count]]
-
-
-def training_set(image, truth, slices, spacing, normalization: str = "zscore"):
-    """(TrainingSet of the kept slices, sparse label volume with IGNORE elsewhere)."""
-    sparse = sparsify(truth, slices, IGNORE)
-    classes = sorted(int(v) for v in np.unique(truth))
-    data = prepare_training_set([image], [sparse], IGNORE, class_values=classes, spacing=spacing,
+def training_set(volume: volumes.Volume, sparse: np.ndarray, normalization: str = "zscore"):
+    """The TrainingSet of the volume's annotated voxels, every class of its truth a class."""
+    classes = sorted(int(v) for v in np.unique(volume.truth))
+    return prepare_training_set([volume.image], [sparse], IGNORE, class_values=classes, spacing=volume.spacing,
                                 normalization=normalization)
-    return data, sparse
-
-
-def score(prediction, truth, sparse) -> dict:
-    scores = evaluate_volumes(prediction, truth, exclude=sparse, ignore_label=IGNORE)
-    return {"foreground": scores["mean_iou_foreground"], "iou": {c["value"]: c["iou"] for c in scores["classes"]}}
-
-
-class Cost:
-    """CPU and wall seconds spent between construction and `stop()`."""
-
-    def __init__(self):
-        self.cpu, self.wall = time.process_time(), time.perf_counter()
-
-    def stop(self) -> dict:
-        return {"cpu": time.process_time() - self.cpu, "wall": time.perf_counter() - self.wall}
-
-
-def run_forest(image, truth, slices, spacing, seed: int = 0) -> dict:
-    """The ilastik-style random forest on the same slices: scores and CPU/wall cost."""
-    sparse = sparsify(truth, slices, IGNORE)
-    classes = sorted(int(v) for v in np.unique(truth))
-    cost = Cost()
-    result = random_forest_segment(image, encode_labels(sparse, classes, IGNORE), spacing=spacing, seed=seed,
-                                   max_train_voxels=FOREST_TRAIN_VOXELS)
-    spent = cost.stop()
-    return {**score(decode_labels(result.labels, classes), truth, sparse), **spent}
 
 
 def cpu_budget_config(data, cpu_budget: float, seed: int, **changes):
@@ -83,10 +47,11 @@ def cpu_budget_config(data, cpu_budget: float, seed: int, **changes):
                                checkpoint_every=1e9, **changes)
 
 
-def run_unet(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, recipe=None, tta: bool = False,
+def run_unet(volume: volumes.Volume, slices, cpu_budget: float, seed: int = 0, recipe=None, tta: bool = False,
              normalization: str = "zscore") -> dict:
     """Densify's recipe (changed by `recipe(config) -> config`) trained for `cpu_budget` CPU seconds."""
-    data, sparse = training_set(image, truth, slices, spacing, normalization)
+    sparse = sparsify(volume.truth, slices, IGNORE)
+    data = training_set(volume, sparse, normalization)
     config = cpu_budget_config(data, cpu_budget, seed)
     if recipe is not None:
         config = recipe(config)
@@ -95,24 +60,5 @@ def run_unet(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, re
         result = train(config, data, Path(folder) / "model.safetensors", progress=False)
     probabilities = predict_array(result.model, data.images[0].numpy(), tta=tta)
     spent = cost.stop()
-    return {**score_probabilities(probabilities, data, truth, sparse), **spent, "iterations": result.iterations}
-
-
-def score_probabilities(probabilities, data, truth, sparse) -> dict:
-    """`score` of the most probable class of a network's (K, Z, Y, X) probabilities."""
-    return score(decode_labels(probabilities.argmax(0), data.class_values), truth, sparse)
-
-
-def run_densify(image, truth, slices, spacing, cpu_budget: float, seed: int = 0, **options) -> dict:
-    """`unet3d densify` with its defaults on `cpu_budget` CPU seconds (one thread): scores of its
-    result and of its network alone, and the CPU/wall cost including prediction. `options` go to
-    `densify` (`init`, a model to fine-tune; `iterations`; `forest`)."""
-    sparse = sparsify(truth, slices, IGNORE)
-    cost = Cost()
-    with tempfile.TemporaryDirectory() as folder:
-        result = densify(image, sparse, IGNORE, Path(folder) / "model.safetensors", max_time=cpu_budget, seed=seed,
-                         spacing=spacing, progress=False, threads=1, clock="cpu", **options)
-    spent = cost.stop()
-    network = result.components.get("network", result.segmentation)
-    return {**score(result.segmentation, truth, sparse), **spent, "iterations": result.iterations,
-            "network": score(network, truth, sparse)["foreground"], "trees": result.forest_trees, "tta": result.tta}
+    labels = decode_labels(probabilities.argmax(0), data.class_values)
+    return {**score(volume, labels, sparse), **spent, "iterations": result.iterations}

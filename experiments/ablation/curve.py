@@ -21,9 +21,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from experiments.ablation.common import load_volume, run_densify, run_forest
-
+from experiments.ablation.common import CPU_CLOCK, load_volume
+from harness import IGNORE
+from harness.runs import network_alone, run_densify, run_forest
 from unet3d.atomic import atomic_path
+from unet3d.data.sparse import sparsify
 
 
 def main() -> None:
@@ -36,13 +38,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     slices = tuple(int(k) for k in args.slices.split(","))
-    image, truth, spacing = load_volume(args.volume)
-    forest = run_forest(image, truth, slices, spacing)
+    volume = load_volume(args.volume)
+    sparse = sparsify(volume.truth, slices, IGNORE)
+    forest = run_forest(volume, sparse)
     print(f"forest: fg IoU {forest['foreground']:.3f}, {forest['cpu']:.0f} CPU s, {forest['wall']:.0f} wall s")
     points = []
     for budget in args.budgets:
-        runs = [run_densify(image, truth, slices, spacing, budget, seed=seed) for seed in args.seeds]
-        fg, network = [r["foreground"] for r in runs], [r["network"] for r in runs]
+        runs = [run_densify(volume, sparse, seed, max_time=budget, **CPU_CLOCK) for seed in args.seeds]
+        fg = [r["foreground"] for r in runs]
+        network = [network_alone(r) for r in runs]
         cpu = float(np.mean([r["cpu"] for r in runs]))
         points.append((cpu, float(np.mean(fg)), float(np.std(fg)), float(np.mean(network)), float(np.std(network))))
         print(f"densify {budget:.0f} CPU s budget: fg IoU {np.mean(fg):.3f} ± {np.std(fg):.3f} (network alone "

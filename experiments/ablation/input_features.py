@@ -26,8 +26,8 @@ import torch
 
 from experiments.ablation.common import cpu_budget_config
 from experiments.paper import protocols
-from harness import volumes
-from experiments.paper.methods import IGNORE, annotated_classes
+from harness import IGNORE, volumes
+from harness.forest import annotated_classes
 from unet3d.data.features import DEFAULT_SCALES, input_feature_spec, with_input_features
 from unet3d.data.labels import decode_labels
 from unet3d.data.normalization import apply_normalization

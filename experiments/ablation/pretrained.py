@@ -27,9 +27,11 @@ import sys
 
 import torch
 
-from experiments.ablation.common import IGNORE, run_densify
+from experiments.ablation.common import CPU_CLOCK, load_volume
 from experiments.ablation.synthetic_walls import synthetic_volume
-from harness import volumes
+from harness import IGNORE, volumes
+from harness.runs import network_alone, run_densify
+from unet3d.data.sparse import sparsify
 from unet3d.data.features import input_feature_spec, with_input_features
 from unet3d.training import train
 from unet3d.training.dataset import prepare_training_set
@@ -41,9 +43,7 @@ SCORED = set(volumes.HIPPOCAMPUS_CASES) | set(volumes.HIPPOCAMPUS_TEST)
 def pretraining_names(kind: str) -> list[str]:
     """The volumes a model of this kind is trained on: none that the experiments score."""
     if kind == "hippocampus":
-        files = sorted((volumes.shared_data() / "hippocampus" / "images").glob("hippocampus_*.nii.gz"))
-        return [name for name in (p.name.removesuffix(".nii.gz") for p in files)
-                if name.removeprefix("hippocampus_") not in SCORED]
+        return [name for name in volumes.hippocampus_names() if name.removeprefix("hippocampus_") not in SCORED]
     if kind == "em_vnc":
         return [f"em_vnc_q{q}" for q in (1, 2, 3)]
     raise SystemExit(f"unknown kind {kind!r}")
@@ -83,10 +83,11 @@ def finetune(model: str, name: str, slices: str, seed: int, budget: float, lr: f
     start = StartingModel.load(model)
     if lr is not None:
         start = dataclasses.replace(start, learning_rate=lr)
-    volume = volumes.load(name)
-    result = run_densify(volume.image, volume.truth, tuple(int(k) for k in slices.split(",")), volume.spacing, budget,
-                         seed, init=start, **options)
-    return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "init": model, "lr": lr, **result}
+    volume = load_volume(name)
+    sparse = sparsify(volume.truth, tuple(int(k) for k in slices.split(",")), IGNORE)
+    result = run_densify(volume, sparse, seed, max_time=budget, init=start, **CPU_CLOCK, **options)
+    return {"volume": name, "slices": slices, "seed": seed, "budget": budget, "init": model, "lr": lr, **result,
+            "network": network_alone(result)}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from unet3d.training.dataset import PatchBatches
 from unet3d.workflows.densify import default_config
 
 from experiments.ablation.common import load_volume, training_set
+from harness import IGNORE
+from unet3d.data.sparse import sparsify
 
 VARIANTS = {
     # name: (padding, width, levels, output patch, batch, augmentation)
@@ -118,8 +120,8 @@ def main() -> None:
     parser.add_argument("--layers", action="store_true", help="time each convolution of densify's network instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    image, truth, spacing = load_volume("nuclei_tiny")
-    data, _ = training_set(image, truth, (3, 3, 2), spacing)
+    volume = load_volume("nuclei_tiny")
+    data = training_set(volume, sparsify(volume.truth, (3, 3, 2), IGNORE))
     if args.layers:
         return profile_layers(data, args.steps)
     print(f"torch threads: {torch.get_num_threads()}\n")

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.ablation.common import hippocampus_cases, load_volume, run_forest, run_unet
-
+from experiments.ablation.common import load_volume, run_unet
+from harness import IGNORE, volumes
+from harness.runs import run_forest
 from unet3d.augmentation import AugmentationConfig
+from unet3d.data.sparse import sparsify
 
 
 def _network(config, **changes):
@@ -82,8 +84,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="append every run as a JSON line here")
     args = parser.parse_args()
     quick = QUICK if args.quick else {}
-    volumes = _volumes(args.volumes) if args.volumes else quick.get("volumes", ["nuclei_tiny", "ovule", "em_vnc"]
-                                                                       + hippocampus_cases(3))
+    names = (_volumes(args.volumes) if args.volumes else
+             quick.get("volumes") or ["nuclei_tiny", "ovule", "em_vnc"] + volumes.hippocampus_names()[:3])
     slice_list = [tuple(int(k) for k in s.split(",")) for s in args.slices] if args.slices else \
         quick.get("slices", [(1, 1, 1), (2, 2, 1), (3, 3, 2), (4, 4, 3)])
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
@@ -94,10 +96,10 @@ def main() -> None:
     print("| volume | slices | recipe | mean fg IoU (± std over seeds) | vs forest | fg IoU per class | "
           "CPU s | wall s | iterations | seeds |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    for volume in volumes:
-        image, truth, spacing = load_volume(volume)
+    for volume in names:
+        loaded = load_volume(volume)
         for slices in slice_list:
-            forest = run_forest(image, truth, slices, spacing)
+            forest = run_forest(loaded, sparsify(loaded.truth, slices, IGNORE))
             _record(args.results, volume, slices, "random forest", None, forest)
             print(forest_row(volume, slices, forest), flush=True)
             cpu_budget = budget or max(2 * forest["cpu"], 120.0)
@@ -105,7 +107,7 @@ def main() -> None:
                 recipe, tta = VARIANTS[name]
                 runs = []
                 for seed in seeds:
-                    run = run_unet(image, truth, slices, spacing, cpu_budget, seed=seed, recipe=recipe, tta=tta)
+                    run = run_unet(loaded, slices, cpu_budget, seed=seed, recipe=recipe, tta=tta)
                     _record(args.results, volume, slices, name, seed, {**run, "budget": cpu_budget})
                     runs.append(run)
                 print(table_row(volume, slices, name, runs, forest), flush=True)
@@ -115,7 +117,7 @@ def _volumes(text: str) -> list[str]:
     names = []
     for name in text.split(","):
         count = name.removeprefix("hippocampus")
-        names += hippocampus_cases(int(count)) if name.startswith("hippocampus") and count.isdigit() else [name]
+        names += volumes.hippocampus_names()[:int(count)] if name.startswith("hippocampus") and count.isdigit() else [name]
     return names
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import volumes
-from experiments.paper.methods import IGNORE, segment
+from experiments.paper.methods import segment
+from harness import IGNORE, volumes
 from unet3d.data.sparse import labeled_fraction, positions_for, sparsify
 from unet3d.evaluation import evaluate_volumes
 
