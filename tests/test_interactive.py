@@ -143,6 +143,92 @@ def test_the_background_filter_bank_gives_the_forest_what_region_by_region_gives
     session.close()
 
 
+class CountingArray:
+    """An image that is not in memory as far as the session can tell (like a Dask or Zarr array),
+    counting the voxels read from it."""
+
+    def __init__(self, data: np.ndarray):
+        self.data, self.shape, self.ndim, self.dtype, self.voxels_read = data, data.shape, data.ndim, data.dtype, 0
+
+    def __getitem__(self, index):
+        part = self.data[index]
+        self.voxels_read += part.size
+        return part
+
+
+def test_a_lazily_opened_volume_runs_box_by_box_and_segments_into_a_file_as_predict_does(tmp_path, nuclei,
+                                                                                         monkeypatch):
+    """A lazily opened image (Zarr through Dask, as napari opens a large OME-Zarr) is never held:
+    the round trains on blocks around the painting with the forest fitted on their bank, the
+    previews cover a bounded box around the view, whole-volume requests say what to do instead,
+    and the volume is segmented tile by tile into a Zarr array exactly as `predict` segments it
+    with the saved model."""
+    import dask.array as da
+    import zarr
+
+    from unet3d.interactive import large
+    from unet3d.io import open_volume, write_volume
+    from unet3d.model import load_predictor
+    from unet3d.inference.predictor import predict_volume
+
+    monkeypatch.setattr(large, "PREVIEW_PLANE", 32)
+    image, truth = nuclei
+    stored = zarr.open_array(str(tmp_path / "image.zarr"), mode="w", shape=image.shape, chunks=(8, 32, 32),
+                             dtype=image.dtype)
+    stored[:] = image
+    session = Session(da.from_zarr(stored), seed=1)
+    assert session.large and session.image is None and session.normalized is None
+    painted = painted_from_truth(truth, (3, 3, 2))
+    untrained = untrained_iou(Session(image), painted, truth)
+    previews = []
+    # 60 s: the blocks take their share (9 s), the steps bound the rest on a quiet machine.
+    result = session.train_round(painted, 60.0, iterations=60, on_preview=previews.append, view_z=lambda: 15,
+                                 view_yx=lambda: (30, 50))
+    assert result.iterations > 0 and session.forest is not None
+    assert session.forest.evidence["on"] == "painted blocks held out of both models"
+    box = previews[0].box
+    assert [b.stop - b.start for b in box] == [16, 32, 32] and box[0].start <= 15 < box[0].stop
+    assert box[2].stop == image.shape[2] and all(p.labels.shape == (16, 32, 32) for p in previews)
+    with pytest.raises(UserError, match="whole volume's probabilities in memory"):
+        session.preview_volume()
+
+    target = zarr.open_array(str(tmp_path / "segmentation.zarr"), mode="w", shape=image.shape, chunks=(8, 32, 32),
+                             dtype=np.uint8)
+    written = []
+    session.segment_into(target, on_written=lambda done, total: written.append((done, total)))
+    assert written[-1] == (image.size, image.size) and all(a[0] < b[0] for a, b in zip(written, written[1:]))
+    segmentation = target[:]
+    assert unpainted_iou(segmentation, truth, painted) > untrained + 0.1
+    session.save(tmp_path / "m.safetensors")
+    write_volume(str(tmp_path / "image.tif"), image)
+    model, info, forest = load_predictor(tmp_path / "m.safetensors")
+    predicted = np.empty(image.shape, np.uint8)
+    with open_volume(str(tmp_path / "image.tif")) as volume:
+        predict_volume(model, info, volume, predicted, forest=forest)
+    np.testing.assert_array_equal(predicted, segmentation)
+    session.close()
+
+
+def test_a_round_on_a_volume_run_box_by_box_reads_the_same_voxels_at_any_depth():
+    """What a round reads of the image follows the painting, not the volume: the same painting
+    in a stack 4 times deeper reads exactly as many voxels (the shallower stack is deep enough
+    that no block or filter halo around the painting reaches its end)."""
+    rng = np.random.default_rng(0)
+    reads = []
+    for depth in (96, 384):
+        image = rng.normal(size=(depth, 48, 48)).astype(np.float32)
+        painted = np.zeros(image.shape, np.uint8)
+        painted[10, :24], painted[10, 24:], painted[:20, 20, :8] = 1, 2, 1
+        source = CountingArray(image)
+        session = Session(source)
+        assert session.large
+        source.voxels_read = 0  # the normalization's planes are read once, when the session opens
+        session.train_round(painted, 1.0, iterations=2)  # a second: the blocks' minimum, whatever the clock
+        reads.append(source.voxels_read)
+        session.close()
+    assert reads[0] == reads[1] and 0 < reads[0]
+
+
 def test_bad_input_is_one_line(nuclei):
     image, truth = nuclei
     session = Session(image)

@@ -132,3 +132,49 @@ def test_readers_writer_and_sample_through_napari(viewer, nuclei, tmp_path):
     viewer.open_sample("unet3d", "nuclei")
     assert viewer.layers["nuclei"].data.shape == image.shape
     assert set(np.unique(viewer.layers["painting"].data)) == {0, 1, 2, 3}
+
+
+def test_a_large_ome_zarr_opens_lazily_trains_box_by_box_and_streams_its_segmentation(qtbot, viewer, nuclei,
+                                                                                      tmp_path, monkeypatch):
+    """An OME-Zarr above the in-memory size (lowered here) opens as a Dask array; a round trains
+    on blocks around the painting and previews the box in view into a Zarr-backed layer; Segment
+    volume streams tile by tile into a Zarr-backed layer, equal to what `unet3d predict` writes
+    with the saved model; requests that need the whole volume in memory say what to do instead."""
+    import unet3d.napari.io as napari_io
+    from unet3d.napari.widget import SEGMENTATION_LAYER, InteractiveWidget
+
+    monkeypatch.setattr(napari_io, "IN_MEMORY_VOXELS", 1_000)
+    image, truth = nuclei
+    from unet3d.io import write_volume
+
+    write_volume(str(tmp_path / "nuclei.ome.zarr"), image)
+    layer = viewer.open(str(tmp_path / "nuclei.ome.zarr"), plugin="unet3d")[0]
+    assert type(layer.data).__module__.startswith("dask")
+    painting = painted_from_truth(truth, (3, 3, 2))
+    viewer.add_labels(painting, name="painting")
+    widget = InteractiveWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    widget.image.value, widget.painting.value = layer, viewer.layers["painting"]
+    widget.budget.value, widget.max_steps = 60.0, 40  # the blocks take their share of the 60 s
+    widget.train.clicked()
+    qtbot.waitUntil(lambda: widget.last_round is not None, timeout=300_000)
+    wait_idle(qtbot, widget, 60)
+    assert widget.session.large and "box in view" in widget.status.value
+    assert type(viewer.layers["unet3d preview"].data).__module__.startswith("zarr")
+
+    widget.segment.clicked()
+    wait_idle(qtbot, widget, 300)
+    assert widget.status.value.startswith("segmented the volume"), widget.status.value
+    segmentation = viewer.layers[SEGMENTATION_LAYER].data
+    assert type(segmentation).__module__.startswith("zarr")
+    widget.model_file.value = tmp_path / "painted.safetensors"
+    widget.save.clicked()
+    wait_idle(qtbot, widget, 30)
+    assert main(["predict", str(tmp_path / "painted.safetensors"), str(EXAMPLE / "image.tif"),
+                 "-o", str(tmp_path / "cli.npy"), "--quiet"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "cli.npy"), segmentation[:])
+
+    widget.suggest.clicked()
+    wait_idle(qtbot, widget, 30)
+    assert "whole volume's probabilities in memory" in widget.status.value

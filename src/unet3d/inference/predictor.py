@@ -369,9 +369,9 @@ def predict_image(model: UNet, info: ModelInfo | dict, image: np.ndarray, *, dev
 
 
 class _ArrayTarget:
-    """An array in memory written region by region like an output file."""
+    """An array (in memory, or a Zarr array behind a napari layer) written region by region like an output file."""
 
-    def __init__(self, array: np.ndarray):
+    def __init__(self, array):
         self.array = array
 
     def write(self, region, values: np.ndarray) -> None:
@@ -381,16 +381,17 @@ class _ArrayTarget:
 def predict_volume(model: UNet, info: ModelInfo | dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,
                    tile=None, max_memory: int | None = None, batch_size: int = 1, tta: bool = False,
                    device: str = "cpu", overlap: float | None = None, progress: bool = False, report=None,
-                   forest: ForestModel | None = None, like=None) -> dict:
+                   forest: ForestModel | None = None, like=None, on_written=None) -> dict:
     """Predict an opened volume and write the requested outputs region by region; with the model's
     `forest`, each region's probabilities are the blend of the network's and the forest's there
     (its filter bank made for that region alone).
 
     label_out: label values (argmax mapped through the model's class values), a file spec or an array
-    of the volume's shape to fill; prob_out: float16 class
+    of the volume's shape to fill (numpy, Zarr); prob_out: float16 class
     probabilities (K, Z, Y, X); uncertainty_out: float32 normalized entropy. Outputs share the
     source's geometry (affine, spacing), or `like`'s (a VolumeMeta). `report(note)` hears the memory decisions worth telling a
-    user (blending beyond the budget, the filter bank made tile by tile). Returns a summary.
+    user (blending beyond the budget, the filter bank made tile by tile). `on_written(voxels, total)` hears
+    how many voxels are written after each region (a GUI's progress). Returns a summary.
     """
     from unet3d.io import volume_writer
 
@@ -414,7 +415,7 @@ def predict_volume(model: UNet, info: ModelInfo | dict, source, label_out=None, 
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:
         def open_writer(spec, out_shape, dtype):
-            if isinstance(spec, np.ndarray):
+            if hasattr(spec, "__setitem__"):
                 return _ArrayTarget(spec)
             geometry = like if like is not None else source.meta
             return stack.enter_context(volume_writer(spec, out_shape, dtype, like=geometry)) if spec else None
@@ -423,6 +424,7 @@ def predict_volume(model: UNet, info: ModelInfo | dict, source, label_out=None, 
         labels = open_writer(label_out, shape, values_dtype)
         probabilities = open_writer(prob_out, (config.num_classes, *shape), np.float16)
         uncertainty = open_writer(uncertainty_out, shape, np.float32)
+        written, total = 0, int(np.prod(shape))
         for region, probs in iter_regions(net, read, plan, device, batch_size, tta, progress):
             probs = probs.cpu().numpy()
             if forest_at is not None:
@@ -435,6 +437,9 @@ def predict_volume(model: UNet, info: ModelInfo | dict, source, label_out=None, 
                 probabilities.write(region, probs.astype(np.float16))
             if uncertainty:
                 uncertainty.write(region, normalized_entropy(probs).astype(np.float32))
+            written += int(np.prod(winners.shape))
+            if on_written is not None:
+                on_written(written, total)
     seconds = time.perf_counter() - began
     return {
         "shape": shape,

@@ -14,7 +14,10 @@ both models' training: the loop shows the forest alone until the network scores 
 what it shows does not fall below the forest while the network is still poor. The whole volume,
 "Segment", "Suggest" and "Save" use the same blend, so the saved model segments with `unet3d
 predict` as the loop showed. napari's convention throughout: label 0 is unpainted,
-painted values are the classes, and results use the same values.
+painted values are the classes, and results use the same values. Volumes larger than memory (or
+opened lazily) run the same loop box by box (`interactive.large`): rounds train on blocks around
+the painting, previews cover a box around the view, and the whole volume is segmented tile by tile
+into a file-backed array (`segment_into`).
 """
 
 from __future__ import annotations
@@ -29,18 +32,20 @@ from pathlib import Path
 import numpy as np
 
 from unet3d.data.features import bank_bytes, free_memory, input_feature_spec, region_bank
-from unet3d.data.labels import decode_labels
+from unet3d.data.labels import decode_labels, encode_labels, present_values
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.errors import UserError
-from unet3d.inference.predictor import normalized_entropy, predict_array
+from unet3d.inference.predictor import Boxes, InMemory, normalized_entropy, predict_array, predict_volume
+from unet3d.interactive.large import LayerSource, is_large, plane_normalization, view_box, zarr_labels
 from unet3d.interactive.suggest import DEFAULT_STRATEGY, Suggestion, rank_slices
 from unet3d.model import ForestModel, ModelInfo, UNet, save_model
 from unet3d.training import train
 from unet3d.training.dataset import TrainingSet, prepare_training_set
-from unet3d.workflows.densify import default_config, predict_with_tta
+from unet3d.workflows.blocks import make_training_blocks
+from unet3d.workflows.densify import default_config, predict_with_tta, training_patch
 from unet3d.workflows.blend import HeldOut
-from unet3d.workflows.forest import (Annotated, annotated, bank_of, fit_model_forest, hold_out, in_blocks, network_at,
-                                     normalized_reader, settle_weight)
+from unet3d.workflows.forest import (Annotated, annotated, bank_of, fit_model_forest, forest_on_features, hold_out,
+                                     in_blocks, network_at, normalized_reader, settle_weight)
 
 UNPAINTED = 0  # napari's Labels convention
 PREVIEW_EVERY = 3.0  # seconds of training between two previews of the slices in view
@@ -60,6 +65,9 @@ BANK_MEMORY_SHARE = 0.25
 # loop blends with equal weights.
 HOLD_OUT_MIN_PAINTED = 5_000
 WEIGH_BLOCKS = 8  # held-out blocks the network predicts at each preview (its cost stays a few patches)
+# On a volume run box by box, the share of a round's seconds its training blocks may take (at
+# least the blocks' minimum is made): the rest trains.
+ROUND_BLOCKS_SHARE = 0.15
 
 
 @dataclass
@@ -74,11 +82,19 @@ class Progress:
 
 @dataclass
 class Preview:
-    """Labels of the z-slices [start, stop) as the network predicts them now."""
-    start: int
-    stop: int
+    """Labels of `box` (z-slices [start, stop), all of Y and X unless the volume is run box by box)
+    as the network predicts them now."""
+    box: tuple[slice, ...]
     labels: np.ndarray
     seconds: float  # what computing it took (training pauses for it)
+
+    @property
+    def start(self) -> int:
+        return self.box[0].start
+
+    @property
+    def stop(self) -> int:
+        return self.box[0].stop
 
 
 @dataclass
@@ -114,16 +130,22 @@ def painted_classes(painted: np.ndarray, known: list[int] | None = None) -> list
 class Session:
     """One image and the network learning to segment it from its painted voxels."""
 
-    def __init__(self, image: np.ndarray, spacing=None, device: str = "cpu", seed: int = 0, forest: bool = True):
-        if image.ndim == 3:
-            image = image[None]
-        if image.ndim != 4:
+    def __init__(self, image, spacing=None, device: str = "cpu", seed: int = 0, forest: bool = True):
+        """`image`: (Z, Y, X) or (C, Z, Y, X), in memory, or lazily opened (Dask, Zarr: run box by box)."""
+        if image.ndim not in (3, 4):
             raise UserError(f"the image has shape {image.shape}: a 3D volume (Z, Y, X) or (C, Z, Y, X) is needed")
-        self.image = np.ascontiguousarray(image, dtype=np.float32)
+        self.large = is_large(image)
+        if self.large:  # read box by box: neither the image nor its normalized copy is ever held
+            self.source = LayerSource(image)
+            self.image = self.normalized = None
+            self.normalization = plane_normalization(self.source)
+        else:
+            self.image = np.ascontiguousarray(image if image.ndim == 4 else image[None], dtype=np.float32)
+            self.source = InMemory(self.image)
+            self.normalization = fit_normalization([self.image])
+            self.normalized = apply_normalization(self.image, self.normalization)
         self.spacing = tuple(spacing) if spacing is not None else None
         self.device, self.seed = device, seed
-        self.normalization = fit_normalization([self.image])
-        self.normalized = apply_normalization(self.image, self.normalization)
         self.network: UNet | None = None
         self.use_forest = forest
         self.bank = input_feature_spec(self.spacing)  # the forest's filter bank
@@ -140,22 +162,28 @@ class Session:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.image.shape[1:])
+        return tuple(self.source.shape[1:])
 
-    def training_set(self, painted: np.ndarray) -> TrainingSet:
+    def round_classes(self, painted: np.ndarray) -> list[int]:
+        """The classes a round on `painted` trains: the network's, when it knows every painted value."""
         if painted.shape != self.shape:
             raise UserError(f"the labels have shape {painted.shape}, the image {self.shape}: paint on a Labels "
                             "layer of the image's shape")
-        values = np.unique(painted)  # once per round: the painting can be the size of the volume
+        values = present_values(painted)  # once per round: the painting can be the size of the volume
         keeps = self.network is not None and set(values.tolist()) - {UNPAINTED} <= set(self.class_values)
-        classes = painted_classes(values, self.class_values if keeps else None)
+        return painted_classes(values, self.class_values if keeps else None)
+
+    def training_set(self, painted: np.ndarray) -> TrainingSet:
+        """The painted voxels of an image held in memory, encoded and normalized for training."""
         return prepare_training_set([self.image], [np.asarray(painted)], UNPAINTED, sources=["painted labels"],
-                                    class_values=classes, normalization=self.normalization, spacing=self.spacing)
+                                    class_values=self.round_classes(painted), normalization=self.normalization,
+                                    spacing=self.spacing)
 
     def _start_features(self) -> threading.Thread | None:
         """Start making the whole image's filter bank in the background, where it fits in memory."""
         free = free_memory()
-        if not self.use_forest or free is None or bank_bytes(self.image.shape, self.bank) > BANK_MEMORY_SHARE * free:
+        if (self.large or not self.use_forest or free is None
+                or bank_bytes(self.image.shape, self.bank) > BANK_MEMORY_SHARE * free):
             return None
         thread = threading.Thread(target=self._make_features, name="unet3d filter bank", daemon=True)
         thread.start()
@@ -173,14 +201,21 @@ class Session:
 
     def train_round(self, painted: np.ndarray, seconds: float, stop: threading.Event | None = None,
                     on_progress=None, on_preview=None, view_z=lambda: None,
-                    iterations: int | None = None) -> RoundResult:
+                    iterations: int | None = None, view_yx=lambda: (None, None)) -> RoundResult:
         """Train for up to `seconds` (and at most `iterations` steps) on `painted`, from the
         previous round's weights when the classes are the same. `on_progress(Progress)` after every step; `on_preview(Preview)` every
-        PREVIEW_EVERY seconds for the slab around `view_z()` (None: no preview); `stop` ends the
-        round after the current step, keeping what it learnt."""
+        PREVIEW_EVERY seconds for the slab around `view_z()` (None: no preview; on a volume run box
+        by box, the box around `view_yx()` in it); `stop` ends the round after the current step,
+        keeping what it learnt."""
         if seconds <= 0:
             raise UserError(f"the time budget must be positive, got {seconds:g} s")
-        data = self.training_set(painted)
+        if self.large:
+            with self.lock:
+                started_blocks = time.monotonic()
+                data = self._round_blocks(painted, seconds)
+            seconds = max(seconds - (time.monotonic() - started_blocks), 1.0)
+        else:
+            data = self.training_set(painted)
         warm = self.network is not None and data.class_values == self.class_values
         config = default_config(data, max_time=seconds, seed=self.seed + self.rounds,
                                 **({"iterations": iterations} if iterations else {}),
@@ -194,21 +229,44 @@ class Session:
             z = view_z()
             if on_preview is not None and z is not None and time.monotonic() - last_preview[0] >= PREVIEW_EVERY:
                 self._weigh(model)
-                on_preview(self._slab_preview(model, data.class_values, z))
+                on_preview(self._slab_preview(model, data.class_values, (z, *view_yx())))
                 last_preview[0] = time.monotonic()
             return stop is not None and stop.is_set()
 
         with self.lock:
             started = time.monotonic()
-            self._fit_forest(data, config.patch_shape)
+            if not self.large:  # a volume run box by box fitted its forest on the round's blocks
+                self._fit_forest(data, config.patch_shape)
             z = view_z()
             if on_preview is not None and z is not None and self.forest is not None:
-                on_preview(self._slab_preview(None, data.class_values, z))
+                on_preview(self._slab_preview(None, data.class_values, (z, *view_yx())))
             result = train(config, data, Path(self._workdir.name) / "round.safetensors", progress=False,
                            device=self.device, network=self.network if warm else None, on_step=on_step)
             self.network, self.class_values, self.info = result.model, data.class_values, result.info
             self._weigh(self.network)
         return RoundResult(number, result.iterations, result.seconds, result.stopped_by, data.class_values, warm)
+
+    def _round_blocks(self, painted: np.ndarray, seconds: float) -> TrainingSet:
+        """A round on a volume run box by box: blocks of the painting held out, the network's
+        training blocks made around the rest (their share of `seconds`), and the round's forest
+        fitted on the filter bank of the same blocks (densify's blockwise route)."""
+        classes = self.round_classes(painted)
+        labels = encode_labels(painted, classes, UNPAINTED, "painted labels")
+        patch, seed = training_patch(self.shape), self.seed + self.rounds
+        held = hold_out([labels], patch, seed, minimum=HOLD_OUT_MIN_PAINTED) if self.use_forest else None
+        blocks = make_training_blocks(self.source, labels, classes, UNPAINTED, patch, features=None,
+                                      forest_bank=self.bank if self.use_forest else None, spacing=self.spacing,
+                                      normalization=self.normalization, seconds=ROUND_BLOCKS_SHARE * seconds,
+                                      seed=seed, source="painted labels")
+        del labels
+        self.forest, self._forest_cache, self._weighing = None, {}, None
+        if self.use_forest:
+            self.forest = forest_on_features(blocks.forest_features, blocks.forest_classes, self.bank,
+                                             {"method": "none", "channels": self.source.shape[0]}, len(classes),
+                                             seconds=FOREST_SECONDS, seed=seed, samples=FOREST_SAMPLE)
+            if held is not None and len(held[0]):
+                self._weighing = _Weighing.of(self, held[0], patch)
+        return blocks.data
 
     def _fit_forest(self, data: TrainingSet, patch) -> None:
         """This round's forest on the painted voxels (None when the session runs without one),
@@ -240,8 +298,7 @@ class Session:
                 probabilities = self.forest.probabilities(bank.reshape(bank.shape[0], -1))
                 self._forest_cache[key] = probabilities.reshape((-1,) + bank.shape[1:])
             else:
-                self._forest_cache[key] = self.forest.region_probabilities(
-                    lambda region: self.image[(slice(None),) + region], self.shape)(box)
+                self._forest_cache[key] = self.forest.region_probabilities(self.source.read, self.shape)(box)
         return self._forest_cache[key]
 
     def _blend(self, network: np.ndarray | None, box: tuple[slice, ...]) -> np.ndarray:
@@ -252,16 +309,25 @@ class Session:
         forest = self._forest_probabilities(box)
         return forest if network is None else self.forest.blend(network, forest)
 
-    def _slab_preview(self, model: UNet | None, class_values, z: int) -> Preview:
+    def _slab_preview(self, model: UNet | None, class_values, view) -> Preview:
+        """The preview of the slab around `view` (z, y, x): all of Y and X in memory, a bounded
+        box around y and x on a volume run box by box."""
         began = time.monotonic()
-        start = max(0, min(z - PREVIEW_SLICES // 2, self.shape[0] - PREVIEW_SLICES))
-        stop = min(self.shape[0], start + PREVIEW_SLICES)
+        box = view_box(self.shape, view, PREVIEW_SLICES)
+        if not self.large:
+            box = (box[0], slice(0, self.shape[1]), slice(0, self.shape[2]))
         network = None
         if model is not None:
             with evaluating(model):
-                network = predict_array(model, self.normalized[:, start:stop], device=self.device)
-        probabilities = self._blend(network, (slice(start, stop), slice(0, self.shape[1]), slice(0, self.shape[2])))
-        return Preview(start, stop, decode_labels(probabilities.argmax(0), class_values), time.monotonic() - began)
+                network = predict_array(model, self._normalized(box), device=self.device)
+        probabilities = self._blend(network, box)
+        return Preview(box, decode_labels(probabilities.argmax(0), class_values), time.monotonic() - began)
+
+    def _normalized(self, box: tuple[slice, ...]) -> np.ndarray:
+        """The normalized (C, z, y, x) image in `box`."""
+        if self.normalized is not None:
+            return self.normalized[(slice(None),) + box]
+        return apply_normalization(self.source.read(box), self.normalization)
 
     def _everything(self) -> tuple[slice, ...]:
         return tuple(slice(0, n) for n in self.shape)
@@ -271,8 +337,15 @@ class Session:
             raise UserError("no network yet: paint some voxels of each class and train first")
         return self.network
 
+    def _require_in_memory(self, what: str) -> None:
+        if self.large:
+            raise UserError(f"{what} needs the whole volume's probabilities in memory; on a volume of "
+                            f"{int(np.prod(self.shape)):,} voxels segment it into a file (Segment volume, or "
+                            "`unet3d predict` with the saved model) and run `unet3d instances` on its probabilities")
+
     def probabilities(self) -> np.ndarray:
         """The class probabilities of the whole volume (K, Z, Y, X): the network's blended with the round's forest."""
+        self._require_in_memory("this")
         with self.lock:
             return self._blend(predict_array(self._require_network(), self.normalized, device=self.device),
                                self._everything())
@@ -286,8 +359,8 @@ class Session:
         """The full-quality result: the network (8 mirrorings where cheap) blended with the
         round's forest, as the previews and the saved model blend them."""
         self._require_network()
-        data = self.training_set(painted)
-        if data.class_values != self.class_values:
+        self._require_in_memory("segmenting into memory")
+        if self.round_classes(painted) != self.class_values:
             raise UserError("the painting has classes the network was not trained on: train again first")
         with self.lock:
             network, _ = predict_with_tta(self._require_network(), self.normalized, None, 60.0, time.monotonic,
@@ -295,9 +368,30 @@ class Session:
             blended = self._blend(network, self._everything())
         return decode_labels(blended.argmax(0), self.class_values)
 
+    def segment_into(self, target, on_written=None) -> dict:
+        """The whole volume segmented tile by tile into `target` (an array of its shape: a Zarr
+        array behind a Labels layer), as the saved model segments with `unet3d predict`: the
+        network blended with the round's forest region by region. `on_written(voxels, total)` after
+        each region. Returns `predict_volume`'s summary."""
+        with self.lock:
+            return predict_volume(self._require_network(), self.info, self.source, target, device=self.device,
+                                  forest=self._kept_forest(), on_written=on_written)
+
+    def labels_array(self, name: str, dtype) -> np.ndarray:
+        """Zeros of the volume's shape for a Labels layer: in memory, or (a volume run box by box) a
+        Zarr array in the session's folder, written chunk by chunk as previews and tiles arrive."""
+        if not self.large:
+            return np.zeros(self.shape, dtype)
+        return zarr_labels(Path(self._workdir.name) / f"{name}.zarr", self.shape, dtype)
+
+    def _kept_forest(self) -> ForestModel | None:
+        """The round's forest, unless the held-out painting gave the network alone (weight 1)."""
+        return self.forest if self.forest is not None and self.forest.network_weight < 1 else None
+
     def suggest(self, painted: np.ndarray, count: int = 1, strategy: str = DEFAULT_STRATEGY) -> list[Suggestion]:
         """The slices to paint next, best first (`interactive.suggest`): from the network's
         probabilities of the whole volume and what is painted."""
+        self._require_in_memory("suggesting a slice")
         probabilities = self.probabilities()
         return rank_slices(probabilities, np.asarray(painted) != UNPAINTED, strategy=strategy, count=count,
                            rng=np.random.default_rng([self.seed, self.rounds]))
@@ -306,8 +400,7 @@ class Session:
         """The standard model file, with the round's forest (`unet3d predict` blends as the loop did)
         unless the held-out painting gave the network alone (weight 1)."""
         with self.lock:
-            keep = self.forest is not None and self.forest.network_weight < 1
-            save_model(path, self._require_network(), self.info, self.forest if keep else None)
+            save_model(path, self._require_network(), self.info, self._kept_forest())
 
     def close(self) -> None:
         self._workdir.cleanup()
@@ -334,9 +427,11 @@ class _Weighing:
 
     @classmethod
     def of(cls, session: Session, held: HeldOut, block) -> _Weighing:
-        volume = Annotated(session.image, session.normalized, held.voxels, held.classes, session.features)
+        shape = session.source.shape
+        volume = Annotated(Boxes(session.source.read, shape), Boxes(session._normalized, shape), held.voxels,
+                           held.classes, session.features)
         volume = in_blocks(volume, block, WEIGH_BLOCKS, session.seed + session.rounds)
-        forest = session.forest.probabilities(bank_of(volume, session.bank, session.normalization))
+        forest = session.forest.probabilities(bank_of(volume, session.bank, session.forest.normalization))
         return cls(volume, forest, tuple(block))
 
     def settle(self, network: UNet, forest: ForestModel, device: str) -> None:

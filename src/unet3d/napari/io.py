@@ -8,11 +8,14 @@ import numpy as np
 
 from unet3d.data.sparse import sparsify
 from unet3d.errors import UserError
-from unet3d.io import read_image, read_labels, write_volume
+from unet3d.interactive.large import IN_MEMORY_VOXELS
+from unet3d.io import open_volume, read_image, read_labels, write_volume
 from unet3d.io.spec import parse_spec
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nuclei_tiny"
 LABEL_WORDS = ("label", "labels", "seg", "segmentation", "mask", "painting")
+REGION_FORMATS = ("zarr", "hdf5", "npy")  # formats read region by region from disk: large images open lazily
+LAZY_CHUNKS = (16, 256, 256)  # the (Z, Y, X) chunks napari reads of a lazily opened image
 
 
 def get_reader(path):
@@ -34,9 +37,34 @@ def read_layer(path) -> list[tuple]:
     if any(word in stem.replace("-", "_").split("_") for word in LABEL_WORDS):
         labels, meta = read_labels(str(path))
         return [(labels, {"name": stem, **_scale(meta)}, "labels")]
-    image, meta = read_image(str(path))
-    data = image[0] if image.shape[0] == 1 else image
-    return [(data, {"name": stem, **_scale(meta), **({"channel_axis": 0} if image.shape[0] > 1 else {})}, "image")]
+    volume = open_volume(str(path))
+    meta, shape = volume.meta, volume.shape
+    if meta.format in REGION_FORMATS and int(np.prod(shape[1:])) > IN_MEMORY_VOXELS:
+        image = lazy_image(volume)  # napari reads the planes in view; unet3d's loop runs box by box
+    else:
+        with volume:
+            image = volume.read()
+    data = image[0] if shape[0] == 1 else image
+    return [(data, {"name": stem, **_scale(meta), **({"channel_axis": 0} if shape[0] > 1 else {})}, "image")]
+
+
+class _Regions:
+    """An opened image as the array Dask reads chunk by chunk: [c, z, y, x] slices → `Volume.read`."""
+
+    def __init__(self, volume):
+        self.volume, self.shape, self.dtype, self.ndim = volume, volume.shape, volume.dtype, 4
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        return self.volume.read(index[1:])[index[0]]
+
+
+def lazy_image(volume):
+    """A (C, Z, Y, X) Dask array over an opened image: nothing is read until napari shows it."""
+    import dask.array as da
+
+    chunks = (volume.shape[0], *(min(c, n) for c, n in zip(LAZY_CHUNKS, volume.shape[1:])))
+    return da.from_array(_Regions(volume), chunks=chunks, lock=False, fancy=False,
+                         meta=np.empty((0, 0, 0, 0), volume.dtype))
 
 
 def _scale(meta) -> dict:

@@ -8,8 +8,10 @@ trains. Errors become the status line, never a traceback dialog; the painting is
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import napari
 import numpy as np
@@ -18,8 +20,9 @@ from napari.qt.threading import create_worker
 from superqt.utils import ensure_main_thread
 
 from unet3d.errors import UserError
-from unet3d.inference.predictor import predict_image
+from unet3d.inference.predictor import label_dtype, predict_image, predict_volume
 from unet3d.instances import KINDS, instances_from_probabilities
+from unet3d.interactive.large import LayerSource, is_large, zarr_labels
 from unet3d.interactive.session import Preview, Progress, RoundResult, Session
 from unet3d.interactive.suggest import Suggestion
 from unet3d.model import load_predictor
@@ -66,7 +69,9 @@ class InteractiveWidget(Container):
         self._stop_event = threading.Event()
         self._session_lock = threading.Lock()  # the session is made once, by whichever thread asks first
         self._view_z: int | None = None
+        self._view_yx: tuple = (None, None)  # the view's centre in the image's voxels (a large volume's preview box)
         self._closed = False
+        self._workdir = tempfile.TemporaryDirectory(prefix="unet3d-napari-")  # large volumes' applied models
         self.train.changed.connect(self.start_round)
         self.stop.changed.connect(lambda: self._stop_event.set())
         self.segment.changed.connect(self.segment_volume)
@@ -76,6 +81,7 @@ class InteractiveWidget(Container):
         self.apply.changed.connect(self.apply_saved_model)
         self.image.changed.connect(self._open_session)
         viewer.dims.events.current_step.connect(self._remember_view)
+        viewer.camera.events.center.connect(self._remember_view)
         self.native.destroyed.connect(self._on_close)
         self._remember_view()
         self._open_session()
@@ -98,7 +104,7 @@ class InteractiveWidget(Container):
         def work():  # the session (the image's normalization) is made here too, off the GUI thread
             session = self._session_for(layer)
             return session.train_round(painted, budget, self._stop_event, self._show_progress, self._show_preview,
-                                       lambda: self._view_z, iterations=self.max_steps)
+                                       lambda: self._view_z, iterations=self.max_steps, view_yx=lambda: self._view_yx)
 
         self._run(f"training for {budget:g} s ...", work, self._round_done, stoppable=True)
 
@@ -108,6 +114,9 @@ class InteractiveWidget(Container):
             session, painted = self._trained_session(), self._painted()
         except UserError as exc:
             return self.say(str(exc))
+        if session.large:  # tile by tile into a Zarr array behind the layer, shown as it fills
+            target = session.labels_array("segmentation", label_dtype(session.class_values))
+            return self._stream(SEGMENTATION_LAYER, target, session.segment_into, "segmented the volume")
         self._run("segmenting the volume (network and forest) ...", lambda: session.segment(painted),
                   lambda labels: self._set_labels(SEGMENTATION_LAYER, labels, "segmented the volume"))
 
@@ -158,18 +167,43 @@ class InteractiveWidget(Container):
         if layer is None:
             return self.say("choose an image layer to apply the model to")
 
-        def work():
+        try:
             model, info, forest = load_predictor(path)
-            image = _channels_first(np.asarray(layer.data))
+            source = LayerSource(_image_data(layer))
             channels = info.image_channels(model.config)
-            if image.shape[0] != channels:
-                raise UserError(f"{path}: the model reads {channels} channel(s), {layer.name} has {image.shape[0]}")
-            # As `unet3d predict` segments: filter-bank inputs remade, the model's forest blended in.
-            probabilities = predict_image(model, info, image, forest=forest)
+            if source.shape[0] != channels:
+                raise UserError(f"{path}: the model reads {channels} channel(s), {layer.name} has {source.shape[0]}")
+        except UserError as exc:
+            return self.say(str(exc))
+        name, done = f"{layer.name} unet3d", f"applied {path} to {layer.name}"
+        if is_large(source.data):  # as `unet3d predict` writes a file: tile by tile, into a Zarr array
+            target = zarr_labels(Path(self._workdir.name) / f"{layer.name}.zarr", source.shape[1:],
+                                 label_dtype(info.class_values))
+            return self._stream(name, target, lambda target, on_written: predict_volume(
+                model, info, source, target, forest=forest, on_written=on_written), done)
+
+        def work():  # as `unet3d predict` segments: filter-bank inputs remade, the model's forest blended in
+            probabilities = predict_image(model, info, source.read(), forest=forest)
             return np.asarray(info.class_values)[probabilities.argmax(0)]
 
-        self._run(f"applying {path} ...", work,
-                  lambda labels: self._set_labels(f"{layer.name} unet3d", labels, f"applied {path} to {layer.name}"))
+        self._run(f"applying {path} ...", work, lambda labels: self._set_labels(name, labels, done))
+
+    def _stream(self, name: str, target, segment_into, message: str) -> None:
+        """Segment a large volume tile by tile into `target` (a Zarr array), shown at once as the
+        layer `name` and refreshed as regions are written, with the share done in the status line."""
+        self._set_labels(name, target, "segmenting the volume tile by tile ...")
+        layer = self.viewer.layers[name]
+        shown = [0.0]
+
+        @ensure_main_thread
+        def written(voxels: int, total: int) -> None:
+            if not self._closed and (voxels == total or voxels / total - shown[0] >= 0.02):
+                shown[0] = voxels / total
+                layer.refresh()
+                self.say(f"segmenting the volume tile by tile: {100 * voxels / total:.0f} % written")
+
+        self._run("segmenting the volume tile by tile ...", lambda: segment_into(target, on_written=written),
+                  lambda summary: self.say(f"{message} ({summary['tiles']} tiles in {summary['seconds']:.0f} s)"))
 
     # --- worker plumbing --------------------------------------------------------------------
 
@@ -213,9 +247,11 @@ class InteractiveWidget(Container):
         self.last_round = result
         how = "stopped" if result.stopped_by == "request" else "done"
         start = "continued from the last round" if result.warm_start else "a new network"
-        self.say(f"round {result.round} {how}: {result.iterations} steps in {result.seconds:.0f} s ({start}); "
-                 "updating the preview of the whole volume ...")
+        summary = f"round {result.round} {how}: {result.iterations} steps in {result.seconds:.0f} s ({start})"
         session = self.session
+        if session.large:  # a whole-volume preview would take longer than the round: Segment volume does it
+            return self.say(f"{summary}; the preview covers the box in view (Segment volume for all of it)")
+        self.say(f"{summary}; updating the preview of the whole volume ...")
         self._run("predicting the whole volume ...", session.preview_volume, self._show_volume)
 
     def _show_volume(self, labels_and_uncertainty) -> None:
@@ -240,7 +276,7 @@ class InteractiveWidget(Container):
             return
         began = time.perf_counter()
         layer = self._labels_layer(PREVIEW_LAYER, preview.labels.dtype)
-        layer.data[preview.start:preview.stop] = preview.labels
+        layer.data[preview.box] = preview.labels
         layer.refresh()
         self.preview_timings.append((preview.seconds, time.perf_counter() - began))
 
@@ -274,20 +310,23 @@ class InteractiveWidget(Container):
         """The session of `layer`, made on first use (in a worker thread: it normalizes the image)."""
         with self._session_lock:
             if self.session is None or self._session_layer != layer.name:
-                image = _channels_first(np.asarray(layer.data))
-                self.session, self._session_layer = Session(image, spacing=tuple(layer.scale[-3:])), layer.name
+                self.session = Session(_image_data(layer), spacing=tuple(layer.scale[-3:]))
+                self._session_layer = layer.name
             return self.session
 
     def _painted(self) -> np.ndarray:
+        """The painting as the round starts (a copy: the user may paint on while it trains; a large
+        volume's round encodes it at once instead of holding a second copy)."""
         layer = self.painting.value
         if layer is None:
             raise UserError("choose (or add) the Labels layer you paint on")
-        return np.array(layer.data, copy=True)
+        large = self.session is not None and self.session.large
+        return np.asarray(layer.data) if large else np.array(layer.data, copy=True)
 
     def _labels_layer(self, name: str, dtype) -> napari.layers.Labels:
         if name not in self.viewer.layers:
-            shape = self.image.value.data.shape[-3:]
-            self.viewer.add_labels(np.zeros(shape, dtype), name=name, opacity=0.5, scale=self._scale())
+            self.viewer.add_labels(self._session_for(self.image.value).labels_array(name.split()[-1], dtype),
+                                   name=name, opacity=0.5, scale=self._scale())
         return self.viewer.layers[name]
 
     def _set_labels(self, name: str, labels: np.ndarray, message: str) -> None:
@@ -310,8 +349,12 @@ class InteractiveWidget(Container):
                  "there, away from the painted slices")
 
     def _remember_view(self, event=None) -> None:
+        """The z-slice in view, and the view's centre in voxels (where a large volume's preview goes)."""
         steps = self.viewer.dims.current_step
         self._view_z = int(steps[-3]) if len(steps) >= 3 else None
+        scale = self._scale() or (1.0, 1.0, 1.0)
+        center = self.viewer.camera.center[-2:]
+        self._view_yx = tuple(int(round(c / s)) for c, s in zip(center, scale[-2:]))
 
     def _on_close(self, *args) -> None:
         self._closed = True
@@ -321,10 +364,6 @@ class InteractiveWidget(Container):
         self.status.value = text
 
 
-def _channels_first(image: np.ndarray) -> np.ndarray:
-    """A layer's data as (C, Z, Y, X): a 3D layer has one channel, a 4D one its channels first."""
-    if image.ndim == 3:
-        return image[None]
-    if image.ndim == 4:
-        return image
-    raise UserError(f"the image layer has {image.ndim} dimensions: a 3D volume (Z, Y, X) or (C, Z, Y, X) is needed")
+def _image_data(layer):
+    """An image layer's full-resolution data as it is (numpy, or lazily opened: Dask, Zarr)."""
+    return layer.data[0] if layer.multiscale else layer.data

@@ -107,12 +107,12 @@ def block_budget(channels: int, patch, max_memory: int | None) -> int:
 
 
 def make_training_blocks(volume, labels: np.ndarray, class_values, ignore_label: int, patch, *,
-                         features: dict | None, forest_bank: dict | None, spacing, normalization: str = "zscore",
+                         features: dict | None, forest_bank: dict | None, spacing, normalization: str | dict = "zscore",
                          max_memory: int | None = None, seconds: float | None = None, seed: int = 0,
                          source: str = "image", clock=time.monotonic) -> TrainingBlocks:
     """The training blocks of a (C, Z, Y, X) image (`volume`: an array, or an opened volume read
-    box by box) with (Z, Y, X) class indices `labels` (-1 unlabeled): the network's inputs (with the bank `features`), normalized on a sample of them and
-    kept as float16, and the forest's sample of the bank `forest_bank` (that of `features` when they
+    box by box) with (Z, Y, X) class indices `labels` (-1 unlabeled): the network's inputs (with the bank
+    `features`), normalized on a sample of them (or by the fitted spec `normalization`) and kept as float16, and the forest's sample of the bank `forest_bank` (that of `features` when they
     are the same filters, else made for the sample's blocks here)."""
     volume = as_source(volume)
     start, shape, channels, read = clock(), labels.shape, volume.shape[0], volume.read
@@ -134,7 +134,8 @@ def make_training_blocks(volume, labels: np.ndarray, class_values, ignore_label:
         inputs.append(raw.astype(np.float16))
         targets.append(target)
         boxes.append(block)
-    spec = fit_normalization([normalization_sample(inputs, rng)], normalization)
+    spec = (normalization if isinstance(normalization, dict)
+            else fit_normalization([normalization_sample(inputs, rng)], normalization))
     images = [torch.from_numpy(apply_normalization(x, spec).astype(np.float16)) for x in inputs]
     data = TrainingSet(images, [torch.from_numpy(t) for t in targets], list(class_values), ignore_label, spec,
                        tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0),
