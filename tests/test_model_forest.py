@@ -228,9 +228,11 @@ def write_case(folder, name, image, sparse):
 
 
 def test_train_fits_weighs_and_stores_the_forest_and_predict_applies_it(tmp_path, capsys):
-    image, truth = blobs((40, 128, 128))
+    from unet3d.workflows.forest import HOLD_OUT_MIN_ANNOTATED
+
+    image, truth = blobs((24, 128, 128))  # 54,507 annotated voxels on slices_of's planes
     sparse = slices_of(truth)
-    assert np.count_nonzero(sparse != IGNORE) >= 50_000  # enough to hold blocks out for the weighing
+    assert np.count_nonzero(sparse != IGNORE) >= HOLD_OUT_MIN_ANNOTATED  # enough to hold blocks out for the weighing
     img, lab = write_case(tmp_path, "a", image, sparse)
     model = tmp_path / "m.safetensors"
     assert main.main(["train", "--images", img, "--labels", lab, "--ignore-label", str(IGNORE), "-o", str(model),
