@@ -130,15 +130,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sparse_nuclei, tmp_pa
     load_model(tmp_path / "m.safetensors")
 
 
+def sparse_example(folder):
+    """The example's labels on 2, 2 and 1 slices (`unet3d sparsify --slices 2,2,1`), written in-process
+    for the training subprocesses to read."""
+    import tifffile
+
+    from conftest import EXAMPLE
+
+    path = folder / "sparse.tif"
+    tifffile.imwrite(path, sparsify(tifffile.imread(EXAMPLE / "labels.tif"), (2, 2, 1), IGNORE))
+    return path
+
+
 def test_sigkill_leaves_loadable_files(tmp_path):
     """Kill a training process while it checkpoints every step: what is on disk must load."""
     from conftest import EXAMPLE
 
-    sparse_path = tmp_path / "sparse.tif"
+    sparse_path = sparse_example(tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cli = [sys.executable, "-m", "unet3d.cli.main"]
-    subprocess.run(cli + ["sparsify", str(EXAMPLE / "labels.tif"), "-o", str(sparse_path), "--slices", "2,2,1",
-                          "--ignore-label", "255"], check=True, env=env, capture_output=True)
     model = tmp_path / "m.safetensors"
     proc = subprocess.Popen(cli + ["train", "--images", str(EXAMPLE / "image.tif"), "--labels", str(sparse_path),
                                    "--ignore-label", "255", "-o", str(model), "--width", "4", "--levels", "2",
@@ -162,11 +172,9 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_result(tmp_p
     interrupted (one process, fixed seed, a step budget)."""
     from conftest import EXAMPLE
 
-    sparse_path = tmp_path / "sparse.tif"
+    sparse_path = sparse_example(tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cli = [sys.executable, "-m", "unet3d.cli.main"]
-    subprocess.run(cli + ["sparsify", str(EXAMPLE / "labels.tif"), "-o", str(sparse_path), "--slices", "2,2,1",
-                          "--ignore-label", "255"], check=True, env=env, capture_output=True)
 
     def train_command(model):
         return cli + ["train", "--images", str(EXAMPLE / "image.tif"), "--labels", str(sparse_path),
