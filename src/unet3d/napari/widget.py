@@ -324,9 +324,13 @@ class InteractiveWidget(Container):
         return np.asarray(layer.data) if large else np.array(layer.data, copy=True)
 
     def _labels_layer(self, name: str, dtype) -> napari.layers.Labels:
+        """The layer `name`, made empty where missing: a Zarr array behind it for a large volume
+        (whose session opens quickly: nothing is read but a few planes)."""
         if name not in self.viewer.layers:
-            self.viewer.add_labels(self._session_for(self.image.value).labels_array(name.split()[-1], dtype),
-                                   name=name, opacity=0.5, scale=self._scale())
+            image = self.image.value
+            data = (self._session_for(image).labels_array(name.split()[-1], dtype) if is_large(_image_data(image))
+                    else np.zeros(_image_data(image).shape[-3:], dtype))
+            self.viewer.add_labels(data, name=name, opacity=0.5, scale=self._scale())
         return self.viewer.layers[name]
 
     def _set_labels(self, name: str, labels: np.ndarray, message: str) -> None:
