@@ -30,10 +30,9 @@ from unet3d.interactive.session import UNPAINTED, Session
 
 
 def slab_iou(preview, volume, painted) -> float:
-    slab = slice(preview.start, preview.stop)
-    mask = painted[slab] == UNPAINTED
+    mask = painted[preview.box] == UNPAINTED
     predicted = preview.labels[mask].astype(np.int64) - 1
-    confusion = confusion_matrix(predicted, volume.truth[slab][mask], volume.num_classes)
+    confusion = confusion_matrix(predicted, volume.truth[preview.box][mask], volume.num_classes)
     return round(scores(confusion, list(range(volume.num_classes)), background=volume.background)
                  ["mean_iou_foreground"], 4)
 

@@ -29,9 +29,8 @@ def unpainted_iou(labels: np.ndarray, truth: np.ndarray, painted: np.ndarray) ->
 
 
 def unpainted_iou_slab(preview, truth: np.ndarray, painted: np.ndarray) -> float:
-    """unpainted_iou of a preview's slab."""
-    slab = slice(preview.start, preview.stop)
-    return unpainted_iou(preview.labels, truth[slab], painted[slab])
+    """unpainted_iou of a preview's box."""
+    return unpainted_iou(preview.labels, truth[preview.box], painted[preview.box])
 
 
 def untrained_iou(session: Session, painted: np.ndarray, truth: np.ndarray) -> float:

@@ -20,8 +20,9 @@ from unet3d.errors import UserError
 # at 64 M voxels the image and its normalized copy take 512 MB and a whole-volume preview after
 # every round minutes on a CPU, more than the round itself.
 IN_MEMORY_VOXELS = 64_000_000
-# The preview box around the view: the slab's depth and at most this many voxels along Y and X
-# (the network and the forest's bank made there, every few seconds between training steps).
+# The preview box around the view, in memory too: the slab's depth and at most this many voxels
+# along Y and X (the network, and the forest's bank where not made already, every few seconds
+# between training steps).
 PREVIEW_PLANE = 192
 LAYER_CHUNKS = (16, 256, 256)  # the chunks of the Zarr arrays behind the preview and segmentation layers
 

@@ -49,6 +49,10 @@ from unet3d.workflows.forest import (Annotated, annotated, bank_of, fit_model_fo
 
 UNPAINTED = 0  # napari's Labels convention
 PREVIEW_EVERY = 3.0  # seconds of training between two previews of the slices in view
+# ... and at least this many times the last preview's own seconds, so previews (with the weighing
+# before each) take at most a third of a round: at 126 M voxels a preview took 11 s, and a 30-s
+# round that previewed every 3 s made one training step.
+PREVIEW_COST_FACTOR = 2.0
 PREVIEW_SLICES = 16  # z-slices predicted around the one in view (the slab's ends see mirrored context)
 # Seconds a round's forest may take (its sample's filter bank, fit) before the network starts:
 # trees are grown 10 at a time while they fit, so the first preview comes within seconds. It fits
@@ -204,8 +208,8 @@ class Session:
                     iterations: int | None = None, view_yx=lambda: (None, None)) -> RoundResult:
         """Train for up to `seconds` (and at most `iterations` steps) on `painted`, from the
         previous round's weights when the classes are the same. `on_progress(Progress)` after every step; `on_preview(Preview)` every
-        PREVIEW_EVERY seconds for the slab around `view_z()` (None: no preview; on a volume run box
-        by box, the box around `view_yx()` in it); `stop` ends the round after the current step,
+        PREVIEW_EVERY seconds for the slab around `view_z()` (None: no preview), within the box
+        around `view_yx()` (None: the middle); `stop` ends the round after the current step,
         keeping what it learnt."""
         if seconds <= 0:
             raise UserError(f"the time budget must be positive, got {seconds:g} s")
@@ -221,16 +225,18 @@ class Session:
                                 **({"iterations": iterations} if iterations else {}),
                                 network=self.network.config if warm else None)
         self.rounds += 1
-        number, last_preview = self.rounds, [time.monotonic()]
+        number, last_preview = self.rounds, [time.monotonic(), 0.0]  # when the last preview ended, its seconds
 
         def on_step(model, iteration, loss):
             if on_progress is not None:
                 on_progress(Progress(number, iteration, loss, time.monotonic() - started, seconds))
             z = view_z()
-            if on_preview is not None and z is not None and time.monotonic() - last_preview[0] >= PREVIEW_EVERY:
+            wait = max(PREVIEW_EVERY, PREVIEW_COST_FACTOR * last_preview[1])
+            if on_preview is not None and z is not None and time.monotonic() - last_preview[0] >= wait:
+                began = time.monotonic()
                 self._weigh(model)
                 on_preview(self._slab_preview(model, data.class_values, (z, *view_yx())))
-                last_preview[0] = time.monotonic()
+                last_preview[:] = time.monotonic(), time.monotonic() - began
             return stop is not None and stop.is_set()
 
         with self.lock:
@@ -310,12 +316,11 @@ class Session:
         return forest if network is None else self.forest.blend(network, forest)
 
     def _slab_preview(self, model: UNet | None, class_values, view) -> Preview:
-        """The preview of the slab around `view` (z, y, x): all of Y and X in memory, a bounded
-        box around y and x on a volume run box by box."""
+        """The preview of the slab around `view` (z, y, x), at most PREVIEW_PLANE voxels along Y
+        and X around its centre: the slab of a 1024×1024 EM stack whole took 26 s to predict, so a
+        round previewed instead of training."""
         began = time.monotonic()
         box = view_box(self.shape, view, PREVIEW_SLICES)
-        if not self.large:
-            box = (box[0], slice(0, self.shape[1]), slice(0, self.shape[2]))
         network = None
         if model is not None:
             with evaluating(model):
