@@ -69,8 +69,9 @@ BANK_MEMORY_SHARE = 0.25
 # loop blends with equal weights.
 HOLD_OUT_MIN_PAINTED = 5_000
 WEIGH_BLOCKS = 8  # held-out blocks the network predicts at each preview (its cost stays a few patches)
-# On a volume run box by box, the share of a round's seconds its training blocks may take (at
-# least the blocks' minimum is made): the rest trains.
+# On a volume run box by box, the time a round's training blocks may take before it trains, as a
+# share of its seconds (at least the blocks' minimum is made: 55 s at 126 M voxels, their filter
+# bank's halo being most of it).
 ROUND_BLOCKS_SHARE = 0.15
 
 
@@ -213,11 +214,9 @@ class Session:
         keeping what it learnt."""
         if seconds <= 0:
             raise UserError(f"the time budget must be positive, got {seconds:g} s")
-        if self.large:
+        if self.large:  # the blocks come before the round's seconds: taken out of them, a round made one step
             with self.lock:
-                started_blocks = time.monotonic()
                 data = self._round_blocks(painted, seconds)
-            seconds = max(seconds - (time.monotonic() - started_blocks), 1.0)
         else:
             data = self.training_set(painted)
         warm = self.network is not None and data.class_values == self.class_values

@@ -106,7 +106,8 @@ class InteractiveWidget(Container):
             return session.train_round(painted, budget, self._stop_event, self._show_progress, self._show_preview,
                                        lambda: self._view_z, iterations=self.max_steps, view_yx=lambda: self._view_yx)
 
-        self._run(f"training for {budget:g} s ...", work, self._round_done, stoppable=True)
+        first = "making training blocks around the painting, then " if is_large(_image_data(layer)) else ""
+        self._run(f"{first}training for {budget:g} s ...", work, self._round_done, stoppable=True)
 
     def segment_volume(self) -> None:
         """Full quality: the network (8 mirrorings where cheap) blended with the round's forest."""
