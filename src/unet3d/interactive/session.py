@@ -87,8 +87,8 @@ class Progress:
 
 @dataclass
 class Preview:
-    """Labels of `box` (z-slices [start, stop), all of Y and X unless the volume is run box by box)
-    as the network predicts them now."""
+    """Labels of `box` (z-slices [start, stop), at most PREVIEW_PLANE voxels along Y and X around
+    the view) as the network predicts them now."""
     box: tuple[slice, ...]
     labels: np.ndarray
     seconds: float  # what computing it took (training pauses for it)
