@@ -50,3 +50,16 @@ def test_a_small_budget_still_makes_enough_blocks_and_the_draw_is_seeded():
     again = make_training_blocks(image, labels, [0, 1], 255, (8, 16, 16), **kwargs)
     assert len(first.boxes) == module.MIN_BLOCKS and first.boxes == again.boxes
     assert first.data.channels == 1 and first.forest_classes.size == 0
+
+
+def test_the_forests_sample_without_bank_inputs_equals_the_one_taken_from_them():
+    """The loop's network takes no bank: its blocks' forest sample is made on the box the sampled
+    voxels span, and must be the same voxels and values as when the blocks hold the bank."""
+    image, labels = volume()
+    spec = input_feature_spec(None, scales=(0.7, 1.6))
+    kwargs = dict(forest_bank=spec, spacing=None, max_memory=1, seed=5)
+    with_bank = make_training_blocks(image, labels, [0, 1], 255, (8, 16, 16), features=spec, **kwargs)
+    without = make_training_blocks(image, labels, [0, 1], 255, (8, 16, 16), features=None, **kwargs)
+    assert with_bank.boxes == without.boxes and without.forest_classes.size > 100
+    np.testing.assert_array_equal(without.forest_classes, with_bank.forest_classes)
+    np.testing.assert_allclose(without.forest_features, with_bank.forest_features, rtol=1e-5, atol=1e-5)

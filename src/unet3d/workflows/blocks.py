@@ -9,7 +9,10 @@ bank's halo (the same values as the whole volume's bank) until their memory shar
 share is spent. Only the central patch-sized part of a block keeps its labels, so every patch
 drawn around a label reads real context (at most a quarter patch mirrored, from the sampler's
 jitter). The forest's training sample is taken from the same float32 bank before the blocks are
-stored as float16: the bank of the annotated neighbourhoods is made once for both models.
+stored as float16: the bank of the annotated neighbourhoods is made once for both models. Where
+the network takes no bank (the napari loop), the forest's bank is made only on the box its sampled
+voxels span inside the labelled part: the widest filter reads 50 voxels around a box, so the bank
+of a whole block cost twice as much for voxels never sampled.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unet3d.data.features import bank_bytes, free_memory, region_bank, region_with_input_features
+from unet3d.data.features import bank_at, bank_bytes, free_memory, region_with_input_features
 from unet3d.data.labels import UNLABELED
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.inference.predictor import as_source
@@ -89,13 +92,30 @@ def block_inputs(read, shape, block, features: dict | None) -> np.ndarray:
     return region_with_input_features(read, shape, block, features)
 
 
-def forest_sample(inputs: np.ndarray, labels: np.ndarray, channels: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """(F, n) filter bank and (n,) classes at up to FOREST_SAMPLE_PER_BLOCK of the block's annotated voxels."""
+def sampled_voxels(labels: np.ndarray, rng) -> np.ndarray:
+    """Flat indices of up to FOREST_SAMPLE_PER_BLOCK of the annotated voxels of `labels`, in raster order."""
     voxels = np.flatnonzero(labels.reshape(-1) != UNLABELED)
     if voxels.size > FOREST_SAMPLE_PER_BLOCK:
         voxels = np.sort(rng.choice(voxels, FOREST_SAMPLE_PER_BLOCK, replace=False))
+    return voxels
+
+
+def forest_sample(inputs: np.ndarray, labels: np.ndarray, channels: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(F, n) filter bank and (n,) classes at sampled annotated voxels of a block whose inputs hold the bank."""
+    voxels = sampled_voxels(labels, rng)
     bank = inputs[channels:].reshape(inputs.shape[0] - channels, -1)
     return bank[:, voxels], labels.reshape(-1)[voxels]
+
+
+def forest_sample_around(read, shape, labels: np.ndarray, labelled, bank: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(F, n) filter bank and (n,) classes at sampled annotated voxels of the `labelled` box of
+    (Z, Y, X) `labels`, the bank made on the box those voxels span (the same voxels and values as
+    `forest_sample` of the block's bank: the labelled box keeps the block's raster order)."""
+    local = labels[labelled]
+    voxels = sampled_voxels(local, rng)
+    coordinates = [c + b.start for c, b in zip(np.unravel_index(voxels, local.shape), labelled)]
+    features = bank_at(read, shape, bank, np.ravel_multi_index(coordinates, shape), block=shape)
+    return features, local.reshape(-1)[voxels]
 
 
 def block_budget(channels: int, patch, max_memory: int | None) -> int:
@@ -126,9 +146,8 @@ def make_training_blocks(volume, labels: np.ndarray, class_values, ignore_label:
         raw = block_inputs(read, shape, block, features)
         target = block_labels(labels, block, labelled)
         if forest_bank is not None:
-            own = raw if forest_bank == features else np.concatenate([raw[:channels],
-                                                                      region_bank(read, shape, block, forest_bank)])
-            sample = forest_sample(own, target, channels, rng)
+            sample = (forest_sample(raw, target, channels, rng) if forest_bank == features
+                      else forest_sample_around(read, shape, labels, labelled, forest_bank, rng))
             bank.append(sample[0])
             classes.append(sample[1])
         inputs.append(raw.astype(np.float16))
