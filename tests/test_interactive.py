@@ -228,6 +228,28 @@ def test_a_round_on_a_volume_run_box_by_box_reads_the_same_voxels_at_any_depth()
     assert reads[0] == reads[1] and 0 < reads[0]
 
 
+def test_the_preview_box_keeps_its_filter_bank_from_round_to_round(monkeypatch):
+    """On a volume run box by box, the bank of the box in view is made once while the view stays:
+    only the forest changes between rounds, and its probabilities there are what it gives region by
+    region."""
+    from unet3d.interactive import session as module
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(40, 48, 48)).astype(np.float32)
+    painted = np.zeros(image.shape, np.uint8)
+    painted[10, :24], painted[10, 24:], painted[:20, 20, :8] = 1, 2, 1
+    session, made, previews = Session(CountingArray(image)), [], []
+    real = module.region_bank
+    monkeypatch.setattr(module, "region_bank", lambda *args, **kwargs: made.append(args[2]) or real(*args, **kwargs))
+    for _ in range(2):
+        session.train_round(painted, 1.0, iterations=1, on_preview=previews.append, view_z=lambda: 10)
+    box = previews[-1].box
+    assert made == [box] and len(previews) >= 2
+    expected = session.forest.region_probabilities(session.source.read, session.shape)(box)
+    np.testing.assert_allclose(session._forest_probabilities(box), expected, atol=1e-6)
+    session.close()
+
+
 def test_bad_input_is_one_line(nuclei):
     image, truth = nuclei
     session = Session(image)

@@ -43,6 +43,7 @@ _DOG_RATIO = 0.66  # ilastik: G(σ) − G(0.66 σ)
 _OUTER_RATIO = 0.5  # ilastik: structure tensor of inner scale σ, outer scale σ/2
 _EIGEN_CHUNK = 1 << 18  # voxels per eigenvalue call: bounds the float64 temporaries
 _PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))  # the 6 entries of a symmetric 3×3
+BANK_GRID = (32, 256, 256)  # bank_at's boxes: voxels in one cell of this grid share one box (and its halo)
 BANK_THREADS = os.cpu_count() or 1  # scales made at once (each holds its own few volumes of temporaries)
 
 
@@ -188,10 +189,11 @@ def _cropped_scale_features(job) -> None:
     rows[...] = scratch[(slice(None),) + inside]
 
 
-def bank_at(read, volume_shape, spec: dict, voxels: np.ndarray, block=(32, 256, 256)) -> np.ndarray:
+def bank_at(read, volume_shape, spec: dict, voxels: np.ndarray, block=None) -> np.ndarray:
     """(F, N) filter bank at the flat indices `voxels` of a (Z, Y, X) volume (`read`: box →
-    (C, z, y, x) image), made on the bounding box of the voxels in each `block` of a grid: the bank
-    of the whole volume is never held, only of the regions the voxels lie in."""
+    (C, z, y, x) image), made on the bounding box of the voxels in each `block` of a grid (None:
+    BANK_GRID): the bank of the whole volume is never held, only of the regions the voxels lie in."""
+    block = block or BANK_GRID
     coordinates = np.stack(np.unravel_index(voxels, volume_shape))
     counts = [-(-n // b) for n, b in zip(volume_shape, block)]
     ids = np.ravel_multi_index(tuple(c // b for c, b in zip(coordinates, block)), counts)

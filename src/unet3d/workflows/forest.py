@@ -90,17 +90,19 @@ def subsample(volumes: list[Annotated], count: int, seed: int) -> list[Annotated
     return out
 
 
-def bank_of(volume: Annotated, bank: dict, normalization: dict) -> np.ndarray:
-    """(F, N) filter bank at the volume's annotated voxels, of its image normalized as the forest reads it."""
-    return features_at(volume, lambda: normalized_reader(volume.image, normalization), bank, volume.voxels)
+def bank_of(volume: Annotated, bank: dict, normalization: dict, block=None) -> np.ndarray:
+    """(F, N) filter bank at the volume's annotated voxels, of its image normalized as the forest
+    reads it; `block`: the grid the voxels were chosen in (`in_blocks`), made one box per block."""
+    return features_at(volume, lambda: normalized_reader(volume.image, normalization), bank, volume.voxels, block)
 
 
-def features_at(volume: Annotated, reader, bank: dict, voxels: np.ndarray) -> np.ndarray:
+def features_at(volume: Annotated, reader, bank: dict, voxels: np.ndarray, block=None) -> np.ndarray:
     """(F, N) filter bank at flat `voxels` of the volume: taken from its bank where it was made
-    already, else made around them from `reader()` (box → normalized image)."""
+    already, else made around them from `reader()` (box → normalized image), on the voxels' box
+    in each `block` of a grid (None: bank_at's)."""
     if volume.features is not None:
         return volume.features.reshape(volume.features.shape[0], -1)[:, voxels]
-    return bank_at(reader(), volume.image.shape[1:], bank, voxels)
+    return bank_at(reader(), volume.image.shape[1:], bank, voxels, block)
 
 
 def normalized_reader(image: np.ndarray, normalization: dict):
@@ -210,7 +212,7 @@ def weigh(network, forest: ForestModel, volumes: list[Annotated], what: str, see
     it was weighed, on `what`."""
     volumes = subsample([v for v in volumes if v.voxels.size], WEIGHING_VOXELS, seed)
     network_probabilities = np.concatenate([network_at(network, v, device, block) for v in volumes], axis=1)
-    forest_at = np.concatenate([forest.probabilities(bank_of(v, forest.bank, forest.normalization))
+    forest_at = np.concatenate([forest.probabilities(bank_of(v, forest.bank, forest.normalization, block))
                                 for v in volumes], axis=1)
     return settle_weight(forest, network_probabilities, forest_at, np.concatenate([v.classes for v in volumes]), what)
 
