@@ -9,7 +9,7 @@ import pytest
 
 from unet3d.cli.main import main
 from unet3d.evaluation import match_instances
-from unet3d.instances import KINDS, instances_from_probabilities
+from unet3d.instances import KINDS, InstanceMethod, instances_blockwise, instances_from_probabilities
 from unet3d.io import read_labels, write_volume
 
 
@@ -24,11 +24,7 @@ def touching_spheres() -> tuple[np.ndarray, np.ndarray]:
     distances = [np.sqrt((z - 10) ** 2 + (y - 12) ** 2 + (x - cx) ** 2) for cx in (12, 23)]
     objects = np.where(distances[0] <= distances[1], 1, 2)
     objects[np.minimum(*distances) > 7] = 0
-    classes = (objects > 0).astype(np.int64)
-    for axis in range(3):
-        for shift in (1, -1):
-            classes[(objects > 0) & (np.roll(objects, shift, axis) != objects)] = 2
-    return objects, classes
+    return objects, surface_classes(objects)
 
 
 def walled_cells(hole: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +38,33 @@ def walled_cells(hole: int) -> tuple[np.ndarray, np.ndarray]:
         low = 15 - hole // 2
         classes[10 - hole // 2:10 - hole // 2 + hole, low:low + hole, 15] = 1
     return objects, classes
+
+
+def random_blobs(seed: int, count: int = 30, shape=(24, 40, 40)) -> np.ndarray:
+    """`count` balls of radius 2.5-5 at random (later ones over earlier ones), as classes: 0 outside,
+    2 on each ball's outer layer and where two meet, 1 inside."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape)
+    objects = np.zeros(shape, np.int64)
+    for value in range(1, count + 1):
+        centre, radius = rng.uniform(0, shape), rng.uniform(2.5, 5)
+        objects[(z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= radius ** 2] = value
+    return surface_classes(objects)
+
+
+def surface_classes(objects: np.ndarray) -> np.ndarray:
+    classes = (objects > 0).astype(np.int64)
+    for axis in range(3):
+        for shift in (1, -1):
+            classes[(objects > 0) & (np.roll(objects, shift, axis) != objects)] = 2
+    return classes
+
+
+def blurred(probabilities: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    smooth = np.stack([ndimage.gaussian_filter(p, 1.0) for p in probabilities])
+    return smooth / smooth.sum(0)
 
 
 def ap(result: dict, threshold: float) -> float:
@@ -58,11 +81,8 @@ def test_touching_nuclei_are_two_objects():
 
 
 def test_blurred_probabilities_still_give_two_nuclei():
-    from scipy import ndimage
-
     truth, classes = touching_spheres()
-    blurred = np.stack([ndimage.gaussian_filter(p, 1.0) for p in one_hot(classes)])
-    labels = instances_from_probabilities(blurred / blurred.sum(0), [0, 1, 2], KINDS["nuclei"])
+    labels = instances_from_probabilities(blurred(one_hot(classes)), [0, 1, 2], KINDS["nuclei"])
     assert ap(match_instances(labels, truth), 0.75) == 1.0
 
 
@@ -81,6 +101,62 @@ def test_labels_are_numbered_in_raster_order_whatever_the_seed_order():
     labels = instances_from_probabilities(one_hot(classes)[:, :, :, ::-1].copy(), [0, 1, 2], KINDS["nuclei"])
     first = [np.flatnonzero(labels.ravel() == value)[0] for value in (1, 2)]
     assert first[0] < first[1] and labels.dtype == np.uint16
+
+
+BLOCKS = [(8, 8, 8), (7, 11, 13), (5, 5, 5), (64, 64, 64)]  # cutting the objects every way, and one block
+BLOCKWISE_CASES = {  # probabilities, class values, kind, halo (at least the largest object)
+    "touching spheres": lambda: (one_hot(touching_spheres()[1]), [0, 1, 2], "nuclei", 8),
+    "30 blobs": lambda: (one_hot(random_blobs(0)), [0, 1, 2], "nuclei", 16),
+    "30 blurred blobs": lambda: (blurred(one_hot(random_blobs(1))), [0, 1, 2], "nuclei", 16),
+    "walled cells": lambda: (one_hot(walled_cells(0)[1])[1:], [1, 2], "cells", 8),
+    "walled cells, a hole": lambda: (one_hot(walled_cells(3)[1])[1:], [1, 2], "cells", 8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BLOCKWISE_CASES))
+def test_blockwise_labels_equal_the_whole_volume_ones(case):
+    probabilities, values, kind, halo = BLOCKWISE_CASES[case]()
+    whole = instances_from_probabilities(probabilities, values, KINDS[kind], values[-2], values[-1])
+    assert whole.max() > 1
+    for block in BLOCKS:
+        labels = instances_blockwise(probabilities, values, KINDS[kind], values[-2], values[-1], block=block, halo=halo)
+        assert labels.dtype == whole.dtype and np.array_equal(labels, whole), block
+
+
+def test_a_seed_across_many_blocks_is_one_object_even_if_each_part_is_small():
+    # A rod of interior along x: its seed (the part more than 1 voxel inside) is 3×3 voxels thick, so
+    # each 1-voxel-thick block holds 9 seed voxels, fewer than the 10 a seed needs, the rod 36 blocks.
+    classes = np.zeros((7, 7, 40), np.int64)
+    classes[1:6, 1:6, 2:38] = 1
+    probabilities = one_hot(classes)
+    labels = instances_blockwise(probabilities, [0, 1, 2], KINDS["nuclei"], block=(7, 7, 1), halo=8)
+    assert labels.max() == 1 and np.array_equal(labels, instances_from_probabilities(probabilities, [0, 1, 2],
+                                                                                    KINDS["nuclei"]))
+
+
+def test_blockwise_labels_go_into_a_zarr_array(tmp_path):
+    import zarr
+
+    probabilities = one_hot(random_blobs(2))
+    whole = instances_from_probabilities(probabilities, [0, 1, 2], KINDS["nuclei"])
+    made = []
+
+    def zarr_labels(dtype):
+        made.append(zarr.create_array(str(tmp_path / "objects.zarr"), shape=whole.shape, dtype=dtype, chunks=(8, 16, 16)))
+        return made[-1]
+
+    instances_blockwise(probabilities, [0, 1, 2], KINDS["nuclei"], out=zarr_labels, block=(10, 16, 16))
+    stored = zarr.open_array(str(tmp_path / "objects.zarr"), mode="r")
+    assert len(made) == 1 and stored.dtype == whole.dtype and np.array_equal(stored[:], whole)
+
+
+def test_blockwise_refuses_what_blocks_cannot_reproduce():
+    probabilities = one_hot(touching_spheres()[1])
+    plantseg = InstanceMethod("not_boundary", 0.3, "maxima", 8.0, 50, True, 0.5)
+    with pytest.raises(ValueError, match="'core' seed rule"):
+        instances_blockwise(probabilities, [0, 1, 2], plantseg)
+    with pytest.raises(ValueError, match="the 7 the seeds need"):
+        instances_blockwise(probabilities, [0, 1, 2], KINDS["cells"], halo=4)
 
 
 def row(values) -> np.ndarray:
