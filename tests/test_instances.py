@@ -269,6 +269,29 @@ def test_instances_command_refuses_labels_and_unknown_channels(tmp_path, capsys)
                  "--kind", "cells"]) == 0
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5", ".tif"])
+def test_instances_command_block_by_block(tmp_path, capsys, monkeypatch, suffix):
+    probabilities, whole_file = str(tmp_path / "p.h5:/probabilities"), str(tmp_path / "whole.npy")
+    write_volume(probabilities, blurred(one_hot(random_blobs(0))).astype(np.float16))
+    assert main(["instances", probabilities, "-o", whole_file]) == 0
+    whole = np.load(whole_file)
+    blocks = str(tmp_path / f"blocks{suffix}")
+    assert main(["instances", probabilities, "-o", blocks, "--block", "8,16,16"]) == 0
+    assert f"{whole.max()} objects (nuclei)" in capsys.readouterr().out
+    assert np.array_equal(read_labels(blocks)[0], whole)
+    monkeypatch.setattr("unet3d.cli.instances.IN_MEMORY_VOXELS", 1000)  # a "large" volume: blocks by default
+    large = str(tmp_path / f"large{suffix}")
+    assert main(["instances", probabilities, "-o", large]) == 0 and np.array_equal(read_labels(large)[0], whole)
+
+
+def test_instances_command_block_by_block_refuses_what_is_not_probabilities(tmp_path, capsys):
+    values = one_hot(random_blobs(0)) * 2
+    write_volume(str(tmp_path / "p.zarr"), values)
+    assert main(["instances", str(tmp_path / "p.zarr"), "-o", str(tmp_path / "o.zarr"), "--block", "8"]) == 2
+    assert "p.zarr: values from 0 to 2 are not class probabilities" in capsys.readouterr().err
+    assert not (tmp_path / "o.zarr").exists()
+
+
 class _TrainedSession:
     """What the napari widget asks of a trained session: its classes (painted values) and the
     probabilities of the whole volume."""
