@@ -292,6 +292,42 @@ def test_instances_command_block_by_block_refuses_what_is_not_probabilities(tmp_
     assert not (tmp_path / "o.zarr").exists()
 
 
+def test_densify_and_predict_write_the_objects_of_their_probabilities(tmp_path, nuclei, capsys):
+    image, truth = nuclei
+    crop = (slice(0, 16), slice(0, 32), slice(0, 32))
+    sparse = np.full(truth[crop].shape, 255, np.uint8)
+    sparse[4], sparse[11] = truth[crop][4], truth[crop][11]  # two annotated planes of background, interior, boundary
+    files = {name: str(tmp_path / f"{name}.tif") for name in ("image", "sparse", "classes", "probabilities")}
+    write_volume(files["image"], image[crop])
+    write_volume(files["sparse"], sparse)
+    # one step: the forest (10-odd trees in a quarter of 15 s) gives the objects
+    quick = ["--iterations", "1", "--max-time", "15", "--tta", "off", "--filter-features", "off", "--quiet"]
+    assert main(["densify", files["image"], files["sparse"], "-o", files["classes"], "--ignore-label", "255", *quick,
+                 "--probabilities", files["probabilities"], "--objects", str(tmp_path / "objects.tif")]) == 0
+    assert "objects, nuclei)" in capsys.readouterr().out
+    assert main(["instances", files["probabilities"], "-o", str(tmp_path / "check.tif")]) == 0
+    assert np.array_equal(read_labels(str(tmp_path / "objects.tif"))[0], read_labels(str(tmp_path / "check.tif"))[0])
+    model = str(tmp_path / "classes.model.safetensors")
+    predicted = [str(tmp_path / "p.h5"), str(tmp_path / "objects.zarr"), str(tmp_path / "alone.npy")]
+    assert main(["predict", model, files["image"], "-o", str(tmp_path / "c.tif"), "--quiet",
+                 "--probabilities", predicted[0], "--objects", predicted[1]]) == 0
+    assert main(["predict", model, files["image"], "-o", str(tmp_path / "c.tif"), "--quiet", "--objects", predicted[2]]) == 0
+    assert main(["instances", predicted[0], "-o", str(tmp_path / "check.npy")]) == 0
+    expected = np.load(tmp_path / "check.npy")
+    assert expected.max() > 0
+    assert all(np.array_equal(read_labels(spec)[0], expected) for spec in predicted[1:])
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary probabilities left
+    capsys.readouterr()
+    assert main(["predict", model, files["image"], "-o", str(tmp_path / "c2.tif"), "--objects",
+                 str(tmp_path / "o2.tif"), "--boundary", "7"]) == 2
+    assert "classes.model.safetensors: no channel holds the boundary class 7 (channels: 0,1,2; set --boundary)" in \
+        capsys.readouterr().err
+    assert main(["densify", files["image"], files["sparse"], "-o", files["classes"], "--ignore-label", "255", *quick,
+                 "--objects", str(tmp_path / "o2.tif"), "--kind", "cells", "--boundary", "none"]) == 2
+    assert "cells are bounded by walls" in capsys.readouterr().err
+    assert not (tmp_path / "o2.tif").exists() and not (tmp_path / "c2.tif").exists()
+
+
 class _TrainedSession:
     """What the napari widget asks of a trained session: its classes (painted values) and the
     probabilities of the whole volume."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+from unet3d.cli.instances import add_objects_group, check_objects, probabilities_for_objects, write_objects
 from unet3d.cli.options import DefaultsHelpFormatter, add_run_options, float_list, positive_int, positive_seconds
 from unet3d.data.labels import check_painting_shape, painted_classes
-from unet3d.cli.predict import memory_size
+from unet3d.cli.predict import _check_outputs, memory_size
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.io import open_volume, read_labels
@@ -80,6 +81,7 @@ def register(subparsers) -> None:
     parser.add_argument("--tta", choices=AUTO_ON_OFF, default="auto",
                         help="average the network's predictions of the 8 mirrored volumes; auto: when that costs at "
                         f"most {TTA_MAX_SHARE * 100:.0f}%% of --max-time (a small volume)")
+    add_objects_group(parser)
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -97,17 +99,25 @@ def densify_file(args, image, init) -> int:
     meta = image.meta
     sparse, _ = read_labels(args.sparse)
     check_painting_shape(image.shape, sparse.shape, args.sparse, args.image)
-    if init is None:
-        painted_classes([sparse], [args.sparse], args.ignore_label, args.num_classes)
+    classes = init.class_values if init else painted_classes([sparse], [args.sparse], args.ignore_label,
+                                                             args.num_classes)
+    check_objects(args.init or args.sparse, classes, args)
+    if args.objects:
+        _check_outputs([spec for spec in (args.output, args.probabilities, args.objects) if spec], args.image)
     truth = read_labels(args.truth)[0] if args.truth else None
     if truth is not None and truth.shape != sparse.shape:
         raise UserError(f"{args.truth}: shape {truth.shape} differs from {args.sparse}: {sparse.shape}")
-    report = densify_and_write(image, sparse, meta, args.output, args.ignore_label, model=args.model,
-                               overlay=args.overlay, probabilities=args.probabilities, truth=truth, source=args.image,
-                               max_time=args.max_time, iterations=args.iterations, seed=args.seed,
-                               num_classes=args.num_classes, spacing=args.spacing or meta.spacing,
-                               device=resolve_device(args.device), threads=args.threads, progress=not args.quiet,
-                               filter_features=AUTO_ON_OFF[args.filter_features], forest=AUTO_ON_OFF[args.forest],
-                               tta=AUTO_ON_OFF[args.tta], init=init, max_memory=args.max_memory, started=args.started, report=lambda line: print(line, flush=True))
+    with probabilities_for_objects(args.probabilities, args.objects) as probabilities:
+        report = densify_and_write(image, sparse, meta, args.output, args.ignore_label, model=args.model,
+                                   overlay=args.overlay, probabilities=probabilities, truth=truth, source=args.image,
+                                   max_time=args.max_time, iterations=args.iterations, seed=args.seed,
+                                   num_classes=args.num_classes, spacing=args.spacing or meta.spacing,
+                                   device=resolve_device(args.device), threads=args.threads, progress=not args.quiet,
+                                   filter_features=AUTO_ON_OFF[args.filter_features], forest=AUTO_ON_OFF[args.forest],
+                                   tta=AUTO_ON_OFF[args.tta], init=init, max_memory=args.max_memory, started=args.started, report=lambda line: print(line, flush=True))
+        if args.objects:
+            count, _ = write_objects(probabilities, args.objects, args.kind, classes, args.interior, args.boundary,
+                                     args.spacing)
+            report += f"\nwrote {args.objects} ({count} objects, {args.kind})"
     print(report)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,15 +58,28 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def add_objects_group(parser) -> None:
+    """predict's and densify's --objects, with the options of `unet3d instances` that say what they are."""
+    group = parser.add_argument_group(
+        "objects (as `unet3d instances`)",
+        "With --objects, the class probabilities also go through `unet3d instances` (in a temporary file "
+        "unless --probabilities keeps them): --kind, --interior and --boundary name class values of the model, "
+        "which knows the channel of each.")
+    group.add_argument("--objects", metavar="FILE", help="also write instance labels, one id per object, to FILE")
+    add_object_options(group, "--objects")
+
+
 def add_object_options(parser, flag: str = "") -> None:
     """--kind, --interior and --boundary, for `unet3d instances` and for the objects predict and
     densify write (`flag`: the option they need, named in the help)."""
-    needs = f" (with {flag})" if flag else ""
-    parser.add_argument("--kind", choices=sorted(KINDS), default="nuclei", help=f"what the objects are{needs}")
-    parser.add_argument("--interior", type=int, default=1, metavar="N", help=f"class value of object interiors{needs}")
+    needs = f"; with {flag}" if flag else ""
+    parser.add_argument("--kind", choices=sorted(KINDS), default="nuclei",
+                        help=f"what the objects are (default: nuclei{needs})")
+    parser.add_argument("--interior", type=int, default=1, metavar="N",
+                        help=f"class value of object interiors (default: 1{needs})")
     parser.add_argument("--boundary", type=value_or_none, default=2, metavar="N",
                         help=f"class value of object boundaries (walls); 'none' for blobs without one (e.g. "
-                        f"mitochondria), which then flood on 1 - P(interior){needs}")
+                        f"mitochondria), which then flood on 1 - P(interior) (default: 2{needs})")
 
 
 def run(args) -> int:
@@ -85,6 +99,25 @@ def run(args) -> int:
 def check_kind(kind: str, boundary: int | None) -> None:
     if boundary is None and KINDS[kind].seed_class != "interior":
         raise UserError(f"--kind {kind} --boundary none: cells are bounded by walls, a boundary class is needed")
+
+
+def check_objects(spec: str, class_values, args) -> None:
+    """Refuse --objects whose interior or boundary class is not among `class_values` (those of the
+    model `spec`, or of the labels it is trained on) before any time is spent."""
+    if args.objects:
+        check_kind(args.kind, args.boundary)
+        channel_classes(spec, len(class_values), class_values, args.interior, args.boundary, option="")
+
+
+@contextlib.contextmanager
+def probabilities_for_objects(probabilities: str | None, objects: str | None):
+    """Where predict or densify saves the probabilities: the file asked for, else, for --objects, a
+    temporary Zarr store beside the objects (removed afterwards), else nowhere (None)."""
+    if objects is None or probabilities is not None:
+        yield probabilities
+        return
+    with tempfile.TemporaryDirectory(prefix=".unet3d-probabilities.", dir=existing_folder(objects)) as folder:
+        yield str(Path(folder) / "probabilities.zarr")
 
 
 def write_objects(probabilities: str, output: str, kind: str, classes, interior: int, boundary: int | None,

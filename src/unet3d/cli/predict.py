@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from unet3d.cli.instances import add_objects_group, check_objects, probabilities_for_objects, write_objects
 from unet3d.cli.options import int_triple, positive_int
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
@@ -73,6 +74,7 @@ def register(subparsers) -> None:
     parser.add_argument("--channel-axis", type=int, metavar="N", help="the image file's channel axis, if not detected")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for PyTorch")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_objects_group(parser)
     cluster = parser.add_argument_group(
         "prediction on a Dask cluster (needs unet3d[distributed])",
         "OUTPUT is then an OME-Zarr 0.5 store (.zarr): the class probabilities (float16) as its image, the "
@@ -104,22 +106,31 @@ def run(args) -> int:
     if args.block or args.skip_empty is not None:
         raise UserError(f"{'--block' if args.block else '--skip-empty'}: only with --dask")
     device = resolve_device(args.device)
-    outputs = [spec for spec in (args.output, args.probabilities, args.uncertainty) if spec]
+    outputs = [spec for spec in (args.output, args.probabilities, args.uncertainty, args.objects) if spec]
     _check_outputs(outputs, args.image)
     model, info, forest = load_predictor(args.model)
-    with open_volume(args.image, "image", args.channel_axis) as source:
+    check_objects(args.model, info.class_values, args)
+    with open_volume(args.image, "image", args.channel_axis) as source, \
+            probabilities_for_objects(args.probabilities, args.objects) as probabilities:
         _check_image(args.image, source.shape, args.model, info.image_channels(model.config))
         summary = predict_volume(
-            model, info, source, args.output, args.probabilities, args.uncertainty, tile=args.tile,
+            model, info, source, args.output, probabilities, args.uncertainty, tile=args.tile,
             max_memory=args.max_memory, batch_size=args.batch_size, tta=args.tta, device=str(device),
             overlap=args.overlap, progress=not args.quiet, report=lambda note: print(note, file=sys.stderr),
             forest=forest,
         )
+        if args.objects:
+            count, _ = write_objects(probabilities, args.objects, args.kind, info.class_values, args.interior,
+                                     args.boundary)
+            print(f"{count} objects ({args.kind})")
     _report(summary, outputs)
     return 0
 
 
 def _run_on_dask(args) -> int:
+    if args.objects:
+        raise UserError(f"--objects: not with --dask; run `unet3d instances {args.output} -o {args.objects}` on "
+                        "the store it writes")
     if args.probabilities or args.uncertainty:
         raise UserError(f"{'--probabilities' if args.probabilities else '--uncertainty'}: not with --dask, whose "
                         "OUTPUT store holds the probabilities as its image and the labels under labels/")
