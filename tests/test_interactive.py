@@ -58,10 +58,10 @@ def test_rounds_learn_preview_continue_and_stop(tmp_path, nuclei):
 
     progress, previews = [], []
     # Steps bound the round (the time is generous): what it learns does not depend on the machine.
-    first = session.train_round(painted, 600.0, iterations=150, on_progress=progress.append,
+    first = session.train_round(painted, 600.0, iterations=50, on_progress=progress.append,
                                 on_preview=previews.append, view_z=lambda: 15)
     assert first.stopped_by == "iterations" and not first.warm_start and first.class_values == [1, 2, 3]
-    assert progress and progress[-1].iteration == first.iterations == 150 and progress[-1].round == 1
+    assert progress and progress[-1].iteration == first.iterations == 50 and progress[-1].round == 1
     assert previews and all(p.labels.shape == (p.stop - p.start, *image.shape[1:]) for p in previews)
     assert previews[0].start <= 15 < previews[0].stop and set(np.unique(previews[-1].labels)) <= {1, 2, 3}
     # The first preview is the forest's, shown before the network's first step: already a segmentation.
@@ -72,7 +72,7 @@ def test_rounds_learn_preview_continue_and_stop(tmp_path, nuclei):
 
     more = painted_from_truth(truth, (3, 3, 2))
     before = session.network
-    second = session.train_round(more, 600.0, iterations=60)
+    second = session.train_round(more, 600.0, iterations=20)
     assert second.warm_start and session.network is before  # continued from the same weights
     assert np.count_nonzero(session.training_set(more).labels[0].numpy() >= 0) > np.count_nonzero(painted)
 

@@ -52,7 +52,7 @@ def test_paint_train_preview_correct_save(qtbot, viewer, nuclei, tmp_path):
     image, truth = nuclei
     painting = painted_from_truth(truth, (1, 1, 1))
     widget = widget_for(viewer, image, painting)
-    widget.budget.value, widget.max_steps = 600.0, 150  # steps bound the round: the same learning on any machine
+    widget.budget.value, widget.max_steps = 600.0, 60  # steps bound the round: the same learning on any machine
 
     gaps, last = [], [time.perf_counter()]
 
@@ -82,7 +82,7 @@ def test_paint_train_preview_correct_save(qtbot, viewer, nuclei, tmp_path):
           f"compute (worker thread), {1000 * showing:.0f} ms to show (GUI thread)")
 
     viewer.layers["painting"].data = painted_from_truth(truth, (3, 3, 2))  # paint more
-    widget.max_steps = 40
+    widget.max_steps = 20
     widget.train.clicked()
     qtbot.waitUntil(lambda: widget.last_round.round == 2, timeout=300_000)
     wait_idle(qtbot, widget, 60)

@@ -81,7 +81,7 @@ def test_options_that_replace_a_planned_choice_say_so_in_the_printed_plan(tmp_pa
 
     assert main(["train", "--images", str(EXAMPLE / "image.tif"), "--labels", str(EXAMPLE / "labels.tif"),
                  "--ignore-label", "255", "-o", str(tmp_path / "m.safetensors"), "--iterations", "1", "--quiet",
-                 "--patch", "8,16,16", "--width", "4", "--filter-features", "off"]) == 0
+                 "--patch", "8,16,16", "--width", "4", "--filter-features", "off", "--forest", "off"]) == 0
     printed = {line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines()
                if line.startswith("  ")}
     assert "given as an option" in printed["patch, batch"] and "8×16×16" in printed["patch, batch"]
@@ -104,7 +104,7 @@ def test_the_planned_hold_out_trains_on_the_others_and_keeps_the_best_model(tmp_
     model = tmp_path / "m.safetensors"
     assert main(["train", "--images", *[p[0] for p in paths], "--labels", *[p[1] for p in paths],
                  "--ignore-label", "255", "-o", str(model), "--iterations", "2", "--validate-every", "1",
-                 "--quiet", "--patch", "8,16,16", "--width", "4"]) == 0
+                 "--quiet", "--patch", "8,16,16", "--width", "4", "--forest", "off"]) == 0
     printed = capsys.readouterr().out
     assert "1 of 4 volumes held out" in printed
     assert model.with_name("m.best.safetensors").exists()
