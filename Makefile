@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.unet3d-installed
 
-.PHONY: demo test install bench bench-quick experiments napari clean
+.PHONY: demo test test-slow test-all xvfb install bench bench-quick experiments napari clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,21 @@ demo: $(STAMP)
 # they fail.
 XVFB_PACKAGES = xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-cursor0 libxkbcommon-x11-0 libegl1
 
-test: $(STAMP)
+# `make test` leaves out the end-to-end runs marked slow (about a minute or more each);
+# `make test-slow` runs only those, `make test-all` everything. CI runs test and test-slow.
+test: $(STAMP) xvfb
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP) xvfb
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: $(STAMP) xvfb
+	$(BIN)/python -m pytest -q
+
+xvfb:
 	@command -v Xvfb >/dev/null 2>&1 || apt-get install -y -q $(XVFB_PACKAGES) >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(XVFB_PACKAGES) >/dev/null 2>&1) \
 		|| echo "note: Xvfb could not be installed; the napari GUI tests will skip"
-	$(BIN)/python -m pytest -q
 
 # Full benchmarks: peers (MONAI, pytorch-3dunet) live in .venv-bench, created by peers.sh.
 bench: $(STAMP)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a fresh interpreter and a short run per script: minutes in all (`make test-slow`)
 
 
 def run_script(name: str, *arguments) -> str:

@@ -164,6 +164,7 @@ def start_process(arguments: list[str], rank: int, port: int) -> subprocess.Pope
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_the_other_and_the_run_resumes_exactly(tmp_path):
     from unet3d.cli.main import main
     from unet3d.model import load_model

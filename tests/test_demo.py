@@ -5,6 +5,10 @@ result behind it against the random forest."""
 
 import json
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a 200-step densify of the example: `make test-slow`
+
 # The demo's foreground IoU on the unannotated voxels after 200 steps, less a margin for
 # floating-point differences between machines (it scored 0.585 where this was set).
 FLOOR = 0.55

@@ -30,6 +30,7 @@ def foreground_iou(prediction, truth, sparse) -> dict:
     return {"mean": scores["mean_iou_foreground"], **{c["value"]: c["iou"] for c in scores["classes"]}}
 
 
+@pytest.mark.slow
 def test_densify_beats_the_random_forest_on_the_unannotated_voxels(demo_run, sparse_nuclei):
     """By default densify blends its network with the random forest; both the blend and the network
     alone must beat the forest (which densify fits on the same voxels, so it is scored here too).
@@ -292,6 +293,7 @@ def test_a_model_to_fine_tune_must_fit_the_volume_and_keeps_its_normalization(sp
         StartingModel.load(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.slow
 def test_a_network_trained_on_other_nuclei_gives_densify_a_head_start(nuclei, tmp_path):
     """Trained on the densely labelled left half of the example, then fine-tuned on three slices of
     the right half, the network beats one trained on those slices alone for as many steps."""
@@ -312,6 +314,7 @@ def test_a_network_trained_on_other_nuclei_gives_densify_a_head_start(nuclei, tm
     assert scores["fine-tuned"] > scores["fresh"] + 0.08, scores  # measured 0.547 against 0.395
 
 
+@pytest.mark.slow
 def test_with_enough_annotation_the_blend_is_weighed_on_held_out_blocks(sparse_nuclei, tmp_path, monkeypatch):
     import unet3d.workflows.densify as workflow
 

@@ -14,6 +14,7 @@ from unet3d.data.sparse import positions_for
 from unet3d.model.serialization import load_model
 
 
+@pytest.mark.slow
 def test_quick_run_records_every_run_writes_report_and_resumes(tmp_path):
     assert run.main(["--quick", "--out", str(tmp_path), "--steps", "3"]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]

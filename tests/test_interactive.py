@@ -155,6 +155,7 @@ class CountingArray:
         return part
 
 
+@pytest.mark.slow
 def test_a_lazily_opened_volume_runs_box_by_box_and_segments_into_a_file_as_predict_does(tmp_path, nuclei,
                                                                                          monkeypatch):
     """A lazily opened image (Zarr through Dask, as napari opens a large OME-Zarr) is never held:

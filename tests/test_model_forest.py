@@ -228,6 +228,7 @@ def write_case(folder, name, image, sparse):
     return str(folder / f"{name}.tif"), str(folder / f"{name}_s.tif")
 
 
+@pytest.mark.slow
 def test_train_fits_weighs_and_stores_the_forest_and_predict_applies_it(tmp_path, capsys):
     from unet3d.workflows.forest import HOLD_OUT_MIN_ANNOTATED
 
@@ -277,6 +278,7 @@ def test_train_without_the_forest_and_export_of_a_blended_model(tmp_path, capsys
     assert "forest" not in stored["info"]
 
 
+@pytest.mark.slow
 def test_densify_of_a_volume_beyond_max_memory_reads_the_image_box_by_box(tmp_path, monkeypatch, capsys):
     """`--max-memory` below what the whole filter bank needs sends densify the blockwise route, and
     there the image file is only ever read box by box (training blocks, held-out blocks, tiles)."""
@@ -320,6 +322,7 @@ def test_densifys_model_file_segments_as_densify_did(tmp_path):
     np.testing.assert_array_equal(predict_image(network, info, image, forest=forest).argmax(0), result.segmentation)
 
 
+@pytest.mark.slow
 def test_densify_keeps_the_forest_when_the_whole_filter_bank_would_not_fit(tmp_path, monkeypatch, capsys):
     """The blockwise route: the forest's bank made around the annotated voxels and per region at
     prediction, the blend weighed on held-out blocks and streamed into the segmentation; the model

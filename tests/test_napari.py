@@ -134,6 +134,7 @@ def test_readers_writer_and_sample_through_napari(viewer, nuclei, tmp_path):
     assert set(np.unique(viewer.layers["painting"].data)) == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_a_large_ome_zarr_opens_lazily_trains_box_by_box_and_streams_its_segmentation(qtbot, viewer, nuclei,
                                                                                       tmp_path, monkeypatch):
     """An OME-Zarr above the in-memory size (lowered here) opens as a Dask array; a round trains
