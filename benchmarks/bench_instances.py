@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.bench_size import current_commit
 from benchmarks.records import append_row, find_row, load_rows
 from harness import IGNORE, volumes
 from unet3d.data.sparse import sparsify
@@ -96,10 +97,10 @@ def measure(name: str, slices: tuple[int, ...], seeds: list[int], max_time: floa
     for seed in seeds:
         path = cache / f"{name}_{','.join(map(str, slices))}_s{seed}_t{max_time:g}.npz" if cache else None
         runs.append((seed, "densify", lambda seed=seed, path=path: probability_maps(volume, sparse, max_time, seed, path)))
-    rows = []
+    rows, commit = [], current_commit()  # rows are kept per commit: the instance step's rules change with the code
     for seed, _, produce in runs:
         base = {"volume": name, "kind": VOLUME_KIND[name], "slices": ",".join(map(str, slices)), "seed": seed,
-                "max_time": None if seed is None else max_time}
+                "max_time": None if seed is None else max_time, "commit": commit}
         missing = [(m, label) for m in methods for label in ("oracle", "network", "forest", "blend")
                    if (seed is None) == (label == "oracle") and find_row(done, {**base, "source": label, "method": m}) is None]
         if missing:
