@@ -166,6 +166,7 @@ def test_a_lazily_opened_volume_runs_box_by_box_and_segments_into_a_file_as_pred
     import dask.array as da
     import zarr
 
+    from unet3d.instances import KINDS, instances_from_probabilities
     from unet3d.interactive import large
     from unet3d.io import open_volume, write_volume
     from unet3d.model import load_predictor
@@ -202,10 +203,18 @@ def test_a_lazily_opened_volume_runs_box_by_box_and_segments_into_a_file_as_pred
     session.save(tmp_path / "m.safetensors")
     write_volume(str(tmp_path / "image.tif"), image)
     model, info, forest = load_predictor(tmp_path / "m.safetensors")
-    predicted = np.empty(image.shape, np.uint8)
+    predicted, probabilities = np.empty(image.shape, np.uint8), np.empty((3, *image.shape), np.float16)
     with open_volume(str(tmp_path / "image.tif")) as volume:
-        predict_volume(model, info, volume, predicted, forest=forest)
+        predict_volume(model, info, volume, predicted, probabilities, forest=forest)
     np.testing.assert_array_equal(predicted, segmentation)
+    # Objects: the probabilities tile by tile into a store, then block by block, as `unet3d instances`
+    # cuts what `unet3d predict --probabilities` writes with the saved model.
+    objects, count = session.objects_into(
+        lambda dtype: zarr.open_array(str(tmp_path / "objects.zarr"), mode="w", shape=image.shape, chunks=(8, 32, 32),
+                                      dtype=dtype), KINDS["nuclei"], 2, 3)
+    expected = instances_from_probabilities(probabilities, [1, 2, 3], KINDS["nuclei"], 2, 3)
+    assert type(objects).__module__.startswith("zarr") and count == expected.max() > 10
+    np.testing.assert_array_equal(objects[:], expected)
     session.close()
 
 

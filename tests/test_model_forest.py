@@ -132,13 +132,16 @@ def test_predict_blends_tile_by_tile_as_on_the_whole_volume(tmp_path, monkeypatc
     monkeypatch.setattr(forest_module, "BLOCK_VOXELS", 3000)
     with h5py.File(tmp_path / "in.h5", "w") as f:
         f.create_dataset("raw", data=image[0], chunks=(8, 16, 16))
+    in_memory = np.zeros(whole.shape, np.float16)  # an array target (a Zarr store, say) with the channels in front
     with open_volume(f"{tmp_path / 'in.h5'}:/raw") as source:
         summary = predict_volume(network, info, source, prob_out=f"{tmp_path / 'p.h5'}:/p", tile=(8, 16, 16),
                                  forest=forest)
+        predict_volume(network, info, source, prob_out=in_memory, tile=(8, 16, 16), forest=forest)
     assert summary["forest"] and summary["tiles"] > 1
     with h5py.File(tmp_path / "p.h5", "r") as f:
         streamed = f["p"][:].astype(np.float32)
     np.testing.assert_allclose(streamed, whole, atol=2e-3)  # float16 output
+    np.testing.assert_array_equal(in_memory.astype(np.float32), streamed)
     network_alone = predict_image(network, info, image)
     assert np.abs(whole - network_alone).max() > 0.05  # the forest changed the result
 

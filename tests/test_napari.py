@@ -142,7 +142,7 @@ def test_a_large_ome_zarr_opens_lazily_trains_box_by_box_and_streams_its_segment
     volume streams tile by tile into a Zarr-backed layer, equal to what `unet3d predict` writes
     with the saved model; requests that need the whole volume in memory say what to do instead."""
     import unet3d.napari.io as napari_io
-    from unet3d.napari.widget import SEGMENTATION_LAYER, InteractiveWidget
+    from unet3d.napari.widget import OBJECTS_LAYER, SEGMENTATION_LAYER, InteractiveWidget
 
     monkeypatch.setattr(napari_io, "IN_MEMORY_VOXELS", 1_000)
     image, truth = nuclei
@@ -179,3 +179,9 @@ def test_a_large_ome_zarr_opens_lazily_trains_box_by_box_and_streams_its_segment
     widget.suggest.clicked()
     wait_idle(qtbot, widget, 30)
     assert "whole volume's probabilities in memory" in widget.status.value
+
+    widget.object_kind.value, widget.interior.value, widget.boundary.value = "nuclei", 2, 3
+    widget.objects.clicked()
+    wait_idle(qtbot, widget, 300)
+    assert widget.status.value.endswith("objects (nuclei)"), widget.status.value
+    assert type(viewer.layers[OBJECTS_LAYER].data).__module__.startswith("zarr")

@@ -375,7 +375,8 @@ class _ArrayTarget:
         self.array = array
 
     def write(self, region, values: np.ndarray) -> None:
-        self.array[region] = values
+        """`values` of a (Z, Y, X) `region`, with the channels in front when the array has them."""
+        self.array[(slice(None),) * (self.array.ndim - len(region)) + tuple(region)] = values
 
 
 def predict_volume(model: UNet, info: ModelInfo | dict, source, label_out=None, prob_out=None, uncertainty_out=None, *,

@@ -68,6 +68,13 @@ def view_box(shape, center, depth: int) -> tuple[slice, ...]:
     return tuple(box)
 
 
+def largest_label(labels) -> int:
+    """The largest value of a Labels array (numpy or Zarr), read slab by slab (LAYER_CHUNKS deep):
+    the number of objects numbered 1..N, without holding a large volume's labels."""
+    depth = LAYER_CHUNKS[0]
+    return max((int(np.max(labels[z:z + depth])) for z in range(0, labels.shape[0], depth)), default=0)
+
+
 def zarr_labels(path, shape, dtype):
     """A Zarr array of zeros at `path` for a Labels layer of a large volume (filled chunk by chunk)."""
     import zarr

@@ -36,7 +36,9 @@ from unet3d.data.labels import decode_labels, encode_labels, present_values
 from unet3d.data.normalization import apply_normalization, fit_normalization
 from unet3d.errors import UserError
 from unet3d.inference.predictor import Boxes, InMemory, normalized_entropy, predict_array, predict_volume
-from unet3d.interactive.large import LayerSource, is_large, plane_normalization, view_box, zarr_labels
+from unet3d.instances import InstanceMethod, instances_blockwise
+from unet3d.interactive.large import (LAYER_CHUNKS, LayerSource, is_large, largest_label, plane_normalization, view_box,
+                                      zarr_labels)
 from unet3d.interactive.suggest import DEFAULT_STRATEGY, Suggestion, rank_slices
 from unet3d.model import ForestModel, ModelInfo, UNet, save_model
 from unet3d.training import train
@@ -395,6 +397,26 @@ class Session:
         with self.lock:
             return predict_volume(self._require_network(), self.info, self.source, target, device=self.device,
                                   forest=self._kept_forest(), on_written=on_written)
+
+    def objects_into(self, out, method: InstanceMethod, interior: int, boundary: int | None, spacing=None,
+                     on_written=None) -> tuple[object, int]:
+        """The objects of a volume run box by box, never held whole: the blended probabilities written
+        tile by tile into a float16 Zarr store in the session's folder (what `unet3d predict
+        --probabilities` writes with the saved model), then cut block by block into `out` (a function
+        of the labels' type returning the array to fill, as `instances_blockwise` takes it).
+        `on_written` hears the prediction's progress. Returns the array and the number of objects."""
+        import zarr
+
+        network = self._require_network()
+        chunks = (1, *(min(c, n) for c, n in zip(LAYER_CHUNKS, self.shape)))
+        store = zarr.open_array(str(Path(self._workdir.name) / "probabilities.zarr"), mode="w", dtype=np.float16,
+                                shape=(len(self.class_values), *self.shape), chunks=chunks)
+        with self.lock:
+            predict_volume(network, self.info, self.source, None, store, device=self.device,
+                           forest=self._kept_forest(), on_written=on_written)
+        labels = instances_blockwise(store, self.class_values, method, interior, boundary, spacing, out=out,
+                                     workdir=self._workdir.name)
+        return labels, largest_label(labels)
 
     def labels_array(self, name: str, dtype) -> np.ndarray:
         """Zeros of the volume's shape for a Labels layer: in memory, or (a volume run box by box) a

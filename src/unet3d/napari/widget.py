@@ -131,7 +131,9 @@ class InteractiveWidget(Container):
         self._run("looking for the slice to paint next ...", lambda: session.suggest(painted)[0], self._go_to_slice)
 
     def find_objects(self) -> None:
-        """Objects from the blended probabilities of the whole volume (`unet3d instances`), one label each."""
+        """Objects from the blended probabilities of the whole volume (`unet3d instances`), one label
+        each; on a volume run box by box, the probabilities go tile by tile into a Zarr store and the
+        objects block by block into a Zarr-backed layer."""
         try:
             session = self._trained_session()
             interior, boundary = int(self.interior.value), int(self.boundary.value)
@@ -142,6 +144,12 @@ class InteractiveWidget(Container):
         except UserError as exc:
             return self.say(str(exc))
         kind, spacing = self.object_kind.value, self._scale()
+        if session.large:
+            written = self._share_written("predicting the probabilities for the objects tile by tile")
+            return self._run(f"finding {kind}: probabilities tile by tile, then objects block by block ...",
+                             lambda: session.objects_into(lambda dtype: session.labels_array("objects", dtype),
+                                                          KINDS[kind], interior, boundary, spacing, written),
+                             lambda found: self._set_labels(OBJECTS_LAYER, found[0], f"{found[1]} objects ({kind})"))
 
         def work():
             return instances_from_probabilities(session.probabilities(), session.class_values, KINDS[kind],
@@ -193,18 +201,24 @@ class InteractiveWidget(Container):
         """Segment a large volume tile by tile into `target` (a Zarr array), shown at once as the
         layer `name` and refreshed as regions are written, with the share done in the status line."""
         self._set_labels(name, target, "segmenting the volume tile by tile ...")
-        layer = self.viewer.layers[name]
+        written = self._share_written("segmenting the volume tile by tile", self.viewer.layers[name])
+        self._run("segmenting the volume tile by tile ...", lambda: segment_into(target, on_written=written),
+                  lambda summary: self.say(f"{message} ({summary['tiles']} tiles in {summary['seconds']:.0f} s)"))
+
+    def _share_written(self, text: str, layer=None):
+        """A tile writer's `on_written(voxels, total)` saying the share written in the status line
+        (every 2 %), refreshing `layer` (the one being filled) as it goes."""
         shown = [0.0]
 
         @ensure_main_thread
         def written(voxels: int, total: int) -> None:
             if not self._closed and (voxels == total or voxels / total - shown[0] >= 0.02):
                 shown[0] = voxels / total
-                layer.refresh()
-                self.say(f"segmenting the volume tile by tile: {100 * voxels / total:.0f} % written")
+                if layer is not None:
+                    layer.refresh()
+                self.say(f"{text}: {100 * voxels / total:.0f} % written")
 
-        self._run("segmenting the volume tile by tile ...", lambda: segment_into(target, on_written=written),
-                  lambda summary: self.say(f"{message} ({summary['tiles']} tiles in {summary['seconds']:.0f} s)"))
+        return written
 
     # --- worker plumbing --------------------------------------------------------------------
 
