@@ -174,7 +174,7 @@ def test_output_in_a_folder_that_refuses_files_is_refused_before_computing(tmp_p
         run_predict(nuclei_model, EXAMPLE / "image.tif", "-o", "/proc/x.tif")
     assert calls == []
     before = set(tmp_path.iterdir())
-    predict._check_outputs([str(tmp_path / "new" / "folder" / "out.tif")], str(EXAMPLE / "image.tif"))
+    predict.check_outputs([str(tmp_path / "new" / "folder" / "out.tif")], str(EXAMPLE / "image.tif"))
     assert set(tmp_path.iterdir()) == before  # probed in the nearest existing folder, probe removed
 
 

@@ -7,7 +7,7 @@ import time
 from unet3d.cli.instances import add_objects_group, check_objects, probabilities_for_objects, write_objects
 from unet3d.cli.options import DefaultsHelpFormatter, add_run_options, float_list, positive_int, positive_seconds
 from unet3d.data.labels import check_painting_shape, painted_classes
-from unet3d.cli.predict import _check_outputs, memory_size
+from unet3d.cli.predict import check_outputs, memory_size
 from unet3d.device import resolve_device
 from unet3d.errors import UserError
 from unet3d.io import open_volume, read_labels
@@ -103,7 +103,7 @@ def densify_file(args, image, init) -> int:
                                                              args.num_classes)
     check_objects(args.init or args.sparse, classes, args)
     if args.objects:
-        _check_outputs([spec for spec in (args.output, args.probabilities, args.objects) if spec], args.image)
+        check_outputs([spec for spec in (args.output, args.probabilities, args.objects) if spec], args.image)
     truth = read_labels(args.truth)[0] if args.truth else None
     if truth is not None and truth.shape != sparse.shape:
         raise UserError(f"{args.truth}: shape {truth.shape} differs from {args.sparse}: {sparse.shape}")

@@ -107,7 +107,7 @@ def run(args) -> int:
         raise UserError(f"{'--block' if args.block else '--skip-empty'}: only with --dask")
     device = resolve_device(args.device)
     outputs = [spec for spec in (args.output, args.probabilities, args.uncertainty, args.objects) if spec]
-    _check_outputs(outputs, args.image)
+    check_outputs(outputs, args.image)
     model, info, forest = load_predictor(args.model)
     check_objects(args.model, info.class_values, args)
     with open_volume(args.image, "image", args.channel_axis) as source, \
@@ -134,7 +134,7 @@ def _run_on_dask(args) -> int:
     if args.probabilities or args.uncertainty:
         raise UserError(f"{'--probabilities' if args.probabilities else '--uncertainty'}: not with --dask, whose "
                         "OUTPUT store holds the probabilities as its image and the labels under labels/")
-    _check_outputs([args.output], args.image)
+    check_outputs([args.output], args.image)
     summary = predict_distributed(
         args.dask, args.model, args.image, args.output, block=args.block, tile=args.tile,
         max_memory=args.max_memory, batch_size=args.batch_size, tta=args.tta, overlap=args.overlap,
@@ -151,7 +151,7 @@ def _run_on_dask(args) -> int:
     return 0
 
 
-def _check_outputs(specs: list[str], image: str) -> None:
+def check_outputs(specs: list[str], image: str) -> None:
     """Refuse outputs that cannot be written before any time is spent computing them."""
     source = parse_spec(image)
     seen = set()
