@@ -9,6 +9,7 @@ Dask included), the largest over the workers; the client's own peak is printed t
 
     .venv/bin/python -m benchmarks.bench_distributed            # 512×1024×1024 voxels, default 256³ blocks
     .venv/bin/python -m benchmarks.bench_distributed --quick    # 64×256×256, 64×128×128 blocks (CI, ~1 min)
+    .venv/bin/python -m benchmarks.bench_distributed --results benchmarks/records/distributed.jsonl
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import itertools
 import math
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.bench_size import current_commit
+from benchmarks.records import append_row
 from unet3d.inference.distributed import DEFAULT_BLOCK, predict_distributed
 from unet3d.io import volume_writer
 from unet3d.model import UNet, UNetConfig, save_model
@@ -70,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small volume, for CI (about a minute)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="cluster sizes to measure (default 1 2)")
+    parser.add_argument("--results", type=Path, help="JSON-lines file the rows are appended to, with the commit")
     args = parser.parse_args()
     setting = QUICK if args.quick else FULL
     shape, block = setting["shape"], setting["block"]
@@ -84,6 +89,16 @@ def main() -> None:
         rows = [(workers, run(workers, model, image, f"{folder}/out{workers}.zarr", block)) for workers in args.workers]
     report(rows, shape)
     print(f"client peak memory: {peak_mib():.0f} MiB")
+    for workers, summary in rows:
+        append_row(None if args.quick else args.results,
+                   {"commit": current_commit(), "shape": list(shape), "workers": workers, "threads": torch.get_num_threads(),
+                    "client_peak_mib": round(peak_mib()), **json_ready(summary)})
+
+
+def json_ready(summary: dict) -> dict:
+    """The summary's numbers and tuples as JSON takes them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in summary.items()
+            if isinstance(v, (int, float, str, tuple, list, bool))}
 
 
 def report(rows, shape) -> None:

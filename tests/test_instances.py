@@ -329,8 +329,10 @@ def test_densify_and_predict_write_the_objects_of_their_probabilities(tmp_path, 
 
 
 class _TrainedSession:
-    """What the napari widget asks of a trained session: its classes (painted values) and the
-    probabilities of the whole volume."""
+    """What the napari widget asks of a trained session held in memory: its classes (painted values)
+    and the probabilities of the whole volume."""
+
+    large = False
 
     def __init__(self, probabilities: np.ndarray):
         self.class_values, self.network, self._probabilities = [1, 2, 3], object(), probabilities
