@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import errno
+import hashlib
 import io
 import json
 import os
